@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise  # a real import error inside the module, not an absent subcommand module
             continue
         module.register(subparsers)
     return parser

@@ -1,0 +1,1 @@
+"""Task suite: datasets, leak-free splits, metrics, reference scores and demonstration programs."""
