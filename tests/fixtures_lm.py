@@ -1,0 +1,1 @@
+"""Language-model fixtures shared by the test suite (owned by the agents package)."""

@@ -1,0 +1,1 @@
+"""Sandbox fixtures shared by the test suite (owned by the sandbox package)."""
