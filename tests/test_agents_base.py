@@ -1,0 +1,107 @@
+"""Agent protocol, reference agents, agent loading and the dataclass <-> argparse config helper."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+import agents
+from agents import base, config
+
+
+def test_scripted_and_callable_agents_follow_the_protocol():
+    scripted = base.ScriptedAgent("def build_model(X, y): pass")
+    assert isinstance(scripted, base.Agent)
+    assert scripted.act("prompt", {}) == "def build_model(X, y): pass"
+    one_arg = base.as_agent(lambda obs: obs.upper())
+    two_args = base.as_agent(lambda obs, info: f"{obs}:{info.get('attempt')}")
+    assert one_arg.act("abc", {}) == "ABC"
+    assert two_args.act("abc", {"attempt": 2}) == "abc:2"
+    with pytest.raises(TypeError):
+        base.as_agent(lambda obs: 3).act("x", {})
+    with pytest.raises(TypeError):
+        base.as_agent(42)
+
+
+def test_random_program_agent_is_seeded_and_draws_from_its_programs():
+    programs = [f"p{i}" for i in range(20)]
+    a = base.RandomProgramAgent(seed=3, programs=programs)
+    b = base.RandomProgramAgent(seed=3, programs=programs)
+    draws_a = [a.act("", {}) for _ in range(30)]
+    assert draws_a == [b.act("", {}) for _ in range(30)]
+    assert set(draws_a) <= set(programs) and len(set(draws_a)) > 5
+
+
+def test_load_agent_by_name_and_by_module_class(tmp_path, monkeypatch):
+    # A user-written agent class that lives outside the repository, loaded by "module:Class".
+    (tmp_path / "my_user_agent.py").write_text(textwrap.dedent("""
+        class Constant:
+            def __init__(self, text="def build_model(X, y):\\n    return None"):
+                self.text = text
+            def reset(self):
+                pass
+            def act(self, obs, info):
+                return self.text
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = agents.load_agent("my_user_agent:Constant", text="X")
+    assert isinstance(user, base.Agent) and user.act("o", {}) == "X"
+    scripted = agents.load_agent("scripted", program="P")
+    assert scripted.act("o", {}) == "P"
+    assert set(agents.LEARNERS) == {"etpo", "ppo", "sft", "prompting"}
+    with pytest.raises(ValueError, match="unknown agent"):
+        agents.load_agent("no-such-agent")
+    with pytest.raises(ValueError, match="no attribute"):
+        agents.load_agent("my_user_agent:Missing")
+    sys.modules.pop("my_user_agent", None)
+
+
+def test_user_agent_runs_an_episode_in_a_scripted_env():
+    class CountdownEnv:
+        def reset(self, seed=None):
+            self.left = 3
+            return "prompt", {}
+
+        def step(self, action):
+            self.left -= 1
+            return "feedback", float(len(action)), self.left == 0, False, {"score": 0.1 * self.left}
+
+    result = base.run_episode(CountdownEnv(), lambda obs: "abcd")
+    assert result == {"return": 12.0, "steps": 3, "best_score": pytest.approx(0.2),
+                      "last_info": {"score": 0.0}}
+
+
+@dataclass
+class _Cfg:
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    steps: int = field(default=10, metadata={"help": "number of steps"})
+    use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters"})
+    mode: Literal["a", "b"] = field(default="a", metadata={"help": "mode"})
+    stop: tuple[str, ...] = field(default=("\n\n",), metadata={"help": "stop strings"})
+    path: str | None = field(default=None, metadata={"help": "optional path"})
+
+
+def test_config_round_trips_through_argparse_overrides_and_json(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--set", action="append", default=[])
+    config.add_dataclass_arguments(parser, _Cfg)
+    assert "learning rate" in parser.format_help()
+    args = parser.parse_args(["--lr", "0.5", "--use-lora", "false", "--mode", "b", "--stop", "x,y",
+                              "--set", "steps=7", "--set", "path=/tmp/a"])
+    cfg = config.apply_overrides(config.dataclass_from_args(_Cfg, args), args.set)
+    assert cfg == _Cfg(lr=0.5, steps=7, use_lora=False, mode="b", stop=("x", "y"), path="/tmp/a")
+    untouched = config.dataclass_from_args(_Cfg, parser.parse_args([]))
+    assert untouched == _Cfg()
+    config.save_config(cfg, tmp_path / "c.json")
+    assert config.load_config(_Cfg, tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown config key"):
+        config.apply_overrides(cfg, ["nope=1"])
+    with pytest.raises(ValueError, match="expected one of"):
+        config.apply_overrides(cfg, ["mode=c"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--steps", "many"])
