@@ -585,13 +585,18 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
             if not curves:
                 continue
             length = min(len(c) for c in curves)
-            mean = np.mean([c[:length] for c in curves], axis=0)
+            stacked = np.array([c[:length] for c in curves], dtype=float)
             window = max(1, length // 10)  # moving average: single steps are too noisy to read
-            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
-            ax.plot(np.arange(window, length + 1), smooth, label=f"{agent} (n={len(curves)})")
+            smooth = np.array([np.convolve(c, np.ones(window) / window, mode="valid") for c in stacked])
+            steps = np.arange(window, length + 1)
+            mean = smooth.mean(axis=0)
+            (line,) = ax.plot(steps, mean, label=f"{agent} (n={len(curves)})")
+            if len(curves) > 1:  # band: ± one standard error of the mean over seeds
+                sem = smooth.std(axis=0, ddof=1) / np.sqrt(len(curves))
+                ax.fill_between(steps, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
         ax.set_title(task)
         ax.set_xlabel("env steps")
-        ax.set_ylabel("reward (mean over seeds, moving avg)")
+        ax.set_ylabel("reward (mean ± s.e. over seeds)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -616,7 +621,8 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("normalized test score (0 = baseline, 1 = reference)")
+    ax.set_ylabel("normalized test score")
+    ax.set_title("test score: 0 = baseline, 1 = reference (95% CI)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -675,10 +681,14 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
         sandbox = make_sandbox(sandbox)
     try:
         _run_cells(config, cells, sandbox, model_path, out, progress, console)
+    except KeyboardInterrupt:
+        write_outputs(out, config, load_runs(out))  # the finished runs are worth a table already
+        console.print(f"interrupted: finished runs are kept in {out}; the same command resumes from there")
+        raise
     finally:
         if owned and not isinstance(sandbox, str):
             sandbox.close()
-    runs = [r for r in load_runs(out)]
+    runs = load_runs(out)
     summary = write_outputs(out, config, runs)
     return {"summary": summary, "runs": runs, "out": str(out)}
 
@@ -736,16 +746,21 @@ def _console():
 
 
 def print_table(summary: dict[str, list[dict]], console=None) -> None:
+    from rich import box
     from rich.table import Table
 
     console = console or _console()
-    table = Table(title="test score (mean ± 95% CI over seeds)")
+    table = Table(title="test score (mean ± 95% CI over seeds)", box=box.SIMPLE_HEAD)
     for name in TABLE_HEADER:
         table.add_column(name, justify="left" if name in ("task", "agent") else "right")
     rows = table_rows(summary)
     n_task_rows = len(summary["per_task"])
     for i, row in enumerate(rows):
         table.add_row(*row, end_section=(i == n_task_rows - 1))
+    if not console.is_terminal and console.width < 120:  # a log file has no width limit: keep rows unwrapped
+        from rich.console import Console
+
+        console = Console(file=console.file, width=120)
     console.print(table)
 
 
@@ -832,13 +847,15 @@ def _run_and_report(args, agents: list[str], task_items: list[str]) -> int:
 
 
 def _bench_command(args) -> int:
-    return _run_and_report(args, _split(args.agents), _split(args.tasks))
+    try:
+        return _run_and_report(args, _split(args.agents), _split(args.tasks))
+    except KeyboardInterrupt:
+        return 130
 
 
 def _demo_command(args) -> int:
-    from agents.tiny import ensure_tiny_model
-
     import tasks as tasks_pkg
+    from agents.tiny import ensure_tiny_model
 
     console = _console()
     if args.model == "tiny":
