@@ -1,0 +1,590 @@
+"""`LMPolicy`: one Hugging Face causal LM, named LoRA adapters on one shared base, a reference policy ρ, generation that
+keeps token ids, per-token log-probs, and whole-vocabulary reductions computed in chunks.
+
+Reference policy ρ (the KL anchor of ETPO/PPO) — a documented switch, `reference=`:
+- ``"base"`` (default): ρ is the base model with every adapter disabled (peft's `disable_adapter()`); π is the
+  "policy" adapter. No second copy of the weights is held.
+- ``"adapter:<name>"``: ρ is a frozen adapter, e.g. an SFT adapter training starts from. Load the same saved adapter
+  twice, as "reference" (frozen) and "policy" (trainable), so π starts equal to ρ:
+  ``LMPolicy.from_pretrained(base, adapters={"reference": sft_dir, "policy": sft_dir}, reference="adapter:reference")``.
+- ``"copy"``: full fine-tuning (no adapters) with a frozen deep copy of the initial weights as ρ.
+
+Token ids are the currency: `generate` returns the sampled ids and their log-probs; learners re-score those same ids
+with `sequence_logprobs` and never re-tokenise decoded text.
+
+Chunked reductions: logits are B×T×V floats (V ~ 50k–150k for real models); here the model is run with
+`logits_to_keep=1` to get final hidden states, and the output embedding is applied to `chunk_size` positions at a
+time, under activation checkpointing when gradients are on, so neither the forward nor the backward pass ever holds
+more than chunk_size × V logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 256  # positions per whole-vocabulary chunk: 256 × 150k vocab × 4 B ≈ 150 MB at most
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings and results
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens generated per action."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; <= 0 means greedy."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "Stop strings; the action ends with the token "
+                                                                 "that completes one (it is kept in the action)."})
+    stop_at_eos: bool = field(default=True, metadata={"help": "End the action at the EOS token (kept in the action)."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for sampling (None: torch's global RNG)."})
+
+
+@dataclass
+class Generation:
+    """One sampled action. `logp[i]` = log π(action_ids[i] | prefix) under the policy's own distribution
+    (temperature 1, no top-k/top-p filter) — the quantity `sequence_logprobs` recomputes for the same ids."""
+
+    action_ids: list[int]
+    text: str
+    logp: np.ndarray  # float32[n]
+    finish_reason: str = "length"  # "stop", "eos" or "length"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked whole-vocabulary reductions (pure functions)
+# ----------------------------------------------------------------------------------------------------------------
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # hidden [c, H] -> logits [c, V]
+
+
+def chunked_map(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Apply `fn` to row-chunks of `inputs` (all [N, ...]) and concatenate the per-row results.
+
+    With gradients on, each chunk runs under activation checkpointing: only its inputs are saved and the V-wide
+    intermediates are recomputed in backward, so memory stays O(chunk_size × V) in both passes.
+    """
+    n = inputs[0].shape[0]
+    if n == 0:
+        return inputs[0].new_zeros((0,), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    outs = []
+    for start in range(0, n, chunk_size):
+        parts = tuple(x[start:start + chunk_size] for x in inputs)
+        if needs_grad:
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    return torch.cat(outs, dim=0)
+
+
+def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: LogitsFn,
+                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """log softmax(head(h))[target] per row. hidden [N, H], targets [N] -> [N]."""
+
+    def fn(h, t):
+        logits = head(h).float()
+        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    return chunked_map(fn, hidden, targets, chunk_size=chunk_size)
+
+
+def entropy(hidden: torch.Tensor, head: LogitsFn, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """H(π(·|s)) per row, in nats. hidden [N, H] -> [N]."""
+
+    def fn(h):
+        logp = F.log_softmax(head(h).float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    return chunked_map(fn, hidden, chunk_size=chunk_size)
+
+
+def kl_divergence(hidden_p: torch.Tensor, hidden_q: torch.Tensor, head_p: LogitsFn, head_q: LogitsFn | None = None,
+                  chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """KL(p || q) = Σ_a p(a) (log p(a) − log q(a)) per row, over the whole vocabulary. -> [N]."""
+    head_q = head_q or head_p
+
+    def fn(hp, hq):
+        logp = F.log_softmax(head_p(hp).float(), dim=-1)
+        logq = F.log_softmax(head_q(hq).float(), dim=-1)
+        return (logp.exp() * (logp - logq)).sum(-1)
+
+    return chunked_map(fn, hidden_p, hidden_q, chunk_size=chunk_size)
+
+
+def expectation(hidden_p: torch.Tensor, head_p: LogitsFn, hidden_v: torch.Tensor, head_v: LogitsFn,
+                chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """E_{a~p}[v(a)] = Σ_a softmax(head_p(h_p))(a) · head_v(h_v)(a) per row: e.g. Σ_a π(a|s) Q(s,a). -> [N]."""
+
+    def fn(hp, hv):
+        probs = F.softmax(head_p(hp).float(), dim=-1)
+        return (probs * head_v(hv).float()).sum(-1)
+
+    return chunked_map(fn, hidden_p, hidden_v, chunk_size=chunk_size)
+
+
+def logsumexp(hidden: torch.Tensor, head: LogitsFn, scale: float = 1.0, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """scale · log Σ_a exp(head(h)(a) / scale) per row (a soft maximum, e.g. a soft value). -> [N]."""
+
+    def fn(h):
+        return scale * torch.logsumexp(head(h).float() / scale, dim=-1)
+
+    return chunked_map(fn, hidden, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batching helpers
+# ----------------------------------------------------------------------------------------------------------------
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad int sequences to one [B, L] tensor; returns (ids, attention_mask)."""
+    length = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not len(s):
+            continue
+        row = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        if side == "right":
+            ids[i, :len(s)], mask[i, :len(s)] = row, 1
+        else:
+            ids[i, length - len(s):], mask[i, length - len(s):] = row, 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding safe)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy
+# ----------------------------------------------------------------------------------------------------------------
+class LMPolicy:
+    """A causal LM with named adapters. See the module docstring for the reference-policy switch."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, reference: str = "base",
+                 device: torch.device | str = "cpu", default_adapter: str | None = None,
+                 name_or_path: str = "", chunk_size: int = DEFAULT_CHUNK):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = resolve_device(device)
+        self.reference = reference
+        self.name_or_path = name_or_path
+        self.chunk_size = chunk_size
+        self.adapter_names: list[str] = list(getattr(model, "peft_config", {}) or {})
+        self.default_adapter = default_adapter or ("policy" if "policy" in self.adapter_names else
+                                                   (self.adapter_names[0] if self.adapter_names else None))
+        self._reference_model: torch.nn.Module | None = None
+        self._checkpointing = False
+        self._validate_reference()
+        if reference == "copy":
+            self._reference_model = copy.deepcopy(model).eval()
+            self._reference_model.requires_grad_(False)
+        # requires_grad per parameter, fixed here: peft's set_adapter would otherwise toggle it on every switch.
+        self._trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.pad_id = self._pick_pad_id()
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, adapters: dict[str, Any] | None = None,
+                        reference: str = "base", device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+                        chunk_size: int = DEFAULT_CHUNK, **model_kwargs: Any) -> LMPolicy:
+        """Load any causal LM by hub name or local path.
+
+        `adapters` maps a name to a `peft.LoraConfig` (fresh adapter) or a path to a saved adapter (loaded). An
+        adapter whose name is the reference one (`reference="adapter:<name>"`) is frozen; others are trainable.
+        Trainable parameters are kept in fp32 whatever the base dtype.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = resolve_device(device)
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **model_kwargs)
+        model.to(device)
+        if adapters:
+            model = _attach_adapters(model, adapters, frozen=_reference_adapter_name(reference))
+        policy = cls(model, tokenizer, reference=reference, device=device, name_or_path=str(name_or_path),
+                     chunk_size=chunk_size)
+        policy.upcast_trainable_to_fp32()
+        policy.set_gradient_checkpointing(gradient_checkpointing)
+        return policy
+
+    def _validate_reference(self) -> None:
+        ref_adapter = _reference_adapter_name(self.reference)
+        if self.reference not in ("base", "copy") and ref_adapter is None:
+            raise ValueError(f"reference must be 'base', 'copy' or 'adapter:<name>', got {self.reference!r}")
+        if ref_adapter is not None and ref_adapter not in self.adapter_names:
+            raise ValueError(f"reference adapter {ref_adapter!r} is not loaded (adapters: {self.adapter_names})")
+
+    def _pick_pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def upcast_trainable_to_fp32(self) -> None:
+        for p in self.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        base = self.hf_model
+        if enabled:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        elif self._checkpointing:
+            base.gradient_checkpointing_disable()
+        self._checkpointing = enabled
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The underlying transformers model (inside any peft wrapper)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.hf_model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, key, None)
+            if value:
+                return int(value)
+        return 2048
+
+    def trainable_parameters(self, adapter: str | None = None) -> list[torch.nn.Parameter]:
+        """Trainable parameters, optionally only those of one adapter (by peft's `.<adapter>.` naming)."""
+        params = []
+        for name, p in self.model.named_parameters():
+            if not self._trainable.get(name, False):
+                continue
+            if adapter is None or f".{adapter}." in name:
+                params.append(p)
+        return params
+
+    # -- adapters ---------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use_adapter(self, name: str | None) -> Iterator[torch.nn.Module]:
+        """Run the enclosed forward passes with adapter `name` active; `None` means the reference policy ρ.
+        Yields the module to call."""
+        if name is None:
+            with self._reference_context() as module:
+                yield module
+            return
+        if name not in self.adapter_names:
+            if not self.adapter_names and name == "policy":  # full fine-tuning: the model itself is the policy
+                yield self.model
+                return
+            raise ValueError(f"unknown adapter {name!r}; loaded: {self.adapter_names}")
+        previous = self.model.active_adapter
+        self._switch(name)
+        try:
+            yield self.model
+        finally:
+            self._switch(previous)
+
+    @contextlib.contextmanager
+    def _reference_context(self) -> Iterator[torch.nn.Module]:
+        if self.reference == "copy":
+            yield self._reference_model
+        elif self.reference == "base":
+            if self.adapter_names:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model  # no adapters and no copy: ρ is the current model (documented)
+        else:
+            with self.use_adapter(_reference_adapter_name(self.reference)) as module:
+                yield module
+
+    def _switch(self, name: str) -> None:
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+            for pname, p in self.model.named_parameters():  # undo peft's requires_grad toggling
+                want = self._trainable.get(pname, False)
+                if p.requires_grad != want:
+                    p.requires_grad_(want)
+
+    # -- tokens -------------------------------------------------------------------------------------------------------
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of `text` (no special tokens added); with `max_length`, the last `max_length` ids are kept."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_length is not None and len(ids) > max_length:
+            ids = ids[len(ids) - max_length:]
+        return list(ids)
+
+    def encode_observation(self, obs: str, info: dict | None = None, max_length: int | None = None,
+                           use_chat_template: bool | None = None) -> list[int]:
+        """Prompt ids for an env observation: the chat template over `info["messages"]` when the tokenizer has
+        one (instruct models), else the plain prompt text. Truncated from the left to fit `max_length`."""
+        messages = (info or {}).get("messages")
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if use_chat_template is None:
+            use_chat_template = has_template and bool(messages)
+        if use_chat_template and messages:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+            if max_length is not None and len(ids) > max_length:
+                ids = ids[len(ids) - max_length:]
+            return ids
+        return self.encode(obs, max_length=max_length)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def max_prompt_tokens(self, gen: GenerationSettings) -> int:
+        return max(1, self.context_length - gen.max_new_tokens)
+
+    # -- forward passes -----------------------------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               adapter: str | None = "policy") -> torch.Tensor:
+        """Full [B, T, V] logits (for short inputs and tests; learners use the chunked paths)."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        with self.use_adapter(self._adapter_or_default(adapter)) as module:
+            out = module(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions_from_mask(attention_mask), use_cache=False)
+        return out.logits
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      adapter: str | None = "policy") -> torch.Tensor:
+        """Final-layer hidden states [B, T, H] (after the final norm), without computing T×V logits."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        with self.use_adapter(self._adapter_or_default(adapter)) as module:
+            out = module(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions_from_mask(attention_mask), use_cache=False,
+                         output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
+
+    def head(self, adapter: str | None = "policy") -> LogitsFn:
+        """hidden [c, H] -> logits [c, V] for `adapter` (the output embedding; LoRA on it is honoured)."""
+        adapter = self._adapter_or_default(adapter)
+
+        def apply(h: torch.Tensor) -> torch.Tensor:
+            with self.use_adapter(adapter) as module:
+                base = module.get_base_model() if hasattr(module, "get_base_model") else module
+                return base.get_output_embeddings()(h)
+
+        return apply
+
+    def action_hidden(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
+                      adapter: str | None = "policy") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hidden states that predict each action token: (hidden [B, N, H], targets [B, N], mask [B, N]).
+
+        Row i holds prompt_i + action_i right-padded; the state before action token j is position len(prompt_i)+j-1.
+        """
+        if len(prompt_ids) != len(action_ids):
+            raise ValueError("prompt_ids and action_ids must have the same length")
+        full = [list(p) + list(a) for p, a in zip(prompt_ids, action_ids)]
+        ids, mask = pad_sequences(full, self.pad_id, "right", self.device)
+        hidden = self.hidden_states(ids, mask, adapter)
+        n_max = max((len(a) for a in action_ids), default=0)
+        index = torch.zeros((len(full), n_max), dtype=torch.long, device=self.device)
+        targets = torch.full((len(full), n_max), self.pad_id, dtype=torch.long, device=self.device)
+        amask = torch.zeros((len(full), n_max), dtype=torch.bool, device=self.device)
+        for i, (p, a) in enumerate(zip(prompt_ids, action_ids)):
+            if len(p) == 0:
+                raise ValueError("every prompt needs at least one token (the first action token needs a state)")
+            n = len(a)
+            index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n, device=self.device)
+            targets[i, :n] = torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
+            amask[i, :n] = True
+        gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return gathered, targets, amask
+
+    def sequence_logprobs(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
+                          adapter: str | None = "policy", padded: bool = False
+                          ) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of each action under `adapter` (None = reference ρ), differentiable.
+
+        Returns a list of [n_i] tensors, or with `padded=True` (logp [B, N] with zeros at padding, mask [B, N]).
+        """
+        hidden, targets, mask = self.action_hidden(prompt_ids, action_ids, adapter)
+        flat = token_logprobs(hidden[mask], targets[mask], self.head(adapter), self.chunk_size)
+        out = hidden.new_zeros(mask.shape, dtype=torch.float32)
+        out = out.masked_scatter(mask, flat)
+        if padded:
+            return out, mask
+        return [out[i, : int(mask[i].sum())] for i in range(len(action_ids))]
+
+    def _adapter_or_default(self, adapter: str | None) -> str | None:
+        if adapter == "policy" and "policy" not in self.adapter_names:
+            return self.default_adapter if self.adapter_names else "policy"
+        return adapter
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationSettings | None = None,
+                 adapter: str | None = "policy") -> list[Generation]:
+        """Sample one action per prompt with a KV cache, recording each sampled token's log π as it goes.
+
+        Hand-written rather than `model.generate` so per-token log-probs are kept as scalars at each step (the
+        `output_logits` route would hold max_new_tokens × B × V floats) and stop strings end each row exactly.
+        """
+        gen = gen or GenerationSettings()
+        if not prompt_ids:
+            return []
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("empty prompt: the policy needs at least one token to condition on")
+        budget = self.context_length - max(len(p) for p in prompt_ids)
+        if budget <= 0:
+            raise ValueError(f"prompt of {max(len(p) for p in prompt_ids)} tokens leaves no room in a context of "
+                             f"{self.context_length}; truncate with encode(..., max_length=max_prompt_tokens(gen))")
+        max_new = min(gen.max_new_tokens, budget)
+        generator = None
+        if gen.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(gen.seed))
+        eos = self.tokenizer.eos_token_id if gen.stop_at_eos else None
+        stop_window = max((len(s) for s in gen.stop), default=0) + 8  # tokens decoded to look for a stop string
+
+        ids, mask = pad_sequences(prompt_ids, self.pad_id, "left", self.device)
+        batch = ids.shape[0]
+        actions: list[list[int]] = [[] for _ in range(batch)]
+        logps: list[list[float]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.use_adapter(self._adapter_or_default(adapter)) as module:
+                out = module(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                             use_cache=True, logits_to_keep=1)
+                positions = positions_from_mask(mask)[:, -1:]
+                for _ in range(max_new):
+                    logits = out.logits[:, -1, :].float()
+                    token = sample_tokens(logits, gen, generator)
+                    token_logp = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                    for i in range(batch):
+                        if done[i]:
+                            continue
+                        actions[i].append(int(token[i]))
+                        logps[i].append(float(token_logp[i]))
+                        reason = self._finish_reason(actions[i], int(token[i]), eos, gen.stop, stop_window)
+                        if reason:
+                            reasons[i], done[i] = reason, True
+                    if bool(done.all()):
+                        break
+                    token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                    mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], 1)
+                    positions = positions + 1
+                    out = module(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                                 past_key_values=out.past_key_values, use_cache=True)
+        finally:
+            self.model.train(was_training)
+        return [Generation(a, self.decode(a), np.asarray(lp, dtype=np.float32), r)
+                for a, lp, r in zip(actions, logps, reasons)]
+
+    def _finish_reason(self, action: list[int], token: int, eos: int | None, stops: Sequence[str],
+                       window: int) -> str | None:
+        if eos is not None and token == eos:
+            return "eos"
+        if stops:
+            tail = self.tokenizer.decode(action[-window:], skip_special_tokens=True)
+            if any(s and s in tail for s in stops):
+                return "stop"
+        return None
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Adapters (one sub-directory each, by peft) or the full model, plus tokenizer and policy metadata."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(str(directory))
+        meta = {"base": self.name_or_path, "adapters": self.adapter_names, "reference": self.reference}
+        (directory / "policy.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             base: str | None = None, **kw: Any) -> LMPolicy:
+        """Reload what `save` wrote (adapters are re-attached to the recorded base model, all trainable unless
+        frozen as the reference)."""
+        directory = Path(directory)
+        meta = json.loads((directory / "policy.json").read_text())
+        if not meta["adapters"]:
+            return cls.from_pretrained(directory, device=device, dtype=dtype, reference=meta["reference"], **kw)
+        adapters = {}
+        for name in meta["adapters"]:
+            sub = directory if name == "default" else directory / name
+            adapters[name] = str(sub if (sub / "adapter_config.json").exists() else directory)
+        return cls.from_pretrained(base or meta["base"], adapters=adapters, reference=meta["reference"],
+                                   device=device, dtype=dtype, **kw)
+
+
+def _reference_adapter_name(reference: str) -> str | None:
+    return reference.split(":", 1)[1] if reference.startswith("adapter:") else None
+
+
+def _attach_adapters(model: torch.nn.Module, adapters: dict[str, Any], frozen: str | None) -> torch.nn.Module:
+    """Put every adapter on the one base model: LoraConfig -> fresh adapter, path -> saved adapter."""
+    from peft import PeftModel, get_peft_model
+
+    peft_model = None
+    for name, spec in adapters.items():
+        trainable = name != frozen
+        if isinstance(spec, (str, Path)):
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, str(spec), adapter_name=name, is_trainable=trainable)
+            else:
+                peft_model.load_adapter(str(spec), adapter_name=name, is_trainable=trainable)
+        else:
+            if peft_model is None:
+                peft_model = get_peft_model(model, spec, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, spec)
+        for pname, p in peft_model.named_parameters():
+            if f".{name}." in pname:
+                p.requires_grad_(trainable)
+    assert peft_model is not None
+    first_trainable = "policy" if "policy" in adapters else next(n for n in adapters if n != frozen)
+    peft_model.set_adapter(first_trainable)
+    for pname, p in peft_model.named_parameters():  # set_adapter froze the others; decide here instead
+        p.requires_grad_(any(f".{n}." in pname for n in adapters if n != frozen))
+    return peft_model
+
+
+def default_lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: Any = "all-linear"):
+    """A LoRA config for causal LMs (every linear layer but the output head, as PEFT's "all-linear")."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def sample_tokens(logits: torch.Tensor, gen: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from [B, V] logits with temperature, top-k and top-p (transformers' warpers)."""
+    if gen.temperature <= 0:
+        return logits.argmax(-1)
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits / gen.temperature
+    if gen.top_k and gen.top_k > 0:
+        scores = TopKLogitsWarper(top_k=gen.top_k)(None, scores)
+    if gen.top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=gen.top_p)(None, scores)
+    probs = F.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
