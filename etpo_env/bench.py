@@ -89,6 +89,7 @@ class BenchConfig:
     reward: str = "metric"  # env reward: metric | normalized | improvement
     prompt_style: str = "paper"  # dataset description style in prompts: paper | rich
     max_rows: int = 2000  # rows per task (subsampled deterministically by the task loader)
+    input_format: str = "pandas"  # what X is inside build_model: "pandas" (real dtypes) or "numpy" (as the paper)
     select: str = "best"  # program scored on test: "best" on dev during the run, or "final" (last successful)
     agent_options: dict[str, Any] = field(default_factory=dict)  # extra constructor kwargs for agents (--set k=v)
 
@@ -105,8 +106,8 @@ class BenchConfig:
 
     def comparable_fields(self) -> dict[str, Any]:
         """Settings that must match for cells from an earlier run to be comparable with new ones."""
-        keep = ("budget", "model", "max_attempts", "mode", "reward", "prompt_style", "max_rows", "select",
-                "agent_options")
+        keep = ("budget", "model", "max_attempts", "mode", "reward", "prompt_style", "max_rows", "input_format",
+                "select", "agent_options")
         return {key: getattr(self, key) for key in keep}
 
 
@@ -350,9 +351,8 @@ def run_cell(config: BenchConfig, agent_spec: str, task, seed: int, sandbox, mod
     record["success"] = record["test_score"] is not None
     counted = record["test_score"] if record["success"] else CHANCE_SCORE
     record["score"] = float(counted)
-    record["normalized"] = float(task.normalize(counted))
-    record["baseline_score"] = float(task.baseline_score)
-    record["reference_score"] = float(task.reference_score)
+    normalized = task.normalize(counted, part="test")  # None when the task has no stored reference scores
+    record["normalized"] = None if normalized is None else float(normalized)
     record["test_time_s"] = time.perf_counter() - test_started
     record["wall_time_s"] = time.perf_counter() - started
     return record
@@ -370,7 +370,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     """
     from scipy import stats
 
-    values = [float(v) for v in values]
+    values = [float(v) for v in values if not math.isnan(float(v))]
     n = len(values)
     if n == 0:
         return math.nan, math.nan
@@ -409,7 +409,7 @@ def summarize(runs: Iterable[dict[str, Any]], agents: Sequence[str], tasks: Sequ
             continue
         by_seed = {s: [r for r in mine if r["seed"] == s] for s in complete}
         score = mean_ci([_mean([r["score"] for r in rs]) for rs in by_seed.values()])
-        normalized = mean_ci([_mean([r["normalized"] for r in rs]) for rs in by_seed.values()])
+        normalized = mean_ci([_mean(_known([r["normalized"] for r in rs])) for rs in by_seed.values()])
         used = [r for rs in by_seed.values() for r in rs]
         overall.append({
             "task": "overall", "agent": agent, "n": len(complete),
@@ -425,9 +425,14 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def _known(values: Iterable[float | None]) -> list[float]:
+    """Normalized scores exist only for tasks with stored reference scores; the others are left out."""
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def _summary_row(cell: list[dict], *, task: str, agent: str) -> dict[str, Any]:
     score = mean_ci([r["score"] for r in cell])
-    normalized = mean_ci([r["normalized"] for r in cell])
+    normalized = mean_ci(_known(r["normalized"] for r in cell))
     return {
         "task": task, "agent": agent, "n": len(cell),
         "score": score[0], "score_ci": score[1], "normalized": normalized[0], "normalized_ci": normalized[1],
@@ -522,8 +527,7 @@ def check_resumable(out: Path, config: BenchConfig) -> None:
 
 
 CSV_COLUMNS = ["agent", "agent_spec", "task", "seed", "budget", "env_steps", "episodes", "learner", "dev_successes",
-               "dev_score", "test_status", "test_score", "success", "score", "normalized", "baseline_score",
-               "reference_score", "train_time_s", "test_time_s", "wall_time_s", "error"]
+               "dev_score", "test_status", "test_score", "success", "score", "normalized", "train_time_s", "test_time_s", "wall_time_s", "error"]
 
 
 def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, list[dict]]:
@@ -613,7 +617,7 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
         xs, heights, errors = [], [], []
         for g, group in enumerate(groups):
             row = rows.get((group, agent))
-            if row is not None:
+            if row is not None and not math.isnan(row["normalized"]):
                 xs.append(g + (i - (len(agents) - 1) / 2) * width)
                 heights.append(row["normalized"])
                 errors.append(0.0 if math.isnan(row["normalized_ci"]) else row["normalized_ci"])
@@ -712,7 +716,8 @@ def _run_cells(config, cells, sandbox, model_path, out, progress, console) -> No
         total = bar.add_task("benchmark", total=len(cells) * config.budget)
         for agent, task_name, seed in cells:
             if task_name not in loaded:
-                loaded[task_name] = tasks_pkg.get(task_name, max_rows=config.max_rows)
+                loaded[task_name] = tasks_pkg.get(task_name, max_rows=config.max_rows,
+                                                  input_format=config.input_format)
             bar.update(total, description=f"{agent_label(agent)} · {task_name} · seed {seed}")
             before = bar.tasks[0].completed
             record = run_cell(config, agent, loaded[task_name], seed, sandbox, model_path,
@@ -793,7 +798,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="fix", choices=["fix", "refine"])
     parser.add_argument("--reward", default="metric", choices=["metric", "normalized", "improvement"])
     parser.add_argument("--prompt-style", default="paper", choices=["paper", "rich"])
-    parser.add_argument("--max-rows", type=int, default=2000)
+    parser.add_argument("--max-rows", type=int, default=2000, help="row cap per task")
+    parser.add_argument("--input-format", default="pandas", choices=["pandas", "numpy"],
+                        help="what X is inside build_model")
     parser.add_argument("--select", default="best", choices=["best", "final"],
                         help="program scored on test: best on dev during the run, or the last successful one")
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -825,7 +832,8 @@ def register(subparsers) -> None:
 
 def _options_from_args(args) -> dict[str, Any]:
     return {"max_attempts": args.max_attempts, "mode": args.mode, "reward": args.reward,
-            "prompt_style": args.prompt_style, "max_rows": args.max_rows, "select": args.select,
+            "prompt_style": args.prompt_style, "max_rows": args.max_rows, "input_format": args.input_format,
+            "select": args.select,
             "agent_options": _parse_set(args.options)}
 
 

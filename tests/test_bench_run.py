@@ -60,7 +60,7 @@ def test_scripted_and_random_runs_write_consistent_files(tmp_path, local_sandbox
     for run in runs:
         assert run["env_steps"] == 3 and len(run["rewards"]) == len(run["statuses"]) == 3
         assert run["score"] == (run["test_score"] if run["success"] else bench.CHANCE_SCORE)
-        assert run["normalized"] == pytest.approx(task.normalize(run["score"]))
+        assert run["normalized"] == pytest.approx(task.normalize(run["score"], part="test"))
 
     scripted = [r for r in runs if r["agent"] == "scripted"]
     direct = tasks.evaluate(task, bench.SCRIPTED_PROGRAM, local_sandbox, part="test", seed=0)

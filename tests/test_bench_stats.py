@@ -53,6 +53,19 @@ def test_summarize_per_task_and_overall_by_seed():
     assert overall["env_steps"] == 8 and overall["wall_time_s"] == 2.0
 
 
+def test_tasks_without_reference_scores_have_no_normalized_value():
+    runs = [_run("a", "t1", 0, 0.9), _run("a", "t2", 0, 0.7), _run("a", "t1", 1, 0.7), _run("a", "t2", 1, 0.9)]
+    for run in runs:
+        if run["task"] == "t2":
+            run["normalized"] = None
+    summary = bench.summarize(runs, ["a"], ["t1", "t2"])
+    rows = {r["task"]: r for r in summary["per_task"]}
+    assert math.isnan(rows["t2"]["normalized"]) and bench.format_ci(rows["t2"]["normalized"], 0.1) == "n/a"
+    (overall,) = summary["overall"]
+    assert overall["score"] == pytest.approx(0.8)  # raw metric: both tasks
+    assert overall["normalized"] == pytest.approx(0.6)  # normalized: t1 only, (0.8 + 0.4) / 2
+
+
 def test_markdown_table_shape():
     text = bench.markdown_table(["x", "y"], [["1", "2"], ["3", "4"]])
     assert text.splitlines() == ["| x | y |", "| --- | --- |", "| 1 | 2 |", "| 3 | 4 |"]
