@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym  # already loaded by `etpo_env` itself (it registers the env)
+
 # A failed run (no program ever succeeded on dev, or the chosen program failed on test) counts as a constant
 # predictor: ROC AUC 0.5. Means then reflect both quality and reliability; the success rate is reported beside them.
 CHANCE_SCORE = 0.5
@@ -134,81 +136,64 @@ def _status_name(status: Any) -> str:
     return str(getattr(status, "value", status))
 
 
-def _make_budget_wrapper_class():
-    import gymnasium as gym
+class EnvStepBudget(gym.Wrapper):
+    """Counts env steps and refuses any step past `budget` (raises `BudgetExceeded`).
 
-    class EnvStepBudget(gym.Wrapper):
-        """Counts env steps and refuses any step past `budget` (raises `BudgetExceeded`).
+    The step that spends the last unit of budget returns `truncated=True`, so a learner sees a clean episode end
+    (a time limit, bootstrapped like any truncation). It also keeps the learning curve (reward per step) and the
+    programs to score on test: the best on dev and the last successful one.
+    """
 
-        The step that spends the last unit of budget returns `truncated=True`, so a learner sees a clean episode end
-        (a time limit, bootstrapped like any truncation). It also keeps the learning curve (reward per step) and the
-        programs to score on test: the best on dev and the last successful one.
-        """
+    def __init__(self, env: gym.Env, budget: int, on_step: Callable[[], None] | None = None):
+        super().__init__(env)
+        self.budget = int(budget)
+        self.on_step = on_step
+        self.steps = 0
+        self.episodes = 0
+        self.rewards: list[float] = []
+        self.dev_scores: list[float | None] = []
+        self.statuses: list[str] = []
+        self.best_program: str | None = None
+        self.best_dev_score = -math.inf
+        self.final_program: str | None = None
+        self.final_dev_score: float | None = None
 
-        def __init__(self, env: gym.Env, budget: int, on_step: Callable[[], None] | None = None):
-            super().__init__(env)
-            self.budget = int(budget)
-            self.on_step = on_step
-            self.steps = 0
-            self.episodes = 0
-            self.rewards: list[float] = []
-            self.dev_scores: list[float | None] = []
-            self.statuses: list[str] = []
-            self.best_program: str | None = None
-            self.best_dev_score = -math.inf
-            self.final_program: str | None = None
-            self.final_dev_score: float | None = None
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.steps
 
-        @property
-        def remaining(self) -> int:
-            return self.budget - self.steps
+    @property
+    def exhausted(self) -> bool:
+        return self.steps >= self.budget
 
-        @property
-        def exhausted(self) -> bool:
-            return self.steps >= self.budget
+    def reset(self, **kwargs):
+        self.episodes += 1
+        return self.env.reset(**kwargs)
 
-        def reset(self, **kwargs):
-            self.episodes += 1
-            return self.env.reset(**kwargs)
+    def step(self, action):
+        if self.exhausted:
+            raise BudgetExceeded(f"env-step budget of {self.budget} is spent; no further steps are allowed")
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        self._record(float(reward), info)
+        if self.on_step is not None:
+            self.on_step()
+        if self.exhausted and not terminated:
+            truncated = True
+        return obs, reward, terminated, truncated, info
 
-        def step(self, action):
-            if self.exhausted:
-                raise BudgetExceeded(f"env-step budget of {self.budget} is spent; no further steps are allowed")
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            self.steps += 1
-            self._record(float(reward), info)
-            if self.on_step is not None:
-                self.on_step()
-            if self.exhausted and not terminated:
-                truncated = True
-            return obs, reward, terminated, truncated, info
-
-        def _record(self, reward: float, info: dict) -> None:
-            status = _status_name(info.get("status", ""))
-            score = info.get("score")
-            score = None if score is None or not math.isfinite(float(score)) else float(score)
-            self.rewards.append(reward)
-            self.dev_scores.append(score)
-            self.statuses.append(status)
-            program = info.get("program")
-            if status == "ok" and score is not None and program:
-                self.final_program, self.final_dev_score = program, score
-                if score > self.best_dev_score:
-                    self.best_program, self.best_dev_score = program, score
-
-    return EnvStepBudget
-
-
-_LAZY_CLASSES: dict[str, Any] = {}
-
-
-def __getattr__(name: str):
-    """`EnvStepBudget` subclasses gymnasium.Wrapper; it is built on first use so importing this module stays light."""
-    if name == "EnvStepBudget":
-        if name not in _LAZY_CLASSES:
-            _LAZY_CLASSES[name] = _make_budget_wrapper_class()
-        return _LAZY_CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def _record(self, reward: float, info: dict) -> None:
+        status = _status_name(info.get("status", ""))
+        score = info.get("score")
+        score = None if score is None or not math.isfinite(float(score)) else float(score)
+        self.rewards.append(reward)
+        self.dev_scores.append(score)
+        self.statuses.append(status)
+        program = info.get("program")
+        if status == "ok" and score is not None and program:
+            self.final_program, self.final_dev_score = program, score
+            if score > self.best_dev_score:
+                self.best_program, self.best_dev_score = program, score
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,7 +291,7 @@ def run_cell(config: BenchConfig, agent_spec: str, task, seed: int, sandbox, mod
     started = time.perf_counter()
     env = gym.make("DataSciCode-v0", task=task, sandbox=sandbox, max_attempts=config.max_attempts,
                    mode=config.mode, reward=config.reward, prompt_style=config.prompt_style)
-    env = __getattr__("EnvStepBudget")(env, config.budget, on_step=on_step)
+    env = EnvStepBudget(env, config.budget, on_step=on_step)
     learner = False
     try:
         agent = make_agent(agent_spec, seed=seed, model=model, options=config.agent_options)
