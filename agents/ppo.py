@@ -26,9 +26,9 @@ wires it to the shared LMPolicy, RolloutCollector and RunLogger.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -179,3 +179,130 @@ class AdaptiveKLController:
             error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
             self.value *= 1.0 + error * n_tokens / self.horizon
         return self.value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a rollout buffer to per-token advantages (episode chains follow Transition.next_index)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
+    """Buffer indices grouped into episode chains, each in time order (a chain may start mid-episode)."""
+    successors = {t.next_index for t in transitions if t.next_index is not None}
+    chains = []
+    for start in range(len(transitions)):
+        if start in successors:
+            continue
+        chain, index = [], start
+        while index is not None:
+            chain.append(index)
+            index = transitions[index].next_index
+        chains.append(chain)
+    return chains
+
+
+def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, float], *, kl_coef: float,
+                       gamma: float, lam: float, decomposed: bool, kl_estimator: KLEstimator) -> dict[str, float]:
+    """Fill `extras["rewards" | "advantages" | "returns"]` of every transition from `extras["values"]`.
+
+    `bootstrap_values[i]` is V(s') for a chain whose last transition i did not terminate (truncated, or cut by
+    the end of the rollout); missing entries count as 0. Returns the mean per-token KL estimate to the reference.
+    """
+    kl_sum, kl_tokens = 0.0, 0
+    for chain in episode_chains(transitions):
+        steps = [transitions[i] for i in chain]
+        kl = np.concatenate([kl_per_token(t.logp, t.ref_logp, kl_estimator) for t in steps])
+        values = np.concatenate([np.asarray(t.extras["values"], np.float64) for t in steps])
+        lengths = [len(t.action_ids) for t in steps]
+        rewards, advantages, returns = episode_gae(
+            lengths, [float(t.reward) for t in steps], kl, values, kl_coef=kl_coef, gamma=gamma, lam=lam,
+            decomposed=decomposed, terminated=bool(steps[-1].terminated),
+            bootstrap_value=float(bootstrap_values.get(chain[-1], 0.0)))
+        offsets = np.cumsum([0, *lengths])
+        for t, a, b in zip(steps, offsets[:-1], offsets[1:], strict=True):
+            t.extras["rewards"] = rewards[a:b].astype(np.float32)
+            t.extras["advantages"] = advantages[a:b].astype(np.float32)
+            t.extras["returns"] = returns[a:b].astype(np.float32)
+        kl_sum += float(kl.sum())
+        kl_tokens += kl.size
+    return {"kl_to_reference": kl_sum / max(kl_tokens, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The update: epochs of shuffled minibatches over any forward(transitions) -> ForwardOutput
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardOutput:
+    """Per action token, padded to (batch, longest action): log π_θ, V_φ, and entropy of π_θ (or None)."""
+
+    logp: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+def pad_extras(transitions: Sequence[Any], key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stack one per-token scalar (`logp` or an `extras` key) right-padded with zeros to (batch, longest)."""
+    rows = [t.logp if key == "logp" else t.extras[key] for t in transitions]
+    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(np.asarray(row, np.float32))
+    return out.to(device)
+
+
+def action_mask(transitions: Sequence[Any], device: torch.device | str = "cpu") -> torch.Tensor:
+    lengths = torch.tensor([len(t.action_ids) for t in transitions])
+    return (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float().to(device)
+
+
+def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], ForwardOutput],
+               optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], *, epochs: int,
+               minibatch_size: int, clip: float, value_clip: float | None, value_coef: float, entropy_coef: float,
+               max_grad_norm: float, target_kl: float | None, normalize_advantages: bool,
+               generator: torch.Generator, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Several epochs of clipped-PPO minibatch steps; stops (before stepping) once a minibatch's approx-KL(π_old‖π_θ)
+    exceeds 1.5·target_kl, as Stable-Baselines3 does.
+
+    Advantages are whitened over the whole batch (not per minibatch: small minibatches make that noisy).
+    Transitions must carry extras values/advantages/returns and the sampling-time `logp`.
+    """
+    if normalize_advantages:
+        flat = np.concatenate([t.extras["advantages"] for t in transitions]).astype(np.float64)
+        mean, std = flat.mean(), flat.std()
+    else:
+        mean, std = 0.0, 1.0
+    sums: dict[str, float] = {}
+    n_steps, stopped_early = 0, False
+    for _epoch in range(epochs):
+        order = torch.randperm(len(transitions), generator=generator).tolist()
+        for start in range(0, len(order), minibatch_size):
+            batch = [transitions[i] for i in order[start: start + minibatch_size]]
+            mask = action_mask(batch, device)
+            old_logp = pad_extras(batch, "logp", device)
+            advantages = (pad_extras(batch, "advantages", device) - mean) / (std + 1e-8) * mask
+            out = forward(batch)
+            policy_loss, stats = clipped_policy_loss(out.logp, old_logp, advantages, mask, clip)
+            value_loss = clipped_value_loss(out.values, pad_extras(batch, "values", device),
+                                            pad_extras(batch, "returns", device), mask, value_clip)
+            entropy = masked_mean(out.entropy, mask) if out.entropy is not None else torch.zeros((), device=device)
+            approx_kl = stats["approx_kl"].item()
+            if target_kl is not None and approx_kl > 1.5 * target_kl:
+                stopped_early = True  # as SB3: this minibatch already sees a policy too far from π_old; no step
+                break
+            loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            step_stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                          "entropy": entropy.item(), "approx_kl": approx_kl,
+                          "clip_fraction": stats["clip_fraction"].item(), "grad_norm": float(grad_norm)}
+            for key, value in step_stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_steps += 1
+        if stopped_early:
+            break
+    result = {key: value / max(n_steps, 1) for key, value in sums.items()}
+    result.update(gradient_steps=float(n_steps), epochs_run=float(_epoch + 1), stopped_early=float(stopped_early))
+    return result
