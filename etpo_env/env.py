@@ -21,6 +21,7 @@ MODES = ("fix", "refine")
 REWARDS = ("metric", "normalized", "improvement")
 INVALID_ACTION = "invalid_action"  # status of an action that was never run (empty, binary, oversized)
 _TAIL_CHARS = 2_000  # stdout/stderr tails kept in info
+CHANCE_ROC_AUC = 0.5  # improvement floor for a task without a stored baseline score
 
 
 class DataSciCodeEnv(gym.Env[str, str]):
@@ -35,9 +36,10 @@ class DataSciCodeEnv(gym.Env[str, str]):
         mode: ``"fix"`` ends the episode at the first program that runs (as the paper); ``"refine"`` keeps
             asking for a better program until the attempts are used up.
         reward: ``"metric"`` is the mean dev ROC AUC, ``failure_reward`` (-1, as the paper) on failure;
-            ``"normalized"`` is `task.normalize(score)` (0 = baseline, 1 = reference); ``"improvement"`` is how
-            much the step raised the best score so far, starting from the task's baseline score (so an
-            episode's successful steps sum to best score minus baseline).
+            ``"normalized"`` is `task.normalize(score)` (0 = baseline, 1 = reference; needs the task's stored
+            scores); ``"improvement"`` is how much the step raised the best score so far, starting from the
+            task's baseline score (0.5, chance, when none is stored), so an episode's successful steps sum to
+            best score minus baseline.
         prompt_style: ``"paper"`` (dataset shape only, as the ETPO paper) or ``"rich"`` (feature table).
         input_format: ``"pandas"`` or ``"numpy"``: what `X` is inside `build_model` (task names only).
         limits: `sandbox.Limits` for a sandbox the env creates (not allowed with a sandbox instance).
@@ -81,6 +83,11 @@ class DataSciCodeEnv(gym.Env[str, str]):
             raise ValueError("limits apply to a sandbox the env creates; set them on the shared sandbox instead")
 
         self.task = _load_task(task, max_rows=max_rows, input_format=input_format)
+        if reward == "normalized" and self.task.normalize(1.0) is None:
+            raise ValueError(
+                f"task {self.task.name!r} has no baseline/reference scores for this setting, so reward='normalized' "
+                "is undefined; use reward='metric' or 'improvement'"
+            )
         self.max_attempts = int(max_attempts)
         self.mode = mode
         self.reward_kind = reward
@@ -233,7 +240,7 @@ class DataSciCodeEnv(gym.Env[str, str]):
             "stderr": result.stderr[-_TAIL_CHARS:],
             "split_scores": [float(s) for s in evaluation.split_scores] if status == "ok" else [],
             "score": float(score) if status == "ok" else None,
-            "normalized_score": float(evaluation.normalized) if status == "ok" else None,
+            "normalized_score": _float_or_none(evaluation.normalized) if status == "ok" else None,
             "isolation": result.isolation,
         }
         if self.record_timings:
@@ -248,8 +255,14 @@ class DataSciCodeEnv(gym.Env[str, str]):
             return float(step_info["score"])
         if self.reward_kind == "normalized":
             return float(step_info["normalized_score"])
-        best_before = self._best_score if self._best_score is not None else float(self.task.baseline_score)
-        return float(max(step_info["score"] - best_before, 0.0))
+        return float(max(step_info["score"] - self._improvement_floor(), 0.0))
+
+    def _improvement_floor(self) -> float:
+        """The score a step must beat to earn an improvement reward: the best so far, else the baseline."""
+        if self._best_score is not None:
+            return self._best_score
+        baseline = self.task.baseline_score
+        return float(baseline) if baseline is not None else CHANCE_ROC_AUC
 
     def _feedback(self, program: str, step_info: dict[str, Any]) -> str:
         attempts_left = self.max_attempts - self._attempt
@@ -276,6 +289,10 @@ def _invalid_action_info(message: str) -> dict[str, Any]:
         "normalized_score": None,
         "isolation": "",
     }
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _load_task(task: Any, max_rows: int, input_format: str) -> Any:

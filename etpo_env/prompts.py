@@ -79,21 +79,16 @@ def _task_section(task: Any, style: str) -> str:
     if style not in STYLES:
         raise ValueError(f"prompt_style must be one of {STYLES}, got {style!r}")
     kind = "binary" if task.n_classes == 2 else f"{task.n_classes}-class"
-    lines = [f"You are a data scientist. Your task is {kind} classification on a tabular dataset."]
-    lines.append(task.describe(style=style))
-    if style == "rich":
-        lines.append(f"Target: {task.target}; classes: {', '.join(map(str, task.class_names))}.")
-        lines.append("Features:\n" + task.feature_table().to_string(index=False))
-    return "\n".join(lines)
+    role = f"You are a data scientist. Your task is {kind} classification on a tabular dataset."
+    return role + "\n" + task.describe(style=style)  # paper: shape only; rich: names, dtypes, examples
 
 
 def _request(task: Any) -> str:
-    data = "a pandas DataFrame" if task.input_format == "pandas" else "a numpy array"
     return (
-        f"Write the Python function `{ENTRY_POINT}(X, y)`. X is {data} of training features (it may contain "
-        "missing values) and y a numpy array of class labels. Return a fitted model whose `predict_proba(X)` "
-        "gives class probabilities for new rows of the same format. The model is scored by ROC AUC on held-out "
-        "rows; code that fails to run earns the lowest reward. You may import numpy, pandas, scipy and scikit-learn."
+        f"Write the Python function `{ENTRY_POINT}(X, y)`: train a classifier on X and y and return the fitted "
+        "model. Its `predict_proba(X_new)` must give one row per sample and one column per class (0..K-1) for "
+        "new rows of the same format. The model is scored by ROC AUC on held-out rows; code that fails to run "
+        "earns the lowest reward. You may import numpy, pandas, scipy and scikit-learn."
     )
 
 
