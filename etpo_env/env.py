@@ -218,14 +218,11 @@ class DataSciCodeEnv(gym.Env[str, str]):
             self._sandbox = make_sandbox(self._sandbox_spec, limits=self._limits)
 
     def _run(self, program: str) -> dict[str, Any]:
-        """Score `program` on the dev splits; every failure (ours or the agent's) becomes a failed step."""
+        """Score `program` on the dev splits. `tasks.evaluate` reports whatever the program does as a status;
+        an exception from it is a bug or a misconfiguration on the host and is not hidden."""
         import tasks
 
-        try:
-            evaluation = tasks.evaluate(self.task, program, self._sandbox, part="dev", seed=self._episode_seed)
-        except Exception as exc:  # an infrastructure fault must not crash the caller's training loop
-            return {**_invalid_action_info(f"the evaluation failed: {type(exc).__name__}: {exc}"),
-                    "status": "sandbox_error", "error_type": type(exc).__name__}
+        evaluation = tasks.evaluate(self.task, program, self._sandbox, part="dev", seed=self._episode_seed)
         result = evaluation.result
         status = getattr(evaluation.status, "value", str(evaluation.status))
         score = evaluation.score

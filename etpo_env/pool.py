@@ -92,7 +92,7 @@ def _sandbox_factory(backend: str, limits: Any) -> Callable[[], Any]:
     def make() -> Any:
         from sandbox import make_sandbox
 
-        return make_sandbox(backend, limits=limits)
+        return make_sandbox(backend, limits=limits, parallelism=1)  # the pool's size bounds concurrency
 
     return make
 
