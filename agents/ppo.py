@@ -25,9 +25,14 @@ wires it to the shared LMPolicy, RolloutCollector and RunLogger.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
+import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -306,3 +311,366 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
     result = {key: value / max(n_steps, 1) for key, value in sums.items()}
     result.update(gradient_steps=float(n_steps), epochs_run=float(_epoch + 1), stopped_early=float(stopped_early))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    """Every hyperparameter of the PPO learner (one schema for Python and `etpo train --agent ppo`)."""
+
+    # rollouts
+    rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per action (code string)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (1 = on-policy)."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    # reward shaping: KL penalty to the reference policy ρ
+    kl_coef: float = field(default=0.05, metadata={"help": "β: per-token KL penalty coefficient (initial value "
+                                                           "when the adaptive controller is on)."})
+    kl_estimator: KLEstimator = field(default="k1", metadata={"help": "Per-token KL estimator in the reward: k1 = log π/ρ, "
+                                                             "k3 = (ρ/π - 1) - log ρ/π (never negative)."})
+    kl_target: float | None = field(default=None, metadata={"help": "Target KL per token for the adaptive β "
+                                                                    "controller (None = fixed β)."})
+    kl_horizon: float = field(default=10_000.0, metadata={"help": "Adaptive controller horizon, in tokens."})
+    # advantage estimation
+    gamma: float = field(default=1.0, metadata={"help": "γ: discount (per token, or per action with "
+                                                        "decomposed_backup)."})
+    lam: float = field(default=0.95, metadata={"help": "λ of GAE."})
+    decomposed_backup: bool = field(default=False, metadata={"help": "Action-decomposed backup: no discount inside "
+                                                                     "an action, γ only between actions (false = "
+                                                                     "naive: γ after every token). Same when γ = 1."})
+    normalize_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
+    # optimisation
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the policy adapter."})
+    value_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the value head (and value "
+                                                            "adapter)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    epochs: int = field(default=4, metadata={"help": "Passes over each batch."})
+    minibatch_size: int = field(default=4, metadata={"help": "Actions per gradient step."})
+    clip: float = field(default=0.2, metadata={"help": "ε: policy ratio clip range."})
+    value_clip: float | None = field(default=0.2, metadata={"help": "ε_v: value clip range around the rollout "
+                                                                    "values (None = unclipped value loss)."})
+    value_coef: float = field(default=0.5, metadata={"help": "c_v: weight of the value loss."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "c_H: entropy bonus weight (the KL penalty usually "
+                                                               "suffices)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per step."})
+    target_kl: float | None = field(default=0.1, metadata={"help": "Stop an update's epochs once a minibatch's "
+                                                                   "approx KL(π_old‖π_θ) > 1.5×this (None = off)."})
+    # model
+    value_model: Literal["shared", "adapter"] = field(default="shared", metadata={"help": "shared: value head on the policy adapter's "
+                                                                 "features; adapter: its own LoRA adapter."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy (and value) adapter."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    reference: str = field(default="base", metadata={"help": "Reference policy ρ: base (adapters off) or "
+                                                             "adapter:<name>."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
+    checkpoint_every: int = field(default=1, metadata={"help": "Checkpoint every N iterations when an output "
+                                                               "directory is set (0 = only at the end)."})
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.value_model not in ("shared", "adapter"):
+            raise ValueError(f"value_model must be 'shared' or 'adapter', got {self.value_model!r}")
+        if self.epochs < 1 or self.minibatch_size < 1 or self.rollout_steps < 1:
+            raise ValueError("epochs, minibatch_size and rollout_steps must be at least 1")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
+            raise ValueError("gamma and lam must lie in [0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The learner
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+
+
+class PPOAgent:
+    """Token-level PPO on an `LMPolicy`: a "policy" LoRA adapter, ρ = the reference, a scalar value head.
+
+    `value_model="shared"` puts the head on the policy adapter's last hidden state (one forward pass, the value
+    loss also shapes the shared features); `"adapter"` gives the value its own LoRA adapter on the same base.
+    """
+
+    def __init__(self, model: str | Path = "tiny", config: PPOConfig | None = None, **overrides: Any):
+        from agents.policy import LMPolicy, default_lora_config, resolve_device
+
+        self.config = dataclasses.replace(config or PPOConfig(), **overrides)
+        cfg = self.config
+        self.model_path = str(_resolve_model(model))
+        lora = default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)
+        adapters = {"policy": lora}
+        if cfg.value_model == "adapter":
+            adapters["value"] = default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)
+        device = resolve_device(cfg.device)
+        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=cfg.reference,
+                                               device=device, gradient_checkpointing=cfg.gradient_checkpointing,
+                                               chunk_size=cfg.chunk_size)
+        self._init_training_state()
+
+    def _init_training_state(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        hidden_size = self.policy.hf_model.config.hidden_size
+        self.value_head = torch.nn.Linear(hidden_size, 1).to(self.policy.device)
+        torch.nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+        value_params = list(self.value_head.parameters())
+        if cfg.value_model == "adapter":
+            value_params += self.policy.trainable_parameters("value")
+        self.policy_params = self.policy.trainable_parameters("policy")
+        self.value_params = value_params
+        self.optimizer = torch.optim.AdamW(
+            [{"params": self.policy_params, "lr": cfg.lr}, {"params": self.value_params, "lr": cfg.value_lr}],
+            weight_decay=cfg.weight_decay)
+        self.kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.counters = {"iteration": 0, "env_steps": 0, "tokens": 0, "episodes": 0}
+
+    # -- acting -----------------------------------------------------------------------------------------------------
+    @property
+    def generation(self):
+        from agents.policy import GenerationSettings
+
+        cfg = self.config
+        return GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p)
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: str, info: dict | None = None) -> str:
+        gen = self.generation
+        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
+        return self.policy.generate([prompt], gen)[0].text
+
+    # -- model passes -----------------------------------------------------------------------------------------------
+    def _values(self, hidden_policy: torch.Tensor, obs_ids, action_ids) -> torch.Tensor:
+        if self.config.value_model == "adapter":
+            hidden_policy = self.policy.action_hidden(obs_ids, action_ids, "value")[0]
+        return self.value_head(hidden_policy.float()).squeeze(-1)
+
+    def forward(self, transitions: Sequence[Any]) -> ForwardOutput:
+        """Per action token: log π_θ, V, entropy of π_θ (differentiable; whole-vocabulary work in chunks)."""
+        from agents.policy import entropy, token_logprobs
+
+        obs_ids = [t.obs_ids for t in transitions]
+        action_ids = [t.action_ids for t in transitions]
+        hidden, targets, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
+        head = self.policy.head("policy")
+        rows = hidden[mask]
+        logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(
+            mask, token_logprobs(rows, targets[mask], head, self.config.chunk_size))
+        if self.config.entropy_coef > 0:
+            token_entropy = entropy(rows, head, self.config.chunk_size)
+        else:  # diagnostic only: no graph through the vocabulary
+            with torch.no_grad():
+                token_entropy = entropy(rows.detach(), head, self.config.chunk_size)
+        ent = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_entropy)
+        values = self._values(hidden, obs_ids, action_ids) * mask
+        return ForwardOutput(logp=logp, values=values, entropy=ent)
+
+    @torch.no_grad()
+    def state_values(self, obs_ids: Sequence[Sequence[int]]) -> list[float]:
+        """V(s) of observations (the state before an action's first token): bootstrap values after truncation."""
+        from agents.policy import pad_sequences
+
+        adapter = "value" if self.config.value_model == "adapter" else "policy"
+        ids, mask = pad_sequences([list(o) for o in obs_ids], self.policy.pad_id, "right", self.policy.device)
+        hidden = self.policy.hidden_states(ids, mask, adapter)
+        last = mask.sum(1) - 1
+        return self.value_head(hidden[torch.arange(len(last)), last].float()).squeeze(-1).tolist()
+
+    @torch.no_grad()
+    def annotate_values(self, transitions: Sequence[Any], batch_size: int = 8) -> dict[int, float]:
+        """Store V(u_j) of every action token in extras["values"]; return bootstrap V(s') per unfinished chain."""
+        for start in range(0, len(transitions), batch_size):
+            batch = transitions[start: start + batch_size]
+            obs_ids, action_ids = [t.obs_ids for t in batch], [t.action_ids for t in batch]
+            hidden, _, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
+            values = self._values(hidden, obs_ids, action_ids).cpu().numpy()
+            for t, row, n in zip(batch, values, mask.sum(1).tolist(), strict=True):
+                t.extras["values"] = row[:n].astype(np.float32)
+        unfinished = [i for i in (chain[-1] for chain in episode_chains(transitions))
+                      if not transitions[i].terminated and transitions[i].next_obs_ids is not None]
+        if not unfinished:
+            return {}
+        values = self.state_values([transitions[i].next_obs_ids for i in unfinished])
+        return dict(zip(unfinished, values, strict=True))
+
+    # -- learning ---------------------------------------------------------------------------------------------------
+    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
+              out_dir: str | Path | None = None) -> dict:
+        """Collect `rollout_steps` env steps, annotate values, GAE, PPO epochs; repeat until `budget` env steps.
+
+        `budget` counts env steps over the agent's whole life (a resumed agent continues its count). With
+        `out_dir`, diagnostics go to the shared RunLogger there and checkpoints to `out_dir/checkpoint`.
+        """
+        from agents.rollout import RolloutCollector
+
+        cfg = self.config
+        collector = RolloutCollector(self.policy, env, self.generation)
+        logger = _make_logger(out_dir)
+        summary: dict[str, float] = {}
+        try:
+            while self.counters["env_steps"] < budget:
+                n_steps = min(cfg.rollout_steps, budget - self.counters["env_steps"])
+                stats = self.iteration(collector, n_steps)
+                summary = stats
+                if logger is not None:
+                    logger.log(stats, step=self.counters["env_steps"])
+                if callback is not None:
+                    callback(stats)
+                if out_dir is not None and cfg.checkpoint_every and self.counters["iteration"] % cfg.checkpoint_every == 0:
+                    self.save(Path(out_dir) / "checkpoint")
+        finally:
+            if logger is not None:
+                logger.close()
+        if out_dir is not None:
+            self.save(Path(out_dir) / "checkpoint")
+        return {**summary, **{k: float(v) for k, v in self.counters.items()}}
+
+    def iteration(self, collector: Any, n_steps: int) -> dict[str, float]:
+        """One PPO iteration: rollouts, values, advantages, update. Returns its diagnostics."""
+        cfg = self.config
+        times: dict[str, float] = {}
+        started = time.perf_counter()
+        buffer, collect_stats = collector.collect(n_steps)
+        transitions = list(buffer)
+        times["time_rollout_s"] = time.perf_counter() - started
+
+        tick = time.perf_counter()
+        bootstrap = self.annotate_values(transitions)
+        kl_stats = compute_advantages(transitions, bootstrap, kl_coef=self.kl_controller.value, gamma=cfg.gamma,
+                                      lam=cfg.lam, decomposed=cfg.decomposed_backup,
+                                      kl_estimator=cfg.kl_estimator)
+        times["time_advantages_s"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        update_stats = ppo_update(
+            transitions, self.forward, self.optimizer, self.policy_params + self.value_params, epochs=cfg.epochs,
+            minibatch_size=cfg.minibatch_size, clip=cfg.clip, value_clip=cfg.value_clip,
+            value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef, max_grad_norm=cfg.max_grad_norm,
+            target_kl=cfg.target_kl, normalize_advantages=cfg.normalize_advantages, generator=self.generator,
+            device=self.policy.device)
+        times["time_update_s"] = time.perf_counter() - tick
+
+        n_tokens = sum(len(t.action_ids) for t in transitions)
+        kl_coef_used = self.kl_controller.value
+        self.kl_controller.update(kl_stats["kl_to_reference"], n_tokens)
+        self.counters["iteration"] += 1
+        self.counters["env_steps"] += len(transitions)
+        self.counters["tokens"] += n_tokens
+        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
+
+        values = np.concatenate([t.extras["values"] for t in transitions])
+        returns = np.concatenate([t.extras["returns"] for t in transitions])
+        rewards = np.array([t.reward for t in transitions], dtype=np.float64)
+        stats = {
+            "reward_mean": float(rewards.mean()),
+            "reward_max": float(rewards.max()),
+            "kl_to_reference": kl_stats["kl_to_reference"],
+            "kl_coef": kl_coef_used,
+            "explained_variance": explained_variance(values, returns),
+            "value_mean": float(values.mean()),
+            "return_mean": float(returns.mean()),
+            "tokens_per_action": n_tokens / len(transitions),
+            **update_stats,
+            **times,
+            **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
+            "iteration": float(self.counters["iteration"]),
+            "env_steps": float(self.counters["env_steps"]),
+        }
+        stats["time_total_s"] = time.perf_counter() - started
+        return stats
+
+    # -- persistence ------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Adapters, value head, optimizer, KL controller, RNG states and counters: everything to resume."""
+        from agents.config import save_config
+
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.policy.save(tmp / "policy")
+        save_config(self.config, tmp / "config.json")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model_path": self.model_path,
+            "value_head": self.value_head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": self.kl_controller.value,
+            "counters": dict(self.counters),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }
+        torch.save(state, tmp / "trainer.pt")
+        if directory.exists():  # swap in whole: a crash mid-save never leaves a half checkpoint behind
+            old = directory.with_name(directory.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> PPOAgent:
+        """Rebuild an agent saved by `save` (config overrides allowed, e.g. device) and restore its state."""
+        from agents.config import load_config
+        from agents.policy import LMPolicy
+
+        directory = Path(directory)
+        config = dataclasses.replace(load_config(PPOConfig, directory / "config.json"), **overrides)
+        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
+        agent = cls.__new__(cls)
+        agent.config = config
+        agent.model_path = state["model_path"]
+        agent.policy = LMPolicy.load(directory / "policy", device=_device(config.device), base=agent.model_path,
+                                     gradient_checkpointing=config.gradient_checkpointing,
+                                     chunk_size=config.chunk_size)
+        agent._init_training_state()
+        agent.value_head.load_state_dict(state["value_head"])
+        agent.optimizer.load_state_dict(state["optimizer"])
+        agent.kl_controller.value = float(state["kl_coef"])
+        agent.counters = dict(state["counters"])
+        agent.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        return agent
+
+
+def _device(name: str):
+    from agents.policy import resolve_device
+
+    return resolve_device(name)
+
+
+def _resolve_model(model: str | Path) -> Path | str:
+    if str(model) == "tiny":
+        from agents.tiny import ensure_tiny_model
+
+        return ensure_tiny_model()
+    return model
+
+
+def _make_logger(out_dir: str | Path | None):
+    if out_dir is None:
+        return None
+    from agents.logging import RunLogger
+
+    return RunLogger(out_dir)
