@@ -1,0 +1,442 @@
+"""ETPO: Entropy-regularized Token-level Policy Optimization (arXiv 2402.06700), readable top to bottom.
+
+The algorithm
+-------------
+An environment action a_t is a token sequence w¹…wⁿ. Each token is an action of a token-level MDP whose state is
+uʲ = (s_t, w¹…wʲ⁻¹). Three functions of a token state, all over the whole vocabulary V:
+
+- π_θ(·|u): the policy (the LM with the trainable "policy" LoRA adapter),
+- ρ(·|u):  the reference (the base LM with adapters off, or a frozen reference adapter),
+- Q_φ(u,·) ∈ ℝ^|V|: the critic (the LM with its own "critic" LoRA adapter and a vocabulary-sized Q output), and its
+  target Q_φ̄, an exponential moving average of the critic parameters φ (critic parameters only).
+
+Soft value of a token state (entropy-regularised towards ρ):
+
+    V(u) = Σ_w π(w|u)·Q_φ̄(u,w) − β·KL(π(·|u) ‖ ρ(·|u))
+
+Per-token soft Bellman targets for the tokens of action a_t (no reward and no discount inside an action):
+
+    yʲ = V(uʲ⁺¹)                                   for j < n
+    yⁿ = r_t + γ·(1 − done_t)·V(u¹_{t+1})          (u¹_{t+1}: the first token state of the next env step)
+
+Critic loss: Huber (or MSE) between Q_φ(uʲ, wʲ) and the detached yʲ, averaged over valid tokens.
+
+Policy improvement, an expectation under π over the whole vocabulary with ρ and Q detached:
+
+    L_π = mean_u Σ_w π_θ(w|u)·[β·(log π_θ(w|u) − log ρ(w|u)) − Q_φ(u,w)]  =  mean_u [β·KL(π_θ‖ρ) − E_π Q_φ]
+
+whose minimiser at every state is π(w|u) ∝ ρ(w|u)·exp(Q_φ(u,w)/β). At the fixed point the token-level solution is the
+sequence-level soft-optimal policy π*(a|s) ∝ ρ(a|s)·exp(Q*(s,a)/β), because per-token KLs add up to the sequence KL
+(the chain rule; tested).
+
+How it is laid out
+------------------
+1. Pure math on logits (`soft_value`, `soft_bellman_targets`, `critic_loss`, `policy_loss`, `token_kl`, ...).
+2. The update: `TokenModels` (anything that turns token ids into hidden states and heads per role: the LM learner
+   below, or a tabular table in the tests), packing of transitions, the target pass, and `etpo_update` which does the
+   optimiser steps. Full-vocabulary tensors exist only for one chunk of token states at a time: hidden states are
+   gathered at action positions, then heads are applied `chunk_size` rows at a time under activation checkpointing,
+   so the backward pass never holds (tokens × V) floats either.
+3. `ETPOConfig` (every hyperparameter, documented) and `ETPOAgent` (the Learner: learn/act/save/load).
+
+Not reproduced from the public reference implementation (on purpose): a uniform mean over the vocabulary in the
+policy step (which makes its gradient independent of Q); ρ absent from the policy step; the within-action KL read
+from the next environment step; fp16 weights without fp32 masters; four full model copies; full-vocabulary tensors
+kept in host memory; no resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Pure math. Every function takes logits / Q rows of shape [N, V] (one row per token state) and returns [N].
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(π(·|u) ‖ ρ(·|u)) per row, from unnormalised logits."""
+    log_pi = F.log_softmax(policy_logits.float(), dim=-1)
+    log_rho = F.log_softmax(ref_logits.float(), dim=-1)
+    return (log_pi.exp() * (log_pi - log_rho)).sum(-1)
+
+
+def token_entropy(policy_logits: torch.Tensor) -> torch.Tensor:
+    """H(π(·|u)) per row."""
+    log_pi = F.log_softmax(policy_logits.float(), dim=-1)
+    return -(log_pi.exp() * log_pi).sum(-1)
+
+
+def soft_value(policy_logits: torch.Tensor, ref_logits: torch.Tensor, q_values: torch.Tensor,
+               beta: float) -> torch.Tensor:
+    """V(u) = Σ_w π(w|u)·Q(u,w) − β·KL(π(·|u) ‖ ρ(·|u)) per row."""
+    log_pi = F.log_softmax(policy_logits.float(), dim=-1)
+    log_rho = F.log_softmax(ref_logits.float(), dim=-1)
+    pi = log_pi.exp()
+    return (pi * (q_values.float() - beta * (log_pi - log_rho))).sum(-1)
+
+
+def policy_loss_per_state(policy_logits: torch.Tensor, ref_logits: torch.Tensor, q_values: torch.Tensor,
+                          beta: float) -> torch.Tensor:
+    """Σ_w π_θ(w|u)·[β·(log π_θ − log ρ) − Q(u,w)] per row; ρ and Q are detached here, gradients reach π_θ only.
+
+    Equal to −soft_value with ρ and Q held fixed; its minimiser over π is ρ·exp(Q/β)/Z.
+    """
+    log_pi = F.log_softmax(policy_logits.float(), dim=-1)
+    log_rho = F.log_softmax(ref_logits.detach().float(), dim=-1)
+    return (log_pi.exp() * (beta * (log_pi - log_rho) - q_values.detach().float())).sum(-1)
+
+
+def critic_loss_per_token(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
+                          huber_delta: float = 1.0) -> torch.Tensor:
+    """Regression of Q_φ(uʲ, wʲ) on the detached target yʲ, per token ("huber" or "mse", both with a ½ factor)."""
+    targets = targets.detach().float()
+    if kind == "huber":
+        return F.huber_loss(q_taken.float(), targets, reduction="none", delta=huber_delta)
+    if kind == "mse":
+        return 0.5 * (q_taken.float() - targets) ** 2
+    raise ValueError(f"critic loss must be 'huber' or 'mse', got {kind!r}")
+
+
+def soft_optimal_policy(ref_logits: torch.Tensor, q_values: torch.Tensor, beta: float) -> torch.Tensor:
+    """ρ·exp(Q/β)/Z per row: the policy that minimises `policy_loss_per_state` (used in tests and diagnostics)."""
+    return F.softmax(F.log_softmax(ref_logits.float(), -1) + q_values.float() / beta, dim=-1)
+
+
+def soft_bellman_targets(state_values: Sequence[torch.Tensor], rewards: Sequence[float],
+                         next_values: Sequence[float], dones: Sequence[bool], gamma: float) -> list[torch.Tensor]:
+    """Per-token targets of each transition.
+
+    state_values[i]: V(uʲ) for the n_i token states of transition i (V at the state *before* each token);
+    next_values[i]: V(u¹_{t+1}) of the next env step (ignored when dones[i]);
+    returns y with yʲ = V(uʲ⁺¹) for j < n and yⁿ = r + γ·(1 − done)·V(u¹_{t+1}).
+    """
+    targets = []
+    for values, reward, next_value, done in zip(state_values, rewards, next_values, dones, strict=True):
+        last = torch.tensor([reward + gamma * (0.0 if done else float(next_value))], dtype=torch.float32)
+        targets.append(torch.cat([values[1:].float().cpu(), last]))
+    return targets
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Correlation of two 1-D tensors; nan when either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
+def discounted_returns(rewards: Sequence[float], dones: Sequence[bool], gamma: float) -> list[float]:
+    """Realised return from each env step to the end of its episode segment (for the corr(Q, return) diagnostic).
+
+    `rewards`/`dones` are the steps of one episode in order.
+    """
+    out, running = [0.0] * len(rewards), 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        running = rewards[i] + gamma * (0.0 if dones[i] else running)
+        out[i] = running
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser helpers: Lion (optional) and the EMA target.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): sign of an interpolated momentum.
+
+    Written out here (twelve lines) because torch ships no Lion and the update is simpler than a new dependency.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_((exp_avg * beta1 + p.grad * (1 - beta1)).sign_(), alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "lion":
+        return Lion(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'lion', got {name!r}")
+
+
+@torch.no_grad()
+def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], rate: float) -> None:
+    """target ← (1 − rate)·target + rate·online (Polyak averaging of the critic parameters)."""
+    for t, o in zip(target, online, strict=True):
+        t.lerp_(o.detach().to(t.dtype), rate)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The update, shared by the LM learner and the tabular toy problems in the tests.
+# ----------------------------------------------------------------------------------------------------------------
+
+Role = Literal["policy", "reference", "critic", "target"]
+
+
+class TokenModels(Protocol):
+    """What the update needs from a model: hidden states per role and a head that maps them to V-sized rows.
+
+    Roles: "policy" → π_θ logits, "reference" → ρ logits, "critic" → Q_φ, "target" → Q_φ̄. `hidden` is called under
+    torch.no_grad() for "reference" and "target" (and for everything in the target pass).
+    """
+
+    def hidden(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids → [B, L, H] features; position p's features predict token p + 1."""
+
+    def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] → [N, V] (logits for policy/reference, Q values for critic/target)."""
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def target_parameters(self) -> list[torch.Tensor]: ...
+
+
+@dataclass
+class Packed:
+    """A right-padded batch of token sequences and the positions whose outputs score each action token."""
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    row_batch: torch.Tensor  # [N] which sequence each token state belongs to
+    row_pos: torch.Tensor  # [N] position whose output predicts the token (state uʲ = ids[:pos + 1])
+    tokens: torch.Tensor  # [N] the action token taken in that state
+    lengths: list[int]  # token states per sequence, in order (sum = N)
+
+
+def pack(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, device: torch.device | str) -> Packed:
+    """(obs_ids, action_ids) pairs → one padded batch. An empty action gives one row: the state right after obs.
+
+    The one-row form is how V(u¹) of a next observation (bootstrap after truncation) is evaluated.
+    """
+    ids = [np.concatenate([np.asarray(o, dtype=np.int64), np.asarray(a, dtype=np.int64)]) for o, a in sequences]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    row_batch, row_pos, tokens, lengths = [], [], [], []
+    for b, ((obs, action), seq) in enumerate(zip(sequences, ids, strict=True)):
+        if len(obs) == 0:
+            raise ValueError("a transition needs at least one observation token")
+        input_ids[b, : len(seq)] = torch.from_numpy(seq)
+        mask[b, : len(seq)] = 1
+        n = max(len(action), 1)
+        row_batch += [b] * n
+        row_pos += list(range(len(obs) - 1, len(obs) - 1 + n))
+        tokens += [int(t) for t in action] if len(action) else [0]
+        lengths.append(n)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return Packed(input_ids.to(device), mask.to(device), as_long(row_batch), as_long(row_pos), as_long(tokens),
+                  lengths)
+
+
+def _rows(models: TokenModels, role: Role, packed: Packed) -> torch.Tensor:
+    """Features of the token states only ([N, H]): no V-sized tensor is formed here."""
+    hidden = models.hidden(role, packed.input_ids, packed.attention_mask)
+    return hidden[packed.row_batch, packed.row_pos]
+
+
+@torch.no_grad()
+def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int) -> torch.Tensor:
+    """V(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V at a time."""
+    h_pi, h_rho, h_tgt = (_rows(models, role, packed) for role in ("policy", "reference", "target"))
+    out = []
+    for s in range(0, h_pi.shape[0], chunk_size):
+        sl = slice(s, s + chunk_size)
+        out.append(soft_value(models.head("policy", h_pi[sl]), models.head("reference", h_rho[sl]),
+                              models.head("target", h_tgt[sl]), beta))
+    return torch.cat(out).float()
+
+
+def _chunk_losses(models: TokenModels, beta: float, critic_kind: str, huber_delta: float,
+                  h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor, tokens: torch.Tensor,
+                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed policy and critic losses of one chunk of rows, plus detached per-row diagnostics [5, n]."""
+    pi_logits = models.head("policy", h_pi)
+    rho_logits = models.head("reference", h_rho)
+    q = models.head("critic", h_q).float()
+    q_taken = q.gather(-1, tokens[:, None]).squeeze(-1)
+    policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
+    critic_sum = critic_loss_per_token(q_taken, targets, critic_kind, huber_delta).sum()
+    with torch.no_grad():
+        diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), q_taken.detach(),
+                            (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
+    return policy_sum, critic_sum, diag
+
+
+def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
+                critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Mean policy loss and mean critic loss over the rows of `packed` (both with graphs), plus diagnostics.
+
+    Each chunk runs under activation checkpointing, so backward recomputes the chunk's [chunk, V] rows instead of
+    keeping all of them alive: peak memory is O(chunk × V), not O(tokens × V).
+    """
+    h_pi = _rows(models, "policy", packed)
+    with torch.no_grad():
+        h_rho = _rows(models, "reference", packed)
+    h_q = _rows(models, "critic", packed)
+    n = h_pi.shape[0]
+    targets = targets.to(h_pi.device)
+    policy_total = critic_total = 0.0
+    diags = []
+    for s in range(0, n, chunk_size):
+        sl = slice(s, s + chunk_size)
+        args = (h_pi[sl], h_rho[sl], h_q[sl], packed.tokens[sl], targets[sl])
+        if torch.is_grad_enabled() and (h_pi.requires_grad or h_q.requires_grad):
+            p, c, d = checkpoint(_chunk_losses, models, beta, critic_kind, huber_delta, *args, use_reentrant=False)
+        else:
+            p, c, d = _chunk_losses(models, beta, critic_kind, huber_delta, *args)
+        policy_total, critic_total = policy_total + p, critic_total + c
+        diags.append(d)
+    d = torch.cat(diags, dim=1).cpu()
+    info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
+    return policy_total / n, critic_total / n, info
+
+
+def next_state_values(models: TokenModels, transitions: Sequence[Any], values: list[torch.Tensor], beta: float,
+                      chunk_size: int, pad_id: int, device: Any) -> tuple[list[float], list[bool], int]:
+    """V(u¹_{t+1}) per transition and its `done` flag for the targets.
+
+    The next env step's first token state is already in `values` when that step is in the buffer (`next_index`); after
+    a time-limit truncation it is evaluated from `next_obs_ids` (truncation is not termination: we bootstrap).
+    A transition with neither (the collector stopped mid-episode without a next observation) is treated as terminal
+    and counted in the returned number so the caller can report it.
+    """
+    next_values, dones, missing, bootstrap = [0.0] * len(transitions), [True] * len(transitions), 0, []
+    for i, tr in enumerate(transitions):
+        if tr.terminated:
+            continue
+        if tr.next_index is not None:
+            next_values[i], dones[i] = float(values[tr.next_index][0]), False
+        elif getattr(tr, "next_obs_ids", None) is not None:
+            bootstrap.append(i)
+        else:
+            missing += 1
+    if bootstrap:
+        packed = pack([(transitions[i].next_obs_ids, np.zeros(0, np.int64)) for i in bootstrap], pad_id, device)
+        boot = state_values(models, packed, beta, chunk_size)
+        for j, i in enumerate(bootstrap):
+            next_values[i], dones[i] = float(boot[j]), False
+    return next_values, dones, missing
+
+
+def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float, gamma: float, chunk_size: int,
+                    batch_size: int, pad_id: int, device: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The target pass over a whole rollout buffer: V(uʲ) of every token state, then the soft Bellman targets."""
+    values: list[torch.Tensor] = []
+    for s in range(0, len(transitions), batch_size):
+        chunk = transitions[s: s + batch_size]
+        packed = pack([(t.obs_ids, t.action_ids) for t in chunk], pad_id, device)
+        values += list(torch.split(state_values(models, packed, beta, chunk_size).cpu(), packed.lengths))
+    next_values, dones, missing = next_state_values(models, transitions, values, beta, chunk_size, pad_id, device)
+    targets = soft_bellman_targets(values, [float(t.reward) for t in transitions], next_values, dones, gamma)
+    return values, targets, missing
+
+
+@dataclass
+class UpdateSettings:
+    """The subset of ETPOConfig the update needs (so the toy tests can drive `etpo_update` without an LM)."""
+
+    beta: float
+    gamma: float
+    epochs: int = 1
+    minibatch_size: int = 8
+    chunk_size: int = 256
+    critic_loss: str = "huber"
+    huber_delta: float = 1.0
+    ema_rate: float = 0.05
+    max_grad_norm: float = 1.0
+    pad_id: int = 0
+
+
+def grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: UpdateSettings,
+                policy_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
+                rng: random.Random, device: Any = "cpu") -> dict[str, float]:
+    """One ETPO update on a rollout buffer: `epochs` passes; each recomputes targets, then steps per minibatch.
+
+    Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target.
+    Returns scalar diagnostics averaged over the steps.
+    """
+    policy_params, critic_params = models.policy_parameters(), models.critic_parameters()
+    stats: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        stats.setdefault(key, []).append(float(value))
+
+    for _ in range(settings.epochs):
+        t0 = time.perf_counter()
+        _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
+                                              settings.minibatch_size, settings.pad_id, device)
+        record("time/targets_s", time.perf_counter() - t0)
+        record("targets/unbootstrapped", missing)
+        order = list(range(len(transitions)))
+        rng.shuffle(order)
+        for s in range(0, len(order), settings.minibatch_size):
+            idx = order[s: s + settings.minibatch_size]
+            t0 = time.perf_counter()
+            packed = pack([(transitions[i].obs_ids, transitions[i].action_ids) for i in idx], settings.pad_id, device)
+            y = torch.cat([targets[i] for i in idx])
+            pol_loss, crit_loss, diag = etpo_losses(models, packed, y, settings.beta, settings.chunk_size,
+                                                    settings.critic_loss, settings.huber_delta)
+            policy_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            (pol_loss + crit_loss).backward()
+            record("grad_norm/policy", grad_norm(policy_params))
+            record("grad_norm/critic", grad_norm(critic_params))
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(policy_params, settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(critic_params, settings.max_grad_norm)
+            policy_opt.step()
+            critic_opt.step()
+            ema_update(models.target_parameters(), critic_params, settings.ema_rate)
+            record("time/step_s", time.perf_counter() - t0)
+            record("loss/policy", pol_loss.item())
+            record("loss/critic", crit_loss.item())
+            record("kl", diag["kl"].mean())
+            record("entropy", diag["entropy"].mean())
+            record("q/taken_mean", diag["q_taken"].mean())
+            record("q/taken_std", diag["q_taken"].std() if diag["q_taken"].numel() > 1 else 0.0)
+            record("q/expected_mean", diag["q_expected"].mean())
+            record("q/vocab_mean", diag["q_vocab_mean"].mean())
+            record("targets/mean", y.mean())
+            record("targets/std", y.std() if y.numel() > 1 else 0.0)
+            record("q/abs_td_error", (diag["q_taken"] - y.cpu()).abs().mean())
+            record("tokens_updated", len(y))
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["tokens_updated"] = float(np.sum(stats.get("tokens_updated", [0])))
+    return out

@@ -1,0 +1,356 @@
+"""ETPO math: hand-computed targets and losses, the KL chain rule, and convergence on toy MDPs to the soft optimum.
+
+The toy problems drive the same `etpo_update` the LM learner uses; a tabular model (one-hot token-state features and
+a table per role) stands in for the LM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from agents.etpo import (
+    UpdateSettings,
+    compute_targets,
+    critic_loss_per_token,
+    etpo_losses,
+    etpo_update,
+    make_optimizer,
+    pack,
+    policy_loss_per_state,
+    soft_bellman_targets,
+    soft_optimal_policy,
+    soft_value,
+    token_kl,
+)
+
+
+def transition(obs, action, reward, terminated, next_index=None, next_obs_ids=None, truncated=False):
+    return SimpleNamespace(obs_ids=np.asarray(obs, np.int32), action_ids=np.asarray(action, np.int32),
+                           reward=float(reward), terminated=terminated, truncated=truncated,
+                           next_index=next_index, next_obs_ids=next_obs_ids)
+
+
+class TabularModels:
+    """Token states are prefixes of the id sequence; each gets a one-hot feature, each role a table of V logits.
+
+    π's logits are ρ's plus a trainable table (so training starts at π = ρ); the critic is a trainable table and its
+    target an EMA copy. Padding positions map to a spare state that never carries a token state.
+    """
+
+    def __init__(self, vocab: int, capacity: int = 256, seed: int = 0, ref_scale: float = 1.0):
+        gen = torch.Generator().manual_seed(seed)
+        self.vocab, self.capacity = vocab, capacity
+        self.index: dict[tuple, int] = {(): 0}
+        self.ref = ref_scale * torch.randn(capacity, vocab, generator=gen)
+        self.policy_delta = torch.nn.Parameter(torch.zeros(capacity, vocab))
+        self.q = torch.nn.Parameter(torch.zeros(capacity, vocab))
+        self.q_target = torch.zeros(capacity, vocab)
+
+    def state(self, prefix) -> int:
+        key = tuple(int(t) for t in prefix)
+        if key not in self.index:
+            assert len(self.index) < self.capacity, "tabular toy ran out of states"
+            self.index[key] = len(self.index)
+        return self.index[key]
+
+    def hidden(self, role, input_ids, attention_mask):
+        B, L = input_ids.shape
+        idx = torch.zeros(B, L, dtype=torch.long)
+        for b in range(B):
+            n = int(attention_mask[b].sum())
+            for p in range(n):
+                idx[b, p] = self.state(input_ids[b, : p + 1].tolist())
+        return idx[..., None].float()  # the "feature" is the state's row index (a one-hot in disguise)
+
+    def head(self, role, hidden):
+        rows = hidden[..., 0].long()
+        if role == "policy":
+            return self.ref[rows] + self.policy_delta[rows]
+        return {"reference": self.ref, "critic": self.q, "target": self.q_target}[role][rows]
+
+    def set_row(self, prefix, *, policy=None, reference=None, critic=None, target=None):
+        """Write explicit rows (logits / Q values) for one token state."""
+        s = self.state(prefix)
+        with torch.no_grad():
+            if reference is not None:
+                self.ref[s] = torch.tensor(reference, dtype=torch.float32)
+            if policy is not None:
+                self.policy_delta[s] = torch.tensor(policy, dtype=torch.float32) - self.ref[s]
+            if critic is not None:
+                self.q[s] = torch.tensor(critic, dtype=torch.float32)
+            if target is not None:
+                self.q_target[s] = torch.tensor(target, dtype=torch.float32)
+
+    def policy_parameters(self):
+        return [self.policy_delta]
+
+    def critic_parameters(self):
+        return [self.q]
+
+    def target_parameters(self):
+        return [self.q_target]
+
+    def probs(self, role, prefix) -> torch.Tensor:
+        with torch.no_grad():
+            h = torch.tensor([[float(self.state(prefix))]])
+            return torch.softmax(self.head(role, h)[0], -1)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tensors are tiny: a thread pool only adds contention (10x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logs(*p):
+    return [math.log(x) for x in p]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hand-computed 2-step, 3-token vocabulary example.
+# Episode: step 0 has obs [10] and action [0, 1] (two tokens), reward 0.2; step 1 has obs [11] and action [0],
+# reward 1.0, terminated. β = 0.5, γ = 0.9. Token states u0 = (10), u1 = (10, 0), u2 = (11).
+#   u0: π = (1/2, 1/4, 1/4), ρ = (1/3, 1/3, 1/3), Q̄ = (1, 0, 2)
+#   u1: π = (1/4, 1/2, 1/4), ρ = (1/2, 1/4, 1/4), Q̄ = (0, 1, 0)
+#   u2: π = ρ = uniform,                           Q̄ = (3, 0, 0)
+#   online critic Q_φ = 0.5 everywhere.
+# By hand:
+#   KL0 = ½·ln 1.5 + 2·¼·ln 0.75 = 0.0588915;  V0 = (½·1 + ¼·2) − ½·KL0 = 0.9705542
+#   KL1 = ¼·ln ½ + ½·ln 2 = ¼·ln 2 = 0.1732868; V1 = ½·1 − ½·KL1 = 0.4133566
+#   KL2 = 0;                                   V2 = ⅓·3 = 1
+#   targets: y0 = V1 = 0.4133566; y1 = r0 + γ·V2 = 0.2 + 0.9 = 1.1; y2 = r1 = 1.0 (terminal)
+#   critic (Huber δ=1 → ½e²): ½(0.5−0.4133566)² = 0.0037535, ½(0.6)² = 0.18, ½(0.5)² = 0.125 → mean 0.1029178
+#   policy per state = β·KL − E_π Q_φ: 0.0294458 − 0.5, 0.0866434 − 0.5, −0.5 → mean −0.4613036
+# --------------------------------------------------------------------------------------------------------------
+BETA, GAMMA = 0.5, 0.9
+
+
+def hand_example():
+    m = TabularModels(vocab=3)
+    m.set_row([10], policy=logs(1 / 2, 1 / 4, 1 / 4), reference=logs(1 / 3, 1 / 3, 1 / 3), target=[1, 0, 2],
+              critic=[0.5] * 3)
+    m.set_row([10, 0], policy=logs(1 / 4, 1 / 2, 1 / 4), reference=logs(1 / 2, 1 / 4, 1 / 4), target=[0, 1, 0],
+              critic=[0.5] * 3)
+    m.set_row([11], policy=logs(1 / 3, 1 / 3, 1 / 3), reference=logs(1 / 3, 1 / 3, 1 / 3), target=[3, 0, 0],
+              critic=[0.5] * 3)
+    buffer = [transition([10], [0, 1], 0.2, False, next_index=1), transition([11], [0], 1.0, True)]
+    return m, buffer
+
+
+def test_pure_functions_match_hand_computation():
+    pi = torch.tensor([logs(1 / 2, 1 / 4, 1 / 4), logs(1 / 4, 1 / 2, 1 / 4), logs(1 / 3, 1 / 3, 1 / 3)])
+    rho = torch.tensor([logs(1 / 3, 1 / 3, 1 / 3), logs(1 / 2, 1 / 4, 1 / 4), logs(1 / 3, 1 / 3, 1 / 3)])
+    q_target = torch.tensor([[1.0, 0, 2], [0, 1, 0], [3, 0, 0]])
+    assert token_kl(pi, rho).tolist() == pytest.approx([0.0588915, 0.1732868, 0.0], abs=1e-6)
+    values = soft_value(pi, rho, q_target, BETA)
+    assert values.tolist() == pytest.approx([0.9705542, 0.4133566, 1.0], abs=1e-6)
+    targets = soft_bellman_targets([values[:2], values[2:]], [0.2, 1.0], [float(values[2]), 123.0], [False, True],
+                                   GAMMA)
+    assert torch.cat(targets).tolist() == pytest.approx([0.4133566, 1.1, 1.0], abs=1e-6)
+    q_online = torch.full((3, 3), 0.5)
+    crit = critic_loss_per_token(q_online[:, 0], torch.cat(targets), "huber", 1.0)
+    assert crit.tolist() == pytest.approx([0.0037535, 0.18, 0.125], abs=1e-6)
+    assert float(crit.mean()) == pytest.approx(0.1029178, abs=1e-6)
+    pol = policy_loss_per_state(pi, rho, q_online, BETA)
+    assert pol.tolist() == pytest.approx([-0.4705542, -0.4133566, -0.5], abs=1e-6)
+    # MSE variant: same ½e² inside Huber's quadratic zone, larger outside it.
+    assert critic_loss_per_token(torch.tensor([3.0]), torch.tensor([0.0]), "mse").item() == pytest.approx(4.5)
+    assert critic_loss_per_token(torch.tensor([3.0]), torch.tensor([0.0]), "huber").item() == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 256])
+def test_update_pipeline_matches_hand_computation(chunk_size):
+    """Same numbers through the packing, target pass and chunked losses the LM learner runs."""
+    m, buffer = hand_example()
+    values, targets, missing = compute_targets(m, buffer, BETA, GAMMA, chunk_size, batch_size=1, pad_id=0,
+                                               device="cpu")
+    assert missing == 0
+    assert torch.cat(values).tolist() == pytest.approx([0.9705542, 0.4133566, 1.0], abs=1e-6)
+    assert torch.cat(targets).tolist() == pytest.approx([0.4133566, 1.1, 1.0], abs=1e-6)
+    packed = pack([(t.obs_ids, t.action_ids) for t in buffer], pad_id=0, device="cpu")
+    pol, crit, diag = etpo_losses(m, packed, torch.cat(targets), BETA, chunk_size)
+    assert pol.item() == pytest.approx(-0.4613036, abs=1e-6)
+    assert crit.item() == pytest.approx(0.1029178, abs=1e-6)
+    assert diag["kl"].tolist() == pytest.approx([0.0588915, 0.1732868, 0.0], abs=1e-6)
+
+
+def test_truncated_transition_bootstraps_from_next_observation():
+    m, _ = hand_example()
+    # Cut by a time limit after step 0: V(u¹_{t+1}) comes from next_obs_ids = [11] (V2 = 1), not from zero.
+    buffer = [transition([10], [0, 1], 0.2, False, next_obs_ids=np.array([11], np.int32), truncated=True)]
+    _, targets, missing = compute_targets(m, buffer, BETA, GAMMA, 4, 4, 0, "cpu")
+    assert missing == 0 and targets[0].tolist() == pytest.approx([0.4133566, 1.1], abs=1e-6)
+    # Terminated: no bootstrap at all.
+    buffer = [transition([10], [0, 1], 0.2, True)]
+    _, targets, _ = compute_targets(m, buffer, BETA, GAMMA, 4, 4, 0, "cpu")
+    assert targets[0].tolist() == pytest.approx([0.4133566, 0.2], abs=1e-6)
+
+
+def test_policy_gradient_depends_on_q_and_reference():
+    """Guards against the reference implementation's uniform-mean policy step (gradient independent of Q, no ρ)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, requires_grad=True)
+    rho, q = torch.randn(1, 5), torch.randn(1, 5)
+
+    def grad(rho_, q_):
+        logits.grad = None
+        policy_loss_per_state(logits, rho_, q_, 0.3).sum().backward()
+        return logits.grad.clone()
+
+    base = grad(rho, q)
+    assert not torch.allclose(base, grad(rho, q + torch.tensor([[1.0, 0, 0, 0, 0]])))
+    assert not torch.allclose(base, grad(rho + torch.tensor([[0, 2.0, 0, 0, 0]]), q))
+
+
+def test_policy_loss_minimiser_is_reference_tilted_by_q():
+    torch.manual_seed(1)
+    rho, q, beta = torch.randn(4, 6), torch.randn(4, 6), 0.7
+    logits = torch.zeros(4, 6, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(1000):
+        opt.zero_grad()
+        policy_loss_per_state(logits, rho, q, beta).sum().backward()
+        opt.step()
+    target = soft_optimal_policy(rho, q, beta)
+    assert torch.softmax(logits, -1).detach() == pytest.approx(target, abs=1e-4)
+    # At the optimum the loss equals −β·log Σ_w ρ·exp(Q/β) (the soft value identity).
+    optimum = -beta * torch.logsumexp(torch.log_softmax(rho, -1) + q / beta, -1)
+    assert policy_loss_per_state(logits, rho, q, beta).detach() == pytest.approx(optimum, abs=1e-5)
+
+
+def test_chain_rule_token_kls_sum_to_sequence_kl():
+    """E_{a~π} Σ_j KL(π(·|uʲ)‖ρ(·|uʲ)) = KL(π(a)‖ρ(a)) over all 3-token actions of a 3-token vocabulary, exactly."""
+    m = TabularModels(vocab=3, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    obs = [7]
+    actions = list(itertools.product(range(3), repeat=3))
+    for a in actions:  # give π its own random conditionals at every prefix
+        for j in range(3):
+            prefix = obs + list(a[:j])
+            m.set_row(prefix, policy=torch.randn(3, generator=gen).tolist())
+    seq_kl, expected_token_kl = 0.0, 0.0
+    for a in actions:
+        prefixes = [obs + list(a[:j]) for j in range(3)]
+        pi = [float(m.probs("policy", p)[w]) for p, w in zip(prefixes, a, strict=True)]
+        rho = [float(m.probs("reference", p)[w]) for p, w in zip(prefixes, a, strict=True)]
+        p_a = math.prod(pi)
+        seq_kl += p_a * (math.log(p_a) - math.log(math.prod(rho)))
+        # Per-token KLs along this action, through the chunked pipeline's own function on the LM-style path.
+        packed = pack([(np.array(obs), np.array(a))], 0, "cpu")
+        h = m.hidden("policy", packed.input_ids, packed.attention_mask)[packed.row_batch, packed.row_pos]
+        kls = token_kl(m.head("policy", h), m.head("reference", h))
+        expected_token_kl += p_a * float(kls.sum().detach())
+    assert seq_kl > 0.05
+    assert expected_token_kl == pytest.approx(seq_kl, rel=1e-5, abs=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Toy MDPs: on-policy sampling, then `etpo_update` — the learner's own update — until convergence.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample_action(m: TabularModels, obs, n_tokens, rng: np.random.Generator):
+    action = []
+    for _ in range(n_tokens):
+        p = m.probs("policy", list(obs) + action).double().numpy()
+        action.append(int(rng.choice(len(p), p=p / p.sum())))
+    return action
+
+
+def sequence_prob(m, role, obs, action):
+    return math.prod(float(m.probs(role, list(obs) + list(action[:j]))[w]) for j, w in enumerate(action))
+
+
+def train_toy(m, run_episode, iterations, episodes_per_iter, settings, lr, seed=0):
+    rng, py_rng = np.random.default_rng(seed), random.Random(seed)
+    pol_opt = make_optimizer(m.policy_parameters(), "adamw", lr, 0.0)
+    crit_opt = make_optimizer(m.critic_parameters(), "adamw", lr, 0.0)
+    for _ in range(iterations):
+        buffer = []
+        for _ in range(episodes_per_iter):
+            run_episode(m, rng, buffer)
+        etpo_update(m, buffer, settings, pol_opt, crit_opt, py_rng)
+
+
+def test_bandit_converges_to_reference_tilted_by_reward():
+    """One env step, 2-token actions over 3 tokens (9 actions), reward table r: π(a) → ρ(a)·exp(r(a)/β)/Z.
+
+    Tolerance: every action probability within 0.02 of the analytic optimum (total variation ≤ 0.05).
+    """
+    beta, n_tok = 0.5, 2
+    m = TabularModels(vocab=3, seed=5)
+    actions = list(itertools.product(range(3), repeat=n_tok))
+    rewards = dict(zip(actions, np.random.default_rng(6).uniform(0, 1, len(actions)), strict=True))
+    obs = [9]
+
+    def episode(model, rng, buffer):
+        a = sample_action(model, obs, n_tok, rng)
+        buffer.append(transition(obs, a, rewards[tuple(a)], True))
+
+    settings = UpdateSettings(beta=beta, gamma=0.9, epochs=1, minibatch_size=64, chunk_size=64, critic_loss="mse",
+                              ema_rate=0.5, max_grad_norm=0.0)
+    train_toy(m, episode, iterations=70, episodes_per_iter=32, settings=settings, lr=0.1)
+
+    rho = np.array([sequence_prob(m, "reference", obs, a) for a in actions])
+    optimum = rho * np.exp(np.array([rewards[a] for a in actions]) / beta)
+    optimum /= optimum.sum()
+    learned = np.array([sequence_prob(m, "policy", obs, a) for a in actions])
+    assert np.abs(learned - rho).max() > 0.05, "toy too easy: the optimum is close to ρ"
+    assert np.abs(learned - optimum).max() < 0.02, np.abs(learned - optimum).max()
+    assert 0.5 * np.abs(learned - optimum).sum() < 0.05
+
+
+def test_two_step_mdp_converges_to_dynamic_programming_soft_optimum():
+    """Two env steps; step 0's first token picks which of 3 states step 1 starts in; γ = 0.8.
+
+    DP (sequence level): V1(s) = β·log Σ_a ρ(a|s)·exp(r1(s,a)/β); Q0(a) = r0(a) + γ·V1(s(a));
+    π*0(a) ∝ ρ(a)·exp(Q0(a)/β); π*1(a|s) ∝ ρ(a|s)·exp(r1(s,a)/β). Tolerance: every probability within 0.03.
+    """
+    beta, gamma, n_tok = 0.5, 0.8, 2
+    m = TabularModels(vocab=3, seed=7, capacity=64)
+    actions = list(itertools.product(range(3), repeat=n_tok))
+    rng_r = np.random.default_rng(8)
+    r0 = dict(zip(actions, rng_r.uniform(0, 0.5, len(actions)), strict=True))
+    r1 = {s: dict(zip(actions, rng_r.uniform(0, 1, len(actions)), strict=True)) for s in range(3)}
+    obs0 = [20]
+
+    def obs1(a0):
+        return [30 + a0[0]]
+
+    def episode(model, rng, buffer):
+        a0 = sample_action(model, obs0, n_tok, rng)
+        a1 = sample_action(model, obs1(a0), n_tok, rng)
+        i = len(buffer)
+        buffer.append(transition(obs0, a0, r0[tuple(a0)], False, next_index=i + 1))
+        buffer.append(transition(obs1(a0), a1, r1[a0[0]][tuple(a1)], True))
+
+    settings = UpdateSettings(beta=beta, gamma=gamma, epochs=1, minibatch_size=128, chunk_size=128,
+                              critic_loss="mse", ema_rate=0.5, max_grad_norm=0.0)
+    train_toy(m, episode, iterations=220, episodes_per_iter=24, settings=settings, lr=0.1)
+
+    worst = 0.0
+    v1 = {}
+    for s in range(3):
+        rho = np.array([sequence_prob(m, "reference", [30 + s], a) for a in actions])
+        tilt = rho * np.exp(np.array([r1[s][a] for a in actions]) / beta)
+        v1[s] = beta * math.log(tilt.sum())
+        learned = np.array([sequence_prob(m, "policy", [30 + s], a) for a in actions])
+        worst = max(worst, np.abs(learned - tilt / tilt.sum()).max())
+    rho0 = np.array([sequence_prob(m, "reference", obs0, a) for a in actions])
+    q0 = np.array([r0[a] + gamma * v1[a[0]] for a in actions])
+    opt0 = rho0 * np.exp(q0 / beta)
+    opt0 /= opt0.sum()
+    learned0 = np.array([sequence_prob(m, "policy", obs0, a) for a in actions])
+    worst = max(worst, np.abs(learned0 - opt0).max())
+    assert np.abs(learned0 - rho0).max() > 0.05, "toy too easy: the optimum is close to ρ"
+    assert worst < 0.03, worst
