@@ -248,12 +248,23 @@ class LMPolicy:
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         base = self.hf_model
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; accept both.
+        if hasattr(base, "activation_checkpointing_enable"):
+            enable = lambda: base.activation_checkpointing_enable({"use_reentrant": False})  # noqa: E731
+            disable = base.activation_checkpointing_disable
+        else:
+            enable = lambda: base.gradient_checkpointing_enable({"use_reentrant": False})  # noqa: E731
+            disable = base.gradient_checkpointing_disable
         if enabled:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable()
             base.config.use_cache = False
         elif self._checkpointing:
-            base.gradient_checkpointing_disable()
+            disable()
         self._checkpointing = enabled
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._checkpointing
 
     @property
     def hf_model(self) -> torch.nn.Module:

@@ -46,6 +46,12 @@ class TinyPreset:
     batch_size: int = field(default=16, metadata={"help": "Sequences per step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (linear warmup, cosine decay)."})
     tasks_per_prompt_style: int = field(default=0, metadata={"help": "Tasks used for prompts (0 = all bundled)."})
+    weak_family_weight: float = field(default=3.0, metadata={"help": "How much more often demos of weak model "
+                                                                      "families are drawn (varied sample quality)."})
+
+
+# Model families whose programs usually score well below the best on the suite's tasks; drawn more often.
+WEAK_FAMILIES = ("naive_bayes", "knn", "decision_tree", "lda", "sgd", "adaboost")
 
 
 PRESETS: dict[str, TinyPreset] = {
@@ -53,8 +59,8 @@ PRESETS: dict[str, TinyPreset] = {
     "default": TinyPreset(),
     # For the test suite: built in seconds, generates text, nothing more.
     "test": TinyPreset(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                       context_length=1024, train_block=256, n_demos=60, steps=12, batch_size=8, lr=3e-3,
-                       tasks_per_prompt_style=2),
+                       context_length=1024, train_block=160, n_demos=40, steps=6, batch_size=4, lr=3e-3,
+                       tasks_per_prompt_style=1),
 }
 
 
@@ -76,8 +82,12 @@ def completion_of(program: str) -> str:
     return "\n" + program
 
 
-def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: int = 0) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs: env prompts of the bundled tasks (both styles) × corpus programs."""
+def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: int = 0,
+                   weak_family_weight: float = 1.0) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs: env prompts of the bundled tasks (both styles) × corpus programs.
+
+    Demos are drawn from a corpus four times larger, weak families `weak_family_weight` times more often.
+    """
     try:
         import tasks
         from tasks import demos
@@ -87,10 +97,10 @@ def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: in
         return _fallback_pairs(n_demos, seed)
     prompts = _task_prompts(tasks, max_tasks)
     rng = random.Random(seed)
-    pairs = []
-    for demo in demos.corpus(n=n_demos, seed=seed, buggy_fraction=buggy_fraction):
-        pairs.append((rng.choice(prompts), completion_of(demo.program)))
-    return pairs
+    pool = demos.corpus(n=4 * n_demos, seed=seed, buggy_fraction=buggy_fraction)
+    weights = [weak_family_weight if d.family in WEAK_FAMILIES else 1.0 for d in pool]
+    chosen = rng.choices(pool, weights=weights, k=n_demos)
+    return [(rng.choice(prompts), completion_of(d.program)) for d in chosen]
 
 
 def _task_prompts(tasks_module: Any, max_tasks: int) -> list[str]:
@@ -188,7 +198,8 @@ def build_tiny_model(out_dir: str | Path, preset: str | TinyPreset = "default", 
     started = time.perf_counter()
     torch.manual_seed(seed)
     random.seed(seed)
-    pairs = training_pairs(spec.n_demos, seed, spec.buggy_fraction, spec.tasks_per_prompt_style)
+    pairs = training_pairs(spec.n_demos, seed, spec.buggy_fraction, spec.tasks_per_prompt_style,
+                           spec.weak_family_weight)
     say(f"{len(pairs)} training pairs")
     tokenizer = train_tokenizer(sorted({p for p, _ in pairs}) + [c for _, c in pairs], spec.vocab_size)
     model = make_model(spec, tokenizer)

@@ -1,0 +1,296 @@
+"""Shared rollout machinery: one collector runs an `LMPolicy` against an env (or a gymnasium vector env) and fills a
+buffer of token ids and per-token scalars. Every learner (ETPO, PPO, SFT's self-improving mode) uses it.
+
+What a transition holds — ids and scalars only, never vocabulary-wide tensors (see `RolloutBuffer.bytes_per_token`):
+the observation ids the policy conditioned on, the sampled action ids, log π at sampling and log ρ (reference) per
+action token, the env reward (credited at the action's last token), episode boundaries (terminated / truncated,
+episode id, step index, the buffer index of the episode's next transition), and `extras` for learner-specific
+per-token arrays (values, targets, advantages).
+
+Observation ids are produced once, from the env's text, by `policy.encode_observation` (left-truncated to fit the
+context); action ids are the sampled ids themselves. Nothing inside a trajectory is re-tokenised from decoded text.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Transition:
+    obs_ids: np.ndarray  # int32[m]: the prompt the policy saw
+    action_ids: np.ndarray  # int32[n]: the sampled tokens
+    logp: np.ndarray  # float32[n]: log π(a_j | s, a_<j) at sampling time
+    ref_logp: np.ndarray  # float32[n]: log ρ(a_j | s, a_<j), the reference policy
+    reward: float  # env reward, credited at the action's last token
+    terminated: bool
+    truncated: bool
+    episode_id: int
+    t: int  # step index within the episode
+    next_index: int | None = None  # buffer index of this episode's next transition
+    next_obs_ids: np.ndarray | None = None  # int32: the next observation when the episode goes on outside the buffer
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # learner-specific per-token float32[n] arrays
+    info: dict[str, Any] = field(default_factory=dict)  # small scalars from the env (status, score, attempt)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(len(self.action_ids))
+
+    def nbytes(self) -> int:
+        arrays = [self.obs_ids, self.action_ids, self.logp, self.ref_logp, *self.extras.values()]
+        if self.next_obs_ids is not None:
+            arrays.append(self.next_obs_ids)
+        return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+class RolloutBuffer(list):
+    """A list of `Transition`s in collection order, with helpers for token counts and minibatches."""
+
+    def token_count(self) -> int:
+        return sum(t.n_tokens for t in self)
+
+    def bytes_per_token(self) -> float:
+        """Bytes held per action token (ids + per-token scalars): a few dozen, independent of the vocabulary."""
+        return sum(t.nbytes() for t in self) / max(self.token_count(), 1)
+
+    def episodes(self) -> list[list[int]]:
+        """Buffer indices grouped by episode chain (following next_index), each in time order."""
+        successors = {t.next_index for t in self if t.next_index is not None}
+        chains = []
+        for start in range(len(self)):
+            if start in successors:
+                continue
+            chain, index = [], start
+            while index is not None:
+                chain.append(index)
+                index = self[index].next_index
+            chains.append(chain)
+        return chains
+
+    def minibatches(self, batch_size: int, shuffle: bool = True, seed: int | None = None,
+                    rng: random.Random | None = None) -> Iterator[list[Transition]]:
+        """Transitions in groups of `batch_size` (the last may be smaller), shuffled by `rng`/`seed`."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        order = list(range(len(self)))
+        if shuffle:
+            (rng or random.Random(seed)).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [self[i] for i in order[start:start + batch_size]]
+
+    def rewards(self) -> np.ndarray:
+        return np.array([t.reward for t in self], dtype=np.float64)
+
+
+_INFO_KEYS = ("status", "score", "normalized_score", "attempt", "error_type")
+
+
+def _small_info(info: dict) -> dict:
+    return {k: info[k] for k in _INFO_KEYS if k in info and not isinstance(info[k], np.ndarray)}
+
+
+def _sub_info(infos: dict, i: int) -> dict:
+    """Env i's entries of a vector env's dict-of-arrays info (gymnasium marks presence with `_key`)."""
+    out = {}
+    for key, value in infos.items():
+        if key.startswith("_"):
+            continue
+        present = infos.get("_" + key)
+        if present is not None and not bool(present[i]):
+            continue
+        try:
+            out[key] = value[i]
+        except (TypeError, IndexError, KeyError):
+            out[key] = value
+    return out
+
+
+class RolloutCollector:
+    """Runs `policy` in `env` (a gymnasium Env or VectorEnv) and returns filled `RolloutBuffer`s.
+
+    Episodes carry over between `collect` calls: a call that stops mid-episode resumes it next time (the same
+    episode id; `next_obs_ids` of the buffer's last transition holds the observation to bootstrap from).
+    """
+
+    def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
+                 compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None):
+        from agents.policy import GenerationSettings
+
+        self.policy = policy
+        self.env = env
+        self.gen = gen or GenerationSettings()
+        self.adapter = adapter
+        self.compute_ref_logp = compute_ref_logp
+        self.use_chat_template = use_chat_template
+        self.is_vector = hasattr(env, "num_envs") and hasattr(env, "single_observation_space")
+        self.num_envs = int(env.num_envs) if self.is_vector else 1
+        self._seed = seed
+        self._obs: list[str] | None = None
+        self._infos: list[dict] = []
+        self._episode_ids: list[int] = []
+        self._steps: list[int] = []
+        self._next_episode = 0
+        self._awaiting_autoreset = [False] * self.num_envs
+        self.totals = {"env_steps": 0, "episodes": 0, "tokens": 0}
+
+    # -- env plumbing --------------------------------------------------------------------------------------------
+    def _reset_all(self) -> None:
+        obs, info = self.env.reset(seed=self._seed)
+        if self.is_vector:
+            self._obs = [str(o) for o in obs]
+            self._infos = [_sub_info(info, i) for i in range(self.num_envs)]
+        else:
+            self._obs, self._infos = [obs], [info]
+        self._episode_ids = [self._new_episode() for _ in range(self.num_envs)]
+        self._steps = [0] * self.num_envs
+
+    def _new_episode(self) -> int:
+        self._next_episode += 1
+        return self._next_episode - 1
+
+    def _step_env(self, actions: list[str]) -> list[tuple[str, float, bool, bool, dict]]:
+        if not self.is_vector:
+            return [self.env.step(actions[0])]
+        obs, rewards, terms, truncs, infos = self.env.step(tuple(actions))
+        return [(str(obs[i]), float(rewards[i]), bool(terms[i]), bool(truncs[i]), _sub_info(infos, i))
+                for i in range(self.num_envs)]
+
+    def _autoreset_mode(self) -> str:
+        mode = getattr(self.env, "metadata", {}).get("autoreset_mode")
+        return str(getattr(mode, "value", mode) or "NextStep")
+
+    # -- collection ------------------------------------------------------------------------------------------------
+    def encode(self, obs: str, info: dict) -> list[int]:
+        return self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(self.gen),
+                                              use_chat_template=self.use_chat_template)
+
+    def collect(self, n_env_steps: int) -> tuple[RolloutBuffer, dict[str, float]]:
+        """Collect at least `n_env_steps` env steps (exactly that many on a single env; a vector env steps all
+        sub-envs together, so up to num_envs − 1 more). Returns the buffer and timing/reward statistics."""
+        import torch
+
+        if n_env_steps < 1:
+            raise ValueError("n_env_steps must be >= 1")
+        if self._obs is None:
+            self._reset_all()
+        buffer = RolloutBuffer()
+        last_index: dict[int, int] = {}  # episode id -> buffer index of its latest transition
+        gen_time = ref_time = env_time = 0.0
+        gen_tokens = episodes_done = 0
+        returns: list[float] = []
+        started = time.perf_counter()
+        while len(buffer) < n_env_steps:
+            active = [i for i in range(self.num_envs) if not self._awaiting_autoreset[i]]
+            prompts = {i: self.encode(self._obs[i], self._infos[i]) for i in active}
+            tick = time.perf_counter()
+            generations = dict(zip(active, self.policy.generate([prompts[i] for i in active], self.gen,
+                                                                 adapter=self.adapter)))
+            gen_time += time.perf_counter() - tick
+            gen_tokens += sum(len(g.action_ids) for g in generations.values())
+            tick = time.perf_counter()
+            ref = {}
+            if self.compute_ref_logp and active:
+                with torch.no_grad():
+                    lps = self.policy.sequence_logprobs([prompts[i] for i in active],
+                                                        [generations[i].action_ids for i in active], adapter=None)
+                ref = {i: lp.float().cpu().numpy() for i, lp in zip(active, lps)}
+            ref_time += time.perf_counter() - tick
+
+            actions = [generations[i].text if i in generations else "" for i in range(self.num_envs)]
+            tick = time.perf_counter()
+            results = self._step_env(actions)
+            env_time += time.perf_counter() - tick
+
+            for i, (obs, reward, terminated, truncated, info) in enumerate(results):
+                if self._awaiting_autoreset[i]:  # this sub-env was reset by the step; the action was ignored
+                    self._awaiting_autoreset[i] = False
+                    self._obs[i], self._infos[i] = obs, info
+                    self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+                    continue
+                g = generations[i]
+                episode = self._episode_ids[i]
+                transition = Transition(
+                    obs_ids=np.asarray(prompts[i], dtype=np.int32),
+                    action_ids=np.asarray(g.action_ids, dtype=np.int32),
+                    logp=np.asarray(g.logp, dtype=np.float32),
+                    ref_logp=ref.get(i, np.zeros(len(g.action_ids), np.float32)).astype(np.float32),
+                    reward=float(reward), terminated=bool(terminated), truncated=bool(truncated),
+                    episode_id=episode, t=self._steps[i], info=_small_info(info),
+                )
+                if episode in last_index:
+                    buffer[last_index[episode]].next_index = len(buffer)
+                last_index[episode] = len(buffer)
+                buffer.append(transition)
+                self._steps[i] += 1
+                if terminated or truncated:
+                    episodes_done += 1
+                    returns.append(self._episode_return(buffer, episode))
+                    if truncated:
+                        transition.next_obs_ids = np.asarray(self.encode(*self._final_obs(obs, info)),
+                                                             dtype=np.int32)
+                    self._begin_next_episode(i, obs, info)
+                else:
+                    self._obs[i], self._infos[i] = obs, info
+        # chains cut by the end of this collect: the env goes on, so give learners the state to bootstrap from
+        for i in range(self.num_envs):
+            index = last_index.get(self._episode_ids[i])
+            if index is not None and not (buffer[index].terminated or buffer[index].truncated):
+                buffer[index].next_obs_ids = np.asarray(self.encode(self._obs[i], self._infos[i]), dtype=np.int32)
+        elapsed = time.perf_counter() - started
+        self.totals["env_steps"] += len(buffer)
+        self.totals["episodes"] += episodes_done
+        self.totals["tokens"] += gen_tokens
+        return buffer, self._stats(buffer, elapsed, gen_time, ref_time, env_time, gen_tokens, episodes_done, returns)
+
+    def _final_obs(self, obs: str, info: dict) -> tuple[str, dict]:
+        if self.is_vector and self._autoreset_mode().lower().startswith("same") and "final_obs" in info:
+            return str(info["final_obs"]), dict(info.get("final_info") or {})
+        return obs, info
+
+    def _begin_next_episode(self, i: int, obs: str, info: dict) -> None:
+        if not self.is_vector:
+            self._obs[i], self._infos[i] = self.env.reset()
+            self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+        elif self._autoreset_mode().lower().startswith("same"):
+            self._obs[i], self._infos[i] = obs, info  # already the next episode's first observation
+            self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+        else:  # NextStep autoreset: the next vector step resets this sub-env and ignores its action
+            self._awaiting_autoreset[i] = True
+
+    @staticmethod
+    def _episode_return(buffer: RolloutBuffer, episode: int) -> float:
+        return float(sum(t.reward for t in buffer if t.episode_id == episode))
+
+    @staticmethod
+    def _stats(buffer: RolloutBuffer, elapsed: float, gen_time: float, ref_time: float, env_time: float,
+               gen_tokens: int, episodes: int, returns: list[float]) -> dict[str, float]:
+        rewards = buffer.rewards()
+        statuses = [t.info.get("status") for t in buffer]
+        scores = [t.info["score"] for t in buffer if t.info.get("score") is not None]
+        stats = {
+            "env_steps": float(len(buffer)),
+            "episodes": float(episodes),
+            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "reward_max": float(rewards.max()) if len(rewards) else 0.0,
+            "valid_rate": float(np.mean([s == "ok" for s in statuses])) if statuses else 0.0,
+            "generated_tokens": float(gen_tokens),
+            "time_generation_s": gen_time,
+            "time_reference_s": ref_time,
+            "time_sandbox_s": env_time,
+            "time_collect_s": elapsed,
+            "tokens_per_s": gen_tokens / gen_time if gen_time > 0 else 0.0,
+            "env_steps_per_s": len(buffer) / elapsed if elapsed > 0 else 0.0,
+            "buffer_bytes_per_token": buffer.bytes_per_token(),
+        }
+        if returns:
+            stats["episode_return_mean"] = float(np.mean(returns))
+        if scores:
+            stats["score_max"] = float(max(scores))
+            stats["score_mean"] = float(np.mean(scores))
+        return stats

@@ -1,0 +1,264 @@
+"""LMPolicy: log-probs against a direct forward pass, the reference switch, generation, chunked reductions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agents import policy as P
+from agents.policy import GenerationSettings, LMPolicy, default_lora_config
+
+
+def _perturb_adapter(pol: LMPolicy, name: str, seed: int = 0) -> None:
+    """LoRA starts as an exact no-op (B = 0); give adapter `name` random weights so it changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in pol.model.named_parameters():
+            if f".{name}." in pname:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture()
+def fresh_policy(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)})
+    _perturb_adapter(pol, "policy")
+    return pol
+
+
+PROMPTS = ["The dataset has 120 rows and 7 features.\n\ndef build_model(X, y):", "Task:\ndef build_model(X, y):"]
+
+
+def test_sequence_logprobs_match_a_direct_forward_pass(fresh_policy):
+    pol = fresh_policy
+    prompts = [pol.encode(t) for t in PROMPTS]
+    actions = [pol.encode("\n    return None"), pol.encode("\n    from sklearn import tree")]
+    for adapter in ("policy", None):
+        got = pol.sequence_logprobs(prompts, actions, adapter=adapter)
+        for p, a, lp in zip(prompts, actions, got):
+            ids = torch.tensor([p + a])
+            logits = pol.logits(ids, adapter=adapter)[0]
+            direct = F.log_softmax(logits.float(), -1)[len(p) - 1: len(p) + len(a) - 1].gather(
+                -1, torch.tensor(a)[:, None]).squeeze(-1)
+            torch.testing.assert_close(lp, direct, atol=1e-5, rtol=1e-5)
+    padded, mask = pol.sequence_logprobs(prompts, actions, padded=True)
+    assert mask.sum(1).tolist() == [len(a) for a in actions]
+    assert float(padded[~mask].detach().abs().sum()) == 0.0
+
+
+def test_reference_is_the_base_model_with_adapters_disabled(tiny_model_dir, fresh_policy):
+    pol = fresh_policy
+    base = LMPolicy.from_pretrained(tiny_model_dir)  # no adapters at all
+    ids = torch.tensor([pol.encode(PROMPTS[0])])
+    ref_logits = pol.logits(ids, adapter=None)
+    torch.testing.assert_close(ref_logits, base.logits(ids))
+    assert not torch.allclose(pol.logits(ids, adapter="policy"), ref_logits, atol=1e-3)
+    # after reading ρ the policy adapter is active again and still trainable
+    assert pol.model.active_adapter == "policy"
+    assert pol.trainable_parameters("policy") and all(p.requires_grad for p in pol.trainable_parameters("policy"))
+
+
+def test_frozen_reference_adapter_switch(tiny_model_dir, fresh_policy, tmp_path):
+    """Training from an SFT adapter: the same saved adapter is loaded as a frozen reference and a trainable policy."""
+    fresh_policy.save(tmp_path / "sft")
+    sft_dir = tmp_path / "sft" / "policy"
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"reference": str(sft_dir), "policy": str(sft_dir)},
+                                   reference="adapter:reference")
+    prompts, actions = [pol.encode(PROMPTS[0])], [pol.encode("\n    return None")]
+    before_ref = pol.sequence_logprobs(prompts, actions, adapter=None)[0].detach()
+    torch.testing.assert_close(pol.sequence_logprobs(prompts, actions, "policy")[0].detach(), before_ref)
+    base = LMPolicy.from_pretrained(tiny_model_dir)
+    assert not torch.allclose(base.sequence_logprobs(prompts, actions)[0], before_ref, atol=1e-3)
+
+    ref_params = [p for n, p in pol.model.named_parameters() if ".reference." in n]
+    assert ref_params and not any(p.requires_grad for p in ref_params)
+    trainable = pol.trainable_parameters()
+    assert trainable and all(".policy." in n for n, p in pol.model.named_parameters() if p.requires_grad)
+    opt = torch.optim.SGD(trainable, lr=1.0)
+    loss = -pol.sequence_logprobs(prompts, actions, "policy")[0].sum()
+    loss.backward()
+    opt.step()
+    after_policy = pol.sequence_logprobs(prompts, actions, "policy")[0].detach()
+    torch.testing.assert_close(pol.sequence_logprobs(prompts, actions, adapter=None)[0].detach(), before_ref)
+    assert after_policy.sum() > before_ref.sum()  # the step raised the policy's log-likelihood only
+    with pytest.raises(ValueError, match="not loaded"):
+        LMPolicy(pol.model, pol.tokenizer, reference="adapter:nope")
+
+
+def test_copy_reference_for_full_fine_tuning(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, reference="copy")
+    ids = torch.tensor([pol.encode(PROMPTS[1])])
+    with torch.no_grad():
+        for p in pol.model.parameters():
+            p.mul_(1.1)
+    assert not torch.allclose(pol.logits(ids), pol.logits(ids, adapter=None), atol=1e-4)
+    assert all(p.requires_grad for p in pol.trainable_parameters())
+
+
+def test_generation_keeps_ids_logprobs_and_honours_settings(fresh_policy):
+    pol = fresh_policy
+    prompts = [pol.encode(t) for t in PROMPTS]  # different lengths: exercises left padding
+    gen = GenerationSettings(max_new_tokens=12, temperature=1.0, seed=123)
+    first, again = pol.generate(prompts, gen), pol.generate(prompts, gen)
+    assert [g.action_ids for g in first] == [g.action_ids for g in again]  # seeded
+    for g in first:
+        assert 1 <= len(g.action_ids) <= 12 and g.logp.dtype.name == "float32" and len(g.logp) == len(g.action_ids)
+        assert g.text == pol.decode(g.action_ids)
+    # log-probs recorded while sampling (KV cache, left padding) equal a fresh re-scoring of the same ids
+    rescored = pol.sequence_logprobs(prompts, [g.action_ids for g in first])
+    for g, lp in zip(first, rescored):
+        torch.testing.assert_close(lp.detach(), torch.from_numpy(g.logp), atol=1e-4, rtol=1e-4)
+    greedy = pol.generate(prompts, GenerationSettings(max_new_tokens=8, temperature=0))
+    assert greedy[0].action_ids == pol.generate(prompts[:1], GenerationSettings(max_new_tokens=8, temperature=0))[
+        0].action_ids  # padding does not change a row's result
+    top1 = pol.generate(prompts, GenerationSettings(max_new_tokens=8, top_k=1, seed=5))
+    assert [g.action_ids for g in top1] == [g.action_ids for g in greedy]
+
+
+def test_generation_stops_at_a_stop_string(fresh_policy):
+    pol = fresh_policy
+    prompt = pol.encode(PROMPTS[0])
+    free = pol.generate([prompt], GenerationSettings(max_new_tokens=30, temperature=0, stop_at_eos=False))[0]
+    assert len(free.text) > 3
+    stop = free.text[2:4]  # a string greedy decoding is certain to produce
+    stopped = pol.generate([prompt], GenerationSettings(max_new_tokens=30, temperature=0, stop=(stop,),
+                                                        stop_at_eos=False))[0]
+    assert stopped.finish_reason == "stop" and stop in stopped.text
+    assert stop not in pol.decode(stopped.action_ids[:-1])  # the action ends at the token completing it
+    assert free.action_ids[: len(stopped.action_ids)] == stopped.action_ids
+
+
+def test_prompt_truncation_and_empty_prompt(fresh_policy):
+    pol = fresh_policy
+    gen = GenerationSettings(max_new_tokens=100)
+    long_ids = pol.encode("x = 1\n" * 2000, max_length=pol.max_prompt_tokens(gen))
+    assert len(long_ids) == pol.context_length - 100
+    with pytest.raises(ValueError, match="empty prompt"):
+        pol.generate([[]], gen)
+    with pytest.raises(ValueError, match="no room"):
+        pol.generate([[1] * pol.context_length], gen)
+
+
+def test_trainable_parameters_are_fp32_on_a_bf16_base(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)},
+                                   dtype=torch.bfloat16)
+    trainable = pol.trainable_parameters()
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    frozen = [p for p in pol.model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    lp = pol.sequence_logprobs([pol.encode(PROMPTS[0])], [pol.encode(" return")])[0]
+    assert torch.isfinite(lp).all() and lp.dtype == torch.float32
+
+
+def test_gradient_checkpointing_switch_gives_the_same_gradients(tiny_model_dir):
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)  # LoRA A matrices are randomly initialised
+        pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)},
+                                       gradient_checkpointing=enabled)
+        _perturb_adapter(pol, "policy")
+        pol.model.train()
+        assert pol.gradient_checkpointing == enabled
+        loss = -pol.sequence_logprobs([pol.encode(PROMPTS[0])], [pol.encode("\n    return X")])[0].sum()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in pol.trainable_parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_save_and_load_round_trip(fresh_policy, tmp_path):
+    fresh_policy.save(tmp_path / "saved")
+    loaded = LMPolicy.load(tmp_path / "saved")
+    ids = torch.tensor([fresh_policy.encode(PROMPTS[0])])
+    torch.testing.assert_close(loaded.logits(ids), fresh_policy.logits(ids))
+    torch.testing.assert_close(loaded.logits(ids, adapter=None), fresh_policy.logits(ids, adapter=None))
+
+
+# ---- chunked whole-vocabulary reductions -----------------------------------------------------------------------
+class RecordingHead(torch.nn.Module):
+    """A linear output head that records the largest logits block it ever produced."""
+
+    def __init__(self, hidden: int, vocab: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(vocab, hidden, generator=g) / hidden ** 0.5)
+        self.max_rows = 0
+
+    def forward(self, h):
+        self.max_rows = max(self.max_rows, h.shape[0])
+        return h @ self.weight.T
+
+
+def test_chunked_reductions_equal_the_unchunked_computation_values_and_gradients():
+    torch.manual_seed(0)
+    n, hidden, vocab, chunk = 37, 16, 101, 8
+    head_p, head_q = RecordingHead(hidden, vocab, 1), RecordingHead(hidden, vocab, 2)
+    hp = torch.randn(n, hidden, requires_grad=True)
+    hq = torch.randn(n, hidden)
+    targets = torch.randint(0, vocab, (n,))
+
+    lp, lq = F.log_softmax(head_p(hp), -1), F.log_softmax(head_q(hq), -1)
+    q_values = head_q(hq)
+    full = {
+        "logprob": lp.gather(-1, targets[:, None]).squeeze(-1),
+        "entropy": -(lp.exp() * lp).sum(-1),
+        "kl": (lp.exp() * (lp - lq)).sum(-1),
+        "expectation": (lp.exp() * q_values).sum(-1),
+        "logsumexp": 0.5 * torch.logsumexp(head_p(hp) / 0.5, -1),
+    }
+    head_p.max_rows = head_q.max_rows = 0
+    chunked = {
+        "logprob": P.token_logprobs(hp, targets, head_p, chunk),
+        "entropy": P.entropy(hp, head_p, chunk),
+        "kl": P.kl_divergence(hp, hq, head_p, head_q, chunk),
+        "expectation": P.expectation(hp, head_p, hq, head_q, chunk),
+        "logsumexp": P.logsumexp(hp, head_p, scale=0.5, chunk_size=chunk),
+    }
+    for key in full:
+        torch.testing.assert_close(chunked[key], full[key], atol=1e-5, rtol=1e-5, msg=key)
+        g_full = torch.autograd.grad(full[key].sum(), [hp, head_p.weight], retain_graph=True)
+        head_p.max_rows = head_q.max_rows = 0
+        g_chunk = torch.autograd.grad(chunked[key].sum(), [hp, head_p.weight], retain_graph=True)
+        for a, b in zip(g_full, g_chunk):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=key)
+        # backward recomputes chunk by chunk too: never more than `chunk` rows of V logits at once
+        assert head_p.max_rows <= chunk and head_q.max_rows <= chunk, key
+    assert float(full["kl"].min()) >= -1e-6 and float(P.kl_divergence(hp, hp, head_p).abs().max()) < 1e-5
+
+
+def test_known_values_of_the_reductions():
+    # A head that returns fixed logits: uniform over 4 tokens -> entropy log 4, KL to itself 0.
+    uniform = lambda h: torch.zeros(h.shape[0], 4)  # noqa: E731
+    peaked = lambda h: torch.tensor([[0.0, 0.0, 0.0, 10.0]]).expand(h.shape[0], 4)  # noqa: E731
+    h = torch.zeros(3, 2)
+    torch.testing.assert_close(P.entropy(h, uniform, 2), torch.full((3,), float(torch.log(torch.tensor(4.0)))))
+    # KL(uniform || peaked) = log 4... computed by hand: Σ 1/4 (log 1/4 − log q(a))
+    logq = F.log_softmax(torch.tensor([0.0, 0.0, 0.0, 10.0]), -1)
+    expected = float((0.25 * (torch.log(torch.tensor(0.25)) - logq)).sum())
+    torch.testing.assert_close(P.kl_divergence(h, h, uniform, peaked, 2), torch.full((3,), expected))
+    values = lambda h: torch.tensor([[1.0, 2.0, 3.0, 4.0]]).expand(h.shape[0], 4)  # noqa: E731
+    torch.testing.assert_close(P.expectation(h, uniform, h, values, 2), torch.full((3,), 2.5))
+
+
+def test_policy_chunked_kl_over_real_model_states(fresh_policy):
+    pol = fresh_policy
+    prompts, actions = [pol.encode(PROMPTS[0])], [pol.encode("\n    return None")]
+    h_pi, _, m = pol.action_hidden(prompts, actions, "policy")
+    h_ref, _, _ = pol.action_hidden(prompts, actions, None)
+    kl = P.kl_divergence(h_pi[m], h_ref[m], pol.head("policy"), pol.head(None), chunk_size=3)
+    ids = torch.tensor([prompts[0] + actions[0]])
+    sl = slice(len(prompts[0]) - 1, len(prompts[0]) + len(actions[0]) - 1)
+    lp = F.log_softmax(pol.logits(ids, adapter="policy")[0, sl], -1)
+    lr = F.log_softmax(pol.logits(ids, adapter=None)[0, sl], -1)
+    torch.testing.assert_close(kl, (lp.exp() * (lp - lr)).sum(-1), atol=1e-5, rtol=1e-4)
+    assert float(kl.min()) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generation_and_logprobs(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)}, device="cuda")
+    prompts = [pol.encode(t) for t in PROMPTS]
+    gens = pol.generate(prompts, GenerationSettings(max_new_tokens=10, seed=0))
+    lps = pol.sequence_logprobs(prompts, [g.action_ids for g in gens])
+    assert all(lp.device.type == "cuda" for lp in lps)
+    for g, lp in zip(gens, lps):
+        torch.testing.assert_close(lp.detach().cpu(), torch.from_numpy(g.logp), atol=1e-3, rtol=1e-3)
