@@ -22,4 +22,4 @@ def wrap_body(body: str) -> str:
     body = textwrap.dedent(body).strip("\n")
     if not body.strip():
         body = "pass"
-    return SIGNATURE + "\n" + textwrap.indent(body, "    ", lambda line: True) + "\n"
+    return SIGNATURE + "\n" + textwrap.indent(body, "    ") + "\n"

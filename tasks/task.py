@@ -176,6 +176,12 @@ class Task:
         return bool(self._frame.isna().to_numpy().any())
 
     @property
+    def has_numeric_missing(self) -> bool:
+        """Whether a numeric column has missing values (a NaN-intolerant model without imputation fails)."""
+        numeric = self._frame.select_dtypes(include="number")
+        return bool(numeric.isna().to_numpy().any())
+
+    @property
     def has_categorical(self) -> bool:
         return any(not pd.api.types.is_numeric_dtype(t) for t in self._frame.dtypes)
 
