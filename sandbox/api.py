@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 
-class Status(str, enum.Enum):
+class Status(str, enum.Enum):  # noqa: UP042 (StrEnum needs Python 3.11; 3.10 is supported)
     OK = "ok"
     SYNTAX_ERROR = "syntax_error"
     RUNTIME_ERROR = "runtime_error"
@@ -35,6 +35,8 @@ class Limits:
     max_file_size_mb: int = 16
     max_open_files: int = 256
     max_output_bytes: int = 32_768  # per stream; head and tail kept, truncation marked
+    output_kill_bytes: int = 4 << 20  # stdout+stderr beyond this is a flood: the job is stopped (output_exceeded)
+    tmpfs_mb: int = 256  # size of the private /tmp that holds the job's working directory
 
 
 @dataclass

@@ -1,0 +1,627 @@
+"""The warm worker: the process that lives inside the isolation boundary and runs agent programs.
+
+It imports the data-science stack once, then serves jobs read from stdin (framed messages, see `write_frame`).
+Each job runs in a fresh forked child with resource limits, an unprivileged uid (when the worker may switch uids),
+a private empty working directory and a wall-clock deadline enforced from here (the worker kills every process the
+job left). Results travel back as JSON plus `.npy` arrays; nothing is pickled in either direction.
+
+This file is self-contained (stdlib + numpy, pandas lazily) because it is copied alone into the container image.
+The host imports the same module for the wire format, so both ends always agree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+import selectors
+import signal
+import struct
+import sys
+import time
+import traceback
+
+import numpy as np
+
+MAGIC = b"EtpW"
+_PREFIX = struct.Struct(">4sIQ")  # magic, header length, body length
+AGENT_FILENAME = "<agent>"
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
+JOB_DIR = "job"
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a well-formed frame."""
+
+
+# ----------------------------------------------------------------------------------------------------- framing
+
+def encode_frame(header: dict, blobs: list[bytes] = ()) -> bytes:
+    """One message: fixed prefix, a JSON header (which lists the blob sizes), then the blobs back to back."""
+    header = dict(header, blob_sizes=[len(b) for b in blobs])
+    head = json.dumps(header, allow_nan=False).encode()
+    body = b"".join(blobs)
+    return _PREFIX.pack(MAGIC, len(head), len(body)) + head + body
+
+
+def read_frame(read_exact, max_header: int = 16 << 20, max_body: int = 1 << 34) -> tuple[dict, list[bytes]]:
+    """Read one frame with `read_exact(n) -> bytes`; sizes are checked before anything is allocated."""
+    magic, head_len, body_len = _PREFIX.unpack(read_exact(_PREFIX.size))
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {magic!r}")
+    if head_len > max_header or body_len > max_body:
+        raise ProtocolError(f"frame too large (header {head_len} B, body {body_len} B)")
+    try:
+        header = json.loads(read_exact(head_len))
+    except ValueError as exc:
+        raise ProtocolError(f"frame header is not JSON: {exc}") from None
+    sizes = header.get("blob_sizes") if isinstance(header, dict) else None
+    if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes) or sum(sizes) != body_len:
+        raise ProtocolError("frame blob sizes do not match its body")
+    body = read_exact(body_len)
+    blobs, offset = [], 0
+    for size in sizes:
+        blobs.append(body[offset:offset + size])
+        offset += size
+    return header, blobs
+
+
+def parse_frame(data: bytes, max_header: int = 16 << 20) -> tuple[dict, list[bytes]]:
+    """`read_frame` over a complete byte string; trailing bytes are an error."""
+    view = io.BytesIO(data)
+
+    def read_exact(n: int) -> bytes:
+        chunk = view.read(n)
+        if len(chunk) != n:
+            raise ProtocolError("frame is truncated")
+        return chunk
+
+    frame = read_frame(read_exact, max_header=max_header, max_body=len(data))
+    if view.tell() != len(data):
+        raise ProtocolError("trailing bytes after frame")
+    return frame
+
+
+# ------------------------------------------------------------------------------------------------ array codec
+
+def array_to_npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def npy_to_array(data: bytes) -> np.ndarray:
+    """Decode `.npy` bytes; object arrays (which would need pickle) are refused."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _json_scalar(value):
+    """A JSON-safe stand-in for one cell of an object column: None for missing, else a str/bool/int/float."""
+    if value is None or value is getattr(_pandas(), "NA", None):
+        return None
+    if isinstance(value, float | np.floating) and math.isnan(value):
+        return None
+    if isinstance(value, str | bool | np.bool_):
+        return value if isinstance(value, str) else bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _pandas():
+    import pandas
+
+    return pandas
+
+
+def encode_data(value, blobs: list[bytes]) -> dict:
+    """Describe `value` (ndarray, DataFrame or Series) in JSON, appending binary parts to `blobs`.
+
+    Keeps what a data-science program looks at: dtypes (numeric, bool, datetime, nullable, string, object),
+    categoricals with their categories and order, missing values, column names and the index.
+    """
+    pd = sys.modules.get("pandas")
+    if pd is not None and isinstance(value, pd.DataFrame):
+        return {"kind": "frame", "index": _encode_column(value.index.to_series(), blobs),
+                "columns": [dict(_encode_column(value.iloc[:, i], blobs), name=_json_scalar(name))
+                            for i, name in enumerate(value.columns)]}
+    if pd is not None and isinstance(value, pd.Series):
+        return {"kind": "series", "name": _json_scalar(value.name), "index": _encode_column(value.index.to_series(), blobs),
+                "data": _encode_column(value, blobs)}
+    array = np.asarray(value)
+    if array.dtype.kind in "biufcmMSU":
+        blobs.append(array_to_npy(array))
+        return {"kind": "ndarray", "blob": len(blobs) - 1}
+    return {"kind": "list", "shape": list(array.shape), "values": [_json_scalar(v) for v in array.ravel().tolist()]}
+
+
+def _encode_column(series, blobs: list[bytes]) -> dict:
+    pd = _pandas()
+    dtype = series.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        codes = series.cat.codes.to_numpy()
+        blobs.append(array_to_npy(codes))
+        cats = _encode_column(pd.Series(dtype.categories), blobs)
+        return {"codec": "category", "codes": len(blobs) - 1, "categories": cats, "ordered": bool(dtype.ordered)}
+    if isinstance(dtype, np.dtype) and dtype.kind in "biufcmM":
+        blobs.append(array_to_npy(series.to_numpy()))
+        return {"codec": "npy", "blob": len(blobs) - 1}
+    if isinstance(dtype, pd.api.extensions.ExtensionDtype) and getattr(dtype, "numpy_dtype", None) is not None \
+            and dtype.numpy_dtype.kind in "biuf" and not isinstance(dtype, pd.StringDtype):
+        mask = series.isna().to_numpy()
+        blobs.append(array_to_npy(series.to_numpy(dtype=dtype.numpy_dtype, na_value=0)))
+        blobs.append(array_to_npy(mask))
+        return {"codec": "masked", "dtype": str(dtype), "blob": len(blobs) - 2, "mask": len(blobs) - 1}
+    kind = "string" if isinstance(dtype, pd.StringDtype) else "object"
+    return {"codec": kind, "dtype": str(dtype), "values": [_json_scalar(v) for v in series.tolist()]}
+
+
+def decode_data(meta: dict, blobs: list[bytes]):
+    """Inverse of `encode_data`."""
+    kind = meta["kind"]
+    if kind == "ndarray":
+        return npy_to_array(blobs[meta["blob"]])
+    if kind == "list":
+        return np.array([np.nan if v is None else v for v in meta["values"]], dtype=object).reshape(meta["shape"])
+    pd = _pandas()
+    index = pd.Index(_decode_column(meta["index"], blobs))
+    if kind == "series":
+        return pd.Series(_decode_column(meta["data"], blobs), index=index, name=meta["name"])
+    columns = {}
+    for col in meta["columns"]:
+        columns[col["name"]] = pd.Series(_decode_column(col, blobs), index=index)
+    frame = pd.DataFrame(columns, index=index)
+    if len(columns) != len(meta["columns"]):  # duplicate names: rebuild positionally
+        frame = pd.concat([pd.Series(_decode_column(c, blobs), index=index, name=c["name"]) for c in meta["columns"]],
+                          axis=1)
+    return frame
+
+
+def _decode_column(meta: dict, blobs: list[bytes]):
+    pd = _pandas()
+    codec = meta["codec"]
+    if codec == "npy":
+        return npy_to_array(blobs[meta["blob"]])
+    if codec == "category":
+        categories = pd.Index(_decode_column(meta["categories"], blobs))
+        codes = npy_to_array(blobs[meta["codes"]])
+        return pd.Categorical.from_codes(codes, categories=categories, ordered=meta["ordered"])
+    if codec == "masked":
+        values = npy_to_array(blobs[meta["blob"]])
+        mask = npy_to_array(blobs[meta["mask"]])
+        array = pd.array(values, dtype=meta["dtype"])
+        array[mask] = pd.NA
+        return array
+    values = meta["values"]
+    if codec == "string":
+        return pd.array(values, dtype=meta["dtype"])
+    return np.array([np.nan if v is None else v for v in values], dtype=object)
+
+
+# --------------------------------------------------------------------------------------- output capture (cap)
+
+class CappedBuffer:
+    """Keeps the first and last `cap // 2` bytes of a stream and counts the rest."""
+
+    def __init__(self, cap: int):
+        self.half = max(cap // 2, 1)
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            del self.tail[:-self.half]
+
+    def text(self) -> str:
+        head = self.head.decode("utf-8", "replace")
+        if self.total <= len(self.head) + len(self.tail):
+            return head + self.tail.decode("utf-8", "replace")
+        dropped = self.total - len(self.head) - len(self.tail)
+        return f"{head}\n... [{dropped} bytes truncated] ...\n{self.tail.decode('utf-8', 'replace')}"
+
+
+# ------------------------------------------------------------------------------------------- the child's side
+
+def _trimmed_traceback(exc: BaseException) -> str:
+    """The agent's own frames (plus the innermost library frame for context) and the exception line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    keep = [f for f in frames if f.filename == AGENT_FILENAME]
+    if frames and frames[-1].filename != AGENT_FILENAME:
+        inner = frames[-1]
+        keep.append(traceback.FrameSummary(os.path.basename(inner.filename), inner.lineno, inner.name,
+                                           line=inner.line))
+    lines = ["Traceback (most recent call last):\n"] if keep else []
+    lines += traceback.format_list(keep)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def _child_report(status: str, exc: BaseException | None = None, message: str = "") -> dict:
+    report = {"status": status, "message": message}
+    if exc is not None:
+        report["error_type"] = type(exc).__name__
+        report["traceback"] = _trimmed_traceback(exc)
+        if not message:
+            report["message"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return report
+
+
+def _as_prediction(value, n_rows: int) -> tuple[np.ndarray | None, str]:
+    """Turn what predict_proba returned into a plain float array, or explain why it cannot be one."""
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            array = array.astype(np.float64)
+        array = np.ascontiguousarray(array, dtype=np.float64)
+    except Exception as exc:  # any exotic object: a plain array or nothing
+        return None, f"the prediction ({type(value).__name__}) is not convertible to a float array: {exc}"
+    return array, ""
+
+
+def run_program(program: str, entry_point: str, predict_method: str, folds: list) -> tuple[dict, list[bytes]]:
+    """Execute the agent program and collect one prediction array per fold (runs in the child)."""
+    import linecache
+
+    linecache.cache[AGENT_FILENAME] = (len(program), None, program.splitlines(True), AGENT_FILENAME)
+    try:
+        code = compile(program, AGENT_FILENAME, "exec")
+    except (SyntaxError, ValueError) as exc:
+        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        report = _child_report("syntax_error", exc, f"{type(exc).__name__}{where}: {getattr(exc, 'msg', exc)}")
+        report["traceback"] = "".join(traceback.format_exception_only(type(exc), exc))
+        return report, []
+    namespace = {"__name__": "__agent__", "__builtins__": __builtins__}
+    blobs = []
+    try:
+        exec(code, namespace)
+        entry = namespace.get(entry_point)
+        if not callable(entry):
+            return _child_report("runtime_error", message=f"the program does not define a function `{entry_point}`"), []
+        for X_fit, y_fit, X_eval in folds:
+            model = entry(X_fit, y_fit)
+            predict = getattr(model, predict_method, None)
+            if not callable(predict):
+                return _child_report("invalid_output", message=(
+                    f"`{entry_point}` returned a {type(model).__name__}, which has no `{predict_method}` method; "
+                    f"return a fitted estimator (e.g. a scikit-learn classifier or Pipeline)")), []
+            array, problem = _as_prediction(predict(X_eval), len(X_eval))
+            if array is None:
+                return _child_report("invalid_output", message=problem), []
+            blobs.append(array_to_npy(array))
+    except MemoryError as exc:
+        return _child_report("memory_exceeded", exc), []
+    except SystemExit as exc:
+        return _child_report("runtime_error", exc, f"the program called sys.exit({exc.code!r}); "
+                                                   "return a model instead of exiting"), []
+    except BaseException as exc:  # everything the agent raises is data for the report
+        return _child_report("runtime_error", exc), []
+    return {"status": "ok", "message": ""}, blobs
+
+
+def _set_limits(limits: dict) -> None:
+    mb = 1 << 20
+    cpu = int(limits["cpu_time_s"])
+    plan = [
+        (resource.RLIMIT_AS, int(limits["memory_mb"]) * mb),
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_NPROC, int(limits["max_processes"])),
+        (resource.RLIMIT_FSIZE, int(limits["max_file_size_mb"]) * mb),
+        (resource.RLIMIT_NOFILE, int(limits["max_open_files"])),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    for which, value in plan:
+        soft, hard = value if isinstance(value, tuple) else (value, value)
+        _, current_hard = resource.getrlimit(which)
+        if current_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        resource.setrlimit(which, (soft, hard))
+
+
+def _no_new_privileges() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_pdeathsig = 38, 1
+    libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, stderr_fd: int, uid: int | None,
+               workdir: str) -> None:
+    """Body of the forked child. Never returns: exits through os._exit."""
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        os.dup2(result_fd, 3)
+        os.closerange(4, 1 << 16)
+        for name in ("SIGINT", "SIGTERM", "SIGPIPE", "SIGCHLD"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        _no_new_privileges()
+        os.chdir(workdir)
+        os.environ.update(HOME=workdir, TMPDIR=workdir)
+        _set_limits(job["limits"])
+        sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
+        sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
+        folds = [(decode_data(f["X_fit"], blobs), decode_data(f["y_fit"], blobs), decode_data(f["X_eval"], blobs))
+                 for f in job["folds"]]
+        report, outputs = run_program(job["program"], job["entry_point"], job["predict_method"], folds)
+        frame = encode_frame(report, outputs)
+        with os.fdopen(3, "wb") as result:
+            result.write(frame)
+    except BaseException:  # a failure of the harness itself inside the child
+        try:
+            os.write(3, encode_frame({"status": "sandbox_error", "message": traceback.format_exc(limit=3)}))
+        except BaseException:
+            pass
+        os._exit(70)
+    os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------ the worker's side
+
+class Worker:
+    """Serves jobs one at a time; see the module docstring."""
+
+    def __init__(self, own_pid_namespace: bool, child_uid: int | None, scratch: str):
+        self.own_pid_namespace = own_pid_namespace
+        self.child_uid = child_uid if (child_uid is not None and os.geteuid() == 0) else None
+        self.scratch = scratch
+        self.jobs_run = 0
+
+    # -- process control
+    def _other_pids(self) -> list[int]:
+        """Every process in this pid namespace except the worker and its ancestors (init)."""
+        keep = {os.getpid(), os.getppid(), 1}
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep]
+
+    def _kill_uid(self) -> None:
+        """Kill every process of the child uid from a helper running as that uid (kill(-1) spares only itself)."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgid(self.child_uid)
+                os.setuid(self.child_uid)
+                for _ in range(20):
+                    os.kill(-1, signal.SIGKILL)
+            except BaseException:
+                pass
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    def sweep(self, child_pid: int) -> bool:
+        """Kill everything the job started; True when nothing of it is left."""
+        for _ in range(50):
+            try:
+                os.killpg(child_pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if self.child_uid is not None:
+                self._kill_uid()
+            if not self.own_pid_namespace:
+                return True
+            others = self._other_pids()
+            if not others:
+                return True
+            for pid in others:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self._reap()
+            time.sleep(0.002)
+        return not self._other_pids()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def _wipe_scratch(self) -> None:
+        import shutil
+
+        for root in (self.scratch, "/dev/shm") if self.own_pid_namespace else (self.scratch,):
+            try:
+                entries = os.listdir(root)
+            except OSError:
+                continue
+            for name in entries:
+                path = os.path.join(root, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+
+    # -- one job
+    def run_job(self, job: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
+        limits = job["limits"]
+        workdir = os.path.join(self.scratch, JOB_DIR)
+        os.makedirs(workdir, mode=0o700, exist_ok=True)
+        if self.child_uid is not None:
+            os.chown(workdir, self.child_uid, self.child_uid)
+        pipes = {name: os.pipe() for name in ("stdout", "stderr", "result")}
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            child_main(job, blobs, pipes["result"][1], pipes["stdout"][1], pipes["stderr"][1], self.child_uid,
+                       workdir)
+        for _, write_end in pipes.values():
+            os.close(write_end)
+        outcome = self._supervise(pid, {k: v[0] for k, v in pipes.items()}, limits, started)
+        self.jobs_run += 1
+        return outcome
+
+    def _supervise(self, pid: int, read_fds: dict, limits: dict, started: float) -> tuple[dict, list[bytes]]:
+        cap = int(limits["max_output_bytes"])
+        kill_at = int(limits["output_kill_bytes"])
+        result_cap = int(limits["max_result_bytes"])
+        buffers = {"stdout": CappedBuffer(cap), "stderr": CappedBuffer(cap)}
+        result = bytearray()
+        deadline = started + float(limits["wall_time_s"])
+        pidfd = os.pidfd_open(pid)
+        selector = selectors.DefaultSelector()
+        for name, fd in read_fds.items():
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ, name)
+        selector.register(pidfd, selectors.EVENT_READ, "exit")
+        reason, exited = None, False
+        while not exited and reason is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = "timeout"
+                break
+            for key, _ in selector.select(timeout=remaining):
+                if key.data == "exit":
+                    exited = True
+                    continue
+                reason = self._drain(key, selector, buffers, result, kill_at, result_cap) or reason
+        if reason is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _, wait_status, usage = os.wait4(pid, 0)
+        duration = time.monotonic() - started
+        selector.unregister(pidfd)
+        os.close(pidfd)
+        clean = self.sweep(pid)
+        # Writers are gone now: collect what is still buffered in the pipes.
+        drain_until = time.monotonic() + 1.0
+        while selector.get_map() and time.monotonic() < drain_until:
+            for key, _ in selector.select(timeout=0.1):
+                reason = reason or self._drain(key, selector, buffers, result, kill_at, result_cap)
+        for key in list(selector.get_map().values()):
+            selector.unregister(key.fileobj)
+            os.close(key.fileobj)
+        selector.close()
+        self._reap()
+        self._wipe_scratch()
+        header = {
+            "type": "result", "duration_s": duration, "peak_memory_mb": usage.ru_maxrss / 1024.0,
+            "stdout": buffers["stdout"].text(), "stderr": buffers["stderr"].text(),
+            "stdout_bytes": buffers["stdout"].total, "stderr_bytes": buffers["stderr"].total,
+            "exit_code": os.waitstatus_to_exitcode(wait_status), "killed_reason": reason, "damaged": not clean,
+            "cpu_time_s": usage.ru_utime + usage.ru_stime,
+        }
+        child_blobs: list[bytes] = []
+        if reason is None and result:
+            try:
+                report, child_blobs = parse_frame(bytes(result), max_header=1 << 20)
+                header["report"] = {k: report.get(k) for k in ("status", "message", "error_type", "traceback")}
+            except (ProtocolError, struct.error, ValueError) as exc:
+                header["report"] = {"status": "invalid_output",
+                                    "message": f"the program corrupted the result channel ({exc})"}
+        return header, child_blobs
+
+    def _drain(self, key, selector, buffers, result, kill_at, result_cap) -> str | None:
+        try:
+            data = os.read(key.fileobj, 1 << 16)
+        except BlockingIOError:
+            return None
+        if not data:
+            selector.unregister(key.fileobj)
+            os.close(key.fileobj)
+            return None
+        if key.data == "result":
+            result += data
+            return "result_too_large" if len(result) > result_cap else None
+        buffers[key.data].feed(data)
+        return "output_flood" if buffers["stdout"].total + buffers["stderr"].total > kill_at else None
+
+
+def _import_stack() -> dict:
+    """Pre-import what agent programs use, so a job pays only for fork."""
+    started = time.monotonic()
+    versions = {}
+    for name in ("numpy", "pandas", "scipy", "sklearn"):
+        module = __import__(name)
+        versions[name] = getattr(module, "__version__", "?")
+    import scipy.sparse  # noqa: F401
+    import scipy.stats  # noqa: F401
+    import sklearn.ensemble  # noqa: F401
+    import sklearn.impute  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.model_selection  # noqa: F401
+    import sklearn.pipeline  # noqa: F401
+    import sklearn.preprocessing  # noqa: F401
+    import sklearn.tree  # noqa: F401
+
+    return {"versions": versions, "import_s": time.monotonic() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="etpo-gym sandbox worker (speaks framed JSON+npy on stdin/stdout)")
+    parser.add_argument("--own-pid-namespace", action="store_true",
+                        help="this worker is alone in its pid namespace: kill every other process after a job")
+    parser.add_argument("--child-uid", type=int, default=None, help="uid for job children (needs root)")
+    parser.add_argument("--scratch", default="/tmp", help="directory for job working directories")
+    args = parser.parse_args(argv)
+    for name in THREAD_ENV:
+        os.environ[name] = "1"
+    # The protocol owns the original stdout; anything else printing goes to stderr.
+    proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    proto_in = os.fdopen(0, "rb", buffering=0)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+    def read_exact(n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            chunk = proto_in.read(n - got)
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    worker = Worker(args.own_pid_namespace, args.child_uid, args.scratch)
+    hello = dict(_import_stack(), type="ready", pid=os.getpid(), uid=os.getuid(), child_uid=worker.child_uid,
+                 python=sys.version.split()[0])
+    proto_out.write(encode_frame(hello))
+    while True:
+        try:
+            request, blobs = read_frame(read_exact)
+        except EOFError:
+            return 0
+        kind = request.get("type")
+        if kind == "job":
+            header, out = worker.run_job(request, blobs)
+            header["jobs_run"] = worker.jobs_run
+            proto_out.write(encode_frame(header, out))
+        elif kind == "ping":
+            proto_out.write(encode_frame({"type": "pong", "jobs_run": worker.jobs_run}))
+        elif kind == "exit":
+            return 0
+        else:
+            proto_out.write(encode_frame({"type": "error", "message": f"unknown request {kind!r}"}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Sandbox: wire format, result validation, and the behaviour of honest and broken programs on each backend."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sandbox import Fold, Job, Limits, Status, make_sandbox
+from sandbox import worker as wire
+from sandbox.pool import build_result, validate_predictions
+
+FOREST = """
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
+
+def build_model(X, y):
+    return make_pipeline(SimpleImputer(), RandomForestClassifier(n_estimators=10, random_state=0)).fit(X, y)
+"""
+
+
+def small_fold(n_fit: int = 60, n_eval: int = 20, frame: bool = True) -> Fold:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n_fit + n_eval, 3))
+    y = (X[:, 0] > 0).astype(int)
+    if frame:
+        X = pd.DataFrame(X, columns=["a", "b", "c"])
+        return Fold(X.iloc[:n_fit], y[:n_fit], X.iloc[n_fit:])
+    return Fold(X[:n_fit], y[:n_fit], X[n_fit:])
+
+
+# ------------------------------------------------------------------------------------------- wire format
+
+def roundtrip(value):
+    blobs: list[bytes] = []
+    meta = wire.encode_data(value, blobs)
+    header, blobs_back = wire.parse_frame(wire.encode_frame({"meta": meta}, blobs))
+    return wire.decode_data(header["meta"], blobs_back)
+
+
+def test_frame_roundtrip_keeps_dtypes_categories_and_missing_values():
+    frame = pd.DataFrame({
+        "num": [1.5, np.nan, 3.0],
+        "int": np.array([1, 2, 3], dtype=np.int32),
+        "flag": [True, False, True],
+        "cat": pd.Categorical(["lo", None, "hi"], categories=["lo", "hi"], ordered=True),
+        "text": pd.Series(["x", None, "z"], dtype="str"),
+        "obj": pd.Series(["u", 2, None], dtype=object),
+        "nullable": pd.array([1, None, 3], dtype="Int64"),
+        "when": pd.to_datetime(["2020-01-01", "2021-06-01", None]),
+    })
+    frame.index = [10, 11, 12]
+    back = roundtrip(frame)
+    assert list(back.columns) == list(frame.columns)
+    assert list(back.index) == [10, 11, 12]
+    for col in ["num", "int", "flag", "cat", "text", "nullable", "when"]:
+        assert back[col].dtype == frame[col].dtype, col
+    assert back["cat"].cat.ordered and list(back["cat"].cat.categories) == ["lo", "hi"]
+    assert back["cat"].isna().tolist() == [False, True, False]
+    assert back["nullable"].isna().tolist() == [False, True, False]
+    assert back["obj"].tolist()[:2] == ["u", 2] and pd.isna(back["obj"].iloc[2])
+    pd.testing.assert_frame_equal(back.drop(columns=["obj"]), frame.drop(columns=["obj"]))
+
+
+def test_ndarray_roundtrip_and_object_labels():
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    back = roundtrip(array)
+    assert back.dtype == np.float32 and np.array_equal(back, array)
+    labels = roundtrip(np.array(["yes", "no", "yes"], dtype=object))
+    assert labels.tolist() == ["yes", "no", "yes"]
+
+
+def test_frames_with_bad_magic_or_oversize_are_refused():
+    good = wire.encode_frame({"a": 1}, [b"xyz"])
+    with pytest.raises(wire.ProtocolError):
+        wire.parse_frame(b"Nope" + good[4:])
+    with pytest.raises(wire.ProtocolError):
+        wire.read_frame(io.BytesIO(good).read, max_body=2)
+    with pytest.raises(wire.ProtocolError):
+        wire.parse_frame(good + b"!")
+
+
+def test_npy_decoder_refuses_pickled_objects():
+    payload = io.BytesIO()
+    np.save(payload, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        wire.npy_to_array(payload.getvalue())
+
+
+def test_capped_buffer_keeps_head_and_tail_and_marks_truncation():
+    buffer = wire.CappedBuffer(10)
+    for chunk in (b"abc", b"defgh", b"ij" * 10, b"KLMNO"):
+        buffer.feed(chunk)
+    text = buffer.text()
+    assert buffer.total == 33
+    assert text.startswith("abcde") and text.endswith("jKLMNO"[-5:])
+    assert "[23 bytes truncated]" in text
+    small = wire.CappedBuffer(10)
+    small.feed(b"hi")
+    assert small.text() == "hi"
+
+
+# ------------------------------------------------------------------------------------- host-side checks
+
+def _npy(array) -> bytes:
+    return wire.array_to_npy(np.asarray(array))
+
+
+@pytest.mark.parametrize("prediction, problem", [
+    (np.full((4, 2), 0.5), ""),
+    (np.array([[0.5, np.nan]] * 4), "NaN or infinite"),
+    (np.full((3, 2), 0.5), "shape (3, 2)"),
+    (np.array(["a"] * 4), "dtype <U1"),
+    (np.zeros((4, 0)), "shape (4, 0)"),
+])
+def test_validate_predictions(prediction, problem):
+    job = Job("", [Fold(np.zeros((4, 1)), np.zeros(4), np.zeros((4, 1)))])
+    arrays, message = validate_predictions([_npy(prediction)], job)
+    if problem:
+        assert arrays is None and problem in message
+    else:
+        assert message == "" and arrays[0].dtype == np.float64
+
+
+def test_build_result_maps_signals_and_exits_to_statuses():
+    job = Job("", [])
+    limits = Limits(memory_mb=1000)
+    segv = build_result({"exit_code": -11, "peak_memory_mb": 50.0}, [], job, limits, "local")
+    assert segv.status is Status.KILLED_BY_SIGNAL and "SIGSEGV" in segv.message
+    oom = build_result({"exit_code": -9, "peak_memory_mb": 950.0}, [], job, limits, "local")
+    assert oom.status is Status.MEMORY_EXCEEDED
+    xcpu = build_result({"exit_code": -24}, [], job, limits, "local")
+    assert xcpu.status is Status.TIMEOUT and "CPU" in xcpu.message
+    exited = build_result({"exit_code": 3}, [], job, limits, "local")
+    assert exited.status is Status.RUNTIME_ERROR and "code 3" in exited.message
+    lying = build_result({"exit_code": 0, "report": {"status": "bogus"}}, [], job, limits, "local")
+    assert lying.status is Status.INVALID_OUTPUT
+
+
+# ----------------------------------------------------------------------------------- running programs
+
+def test_forest_on_a_dataframe_succeeds(local_sandbox):
+    fold = small_fold()
+    result = local_sandbox.run(Job(FOREST, [fold, fold]))
+    assert result.status is Status.OK, result.message
+    assert result.isolation == "local"
+    assert len(result.predictions) == 2 and result.predictions[0].shape == (20, 2)
+    assert np.allclose(result.predictions[0].sum(axis=1), 1.0)
+    assert result.duration_s > 0 and result.peak_memory_mb > 10
+
+
+def test_program_sees_the_data_types_it_was_given(local_sandbox):
+    program = """
+import numpy as np
+def build_model(X, y):
+    print(type(X).__name__, X.dtypes.astype(str).tolist(), X["c"].cat.categories.tolist(), int(X["a"].isna().sum()))
+    class Const:
+        def predict_proba(self, Z):
+            return np.tile([0.25, 0.75], (len(Z), 1))
+    return Const()
+"""
+    X = pd.DataFrame({"a": [1.0, np.nan, 2.0, 3.0], "c": pd.Categorical(["p", "q", "p", "q"])})
+    result = local_sandbox.run(Job(program, [Fold(X.iloc[:3], np.array([0, 1, 0]), X.iloc[3:])]))
+    assert result.status is Status.OK, result.message
+    assert result.stdout.strip() == "DataFrame ['float64', 'category'] ['p', 'q'] 1"
+    assert result.predictions[0].tolist() == [[0.25, 0.75]]
+
+
+def test_runtime_error_traceback_shows_only_the_agents_lines(local_sandbox):
+    program = "def helper(X):\n    return X['missing']\n\ndef build_model(X, y):\n    return helper(X)\n"
+    result = local_sandbox.run(Job(program, [small_fold()]))
+    assert result.status is Status.RUNTIME_ERROR
+    assert result.error_type == "KeyError" and "missing" in result.message
+    assert 'File "<agent>", line 5, in build_model' in result.traceback
+    assert 'File "<agent>", line 2, in helper' in result.traceback
+    assert "worker.py" not in result.traceback and "/site-packages/" not in result.traceback
+
+
+@pytest.mark.parametrize("program, status, needle", [
+    ("def build_model(X, y)\n    pass\n", Status.SYNTAX_ERROR, "line 1"),
+    ("x = 1\n", Status.RUNTIME_ERROR, "does not define a function `build_model`"),
+    ("def build_model(X, y):\n    return 42\n", Status.INVALID_OUTPUT, "no `predict_proba`"),
+    ("import numpy as np\nclass M:\n    def predict_proba(self, X):\n        return np.full((len(X), 2), np.nan)\n"
+     "def build_model(X, y):\n    return M()\n", Status.INVALID_OUTPUT, "NaN"),
+    ("class M:\n    def predict_proba(self, X):\n        return [[0.5]] * (len(X) - 1)\n"
+     "def build_model(X, y):\n    return M()\n", Status.INVALID_OUTPUT, "expected (20, n_classes)"),
+])
+def test_broken_programs_get_a_status_and_an_actionable_message(local_sandbox, program, status, needle):
+    result = local_sandbox.run(Job(program, [small_fold()]))
+    assert result.status is status, result.message
+    assert needle in result.message
+
+
+def test_job_environment_is_single_threaded_private_and_unprivileged(local_sandbox):
+    program = """
+import os
+def build_model(X, y):
+    print(os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS"), os.listdir("."), os.getcwd(),
+          os.getuid() != 0)
+    raise RuntimeError("done")
+"""
+    result = local_sandbox.run(Job(program, [small_fold()]))
+    assert result.status is Status.RUNTIME_ERROR
+    threads_omp, threads_blas, listing, cwd, unprivileged = result.stdout.split(" ", 4)
+    assert (threads_omp, threads_blas, listing) == ("1", "1", "[]")
+    assert unprivileged.strip() == "True"
+
+
+def test_output_is_capped_with_head_and_tail(local_sandbox):
+    program = "def build_model(X, y):\n    print('START' + 'x' * 100000 + 'END')\n    raise ValueError('stop')\n"
+    result = local_sandbox.run(Job(program, [small_fold()]))
+    assert result.status is Status.RUNTIME_ERROR
+    assert result.stdout.startswith("START") and result.stdout.rstrip().endswith("END")
+    assert "bytes truncated" in result.stdout and len(result.stdout) < 40_000
+
+
+def test_timeout_is_enforced_and_the_worker_serves_the_next_job():
+    with make_sandbox("local", limits=Limits(wall_time_s=1.5), parallelism=1) as sandbox:
+        started = time.monotonic()
+        result = sandbox.run(Job("import time\ndef build_model(X, y):\n    time.sleep(60)\n", [small_fold()]))
+        assert result.status is Status.TIMEOUT and "wall-clock" in result.message
+        assert time.monotonic() - started < 15
+        assert sandbox.run(Job(FOREST, [small_fold()])).ok
+
+
+def test_concurrent_runs_overlap_up_to_parallelism(local_sandbox):
+    program = ("import time\nimport numpy as np\nclass M:\n    def predict_proba(self, X):\n"
+               "        return np.full((len(X), 2), 0.5)\ndef build_model(X, y):\n    time.sleep(1.0)\n    return M()\n")
+    job = Job(program, [small_fold(frame=False)])
+    local_sandbox.warm_up()  # both workers started, so only the jobs themselves are timed
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(local_sandbox.run(job))) for _ in range(2)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    assert [r.status for r in results] == [Status.OK, Status.OK]
+    assert elapsed < 1.9, f"two 1 s jobs took {elapsed:.2f}s with parallelism 2"
+
+
+def test_nothing_starts_before_first_run_and_close_is_idempotent():
+    sandbox = make_sandbox("local", parallelism=1)
+    assert sandbox.stats["workers_started"] == 0
+    sandbox.close()
+    sandbox.close()
+    with pytest.raises(RuntimeError):
+        sandbox.run(Job(FOREST, [small_fold()]))
+
+
+def test_unsafe_process_backend_warns_and_runs():
+    with pytest.warns(RuntimeWarning, match="WITHOUT isolation"):
+        sandbox = make_sandbox("unsafe-process", parallelism=1)
+    with sandbox:
+        result = sandbox.run(Job(FOREST, [small_fold(frame=False)]))
+    assert result.status is Status.OK and result.isolation == "unsafe-process"
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown sandbox backend"):
+        make_sandbox("chroot")
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if marker.encode() in handle.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_close_during_a_job_leaves_no_process_behind():
+    marker = f"{os.getpid()}.{time.monotonic_ns() % 1000}"
+    program = f"""
+import subprocess, time
+def build_model(X, y):
+    subprocess.Popen(["sleep", "{marker}"], start_new_session=True)
+    time.sleep(60)
+"""
+    sandbox = make_sandbox("local", limits=Limits(wall_time_s=60), parallelism=1)
+    runner = threading.Thread(target=sandbox.run, args=(Job(program, [small_fold()]),))
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(marker), "the job never started its background process"
+    sandbox.close()
+    runner.join(timeout=30)
+    time.sleep(0.2)
+    assert _processes_with(marker) == []
