@@ -12,8 +12,11 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+from collections.abc import Sequence
 
+import numpy as np
 from gymnasium.spaces import Text
+from gymnasium.vector.utils import read_from_shared_memory
 
 MAX_ACTION_CHARS = 20_000  # an action longer than this is a failed step (`invalid_action`), never run
 MAX_OBSERVATION_CHARS = 65_536  # prompts are cut in the middle to fit (the failing code is the part that grows)
@@ -28,13 +31,22 @@ def code_charset() -> frozenset[str]:
     return frozenset([*printable, "\t", "\n"])
 
 
+class CodeText(Text):
+    """`Text` over `code_charset()`; a subclass only so async vector envs can read it from shared memory.
+
+    Gymnasium 1.4 reads a `Text` observation buffer once, when the vector env is built, so every later
+    observation would read back as that first snapshot (empty strings of tab characters). `CodeText` registers
+    a live view instead (see `_read_code_text`).
+    """
+
+
 @functools.cache
-def _base_space() -> Text:
+def _base_space() -> CodeText:
     # Text builds a per-character index (about 1 s and 13 MB for this charset); copies share it.
-    return Text(max_length=MAX_OBSERVATION_CHARS, min_length=0, charset=code_charset())
+    return CodeText(max_length=MAX_OBSERVATION_CHARS, min_length=0, charset=code_charset())
 
 
-def code_text_space(max_length: int) -> Text:
+def code_text_space(max_length: int) -> CodeText:
     """A `Text` space over `code_charset()` holding 0..max_length characters; cheap after the first call."""
     space = copy.copy(_base_space())
     space.max_length = int(max_length)
@@ -64,3 +76,33 @@ def cut_middle(text: str, max_length: int) -> str:
         return text[:max_length]
     head = keep // 2
     return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
+class SharedTextView(Sequence):
+    """The observations of an async vector env's shared buffer, decoded when read.
+
+    The vector env deep-copies its observations before returning them (its default `copy=True`), which turns
+    this view into a tuple of str; with `copy=False` the caller gets the view itself, as for array buffers.
+    """
+
+    def __init__(self, space: Text, shared_memory, n: int):
+        self._space = space
+        self._rows = np.frombuffer(shared_memory.get_obj(), dtype=np.int32).reshape(n, space.max_length)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        row = self._rows[index]
+        chars = self._space.character_list
+        return "".join([chars[code] for code in row[row < len(chars)].tolist()])
+
+    def __deepcopy__(self, memo) -> tuple[str, ...]:
+        return tuple(self)
+
+
+@read_from_shared_memory.register(CodeText)
+def _read_code_text(space: CodeText, shared_memory, n: int = 1) -> SharedTextView:
+    return SharedTextView(space, shared_memory, n)
