@@ -48,11 +48,11 @@ kept in host memory; no resume.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -386,11 +386,13 @@ def grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
 
 def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: UpdateSettings,
                 policy_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
-                rng: random.Random, device: Any = "cpu") -> dict[str, float]:
+                rng: random.Random, device: Any = "cpu", first_q_out: dict[int, float] | None = None
+                ) -> dict[str, float]:
     """One ETPO update on a rollout buffer: `epochs` passes; each recomputes targets, then steps per minibatch.
 
     Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target.
-    Returns scalar diagnostics averaged over the steps.
+    Returns scalar diagnostics averaged over the steps; `first_q_out` (if given) receives Q_φ(u¹, w¹) of each
+    transition from the last pass (for the correlation of Q with realised returns).
     """
     policy_params, critic_params = models.policy_parameters(), models.critic_parameters()
     stats: dict[str, list[float]] = {}
@@ -424,6 +426,9 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             policy_opt.step()
             critic_opt.step()
             ema_update(models.target_parameters(), critic_params, settings.ema_rate)
+            if first_q_out is not None:
+                for i, q_rows in zip(idx, torch.split(diag["q_taken"], packed.lengths), strict=True):
+                    first_q_out[i] = float(q_rows[0])
             record("time/step_s", time.perf_counter() - t0)
             record("loss/policy", pol_loss.item())
             record("loss/critic", crit_loss.item())
@@ -440,3 +445,375 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     out["tokens_updated"] = float(np.sum(stats.get("tokens_updated", [0])))
     return out
+
+
+def realised_returns(transitions: Sequence[Any], gamma: float) -> list[float]:
+    """Discounted return actually collected from each transition to the end of its chain in the buffer."""
+    successors = {t.next_index for t in transitions if t.next_index is not None}
+    out = [0.0] * len(transitions)
+    for start in range(len(transitions)):
+        if start in successors:
+            continue
+        chain, i = [], start
+        while i is not None:
+            chain.append(i)
+            i = transitions[i].next_index
+        rets = discounted_returns([transitions[i].reward for i in chain], [transitions[i].terminated for i in chain],
+                                  gamma)
+        for i, r in zip(chain, rets, strict=True):
+            out[i] = r
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The learner on a language model.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ETPOConfig:
+    """Every hyperparameter of ETPO (one schema for Python and `etpo train --agent etpo`).
+
+    Defaults learn on the tiny model on CPU; for 0.5B–7B models lower the learning rates (1e-5–1e-4).
+    """
+
+    # the objective
+    beta: float = field(default=0.05, metadata={"help": "β: KL-to-reference weight (temperature of π ∝ ρ·exp(Q/β))."})
+    gamma: float = field(default=0.9, metadata={"help": "γ: discount between env steps (none inside an action)."})
+    # critic
+    critic: Literal["head", "lm_head"] = field(default="head", metadata={
+        "help": "Critic Q(u,·) ∈ R^|V|: head = the critic adapter's features through a new zero-initialised V×H linear "
+                "head (Q starts at 0, so π = ρ is optimal at the start); lm_head = the LM's output layer under the "
+                "critic adapter, times critic_scale (the paper's choice)."})
+    critic_scale: float = field(default=0.1, metadata={"help": "Scale of the LM-head logits used as Q (critic=lm_head)."})
+    critic_loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "Critic regression loss."})
+    huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold δ."})
+    ema_rate: float = field(default=0.05, metadata={"help": "τ: target critic φ̄ ← (1−τ)·φ̄ + τ·φ after each step."})
+    # optimisation
+    optimizer: Literal["adamw", "lion"] = field(default="adamw", metadata={"help": "adamw or lion."})
+    policy_lr: float = field(default=2e-4, metadata={"help": "Learning rate of the policy adapter."})
+    critic_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the critic adapter and Q head."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (both optimisers)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per optimiser (0 = off)."})
+    epochs: int = field(default=2, metadata={"help": "Passes over each rollout batch; targets are recomputed per pass."})
+    minibatch_size: int = field(default=4, metadata={"help": "Transitions (actions) per optimiser step."})
+    chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
+    # rollouts
+    rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) per update."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per action."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1 = on-policy samples of π)."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    # model
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy and critic adapters."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    reference: str = field(default="base", metadata={"help": "Reference ρ: base (adapters off) or adapter:<name>."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
+    checkpoint_every: int = field(default=1, metadata={"help": "Checkpoint every N updates when an output directory "
+                                                                "is set (0 = only at the end)."})
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0 (it is the temperature of the soft-optimal policy)")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError("gamma must lie in [0, 1] and ema_rate in (0, 1]")
+        if self.critic not in ("head", "lm_head") or self.critic_loss not in ("huber", "mse"):
+            raise ValueError(f"critic must be head|lm_head and critic_loss huber|mse; got {self.critic!r}, "
+                             f"{self.critic_loss!r}")
+        if self.optimizer not in ("adamw", "lion"):
+            raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
+        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.chunk_size, self.max_new_tokens) < 1:
+            raise ValueError("epochs, minibatch_size, rollout_steps, chunk_size and max_new_tokens must be >= 1")
+
+    def update_settings(self, pad_id: int) -> UpdateSettings:
+        return UpdateSettings(beta=self.beta, gamma=self.gamma, epochs=self.epochs, minibatch_size=self.minibatch_size,
+                              chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,
+                              ema_rate=self.ema_rate, max_grad_norm=self.max_grad_norm, pad_id=pad_id)
+
+
+class LMTokenModels:
+    """`TokenModels` over one LMPolicy: π = "policy" adapter, ρ = reference, Q_φ = "critic" adapter (+ Q head).
+
+    The target critic Q_φ̄ is not a third adapter: its EMA tensors are swapped into the critic's parameters for the
+    duration of a no-grad forward (pointer swaps, no copy), so only one extra copy of the critic's own parameters
+    exists — never of the base model.
+    """
+
+    def __init__(self, policy: Any, cfg: ETPOConfig):
+        self.policy, self.cfg = policy, cfg
+        self.q_head: torch.nn.Linear | None = None
+        if cfg.critic == "head":
+            hf = policy.hf_model
+            vocab = hf.get_output_embeddings().weight.shape[0]
+            self.q_head = torch.nn.Linear(hf.config.hidden_size, vocab).to(policy.device, torch.float32)
+            torch.nn.init.zeros_(self.q_head.weight)
+            torch.nn.init.zeros_(self.q_head.bias)
+        self.target = [p.detach().clone() for p in self.critic_parameters()]
+        self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None),
+                          "critic": policy.head("critic")}
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        return self.policy.trainable_parameters("policy")
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        head = list(self.q_head.parameters()) if self.q_head is not None else []
+        return self.policy.trainable_parameters("critic") + head
+
+    def target_parameters(self) -> list[torch.Tensor]:
+        return self.target
+
+    def _swap_target(self) -> None:
+        for p, t in zip(self.critic_parameters(), self.target, strict=True):
+            p.data, t.data = t.data, p.data
+
+    def _with_target(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("the target critic is evaluated without gradients only")
+        self._swap_target()
+        try:
+            return fn()
+        finally:
+            self._swap_target()
+
+    def hidden(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        adapter = {"policy": "policy", "reference": None, "critic": "critic", "target": "critic"}[role]
+        run = lambda: self.policy.hidden_states(input_ids, attention_mask, adapter)  # noqa: E731
+        return self._with_target(run) if role == "target" else run()
+
+    def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
+        if role in ("policy", "reference"):
+            return self._lm_heads[role](hidden)
+        if self.q_head is not None:
+            run = lambda: self.q_head(hidden.float())  # noqa: E731
+        else:
+            run = lambda: self.cfg.critic_scale * self._lm_heads["critic"](hidden).float()  # noqa: E731
+        return self._with_target(run) if role == "target" else run()
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class ETPOAgent:
+    """ETPO on an `LMPolicy`: one base model carrying a "policy" and a "critic" LoRA adapter (see the module doc)."""
+
+    def __init__(self, model: str | Path = "tiny", config: ETPOConfig | None = None, **overrides: Any):
+        from agents.policy import LMPolicy, default_lora_config, resolve_device
+
+        self.config = dataclasses.replace(config or ETPOConfig(), **overrides)
+        cfg = self.config
+        self.model_path = str(_resolve_model(model))
+        torch.manual_seed(cfg.seed)
+        adapters = {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha),
+                    "critic": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}
+        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=cfg.reference,
+                                               device=resolve_device(cfg.device),
+                                               gradient_checkpointing=cfg.gradient_checkpointing,
+                                               chunk_size=cfg.chunk_size)
+        self._init_training_state()
+
+    def _init_training_state(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        self.models = LMTokenModels(self.policy, cfg)
+        self.policy_opt = make_optimizer(self.models.policy_parameters(), cfg.optimizer, cfg.policy_lr,
+                                         cfg.weight_decay)
+        self.critic_opt = make_optimizer(self.models.critic_parameters(), cfg.optimizer, cfg.critic_lr,
+                                         cfg.weight_decay)
+        self.rng = random.Random(cfg.seed)  # minibatch order
+        self.counters = {"update": 0, "env_steps": 0, "tokens": 0, "episodes": 0, "env_resets": 0}
+        self.best_reward = -math.inf
+        self._collector = None
+
+    @property
+    def generation(self):
+        from agents.policy import GenerationSettings
+
+        cfg = self.config
+        return GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p)
+
+    # -- acting ---------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: str, info: dict | None = None) -> str:
+        gen = self.generation
+        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
+        return self.policy.generate([prompt], gen)[0].text
+
+    # -- learning -------------------------------------------------------------------------------------------------
+    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
+              out_dir: str | Path | None = None, progress: bool = False) -> dict:
+        """Collect `rollout_steps` env steps, run one ETPO update, repeat until `budget` env steps in total.
+
+        `budget` counts env steps over the agent's life (a resumed agent continues its count). With `out_dir`,
+        diagnostics go to the shared RunLogger there and checkpoints to `out_dir/checkpoint`.
+        """
+        from agents.rollout import RolloutCollector
+
+        cfg = self.config
+        if self._collector is None or self._collector.env is not env:
+            # Each collector gets a fresh seed derived from the counters so a resumed run resets envs as the
+            # uninterrupted one would at the same point.
+            self._collector = RolloutCollector(self.policy, env, self.generation,
+                                               seed=cfg.seed + self.counters["env_resets"], compute_ref_logp=False)
+            self.counters["env_resets"] += 1
+        logger = _make_logger(out_dir, progress, budget - self.counters["env_steps"])
+        summary: dict[str, float] = {}
+        try:
+            while self.counters["env_steps"] < budget:
+                stats = self.iteration(min(cfg.rollout_steps, budget - self.counters["env_steps"]))
+                summary = stats
+                if logger is not None:
+                    logger.log(stats, step=self.counters["env_steps"])
+                if callback is not None:
+                    callback(stats)
+                if out_dir is not None and cfg.checkpoint_every and self.counters["update"] % cfg.checkpoint_every == 0:
+                    self.save(Path(out_dir) / "checkpoint")
+        finally:
+            if logger is not None:
+                logger.close()
+        if out_dir is not None:
+            self.save(Path(out_dir) / "checkpoint")
+        return {**summary, **{k: float(v) for k, v in self.counters.items()}}
+
+    def iteration(self, n_steps: int) -> dict[str, float]:
+        """One ETPO iteration: rollouts from π, the soft Bellman update, diagnostics."""
+        cfg = self.config
+        started = time.perf_counter()
+        if self.policy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
+        buffer, collect_stats = self._collector.collect(n_steps)
+        transitions = list(buffer)
+        tick = time.perf_counter()
+        first_q: dict[int, float] = {}
+        update = etpo_update(self.models, transitions, cfg.update_settings(self.policy.pad_id), self.policy_opt,
+                             self.critic_opt, self.rng, device=self.policy.device, first_q_out=first_q)
+        time_update = time.perf_counter() - tick
+
+        n_tokens = sum(len(t.action_ids) for t in transitions)
+        rewards = np.array([t.reward for t in transitions], dtype=np.float64)
+        self.best_reward = max(self.best_reward, float(rewards.max()))
+        self.counters["update"] += 1
+        self.counters["env_steps"] += len(transitions)
+        self.counters["tokens"] += n_tokens
+        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
+        returns = realised_returns(transitions, cfg.gamma)
+        q_first = [first_q.get(i, float("nan")) for i in range(len(transitions))]
+        statuses = [t.info.get("status") for t in transitions]
+        stats = {
+            "reward_mean": float(rewards.mean()),
+            "success_rate": float(np.mean([s == "ok" for s in statuses])) if any(statuses) else float("nan"),
+            "best_reward": self.best_reward,
+            "q_return_corr": pearson(torch.tensor(q_first), torch.tensor(returns)),
+            "tokens_per_action": n_tokens / len(transitions),
+            "time_update_s": time_update,
+            "update_tokens_per_s": update.get("tokens_updated", 0.0) / time_update if time_update > 0 else 0.0,
+            "peak_memory_mb": _peak_memory_mb(self.policy.device),
+            **update,
+            **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
+            "update": float(self.counters["update"]),
+            "env_steps_total": float(self.counters["env_steps"]),
+        }
+        stats["time_total_s"] = time.perf_counter() - started
+        return stats
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Adapters, Q head, EMA target, both optimisers, RNG states, counters: everything needed to resume."""
+        from agents.config import save_config
+
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.policy.save(tmp / "policy")
+        save_config(self.config, tmp / "config.json")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model_path": self.model_path,
+            "q_head": self.models.q_head.state_dict() if self.models.q_head is not None else None,
+            "target": [t.cpu() for t in self.models.target],
+            "policy_opt": self.policy_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "counters": dict(self.counters),
+            "best_reward": self.best_reward,
+            "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }
+        torch.save(state, tmp / "trainer.pt")
+        if directory.exists():  # swap in whole: a crash mid-save never leaves a half-written checkpoint
+            old = directory.with_name(directory.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> ETPOAgent:
+        """Rebuild an agent saved by `save` (config overrides allowed, e.g. device) and restore all its state."""
+        from agents.config import load_config
+        from agents.policy import LMPolicy, resolve_device
+
+        directory = Path(directory)
+        config = dataclasses.replace(load_config(ETPOConfig, directory / "config.json"), **overrides)
+        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported ETPO checkpoint format {state.get('format')!r}")
+        agent = cls.__new__(cls)
+        agent.config = config
+        agent.model_path = state["model_path"]
+        agent.policy = LMPolicy.load(directory / "policy", device=resolve_device(config.device), base=agent.model_path,
+                                     gradient_checkpointing=config.gradient_checkpointing,
+                                     chunk_size=config.chunk_size)
+        agent._init_training_state()
+        if agent.models.q_head is not None:
+            agent.models.q_head.load_state_dict(state["q_head"])
+        with torch.no_grad():
+            for t, saved in zip(agent.models.target, state["target"], strict=True):
+                t.copy_(saved)
+        agent.policy_opt.load_state_dict(state["policy_opt"])
+        agent.critic_opt.load_state_dict(state["critic_opt"])
+        agent.counters = dict(state["counters"])
+        agent.best_reward = float(state["best_reward"])
+        agent.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        return agent
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _resolve_model(model: str | Path) -> Path | str:
+    if str(model) == "tiny":
+        from agents.tiny import ensure_tiny_model
+
+        return ensure_tiny_model()
+    return model
+
+
+def _make_logger(out_dir: str | Path | None, progress: bool, total: int):
+    if out_dir is None:
+        return None
+    from agents.logging import RunLogger
+
+    return RunLogger(out_dir)
