@@ -261,6 +261,11 @@ def ensure_tiny_model(path: str | Path | None = None, preset: str = "default", s
     return target
 
 
+def resolve_model(model: str | Path) -> str | Path:
+    """`"tiny"` -> the cached tiny model (built if missing); anything else (path or hub name) unchanged."""
+    return ensure_tiny_model() if str(model) == "tiny" else model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation of samples (validity, diversity, score)
 # ----------------------------------------------------------------------------------------------------------------

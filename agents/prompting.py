@@ -1,0 +1,230 @@
+"""Prompting baseline: zero-shot, few-shot (k demonstrations from the corpus) and reflection (the env's error and
+score feedback of earlier attempts, summarised into the next prompt). No weights change.
+
+Backends:
+- ``local``: an `LMPolicy` (the tiny model, any local path or hub name);
+- ``openai``: any OpenAI-compatible endpoint (vLLM, Ollama, a hosted API, or `etpo serve`) through the `openai`
+  client. Configured from the environment unless set explicitly: ``ETPO_OPENAI_BASE_URL`` (else
+  ``OPENAI_BASE_URL``), ``ETPO_OPENAI_MODEL``, and the key in the variable named by `api_key_env`
+  (default ``OPENAI_API_KEY``; "none" is sent when unset, which local servers accept).
+
+    agent = PromptingAgent(config=PromptingConfig(strategy="few-shot", k_shots=2))
+    agent = PromptingAgent(config=PromptingConfig(backend="openai", api="chat"))   # env vars say where
+
+An endpoint that fails (after the client's retries) yields an empty action, which the env scores as a failed
+attempt with a clear message; `agent.api_errors` counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SYSTEM_PROMPT = ("You are an expert data scientist who writes correct, efficient Python with numpy, pandas, scipy "
+                 "and scikit-learn. Reply with Python code only.")
+
+
+@dataclass
+class PromptingConfig:
+    strategy: Literal["zero-shot", "few-shot", "reflection"] = field(default="reflection", metadata={
+        "help": "zero-shot: the env prompt as is; few-shot: k corpus demos first; reflection: few-shot plus a "
+                "summary of this episode's earlier attempts and their outcomes."})
+    k_shots: int = field(default=2, metadata={"help": "Demonstrations shown in few-shot and reflection prompts."})
+    max_reflections: int = field(default=4, metadata={"help": "Earlier attempts summarised in reflection mode."})
+    backend: Literal["local", "openai"] = field(default="local", metadata={"help": "local LMPolicy or HTTP API."})
+    api: Literal["chat", "completions"] = field(default="chat", metadata={"help": "HTTP endpoint flavour."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "API base URL (default: $ETPO_OPENAI_BASE_URL or $OPENAI_BASE_URL)."})
+    api_model: str | None = field(default=None, metadata={"help": "API model name (default: $ETPO_OPENAI_MODEL)."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the key."})
+    request_timeout_s: float = field(default=120.0, metadata={"help": "HTTP request timeout."})
+    max_retries: int = field(default=2, metadata={"help": "HTTP retries (the openai client's backoff)."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=384, metadata={"help": "Most tokens per answer."})
+    device: str = field(default="auto", metadata={"help": "Local backend device: cpu, cuda or auto."})
+    seed: int = field(default=0, metadata={"help": "Seed for demo choice and local sampling."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt construction (pure functions)
+# ----------------------------------------------------------------------------------------------------------------
+def few_shot_block(programs: list[str]) -> str:
+    if not programs:
+        return ""
+    shots = "\n\n".join(f"Example {i + 1}:\n```python\n{p.rstrip()}\n```" for i, p in enumerate(programs))
+    return f"Examples of working solutions for other datasets:\n\n{shots}\n\n"
+
+
+def reflection_block(history: list[dict]) -> str:
+    """A summary of earlier attempts: what ran, what failed and why, with the scores reached."""
+    if not history:
+        return ""
+    lines = ["Earlier attempts in this episode:"]
+    for h in history:
+        if h.get("status") == "ok":
+            lines.append(f"- attempt {h['attempt']}: ran, ROC AUC {h['score']:.4f}.")
+        else:
+            reason = (h.get("message") or "").strip().splitlines()
+            lines.append(f"- attempt {h['attempt']}: failed ({h.get('error_type') or h.get('status')}): "
+                         f"{reason[0][:200] if reason else 'no message'}")
+    lines.append("Reflect on these outcomes: avoid the errors above and change what limited the score.")
+    return "\n".join(lines) + "\n\n"
+
+
+def build_prompt(obs: str, shots: list[str], history: list[dict]) -> str:
+    return few_shot_block(shots) + reflection_block(history) + obs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------------------------
+class LocalBackend:
+    def __init__(self, model: str | Path, cfg: PromptingConfig):
+        from agents.policy import GenerationSettings, LMPolicy, resolve_device
+        from agents.tiny import resolve_model
+
+        self.policy = LMPolicy.from_pretrained(resolve_model(model), device=resolve_device(cfg.device))
+        self.gen = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, seed=cfg.seed)
+        self._calls = 0
+
+    def complete(self, prompt: str) -> str:
+        gen = dataclasses.replace(self.gen, seed=None if self.gen.seed is None else self.gen.seed + self._calls)
+        self._calls += 1
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+        ids = self.policy.encode_observation(prompt, {"messages": messages},
+                                             max_length=self.policy.max_prompt_tokens(gen))
+        return self.policy.generate([ids], gen)[0].text
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible server, through the official client."""
+
+    def __init__(self, cfg: PromptingConfig):
+        from openai import OpenAI
+
+        self.base_url = cfg.base_url or os.environ.get("ETPO_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        self.model = cfg.api_model or os.environ.get("ETPO_OPENAI_MODEL")
+        if not self.base_url or not self.model:
+            raise ValueError("the openai backend needs a base URL and a model: set base_url/api_model or "
+                             "ETPO_OPENAI_BASE_URL/ETPO_OPENAI_MODEL")
+        self.client = OpenAI(base_url=self.base_url, api_key=os.environ.get(cfg.api_key_env) or "none",
+                             timeout=cfg.request_timeout_s, max_retries=cfg.max_retries)
+        self.cfg = cfg
+
+    def complete(self, prompt: str) -> str:
+        cfg = self.cfg
+        if cfg.api == "chat":
+            response = self.client.chat.completions.create(
+                model=self.model, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}])
+            return response.choices[0].message.content or ""
+        response = self.client.completions.create(model=self.model, prompt=prompt, temperature=cfg.temperature,
+                                                  top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+        return response.choices[0].text or ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The agent
+# ----------------------------------------------------------------------------------------------------------------
+class PromptingAgent:
+    """Prompts a fixed model; `learn` just plays episodes within the budget (in-context use of feedback only)."""
+
+    config_class = PromptingConfig
+
+    def __init__(self, model: str | Path = "tiny", config: PromptingConfig | None = None,
+                 backend: Any = None, **overrides: Any):
+        self.config = dataclasses.replace(config or PromptingConfig(), **overrides)
+        self.model = str(model)
+        cfg = self.config
+        if backend is not None:
+            self.backend = backend  # any object with complete(prompt) -> str
+        elif cfg.backend == "openai":
+            self.backend = OpenAIBackend(cfg)
+        else:
+            self.backend = LocalBackend(model, cfg)
+        self.rng = random.Random(cfg.seed)
+        self._shot_pool: list[str] | None = None
+        self.history: list[dict] = []
+        self.api_errors = 0
+        self.last_prompt = ""
+        self._last_action: str | None = None
+
+    def _shots(self) -> list[str]:
+        if self.config.strategy == "zero-shot" or self.config.k_shots <= 0:
+            return []
+        if self._shot_pool is None:
+            from tasks import demos
+
+            self._shot_pool = [d.program for d in demos.corpus(n=200, seed=self.config.seed, buggy_fraction=0.0)]
+        return self.rng.sample(self._shot_pool, min(self.config.k_shots, len(self._shot_pool)))
+
+    def reset(self) -> None:
+        self.history = []
+        self._last_action = None
+
+    def act(self, obs: str, info: dict | None = None) -> str:
+        info = info or {}
+        if self.config.strategy == "reflection" and info.get("status") is not None and info.get("attempt"):
+            self.history.append({k: info.get(k) for k in ("attempt", "status", "score", "message", "error_type")})
+            self.history = self.history[-self.config.max_reflections:]
+        history = self.history if self.config.strategy == "reflection" else []
+        self.last_prompt = build_prompt(obs, self._shots(), history)
+        try:
+            action = self.backend.complete(self.last_prompt)
+        except Exception as exc:  # an unreachable or failing endpoint is a failed attempt, not a crashed run
+            self.api_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            action = ""
+        self._last_action = action
+        return action
+
+    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
+              out_dir: str | Path | None = None) -> dict:
+        """Play episodes for `budget` env steps; report the best score and the program that reached it."""
+        steps, episodes, best_score, best_program = 0, 0, None, None
+        started = time.perf_counter()
+        while steps < budget:
+            self.reset()
+            obs, info = env.reset()
+            episodes += 1
+            while steps < budget:
+                action = self.act(obs, info)
+                obs, reward, terminated, truncated, info = env.step(action)
+                steps += 1
+                score = info.get("score")
+                if info.get("status") == "ok" and score is not None and (best_score is None or score > best_score):
+                    best_score, best_program = float(score), info.get("program")
+                if callback is not None:
+                    callback({"env_steps": steps, "reward": float(reward)})
+                if terminated or truncated:
+                    break
+        summary = {"env_steps": float(steps), "episodes": float(episodes), "api_errors": float(self.api_errors),
+                   "best_score": best_score, "time_s": time.perf_counter() - started}
+        if out_dir is not None:
+            self.save(Path(out_dir) / "checkpoint")
+            if best_program:
+                (Path(out_dir) / "best_program.py").write_text(best_program)
+        return summary
+
+    def save(self, directory: str | Path) -> None:
+        from agents.config import config_to_dict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "prompting.json").write_text(json.dumps({"model": self.model,
+                                                              "config": config_to_dict(self.config)}, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> PromptingAgent:
+        data = json.loads((Path(directory) / "prompting.json").read_text())
+        config = PromptingConfig(**data["config"])
+        return cls(model=data["model"], config=config, **overrides)
