@@ -112,6 +112,9 @@ class Task:
         self.split_protocol = split or SplitProtocol()
         self.suite = suite
         self._dev_rows, self._test_rows = splits.holdout_split(self._y, self.split_protocol.test_fraction)
+        # {"dev": {"baseline": b, "reference": r}, "test": {...}} to use instead of the stored scores
+        # (e.g. `task.reference_scores = tasks.reference.compute(task, sandbox)` for a CSV task).
+        self.reference_scores: dict | None = None
 
     # --- construction ---------------------------------------------------------------------------------------
 
