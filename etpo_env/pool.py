@@ -48,6 +48,8 @@ class SandboxPool:
         self._closed = False
 
     def run(self, job: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("the SandboxPool is closed")
         with self._slots:
             sandbox = self._checkout()
             try:
@@ -66,6 +68,7 @@ class SandboxPool:
         with self._lock:
             self._closed = True
             sandboxes, self._created = self._created, []
+            self._idle = queue.LifoQueue()
         for sandbox in sandboxes:
             sandbox.close()
 

@@ -36,8 +36,23 @@ class CodeText(Text):
 
     Gymnasium 1.4 reads a `Text` observation buffer once, when the vector env is built, so every later
     observation would read back as that first snapshot (empty strings of tab characters). `CodeText` registers
-    a live view instead (see `_read_code_text`).
+    a live view instead (see `_read_code_text`). Copies share the (immutable) character tables: Gymnasium's
+    vector envs deep-copy a space per sub-env, and a full copy of the tables costs about a second each.
     """
+
+    def __copy__(self) -> CodeText:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> CodeText:
+        clone = self.__copy__()
+        clone._np_random = copy.deepcopy(self._np_random, memo)
+        return clone
+
+    def __reduce__(self):
+        # Rebuilt from the per-process cache instead of pickling ~145k characters (the generator is not kept).
+        return code_text_space, (self.max_length,)
 
 
 @functools.cache
