@@ -23,21 +23,22 @@ SLEEP_S = 1.0
 
 
 class SleepySandbox:
-    """Test double: every run takes SLEEP_S and fails; records how many runs overlap."""
+    """Test double: every run takes `delay` seconds and fails; records how many runs overlap."""
 
     isolation = "test-double"
     active = 0
     peak = 0
     lock = threading.Lock()
 
-    def __init__(self):
+    def __init__(self, delay: float = SLEEP_S):
+        self.delay = delay
         self.closed = 0
 
     def run(self, job):
         with SleepySandbox.lock:
             SleepySandbox.active += 1
             SleepySandbox.peak = max(SleepySandbox.peak, SleepySandbox.active)
-        time.sleep(SLEEP_S)
+        time.sleep(self.delay)
         with SleepySandbox.lock:
             SleepySandbox.active -= 1
         return RunResult(Status.RUNTIME_ERROR, message="ValueError: slept", error_type="ValueError",
@@ -102,7 +103,7 @@ def test_threaded_vector_env_autoreset_matches_sync_vector_env(task, mode):
     actions = [("a", "b"), ("c", "d"), ("e", "f")]
 
     def run(vector_cls):
-        fns = [lambda i=i: DataSciCodeEnv(task=task, sandbox=SleepySandbox(), max_attempts=1 + i)
+        fns = [lambda i=i: DataSciCodeEnv(task=task, sandbox=SleepySandbox(delay=0.0), max_attempts=1 + i)
                for i in range(2)]
         envs = vector_cls(fns, autoreset_mode=mode)
         out = [envs.reset(seed=0)]
