@@ -250,10 +250,10 @@ class ForwardOutput:
 def pad_extras(transitions: Sequence[Any], key: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Stack one per-token scalar (`logp` or an `extras` key) right-padded with zeros to (batch, longest)."""
     rows = [t.logp if key == "logp" else t.extras[key] for t in transitions]
-    out = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.float32)
+    out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.float32)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(np.asarray(row, np.float32))
-    return out.to(device)
+        out[i, : len(row)] = row
+    return torch.from_numpy(out).to(device)
 
 
 def action_mask(transitions: Sequence[Any], device: torch.device | str = "cpu") -> torch.Tensor:
