@@ -158,6 +158,12 @@ BUG_KINDS = (
     "nan_intolerant",
 )
 
+# How each bug shows up: the sandbox's status value (a missing return hands back None, which has no predict_proba).
+EXPECTED_FAILURE = {bug: "runtime_error" for bug in BUG_KINDS} | {
+    "syntax_error": "syntax_error",
+    "missing_return": "invalid_output",
+}
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -178,6 +184,12 @@ class Demo:
     family: str
     bug: str | None
     recipe: Recipe | None = None
+
+    def expected_status(self, task) -> str:
+        """The `sandbox.Status` value this program should get on `task` ("ok" when it should run)."""
+        if not self.fails_on(task):
+            return "ok"
+        return EXPECTED_FAILURE[self.bug]
 
     def fails_on(self, task) -> bool:
         """Whether this body is expected to fail on `task` (NaN-intolerant bodies fail only with missing values)."""
