@@ -400,6 +400,8 @@ class PPOAgent:
     loss also shapes the shared features); `"adapter"` gives the value its own LoRA adapter on the same base.
     """
 
+    config_class = PPOConfig
+
     def __init__(self, model: str | Path = "tiny", config: PPOConfig | None = None, **overrides: Any):
         from agents.policy import LMPolicy, default_lora_config, resolve_device
 
@@ -517,8 +519,9 @@ class PPOAgent:
         from agents.rollout import RolloutCollector
 
         cfg = self.config
-        collector = RolloutCollector(self.policy, env, self.generation)
-        logger = _make_logger(out_dir)
+        # A fresh collector resets the env; seeding it by the steps done makes a resumed run see new episodes.
+        collector = RolloutCollector(self.policy, env, self.generation, seed=cfg.seed + self.counters["env_steps"])
+        logger = _make_logger(out_dir, budget)
         summary: dict[str, float] = {}
         try:
             while self.counters["env_steps"] < budget:
@@ -668,9 +671,9 @@ def _resolve_model(model: str | Path) -> Path | str:
     return model
 
 
-def _make_logger(out_dir: str | Path | None):
+def _make_logger(out_dir: str | Path | None, budget: int):
     if out_dir is None:
         return None
     from agents.logging import RunLogger
 
-    return RunLogger(out_dir)
+    return RunLogger(out_dir, total=budget)
