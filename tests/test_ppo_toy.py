@@ -1,0 +1,122 @@
+"""PPO's update code on an enumerable toy problem: two-token actions over a 3-token vocabulary, known rewards.
+
+A tabular model (logits per prefix, a value per prefix) stands in for the LM and drives the same functions the LM
+learner uses: `compute_advantages` and `ppo_update`. With the KL penalty, the objective E[R] - β·KL(π‖ρ) has the
+closed-form optimum π*(a) = ρ(a)·exp(R(a)/β)/Z over whole actions, so we can say exactly where PPO should land.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from agents.ppo import ForwardOutput, compute_advantages, ppo_update
+from agents.rollout import Transition
+
+VOCAB = 3
+# Reward of each two-token action (first token, second token); the best is (1, 2).
+REWARD = np.array([[0.0, 0.2, 0.0],
+                   [0.1, 0.0, 1.0],
+                   [0.0, 0.3, 0.1]])
+ACTIONS = list(itertools.product(range(VOCAB), repeat=2))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: thread start-up costs dominate (and oversubscribe a busy machine), so use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TabularModel(torch.nn.Module):
+    """π(w1)·π(w2|w1) from logit tables, V per prefix; the reference ρ is uniform."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Parameter(torch.zeros(VOCAB))
+        self.second = torch.nn.Parameter(torch.zeros(VOCAB, VOCAB))
+        self.v_root = torch.nn.Parameter(torch.zeros(()))
+        self.v_prefix = torch.nn.Parameter(torch.zeros(VOCAB))
+
+    def token_logits(self, first_tokens: torch.Tensor) -> torch.Tensor:
+        """[B] first tokens -> [B, 2, V] logits for the two token states."""
+        root = self.first.expand(len(first_tokens), VOCAB)
+        return torch.stack([root, self.second[first_tokens]], dim=1)
+
+    def forward(self, transitions) -> ForwardOutput:
+        actions = torch.tensor(np.stack([t.action_ids for t in transitions]), dtype=torch.long)
+        log_probs = torch.log_softmax(self.token_logits(actions[:, 0]), dim=-1)
+        logp = log_probs.gather(-1, actions[..., None]).squeeze(-1)
+        values = torch.stack([self.v_root.expand(len(actions)), self.v_prefix[actions[:, 0]]], dim=1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return ForwardOutput(logp=logp, values=values, entropy=entropy)
+
+    @torch.no_grad()
+    def action_probs(self) -> np.ndarray:
+        first = torch.softmax(self.first, -1)
+        second = torch.softmax(self.second, -1)
+        return (first[:, None] * second).numpy().ravel()  # in ACTIONS order
+
+    @torch.no_grad()
+    def sample(self, n: int, rng: torch.Generator) -> list[Transition]:
+        first = torch.multinomial(torch.softmax(self.first, -1), n, replacement=True, generator=rng)
+        second = torch.multinomial(torch.softmax(self.second[first], -1), 1, generator=rng).squeeze(-1)
+        actions = torch.stack([first, second], dim=1).numpy().astype(np.int32)
+        out = self.forward([_bare(a) for a in actions])
+        return [Transition(obs_ids=np.zeros(1, np.int32), action_ids=a, logp=lp.numpy().astype(np.float32),
+                           ref_logp=np.full(2, -np.log(VOCAB), np.float32), reward=float(REWARD[a[0], a[1]]),
+                           terminated=True, truncated=False, episode_id=i, t=0, next_index=None,
+                           extras={"values": v.numpy().astype(np.float32)})
+                for i, (a, lp, v) in enumerate(zip(actions, out.logp, out.values, strict=True))]
+
+
+class _bare:
+    def __init__(self, action_ids):
+        self.action_ids = action_ids
+
+
+def train(beta: float, decomposed: bool, iterations: int, seed: int = 0, batch: int = 128) -> TabularModel:
+    torch.manual_seed(seed)
+    model = TabularModel()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    # Decay the step size so the last iterate settles instead of jittering around the optimum.
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.05, total_iters=iterations)
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(iterations):
+        transitions = model.sample(batch, rng)
+        compute_advantages(transitions, {}, kl_coef=beta, gamma=1.0, lam=0.95, decomposed=decomposed,
+                           kl_estimator="k1")
+        stats = ppo_update(transitions, model, optimizer, list(model.parameters()), epochs=4, minibatch_size=64,
+                           clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0, max_grad_norm=1.0,
+                           target_kl=None, normalize_advantages=True, generator=rng)
+        assert np.isfinite(stats["policy_loss"]) and stats["gradient_steps"] == 4 * batch // 64
+        schedule.step()
+    return model
+
+
+def expected_reward(probs: np.ndarray) -> float:
+    return float(probs @ REWARD.ravel())
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_ppo_finds_the_best_action_with_a_small_kl_penalty(decomposed):
+    model = train(beta=0.01, decomposed=decomposed, iterations=30)
+    probs = model.action_probs()
+    start = expected_reward(np.full(len(ACTIONS), 1 / len(ACTIONS)))
+    assert start == pytest.approx(REWARD.mean())
+    assert probs[ACTIONS.index((1, 2))] > 0.9, probs.round(3)
+    assert expected_reward(probs) > 0.9 > start + 0.5
+
+
+def test_ppo_converges_to_the_kl_regularised_optimum():
+    # With β = 0.25 the optimum of E[R] - β·KL(π‖ρ) is π* ∝ ρ·exp(R/β) over whole actions (ρ uniform here).
+    beta = 0.25
+    model = train(beta=beta, decomposed=True, iterations=50)
+    target = np.exp(REWARD.ravel() / beta)
+    target /= target.sum()
+    probs = model.action_probs()
+    total_variation = 0.5 * np.abs(probs - target).sum()
+    assert total_variation < 0.02, (probs.round(3), target.round(3))
