@@ -8,27 +8,39 @@ evaluation = tasks.evaluate(task, program, sandbox)   # the one evaluator: sandb
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
-from tasks.evaluation import Evaluation, evaluate
-from tasks.loaders import TaskDataMissing
-from tasks.registry import DEFAULT_TASK, names
-from tasks.registry import spec as _spec
-from tasks.splits import SplitProtocol
-from tasks.task import DEFAULT_MAX_ROWS, Split, Task
+# Attributes are imported on first use (PEP 562) so that `import tasks.cli` stays light for `etpo --version`.
+_LAZY = {
+    "Evaluation": "tasks.evaluation",
+    "evaluate": "tasks.evaluation",
+    "TaskDataMissing": "tasks.loaders",
+    "DEFAULT_TASK": "tasks.registry",
+    "names": "tasks.registry",
+    "SplitProtocol": "tasks.splits",
+    "Split": "tasks.task",
+    "Task": "tasks.task",
+}
+DEFAULT_MAX_ROWS = 2000  # default row cap: one step (5 fits) stays fast on 2 CPU cores
 
-__all__ = [
-    "DEFAULT_MAX_ROWS",
-    "DEFAULT_TASK",
-    "Evaluation",
-    "Split",
-    "SplitProtocol",
-    "Task",
-    "TaskDataMissing",
-    "evaluate",
-    "get",
-    "names",
-]
+__all__ = sorted([*_LAZY, "get"])
+
+if TYPE_CHECKING:
+    from tasks.evaluation import Evaluation, evaluate  # noqa: F401
+    from tasks.loaders import TaskDataMissing  # noqa: F401
+    from tasks.registry import DEFAULT_TASK, names  # noqa: F401
+    from tasks.splits import SplitProtocol
+    from tasks.task import Split, Task  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tasks' has no attribute {name!r}")
 
 
 def get(
@@ -48,7 +60,10 @@ def get(
     data_dir: the user data directory for Kaggle tasks ($ETPO_DATA_DIR); download: allow fetching OpenML data.
     Raises `TaskDataMissing` (saying how to get the data) when a paper task's files are not on this machine.
     """
-    spec = _spec(name)
+    from tasks.registry import spec as registry_spec
+    from tasks.task import Task
+
+    spec = registry_spec(name)
     if spec.openml_id is not None:
         raw = spec.load(data_home=data_home, download=download)
     elif spec.kaggle is not None:

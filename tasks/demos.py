@@ -294,7 +294,10 @@ def render(recipe: Recipe, classifier_args: list[tuple[str, Any]] | None = None)
     categorical, categorical_names = _categorical_steps(recipe)
     names = {"ColumnTransformer", "make_column_selector", "make_pipeline", "FunctionTransformer"}
     names.update(numeric_names + categorical_names)
-    args = classifier_args if classifier_args is not None else [*recipe.params, *family.fixed]
+    if classifier_args is None:
+        chosen = dict(recipe.params)
+        classifier_args = [*recipe.params, *((k, v) for k, v in family.fixed if k not in chosen)]
+    args = classifier_args
 
     lines = _imports(names, family) + [""]
     numeric_expr = f"make_pipeline({', '.join(numeric)})" if numeric else '"passthrough"'

@@ -10,12 +10,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks import metrics, splits
+from tasks import DEFAULT_MAX_ROWS, metrics, splits
 from tasks.loaders import RawData, csv_data
 from tasks.splits import SplitProtocol
 
 INPUT_FORMATS = ("pandas", "numpy")
-DEFAULT_MAX_ROWS = 2000
 
 
 @dataclass
