@@ -15,6 +15,7 @@ from tasks.loaders import RawData, csv_data
 from tasks.splits import SplitProtocol
 
 INPUT_FORMATS = ("pandas", "numpy")
+MIN_CLASS_ROWS = 4  # enough for a class to land in the test part and on both sides of a 50/50 dev split
 
 
 @dataclass
@@ -100,6 +101,14 @@ class Task:
         rows = rows[splits.shuffled_order(len(rows))]
         self._frame = frame.iloc[rows].reset_index(drop=True)
         self._y = codes[rows]
+        counts = np.bincount(self._y, minlength=len(class_names))
+        if counts.min() < MIN_CLASS_ROWS:
+            rare = {class_names[i]: int(c) for i, c in enumerate(counts) if c < MIN_CLASS_ROWS}
+            raise ValueError(
+                f"task {name!r}: classes {rare} have fewer than {MIN_CLASS_ROWS} rows (after the row cap of "
+                f"{max_rows}); every class must reach both sides of each split. Merge or drop rare classes, "
+                "or raise max_rows."
+            )
 
         self.name = name
         self.source = source

@@ -123,6 +123,18 @@ def test_split_indices_are_pinned_across_machines():
     assert splits.shuffled_order(8).tolist() == PINNED_ORDER
 
 
+def test_bundled_rows_are_pinned_across_machines(bundled):
+    # End to end (source file, cap, order, holdout, dev split): the same labels in the same order everywhere.
+    titanic = bundled["titanic"]
+    assert titanic.dev_splits(seed=0)[0].y_eval[:16].tolist() == PINNED_TITANIC_DEV
+    assert titanic.test_split().y_eval[:16].tolist() == PINNED_TITANIC_TEST
+    capped = tasks.get("credit_default", max_rows=500)
+    assert capped.test_split().X_eval["balance"].round(2).head(4).tolist() == PINNED_DEFAULT_BALANCE
+
+
+PINNED_TITANIC_DEV = [0, 1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0]
+PINNED_TITANIC_TEST = [0, 1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 1]
+PINNED_DEFAULT_BALANCE = [1558.86, 1604.78, 490.06, 962.14]
 PINNED_EVAL_ROWS = [0, 6, 7, 9, 10, 11]
 PINNED_ORDER = [7, 2, 1, 6, 0, 4, 3, 5]
 
@@ -273,3 +285,5 @@ def test_unknown_names_and_bad_arguments():
         tasks.SplitProtocol(method="bootstrap")
     with pytest.raises(ValueError, match="two classes"):
         tasks.Task("one", pd.DataFrame({"x": [1, 2, 3]}), ["a", "a", "a"])
+    with pytest.raises(ValueError, match=r"classes \{'rare': 2\} have fewer than 4 rows"):
+        tasks.Task("rare", pd.DataFrame({"x": range(12)}), ["common"] * 10 + ["rare"] * 2)

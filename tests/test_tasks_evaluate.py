@@ -217,6 +217,16 @@ def test_cli_tasks_show_and_reference(capsys):
     assert "breast_cancer" in out and reference.RECOMPUTE_COMMAND in out
 
 
+def test_cli_list_marks_paper_tasks_that_are_not_downloaded(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("COLUMNS", "220")
+    monkeypatch.setenv("SCIKIT_LEARN_DATA", str(tmp_path / "sklearn"))
+    monkeypatch.setenv("ETPO_DATA_DIR", str(tmp_path / "data"))
+    assert etpo_main(["tasks", "list", "--suite", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not downloaded") == len(tasks.names("paper"))
+    assert "OpenML 31" in out and "Kaggle spaceship-titanic" in out
+
+
 def test_cli_download_explains_kaggle_data(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ETPO_DATA_DIR", str(tmp_path))
     assert etpo_main(["tasks", "download", "kidney-stone"]) == 1
