@@ -192,18 +192,10 @@ class AdaptiveKLController:
 
 
 def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
-    """Buffer indices grouped into episode chains, each in time order (a chain may start mid-episode)."""
-    successors = {t.next_index for t in transitions if t.next_index is not None}
-    chains = []
-    for start in range(len(transitions)):
-        if start in successors:
-            continue
-        chain, index = [], start
-        while index is not None:
-            chain.append(index)
-            index = transitions[index].next_index
-        chains.append(chain)
-    return chains
+    """Buffer indices grouped into episode chains (following next_index), each in time order."""
+    from agents.rollout import RolloutBuffer
+
+    return RolloutBuffer(transitions).episodes()
 
 
 def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, float], *, kl_coef: float,
@@ -230,7 +222,7 @@ def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, f
             t.extras["returns"] = returns[a:b].astype(np.float32)
         kl_sum += float(kl.sum())
         kl_tokens += kl.size
-    return {"kl_to_reference": kl_sum / max(kl_tokens, 1)}
+    return {"kl_estimate": kl_sum / max(kl_tokens, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,6 +362,9 @@ class PPOConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
+    exact_kl_diagnostic: bool = field(default=True, metadata={"help": "Also log the exact whole-vocabulary "
+                                                                      "KL(π‖ρ) per token (one more no-grad "
+                                                                      "reference pass per iteration)."})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
     checkpoint_every: int = field(default=1, metadata={"help": "Checkpoint every N iterations when an output "
@@ -436,6 +431,7 @@ class PPOAgent:
         self.kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.counters = {"iteration": 0, "env_steps": 0, "tokens": 0, "episodes": 0}
+        self._collector = None
 
     # -- acting -----------------------------------------------------------------------------------------------------
     @property
@@ -493,14 +489,26 @@ class PPOAgent:
 
     @torch.no_grad()
     def annotate_values(self, transitions: Sequence[Any], batch_size: int = 8) -> dict[int, float]:
-        """Store V(u_j) of every action token in extras["values"]; return bootstrap V(s') per unfinished chain."""
+        """Store V(u_j) of every action token in extras["values"]; return bootstrap V(s') per unfinished chain.
+
+        With `exact_kl_diagnostic`, also stores the exact whole-vocabulary KL(π‖ρ) per token in extras["kl"].
+        """
+        from agents.policy import kl_divergence
+
         for start in range(0, len(transitions), batch_size):
             batch = transitions[start: start + batch_size]
             obs_ids, action_ids = [t.obs_ids for t in batch], [t.action_ids for t in batch]
             hidden, _, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
             values = self._values(hidden, obs_ids, action_ids).cpu().numpy()
-            for t, row, n in zip(batch, values, mask.sum(1).tolist(), strict=True):
+            lengths = mask.sum(1).tolist()
+            for t, row, n in zip(batch, values, lengths, strict=True):
                 t.extras["values"] = row[:n].astype(np.float32)
+            if self.config.exact_kl_diagnostic:
+                ref_hidden = self.policy.action_hidden(obs_ids, action_ids, None)[0]
+                kl = kl_divergence(hidden[mask], ref_hidden[mask], self.policy.head("policy"),
+                                   self.policy.head(None), self.config.chunk_size).cpu().numpy()
+                for t, part in zip(batch, np.split(kl, np.cumsum(lengths)[:-1]), strict=True):
+                    t.extras["kl"] = part.astype(np.float32)
         unfinished = [i for i in (chain[-1] for chain in episode_chains(transitions))
                       if not transitions[i].terminated and transitions[i].next_obs_ids is not None]
         if not unfinished:
@@ -519,8 +527,12 @@ class PPOAgent:
         from agents.rollout import RolloutCollector
 
         cfg = self.config
-        # A fresh collector resets the env; seeding it by the steps done makes a resumed run see new episodes.
-        collector = RolloutCollector(self.policy, env, self.generation, seed=cfg.seed + self.counters["env_steps"])
+        # The collector keeps episodes going across learn() calls on the same env. A new one resets the env;
+        # seeding it by the steps done makes a resumed run see new episodes rather than replay the first ones.
+        if self._collector is None or self._collector.env is not env:
+            self._collector = RolloutCollector(self.policy, env, self.generation,
+                                               seed=cfg.seed + self.counters["env_steps"])
+        collector = self._collector
         logger = _make_logger(out_dir, budget)
         summary: dict[str, float] = {}
         try:
@@ -568,19 +580,26 @@ class PPOAgent:
 
         n_tokens = sum(len(t.action_ids) for t in transitions)
         kl_coef_used = self.kl_controller.value
-        self.kl_controller.update(kl_stats["kl_to_reference"], n_tokens)
+        self.kl_controller.update(kl_stats["kl_estimate"], n_tokens)
         self.counters["iteration"] += 1
         self.counters["env_steps"] += len(transitions)
         self.counters["tokens"] += n_tokens
         self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
 
+        # kl_to_reference: exact whole-vocabulary KL(π_old‖ρ) per token when enabled, else the reward's estimate.
+        kl_estimate = kl_stats["kl_estimate"]
+        if cfg.exact_kl_diagnostic:
+            kl_exact = float(np.concatenate([t.extras["kl"] for t in transitions]).mean())
+        else:
+            kl_exact = kl_estimate
         values = np.concatenate([t.extras["values"] for t in transitions])
         returns = np.concatenate([t.extras["returns"] for t in transitions])
         rewards = np.array([t.reward for t in transitions], dtype=np.float64)
         stats = {
             "reward_mean": float(rewards.mean()),
             "reward_max": float(rewards.max()),
-            "kl_to_reference": kl_stats["kl_to_reference"],
+            "kl_to_reference": kl_exact,
+            "kl_estimate": kl_estimate,
             "kl_coef": kl_coef_used,
             "explained_variance": explained_variance(values, returns),
             "value_mean": float(values.mean()),

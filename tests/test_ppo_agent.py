@@ -77,6 +77,17 @@ def test_forward_reproduces_sampling_logprobs_and_update_trains_both_parts(tiny_
         assert len(t.extras["advantages"]) == len(t.extras["returns"]) == len(t.action_ids)
 
 
+def test_exact_kl_diagnostic_is_zero_at_the_start_and_grows_with_updates(tiny_model_dir):
+    agent = PPOAgent(model=tiny_model_dir, **{**SMALL, "lr": 1e-2})
+    transitions = sampled_episode(agent)
+    agent.annotate_values(transitions)  # a fresh LoRA adapter is the identity: π = ρ
+    assert all(np.allclose(t.extras["kl"], 0.0, atol=1e-6) for t in transitions)
+    update(agent, transitions)
+    agent.annotate_values(transitions)
+    kl = np.concatenate([t.extras["kl"] for t in transitions])
+    assert (kl >= -1e-6).all() and kl.mean() > 1e-6
+
+
 def test_checkpoint_restores_the_next_update_exactly(tiny_model_dir, tmp_path):
     agent = PPOAgent(model=tiny_model_dir, kl_target=0.01, **SMALL)
     update(agent, sampled_episode(agent, seed=1))

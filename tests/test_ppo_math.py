@@ -144,3 +144,39 @@ def test_adaptive_kl_controller_moves_beta_towards_target():
     assert ctl.update(0.0, 1000) == pytest.approx(0.102 * 0.98)
     fixed = AdaptiveKLController(0.1, target=None)
     assert fixed.update(100.0, 1000) == 0.1
+
+
+def _transition(n, reward, terminated, next_index, values, kl_logp=0.0):
+    from agents.rollout import Transition
+
+    return Transition(obs_ids=np.zeros(1, np.int32), action_ids=np.zeros(n, np.int32),
+                      logp=np.full(n, kl_logp, np.float32), ref_logp=np.zeros(n, np.float32), reward=reward,
+                      terminated=terminated, truncated=False, episode_id=0, t=0, next_index=next_index,
+                      extras={"values": np.asarray(values, np.float32)})
+
+
+def test_buffer_advantages_follow_interleaved_episode_chains_and_bootstrap_cut_ones():
+    """Two episodes interleaved as a vector env collects them: A = [0 -> 2] terminates, B = [1 -> 3] is cut by the
+    end of the rollout and bootstraps from V(s') = 3. Each must equal `episode_gae` on its own token sequence."""
+    from agents.ppo import compute_advantages
+
+    transitions = [
+        _transition(2, 1.0, False, 2, [0.5, 1.0], kl_logp=0.2),  # A, step 0
+        _transition(1, 0.0, False, 3, [0.2]),                     # B, step 0
+        _transition(1, 2.0, True, None, [1.5], kl_logp=0.2),      # A, step 1 (terminal)
+        _transition(2, 0.5, False, None, [0.1, 0.3]),             # B, step 1 (cut)
+    ]
+    stats = compute_advantages(transitions, {3: 3.0}, kl_coef=BETA, gamma=GAMMA, lam=LAM, decomposed=True,
+                               kl_estimator="k1")
+    _, adv_a, ret_a = episode_gae([2, 1], [1.0, 2.0], np.full(3, 0.2), np.array([0.5, 1.0, 1.5]), kl_coef=BETA,
+                                  gamma=GAMMA, lam=LAM, decomposed=True, terminated=True)
+    _, adv_b, _ = episode_gae([1, 2], [0.0, 0.5], np.zeros(3), np.array([0.2, 0.1, 0.3]), kl_coef=BETA,
+                              gamma=GAMMA, lam=LAM, decomposed=True, terminated=False, bootstrap_value=3.0)
+    np.testing.assert_allclose(np.concatenate([transitions[0].extras["advantages"],
+                                               transitions[2].extras["advantages"]]), adv_a, rtol=1e-6)
+    np.testing.assert_allclose(transitions[2].extras["returns"], ret_a[2:], rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([transitions[1].extras["advantages"],
+                                               transitions[3].extras["advantages"]]), adv_b, rtol=1e-6)
+    # the cut chain's last token: δ = 0.5 + 0.9·3 - 0.3
+    assert transitions[3].extras["advantages"][-1] == pytest.approx(0.5 + 0.9 * 3.0 - 0.3)
+    assert stats["kl_estimate"] == pytest.approx(0.2 * 3 / 6)  # k1 = 0.2 on A's 3 tokens, 0 on B's 3
