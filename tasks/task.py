@@ -164,6 +164,11 @@ class Task:
         return len(self.class_names)
 
     @property
+    def metric(self) -> str:
+        """The score every program is judged by (as the ETPO paper: ROC AUC, one-vs-one macro for multiclass)."""
+        return "ROC AUC" if self.n_classes == 2 else "ROC AUC (one-vs-one, macro average)"
+
+    @property
     def n_rows(self) -> int:
         return len(self._y)
 

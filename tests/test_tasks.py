@@ -190,6 +190,7 @@ def test_descriptions(bundled):
     assert list(table.columns) == ["name", "dtype", "missing", "examples"]
     assert table.set_index("name").loc["age", "missing"] > 0
     assert "numpy float array" in tasks.get("titanic", input_format="numpy").describe("paper")
+    assert task.metric == "ROC AUC" and "one-vs-one" in bundled["wine"].metric
     with pytest.raises(ValueError):
         task.describe("fancy")
 
