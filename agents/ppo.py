@@ -264,6 +264,8 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
     Advantages are whitened over the whole batch (not per minibatch: small minibatches make that noisy).
     Transitions must carry extras values/advantages/returns and the sampling-time `logp`.
     """
+    if epochs < 1 or minibatch_size < 1 or not transitions:
+        raise ValueError("ppo_update needs epochs >= 1, minibatch_size >= 1 and at least one transition")
     if normalize_advantages:
         flat = np.concatenate([t.extras["advantages"] for t in transitions]).astype(np.float64)
         mean, std = flat.mean(), flat.std()

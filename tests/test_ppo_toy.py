@@ -120,3 +120,31 @@ def test_ppo_converges_to_the_kl_regularised_optimum():
     probs = model.action_probs()
     total_variation = 0.5 * np.abs(probs - target).sum()
     assert total_variation < 0.02, (probs.round(3), target.round(3))
+
+
+def _one_update(model, optimizer, **overrides):
+    rng = torch.Generator().manual_seed(0)
+    transitions = model.sample(128, rng)
+    compute_advantages(transitions, {}, kl_coef=0.0, gamma=1.0, lam=1.0, decomposed=True, kl_estimator="k1")
+    settings = dict(epochs=4, minibatch_size=32, clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0,
+                    max_grad_norm=100.0, target_kl=None, normalize_advantages=True, generator=rng)
+    return ppo_update(transitions, model, optimizer, list(model.parameters()), **{**settings, **overrides})
+
+
+def test_approx_kl_early_stop_ends_the_epochs_before_a_step_from_a_far_policy():
+    full = _one_update(TabularModel(), torch.optim.SGD(TabularModel().parameters(), lr=0.0))
+    assert full["gradient_steps"] == 16 and full["stopped_early"] == 0
+    model = TabularModel()
+    stopped = _one_update(model, torch.optim.SGD(model.parameters(), lr=5.0), target_kl=1e-4)
+    # The first minibatch sees π_θ = π_old (KL 0) and steps; the big step makes the next one exceed 1.5·target.
+    assert stopped["stopped_early"] == 1 and stopped["gradient_steps"] == 1 and stopped["epochs_run"] == 1
+
+
+def test_gradient_clipping_bounds_each_step():
+    model = TabularModel()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    stats = _one_update(model, torch.optim.SGD(model.parameters(), lr=1.0), epochs=1, minibatch_size=128,
+                        max_grad_norm=1e-3)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert stats["grad_norm"] > 1e-2  # the raw gradient was far larger than the clip...
+    assert torch.linalg.vector_norm(after - before).item() == pytest.approx(1e-3, rel=1e-3)  # ...the step was not
