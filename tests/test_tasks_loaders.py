@@ -209,3 +209,14 @@ def test_csv_task_from_a_file_the_test_writes(tmp_path):
         tasks.Task.from_csv(path, target="nope")
     with pytest.raises(tasks.TaskDataMissing):
         tasks.Task.from_csv(tmp_path / "absent.csv", target="label")
+
+
+def test_openml_task_with_categorical_columns_runs_in_the_sandbox(tmp_path, no_network, local_sandbox):
+    from sandbox import Status
+    from tasks import reference
+
+    write_openml_cache(tmp_path, 31, n_rows=80)
+    task = tasks.get("credit-g", data_home=tmp_path)
+    ev = tasks.evaluate(task, reference.grid_program("logistic_regression"), local_sandbox)
+    assert ev.status is Status.OK, ev.result.message
+    assert len(ev.split_scores) == 5 and 0.0 <= ev.score <= 1.0
