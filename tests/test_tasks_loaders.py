@@ -21,10 +21,17 @@ from tasks.registry import KAGGLE_SOURCES, OPENML_IDS
 
 @pytest.fixture
 def no_network(monkeypatch):
+    real_connect = socket.socket.connect
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    def connect(sock, address):  # local IPC (the sandbox's own plumbing) stays allowed
+        if sock.family == socket.AF_UNIX:
+            return real_connect(sock, address)
+        return refuse(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "create_connection", refuse)
     import sklearn.datasets._openml as openml_module
 
