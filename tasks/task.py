@@ -49,6 +49,17 @@ def _encode_labels(target: pd.Series, class_order: list | None) -> tuple[np.ndar
     return codes, [str(c) for c in class_order], keep
 
 
+def _check_class_counts(name: str, y: np.ndarray, class_names: list[str], max_rows: int | None) -> None:
+    counts = np.bincount(y, minlength=len(class_names))
+    if counts.min() < MIN_CLASS_ROWS:
+        rare = {class_names[i]: int(c) for i, c in enumerate(counts) if c < MIN_CLASS_ROWS}
+        raise ValueError(
+            f"task {name!r}: classes {rare} have fewer than {MIN_CLASS_ROWS} rows (after the row cap of "
+            f"{max_rows}); every class must reach both sides of each split. Merge or drop rare classes, "
+            "or raise max_rows."
+        )
+
+
 def to_numeric_array(frame: pd.DataFrame) -> np.ndarray:
     """The paper's numeric form: numbers as float, every other column label-encoded (sorted categories), NaN kept."""
     columns = []
@@ -101,14 +112,7 @@ class Task:
         rows = rows[splits.shuffled_order(len(rows))]
         self._frame = frame.iloc[rows].reset_index(drop=True)
         self._y = codes[rows]
-        counts = np.bincount(self._y, minlength=len(class_names))
-        if counts.min() < MIN_CLASS_ROWS:
-            rare = {class_names[i]: int(c) for i, c in enumerate(counts) if c < MIN_CLASS_ROWS}
-            raise ValueError(
-                f"task {name!r}: classes {rare} have fewer than {MIN_CLASS_ROWS} rows (after the row cap of "
-                f"{max_rows}); every class must reach both sides of each split. Merge or drop rare classes, "
-                "or raise max_rows."
-            )
+        _check_class_counts(name, self._y, class_names, max_rows)
 
         self.name = name
         self.source = source
