@@ -12,7 +12,7 @@ Every generated token is one PPO step. For an episode whose actions a_1..a_K (co
                                                 next action's first token (no discount inside an action; the env
                                                 reward still arrives only at the last token)
                      0 after the last token of a terminated episode; a truncated episode bootstraps from V(s').
-  policy loss        -E[min(ρ_t·Â, clip(ρ_t, 1-ε, 1+ε)·Â)],  ρ_t = π_θ/π_old per token, Â whitened per batch
+  policy loss        -E[min(ρ_t·Â, clip(ρ_t, 1-ε, 1+ε)·Â)],  ρ_t = π_θ/π_old per token, Â whitened over the batch
   value loss         ½·E[max((V-G)², (V_old + clip(V-V_old, ±ε_v) - G)²)]
   total              policy + c_v·value - c_H·entropy;  several epochs of shuffled minibatches, gradient-norm
                      clipping, and an early stop once the approximate KL(π_old‖π_θ) passes a target.
@@ -124,13 +124,6 @@ def episode_gae(action_lengths: Sequence[int], env_rewards: Sequence[float], kl:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero-mean, unit-variance over the valid entries (a constant batch becomes zeros, not NaN)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -359,8 +352,10 @@ class PPOConfig:
                                                                  "features; adapter: its own LoRA adapter."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy (and value) adapter."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    reference: str = field(default="base", metadata={"help": "Reference policy ρ: base (adapters off) or "
-                                                             "adapter:<name>."})
+    init_adapter: str | None = field(default=None, metadata={"help": "Start π from this saved LoRA adapter "
+                                                                     "(e.g. an SFT run's checkpoint/policy/policy); "
+                                                                     "ρ is then a frozen copy of it. None: a fresh "
+                                                                     "adapter, ρ = the base model."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
@@ -404,20 +399,24 @@ class PPOAgent:
 
         self.config = dataclasses.replace(config or PPOConfig(), **overrides)
         cfg = self.config
+        torch.manual_seed(cfg.seed)  # fresh LoRA weights and the value head are drawn from torch's global RNG
         self.model_path = str(_resolve_model(model))
-        lora = default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)
-        adapters = {"policy": lora}
+        if cfg.init_adapter:
+            start = str(_adapter_dir(cfg.init_adapter))
+            adapters: dict[str, Any] = {"reference": start, "policy": start}
+            reference = "adapter:reference"
+        else:
+            adapters, reference = {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, "base"
         if cfg.value_model == "adapter":
             adapters["value"] = default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)
-        device = resolve_device(cfg.device)
-        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=cfg.reference,
-                                               device=device, gradient_checkpointing=cfg.gradient_checkpointing,
+        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=reference,
+                                               device=resolve_device(cfg.device),
+                                               gradient_checkpointing=cfg.gradient_checkpointing,
                                                chunk_size=cfg.chunk_size)
         self._init_training_state()
 
     def _init_training_state(self) -> None:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
         hidden_size = self.policy.hf_model.config.hidden_size
         self.value_head = torch.nn.Linear(hidden_size, 1).to(self.policy.device)
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))
@@ -682,6 +681,15 @@ def _device(name: str):
     from agents.policy import resolve_device
 
     return resolve_device(name)
+
+
+def _adapter_dir(path: str | Path) -> Path:
+    """A saved LoRA adapter: the folder with adapter_config.json, or an LMPolicy.save folder holding "policy"."""
+    path = Path(path)
+    for candidate in (path, path / "policy", path / "policy" / "policy"):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) in {path} or its policy/ sub-folder")
 
 
 def _resolve_model(model: str | Path) -> Path | str:

@@ -117,3 +117,27 @@ def test_config_rejects_unknown_choices():
         PPOConfig(value_model="separate")
     with pytest.raises(ValueError):
         PPOConfig(epochs=0)
+
+
+def test_start_from_a_saved_adapter_makes_it_the_frozen_reference(tiny_model_dir, tmp_path):
+    trained = PPOAgent(model=tiny_model_dir, **{**SMALL, "lr": 1e-2})
+    transitions = sampled_episode(trained)
+    update(trained, transitions)
+    trained.policy.save(tmp_path / "sft")  # what an SFT run leaves in its checkpoint
+
+    agent = PPOAgent(model=tiny_model_dir, init_adapter=str(tmp_path / "sft"), **SMALL)
+    assert agent.policy.reference == "adapter:reference"
+    fresh = [Transition(**{**vars(t), "extras": {}}) for t in transitions]
+    agent.annotate_values(fresh)
+    with torch.no_grad():
+        start_logp = agent.forward(fresh).logp
+        trained_logp = trained.forward(fresh).logp
+    torch.testing.assert_close(start_logp, trained_logp, rtol=0, atol=1e-5)  # π starts as the saved adapter
+    assert all(np.allclose(t.extras["kl"], 0.0, atol=1e-6) for t in fresh)  # ... and ρ is that same adapter
+    reference_before = {n: p.detach().clone() for n, p in agent.policy.model.named_parameters() if ".reference." in n}
+    assert reference_before and not any(p.requires_grad for n, p in agent.policy.model.named_parameters()
+                                         if ".reference." in n)
+    update(agent, fresh)
+    for name, p in agent.policy.model.named_parameters():
+        if name in reference_before:
+            assert torch.equal(p, reference_before[name]), f"the reference moved: {name}"
