@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks.metrics import ScoringError
 
+if TYPE_CHECKING:
+    from sandbox.api import RunResult, Status
+
 
 @dataclass
 class Evaluation:
-    status: object  # sandbox.Status
+    status: Status
     score: float | None  # mean over splits; None unless every split scored
     split_scores: list[float]
-    normalized: float | None
-    result: object  # sandbox.RunResult (status/message rewritten when the predictions cannot be scored)
+    normalized: float | None  # task.normalize(score) for the evaluated part; None without reference scores
+    result: RunResult  # the sandbox's result (status/message rewritten when the predictions cannot be scored)
 
     @property
     def ok(self) -> bool:
