@@ -9,41 +9,7 @@ import torch
 
 from agents.policy import GenerationSettings
 from agents.rollout import RolloutBuffer, RolloutCollector, Transition
-
-
-class ScriptedTextEnv(gym.Env):
-    """Prompts name the step; reward = number of characters in the action; episodes last `length` steps and are
-    truncated instead of terminated when `truncate` is set. Records what it saw."""
-
-    metadata = {"render_modes": []}
-
-    def __init__(self, length: int = 3, truncate: bool = False, tag: str = "A"):
-        self.observation_space = gym.spaces.Text(max_length=10_000)
-        self.action_space = gym.spaces.Text(max_length=10_000)
-        self.length, self.truncate, self.tag = length, truncate, tag
-        self.emitted: list[str] = []
-        self.received: list[str] = []
-        self.episode = -1
-
-    def _obs(self) -> str:
-        obs = f"Task {self.tag} episode {self.episode} step {self.t}\ndef build_model(X, y):"
-        self.emitted.append(obs)
-        return obs
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.episode += 1
-        self.t = 0
-        return self._obs(), {"attempt": 0}
-
-    def step(self, action):
-        self.received.append(action)
-        self.t += 1
-        done = self.t >= self.length
-        info = {"status": "ok" if len(action) % 2 == 0 else "runtime_error", "score": float(len(action)) / 100,
-                "attempt": self.t}
-        return self._obs(), float(len(action)), done and not self.truncate, done and self.truncate, info
-
+from tests.fixtures_lm import ScriptedTextEnv
 
 GEN = GenerationSettings(max_new_tokens=6, seed=0)
 
