@@ -78,7 +78,8 @@ class _bare:
         self.action_ids = action_ids
 
 
-def train(beta: float, decomposed: bool, iterations: int, seed: int = 0, batch: int = 128) -> TabularModel:
+def train(beta: float, decomposed: bool, iterations: int, seed: int = 0, batch: int = 128,
+          gamma: float = 1.0) -> TabularModel:
     torch.manual_seed(seed)
     model = TabularModel()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -87,7 +88,7 @@ def train(beta: float, decomposed: bool, iterations: int, seed: int = 0, batch: 
     rng = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         transitions = model.sample(batch, rng)
-        compute_advantages(transitions, {}, kl_coef=beta, gamma=1.0, lam=0.95, decomposed=decomposed,
+        compute_advantages(transitions, {}, kl_coef=beta, gamma=gamma, lam=0.95, decomposed=decomposed,
                            kl_estimator="k1")
         stats = ppo_update(transitions, model, optimizer, list(model.parameters()), epochs=4, minibatch_size=64,
                            clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0, max_grad_norm=1.0,
@@ -117,9 +118,34 @@ def test_ppo_converges_to_the_kl_regularised_optimum():
     model = train(beta=beta, decomposed=True, iterations=50)
     target = np.exp(REWARD.ravel() / beta)
     target /= target.sum()
+    np.testing.assert_allclose(soft_optimum(beta, 1.0), target)  # the backward recursion agrees with π*
     probs = model.action_probs()
     total_variation = 0.5 * np.abs(probs - target).sum()
     assert total_variation < 0.02, (probs.round(3), target.round(3))
+
+
+def soft_optimum(beta: float, first_token_discount: float) -> np.ndarray:
+    """Optimal π over ACTIONS of the token-level objective E[-β·kl₁ + d·(R - β·kl₂)] (ρ uniform).
+
+    Backward: π(w₂|w₁) ∝ exp(R/β) with soft value V(w₁) = β·log E_ρ[exp(R/β)]; then π(w₁) ∝ exp(d·V(w₁)/β).
+    d = 1 is the sequence-level optimum π* ∝ ρ·exp(R/β); d = γ is where a naive per-token discount leads.
+    """
+    second = np.exp(REWARD / beta)
+    soft_value = beta * np.log(second.mean(axis=1))
+    first = np.exp(first_token_discount * soft_value / beta)
+    return ((first / first.sum())[:, None] * second / second.sum(axis=1, keepdims=True)).ravel()
+
+
+def test_decomposed_backup_keeps_the_sequence_level_optimum_when_discounting():
+    # γ = 0.5 discounts between actions only in the decomposed backup, so within one action it changes nothing;
+    # the naive backup discounts the second token's value seen from the first token, and lands elsewhere.
+    beta, gamma = 0.25, 0.5
+    target, naive_target = soft_optimum(beta, 1.0), soft_optimum(beta, gamma)
+    assert 0.5 * np.abs(target - naive_target).sum() > 0.15  # the two fixed points are far apart
+    decomposed = train(beta=beta, decomposed=True, iterations=50, gamma=gamma).action_probs()
+    naive = train(beta=beta, decomposed=False, iterations=50, gamma=gamma).action_probs()
+    assert 0.5 * np.abs(decomposed - target).sum() < 0.02, (decomposed.round(3), target.round(3))
+    assert 0.5 * np.abs(naive - naive_target).sum() < 0.02, (naive.round(3), naive_target.round(3))
 
 
 def _one_update(model, optimizer, **overrides):
