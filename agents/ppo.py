@@ -324,15 +324,16 @@ class PPOConfig:
                                                                     "controller (None = fixed β)."})
     kl_horizon: float = field(default=10_000.0, metadata={"help": "Adaptive controller horizon, in tokens."})
     # advantage estimation
-    gamma: float = field(default=1.0, metadata={"help": "γ: discount (per token, or per action with "
-                                                        "decomposed_backup)."})
+    gamma: float = field(default=0.9, metadata={"help": "γ: discount between env steps with the decomposed backup "
+                                                        "(ETPO's default), after every token with the naive one."})
     lam: float = field(default=0.95, metadata={"help": "λ of GAE."})
-    decomposed_backup: bool = field(default=False, metadata={"help": "Action-decomposed backup: no discount inside "
-                                                                     "an action, γ only between actions (false = "
-                                                                     "naive: γ after every token). Same when γ = 1."})
+    decomposed_backup: bool = field(default=True, metadata={"help": "Action-decomposed backup: no discount inside "
+                                                                    "an action, γ only between actions. false = "
+                                                                    "naive token-level backup (γ after every token; "
+                                                                    "identical when γ = 1, as in RLHF)."})
     normalize_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
     # optimisation
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the policy adapter."})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate of the policy adapter."})
     value_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the value head (and value "
                                                             "adapter)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})

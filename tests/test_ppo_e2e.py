@@ -22,7 +22,7 @@ def test_train_cli_runs_ppo_end_to_end_and_resumes(tiny_model_dir, tmp_path, cap
     command = ["train", "--agent", "ppo", "--task", "breast_cancer", "--model", str(tiny_model_dir),
                "--out", str(out), "--sandbox", "local", "--max-attempts", "2",
                "--set", "max_new_tokens=16", "--set", "rollout_steps=2", "--set", "minibatch_size=2",
-               "--set", "epochs=1", "--set", "device=cpu", "--set", "decomposed_backup=true", "--set", "gamma=0.9"]
+               "--set", "epochs=1", "--set", "device=cpu", "--set", "decomposed_backup=false", "--set", "gamma=0.95"]
     assert main([*command, "--budget", "2"]) == 0
     first = read_metrics(out)
     assert [r["step"] for r in first] == [2]
@@ -41,6 +41,6 @@ def test_train_cli_runs_ppo_end_to_end_and_resumes(tiny_model_dir, tmp_path, cap
     resumed = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
     assert resumed["counters"]["env_steps"] == 4 and resumed["counters"]["iteration"] == 2
     config = json.loads((out / "checkpoint" / "config.json").read_text())
-    assert config["decomposed_backup"] is True and config["gamma"] == 0.9  # the saved config carried over
+    assert config["decomposed_backup"] is False and config["gamma"] == 0.95  # the saved config carried over
     summary = json.loads((out / "summary.json").read_text())
     assert summary["env_steps"] == 4
