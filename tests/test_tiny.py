@@ -1,0 +1,81 @@
+"""The tiny code model: built from nothing, deterministic for a seed, cached, trained on env prompts + demos."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agents import tiny
+from agents.policy import GenerationSettings, LMPolicy
+
+
+def test_tiny_model_builds_from_nothing_and_generates(tiny_model_dir):
+    build = json.loads((tiny_model_dir / "build.json").read_text())
+    assert build["final_loss"] < build["first_loss"]  # it trained
+    assert (tiny_model_dir / "tokenizer.json").exists() and (tiny_model_dir / "config.json").exists()
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    assert policy.tokenizer.eos_token == tiny.EOS and policy.tokenizer.pad_token == tiny.PAD
+    out = policy.generate([policy.encode("def build_model(X, y):")], GenerationSettings(max_new_tokens=10, seed=0))
+    assert len(out[0].action_ids) >= 1 and isinstance(out[0].text, str)
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path, tiny_model_dir):
+    tiny.build_tiny_model(tmp_path / "again", preset="test", seed=0)
+    a = LMPolicy.from_pretrained(tiny_model_dir).model.state_dict()
+    b = LMPolicy.from_pretrained(tmp_path / "again").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tiny_model_dir / "tokenizer.json").read_text() == (tmp_path / "again" / "tokenizer.json").read_text()
+
+
+def test_ensure_tiny_model_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ETPO_CACHE", str(tmp_path))
+    calls = []
+    real = tiny.build_tiny_model
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "build_tiny_model", counting)
+    first = tiny.ensure_tiny_model(preset="test")
+    second = tiny.ensure_tiny_model(preset="test")
+    assert first == second == tmp_path / "tiny" / "test-seed0" and len(calls) == 1
+    assert not list(tmp_path.glob("tiny/*.building-*"))  # built aside, then renamed into place
+    tiny.ensure_tiny_model(preset="test", rebuild=True)
+    assert len(calls) == 2
+
+
+def test_training_pairs_are_env_prompts_followed_by_corpus_programs():
+    from etpo_env.program import extract_program
+
+    pairs = tiny.training_pairs(n_demos=30, seed=0, buggy_fraction=0.0, max_tasks=2, weak_family_weight=3.0)
+    assert len(pairs) == 30
+    for prompt, completion in pairs:
+        assert prompt.rstrip().endswith(tiny.HEADER)  # the env's prompt ends with the function header
+        assert completion.startswith("\n    ")
+        program = extract_program(completion)  # the env turns the continuation back into the program
+        compile(program, "<demo>", "exec")
+    # weak families are drawn more often than their share of the corpus
+    from tasks import demos
+
+    pool = demos.corpus(n=120, seed=0, buggy_fraction=0.0)
+    share = sum(d.family in tiny.WEAK_FAMILIES for d in pool) / len(pool)
+    drawn = tiny.training_pairs(n_demos=120, seed=1, buggy_fraction=0.0, max_tasks=1, weak_family_weight=3.0)
+    weak_drawn = sum(any(f"from sklearn.{m}" in c for m in ("naive_bayes", "neighbors", "tree",
+                                                            "discriminant_analysis")) or "SGDClassifier" in c
+                     or "AdaBoost" in c for _, c in drawn) / len(drawn)
+    assert weak_drawn > share
+
+
+@pytest.mark.slow
+def test_sample_report_goes_through_the_evaluator(tiny_model_dir, local_sandbox):
+    rows = tiny.evaluate_samples(tiny_model_dir, ["iris"], n_samples=2, sandbox=local_sandbox, max_new_tokens=24)
+    (row,) = rows
+    assert row["task"] == "iris" and row["samples"] == 2
+    assert 0.0 <= row["validity"] <= 1.0 and 0.0 < row["distinct"] <= 1.0
+    if row["validity"] == 0:  # the barely-trained test model mostly writes fragments: nothing to average
+        assert row["mean_normalized_valid"] is None and row["mean_normalized_all"] == 0.0
+    else:
+        assert row["mean_normalized_valid"] is not None
