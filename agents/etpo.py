@@ -552,8 +552,12 @@ class LMTokenModels:
             torch.nn.init.zeros_(self.q_head.weight)
             torch.nn.init.zeros_(self.q_head.bias)
         self.target = [p.detach().clone() for p in self.critic_parameters()]
-        self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None),
-                          "critic": policy.head("critic")}
+        output = policy.hf_model.get_output_embeddings()
+        if hasattr(output, "lora_A"):  # LoRA on the output layer: each role needs its own adapter state
+            self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None),
+                              "critic": policy.head("critic")}
+        else:  # the output layer is shared and frozen: apply it directly, no adapter switching per chunk
+            self._lm_heads = dict.fromkeys(("policy", "reference", "critic"), output)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return self.policy.trainable_parameters("policy")
@@ -646,7 +650,7 @@ class ETPOAgent:
 
     # -- learning -------------------------------------------------------------------------------------------------
     def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
-              out_dir: str | Path | None = None, progress: bool = False) -> dict:
+              out_dir: str | Path | None = None) -> dict:
         """Collect `rollout_steps` env steps, run one ETPO update, repeat until `budget` env steps in total.
 
         `budget` counts env steps over the agent's life (a resumed agent continues its count). With `out_dir`,
@@ -661,7 +665,7 @@ class ETPOAgent:
             self._collector = RolloutCollector(self.policy, env, self.generation,
                                                seed=cfg.seed + self.counters["env_resets"], compute_ref_logp=False)
             self.counters["env_resets"] += 1
-        logger = _make_logger(out_dir, progress, budget - self.counters["env_steps"])
+        logger = _make_logger(out_dir, budget - self.counters["env_steps"])
         summary: dict[str, float] = {}
         try:
             while self.counters["env_steps"] < budget:
@@ -811,9 +815,10 @@ def _resolve_model(model: str | Path) -> Path | str:
     return model
 
 
-def _make_logger(out_dir: str | Path | None, progress: bool, total: int):
+def _make_logger(out_dir: str | Path | None, total: int):
+    """The shared RunLogger (console lines, tqdm bar over env steps, TensorBoard, metrics.jsonl) in `out_dir`."""
     if out_dir is None:
         return None
     from agents.logging import RunLogger
 
-    return RunLogger(out_dir)
+    return RunLogger(out_dir, total=max(total, 0) or None)

@@ -1,0 +1,203 @@
+"""ETPOAgent on the tiny LM: the LM path computes the same quantities as unchunked logits, an update moves the right
+parameters, the buffer stays small, learning runs through the shared collector, and resuming from a checkpoint
+reproduces the uninterrupted run's next update exactly."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agents.etpo import ETPOAgent, ETPOConfig, Lion, pack, policy_loss_per_state, soft_value, state_values
+
+SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
+             seed=0, chunk_size=7)
+
+
+class DigitEnv(gym.Env):
+    """One-step episodes: the reward is the share of digits in the action (deterministic, no sandbox)."""
+
+    observation_space = gym.spaces.Text(max_length=200)
+    action_space = gym.spaces.Text(max_length=2000)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return "def build_model(X, y):\n", {}
+
+    def step(self, action):
+        reward = sum(c.isdigit() for c in action) / max(len(action), 1)
+        return "done", float(reward), True, False, {"status": "ok"}
+
+
+class TwoStepEnv(DigitEnv):
+    """Two steps per episode (checks chains across env steps: next_index, bootstrap)."""
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        self.t += 1
+        obs, reward, _, _, info = super().step(action)
+        return f"attempt {self.t}: reward {reward:.2f}\n", reward, self.t >= 2, False, info
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """A tiny model on a busy 2-core machine: one thread avoids pool contention (>10x slower otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def snapshot(agent: ETPOAgent) -> dict[str, torch.Tensor]:
+    out = {f"model.{n}": p.detach().clone() for n, p in agent.policy.model.named_parameters()
+           if ".policy." in n or ".critic." in n}
+    out.update({f"q_head.{n}": p.detach().clone() for n, p in agent.models.q_head.named_parameters()})
+    out.update({f"target.{i}": t.clone() for i, t in enumerate(agent.models.target)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh_agent(tiny_model_dir):
+    return ETPOAgent(model=tiny_model_dir, **SMALL)
+
+
+def sample_sequences(agent, n=3):
+    from agents.policy import GenerationSettings
+
+    prompts = [agent.policy.encode(p) for p in ["def build_model(X, y):\n", "import numpy", "x = 1\n"]][:n]
+    gens = agent.policy.generate(prompts, GenerationSettings(max_new_tokens=6, seed=3))
+    return [(np.asarray(p), np.asarray(g.action_ids)) for p, g in zip(prompts, gens, strict=True)]
+
+
+def test_starts_at_reference_with_zero_q_and_target_equal_to_critic(fresh_agent):
+    agent = fresh_agent
+    packed = pack(sample_sequences(agent), agent.policy.pad_id, "cpu")
+    with torch.no_grad():
+        rows = {role: agent.models.hidden(role, packed.input_ids, packed.attention_mask)[packed.row_batch,
+                                                                                         packed.row_pos]
+                for role in ("policy", "reference", "critic", "target")}
+        pi, rho = agent.models.head("policy", rows["policy"]), agent.models.head("reference", rows["reference"])
+        q, q_target = agent.models.head("critic", rows["critic"]), agent.models.head("target", rows["target"])
+    torch.testing.assert_close(pi, rho)  # LoRA B starts at zero: π = ρ
+    assert torch.count_nonzero(q) == 0 and torch.equal(q, q_target)
+    assert pi.shape[-1] == agent.policy.hf_model.get_output_embeddings().weight.shape[0]
+
+
+def test_chunked_lm_values_equal_unchunked_logits(tiny_model_dir):
+    """V(u) through hidden rows + chunked heads == soft_value on the model's full [B, T, V] logits."""
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    with torch.no_grad():  # move every part away from its start so the check is not trivial
+        for p in agent.models.policy_parameters() + agent.models.critic_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for t in agent.models.target:
+            t.add_(0.05 * torch.randn_like(t))
+    seqs = sample_sequences(agent)
+    packed = pack(seqs, agent.policy.pad_id, "cpu")
+    chunked = state_values(agent.models, packed, beta=0.3, chunk_size=2)
+
+    with torch.no_grad():
+        ids, mask = packed.input_ids, packed.attention_mask
+        pi = agent.policy.logits(ids, mask, "policy")[packed.row_batch, packed.row_pos]
+        rho = agent.policy.logits(ids, mask, None)[packed.row_batch, packed.row_pos]
+        agent.models._swap_target()  # target critic = EMA tensors in the critic's slots
+        try:
+            hidden = agent.policy.hidden_states(ids, mask, "critic")[packed.row_batch, packed.row_pos]
+            q_target = agent.models.q_head(hidden)
+        finally:
+            agent.models._swap_target()
+    torch.testing.assert_close(chunked, soft_value(pi, rho, q_target, 0.3), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(pi, rho)
+
+
+def test_learn_moves_policy_critic_and_target_and_keeps_buffer_small(tiny_model_dir, tmp_path):
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    before = snapshot(agent)
+    seen = []
+    summary = agent.learn(TwoStepEnv(), budget=8, callback=seen.append, out_dir=tmp_path / "run")
+    after = snapshot(agent)
+    assert len(seen) == 2 and summary["env_steps"] == 8 and summary["update"] == 2
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".policy." in k for k in changed), "policy adapter did not move"
+    assert any(".critic." in k for k in changed), "critic adapter did not move"
+    assert {"q_head.weight", "q_head.bias"} <= changed and any(k.startswith("target.") for k in changed)
+    # The target moved less than the critic (EMA with rate 0.05).
+    for i, (p, t) in enumerate(zip(agent.models.critic_parameters(), agent.models.target, strict=True)):
+        start = before[f"target.{i}"]
+        assert (t - start).norm() <= (p.detach() - start).norm() + 1e-12
+    stats = seen[-1]
+    for key in ("reward_mean", "success_rate", "best_reward", "kl", "entropy", "q/taken_mean", "targets/mean",
+                "loss/policy", "loss/critic", "grad_norm/policy", "grad_norm/critic", "tokens_per_s",
+                "env_steps_per_s", "time_update_s", "time_generation_s", "peak_memory_mb"):
+        assert np.isfinite(stats[key]), key
+    assert "q_return_corr" in stats
+    assert stats["targets/unbootstrapped"] == 0  # chains cut by collection bootstrap from next_obs_ids
+    assert stats["buffer_bytes_per_token"] <= 64
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "checkpoint" / "trainer.pt").exists()
+    assert isinstance(agent.act("def build_model(X, y):\n", {}), str)
+
+
+def test_resume_reproduces_the_uninterrupted_next_update(tiny_model_dir, tmp_path):
+    straight = ETPOAgent(model=tiny_model_dir, **SMALL)
+    straight.learn(DigitEnv(), budget=4)
+    straight.save(tmp_path / "ckpt")
+    straight.learn(DigitEnv(), budget=8)
+
+    resumed = ETPOAgent.load(tmp_path / "ckpt")
+    assert resumed.counters["env_steps"] == 4 and resumed.config == straight.config
+    resumed.learn(DigitEnv(), budget=8)
+    a, b = snapshot(straight), snapshot(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert resumed.counters == straight.counters
+
+
+def test_lm_head_critic_and_lion_update(tiny_model_dir):
+    agent = ETPOAgent(model=tiny_model_dir, critic="lm_head", optimizer="lion", policy_lr=1e-4, critic_lr=1e-4,
+                      **SMALL)
+    assert agent.models.q_head is None and isinstance(agent.policy_opt, Lion)
+    before = [p.detach().clone() for p in agent.models.critic_parameters()]
+    stats = agent.learn(DigitEnv(), budget=4)
+    assert np.isfinite(stats["loss/critic"]) and np.isfinite(stats["loss/policy"])
+    assert any(not torch.equal(b, p) for b, p in zip(before, agent.models.critic_parameters(), strict=True))
+
+
+def test_lion_steps_match_hand_computation():
+    """Lion: x ← x·(1 − lr·wd) − lr·sign(β1·m + (1 − β1)·g); then m ← β2·m + (1 − β2)·g."""
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Lion([x], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    x.grad = torch.tensor([0.3, -0.2])
+    opt.step()  # m = 0: sign(0.1·g) = (+, −); x = (1·0.95 − 0.1, −2·0.95 + 0.1); m = 0.01·g
+    assert x.detach().tolist() == pytest.approx([0.85, -1.8])
+    x.grad = torch.tensor([-0.001, -0.5])
+    opt.step()  # c = 0.9·(0.003, −0.002) + 0.1·(−0.001, −0.5) = (0.0026, −0.0518): signs (+, −)
+    assert x.detach().tolist() == pytest.approx([0.85 * 0.95 - 0.1, -1.8 * 0.95 + 0.1])
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="beta"):
+        ETPOConfig(beta=0)
+    with pytest.raises(ValueError, match="critic"):
+        ETPOConfig(critic="value")
+    with pytest.raises(ValueError, match="optimizer"):
+        ETPOConfig(optimizer="sgd")
+    with pytest.raises(ValueError):
+        ETPOConfig(epochs=0)
+
+
+def test_policy_step_under_lm_matches_soft_optimum_direction(fresh_agent):
+    """With Q = a bump on one token, one policy-loss gradient step raises that token's probability (LM path)."""
+    agent = fresh_agent
+    packed = pack(sample_sequences(agent, n=1), agent.policy.pad_id, "cpu")
+    h = agent.models.hidden("policy", packed.input_ids, packed.attention_mask)[packed.row_batch, packed.row_pos]
+    logits = agent.models.head("policy", h)
+    bump = torch.zeros_like(logits)
+    bump[:, 5] = 1.0
+    grad = torch.autograd.grad(policy_loss_per_state(logits, logits.detach(), bump, 0.1).sum(), logits)[0]
+    assert (grad[:, 5] < 0).all()  # descending the loss raises logit 5
+    assert F.softmax(logits, -1).shape == logits.shape
