@@ -558,20 +558,35 @@ class PPOAgent:
         return {**summary, **{k: float(v) for k, v in self.counters.items()}}
 
     def iteration(self, collector: Any, n_steps: int) -> dict[str, float]:
-        """One PPO iteration: rollouts, values, advantages, update. Returns its diagnostics."""
-        cfg = self.config
-        times: dict[str, float] = {}
+        """One PPO iteration: collect `n_steps` env steps with the shared collector, then `update` on them."""
         started = time.perf_counter()
         buffer, collect_stats = collector.collect(n_steps)
         transitions = list(buffer)
-        times["time_rollout_s"] = time.perf_counter() - started
+        time_rollout = time.perf_counter() - started
+        stats = self.update(transitions)
+        self.counters["iteration"] += 1
+        self.counters["env_steps"] += len(transitions)
+        self.counters["tokens"] += sum(len(t.action_ids) for t in transitions)
+        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
+        return {
+            **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
+            **stats,
+            "time_rollout_s": time_rollout,
+            "iteration": float(self.counters["iteration"]),
+            "env_steps": float(self.counters["env_steps"]),
+            "time_total_s": time.perf_counter() - started,
+        }
 
+    def update(self, transitions: Sequence[Any]) -> dict[str, float]:
+        """Values, per-token rewards and GAE, then the PPO epochs, on collected transitions; then adapt β."""
+        cfg = self.config
         tick = time.perf_counter()
         bootstrap = self.annotate_values(transitions)
-        kl_stats = compute_advantages(transitions, bootstrap, kl_coef=self.kl_controller.value, gamma=cfg.gamma,
-                                      lam=cfg.lam, decomposed=cfg.decomposed_backup,
-                                      kl_estimator=cfg.kl_estimator)
-        times["time_advantages_s"] = time.perf_counter() - tick
+        kl_coef = self.kl_controller.value
+        kl_estimate = compute_advantages(transitions, bootstrap, kl_coef=kl_coef, gamma=cfg.gamma, lam=cfg.lam,
+                                         decomposed=cfg.decomposed_backup,
+                                         kl_estimator=cfg.kl_estimator)["kl_estimate"]
+        time_advantages = time.perf_counter() - tick
 
         tick = time.perf_counter()
         update_stats = ppo_update(
@@ -580,43 +595,32 @@ class PPOAgent:
             value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef, max_grad_norm=cfg.max_grad_norm,
             target_kl=cfg.target_kl, normalize_advantages=cfg.normalize_advantages, generator=self.generator,
             device=self.policy.device)
-        times["time_update_s"] = time.perf_counter() - tick
+        time_update = time.perf_counter() - tick
 
         n_tokens = sum(len(t.action_ids) for t in transitions)
-        kl_coef_used = self.kl_controller.value
-        self.kl_controller.update(kl_stats["kl_estimate"], n_tokens)
-        self.counters["iteration"] += 1
-        self.counters["env_steps"] += len(transitions)
-        self.counters["tokens"] += n_tokens
-        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
-
+        self.kl_controller.update(kl_estimate, n_tokens)
         # kl_to_reference: exact whole-vocabulary KL(π_old‖ρ) per token when enabled, else the reward's estimate.
-        kl_estimate = kl_stats["kl_estimate"]
         if cfg.exact_kl_diagnostic:
-            kl_exact = float(np.concatenate([t.extras["kl"] for t in transitions]).mean())
+            kl_to_reference = float(np.concatenate([t.extras["kl"] for t in transitions]).mean())
         else:
-            kl_exact = kl_estimate
+            kl_to_reference = kl_estimate
         values = np.concatenate([t.extras["values"] for t in transitions])
         returns = np.concatenate([t.extras["returns"] for t in transitions])
         rewards = np.array([t.reward for t in transitions], dtype=np.float64)
-        stats = {
+        return {
             "reward_mean": float(rewards.mean()),
             "reward_max": float(rewards.max()),
-            "kl_to_reference": kl_exact,
+            "kl_to_reference": kl_to_reference,
             "kl_estimate": kl_estimate,
-            "kl_coef": kl_coef_used,
+            "kl_coef": kl_coef,
             "explained_variance": explained_variance(values, returns),
             "value_mean": float(values.mean()),
             "return_mean": float(returns.mean()),
             "tokens_per_action": n_tokens / len(transitions),
             **update_stats,
-            **times,
-            **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
-            "iteration": float(self.counters["iteration"]),
-            "env_steps": float(self.counters["env_steps"]),
+            "time_advantages_s": time_advantages,
+            "time_update_s": time_update,
         }
-        stats["time_total_s"] = time.perf_counter() - started
-        return stats
 
     # -- persistence ------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
