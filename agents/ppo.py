@@ -11,8 +11,9 @@ Every generated token is one PPO step. For an episode whose actions a_1..a_K (co
                      action-decomposed backup:  1 inside an action, γ only from an action's last token to the
                                                 next action's first token (no discount inside an action; the env
                                                 reward still arrives only at the last token)
-                     0 after the last token of a terminated episode; a truncated episode bootstraps from V(s').
-  policy loss        -E[min(ρ_t·Â, clip(ρ_t, 1-ε, 1+ε)·Â)],  ρ_t = π_θ/π_old per token, Â whitened over the batch
+                     0 after the last token of a terminated episode; a truncated episode (or one cut by the end
+                     of a rollout) bootstraps from V(s'). Default: decomposed with γ = 0.9, ETPO's discounting.
+  policy loss        -E[min(r_t·Â, clip(r_t, 1-ε, 1+ε)·Â)],  r_t = π_θ/π_old per token, Â whitened over the batch
   value loss         ½·E[max((V-G)², (V_old + clip(V-V_old, ±ε_v) - G)²)]
   total              policy + c_v·value - c_H·entropy;  several epochs of shuffled minibatches, gradient-norm
                      clipping, and an early stop once the approximate KL(π_old‖π_θ) passes a target.
