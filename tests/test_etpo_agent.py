@@ -201,3 +201,21 @@ def test_policy_step_under_lm_matches_soft_optimum_direction(fresh_agent):
     grad = torch.autograd.grad(policy_loss_per_state(logits, logits.detach(), bump, 0.1).sum(), logits)[0]
     assert (grad[:, 5] < 0).all()  # descending the loss raises logit 5
     assert F.softmax(logits, -1).shape == logits.shape
+
+
+@pytest.mark.slow
+def test_etpo_runs_end_to_end_on_a_bundled_task(tiny_model_dir, local_sandbox, tmp_path):
+    """DataSciCode-v0 on breast_cancer with the local sandbox: programs are sampled, run, scored and learnt from."""
+    import etpo_env  # noqa: F401  (registers DataSciCode-v0)
+
+    env = gym.make("DataSciCode-v0", task="breast_cancer", sandbox=local_sandbox, max_attempts=2, max_rows=300)
+    agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "max_new_tokens": 24, "rollout_steps": 3})
+    try:
+        summary = agent.learn(env, budget=3, out_dir=tmp_path / "run")
+    finally:
+        env.close()
+    assert summary["env_steps"] == 3 and summary["update"] == 1
+    assert np.isfinite(summary["loss/critic"]) and np.isfinite(summary["reward_mean"])
+    assert summary["time_sandbox_s"] > 0
+    reloaded = ETPOAgent.load(tmp_path / "run" / "checkpoint")
+    assert reloaded.counters == agent.counters
