@@ -1,14 +1,187 @@
-"""Docker backend (placeholder until the image build lands): reports itself unavailable."""
+"""Docker backend: each worker lives in a long-lived, hardened, labelled container started on first use.
+
+Hardening: no network, read-only root, size-capped tmpfs /tmp, memory limit without swap, pids limit, one CPU,
+all capabilities dropped, no-new-privileges, an unprivileged uid of its own, an init process, no host mounts.
+The host talks to the worker over the container's attached stdin/stdout (one multiplexed socket, framed
+messages): no `docker exec` per job. A container that stops answering is killed and replaced, never waited on.
+Containers are removed on `close()`, at interpreter exit, and by `etpo sandbox prune` (by label).
+"""
 
 from __future__ import annotations
 
-from sandbox.pool import SandboxUnavailable
+import os
+import socket
+import struct
+import uuid
+
+from sandbox.api import Limits
+from sandbox.images import docker_client, image_exists, image_tag
+from sandbox.local import random_child_uid, sandbox_environment
+from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
+
+LABEL = "etpo-gym.sandbox"  # every container the project creates carries it
+OWNER_LABEL = "etpo-gym.sandbox.owner"  # "<hostname>:<pid>" of the process that created it
+SANDBOX_LABEL = "etpo-gym.sandbox.id"
+WORKER_MEMORY_MB = 512  # the warm worker's own footprint on top of the job's memory limit
+EXTRA_PIDS = 16  # init, worker and helpers on top of the job's process limit
+_STREAM_HEADER = struct.Struct(">BxxxI")  # Docker's multiplexed stream framing: stream id, payload size
 
 
 def docker_status(image: str | None = None) -> tuple[bool, str]:
-    return False, "the Docker backend is not available yet"
+    """(usable, reason): an engine answers and the image for the current worker exists."""
+    try:
+        client = docker_client(timeout=5)
+        client.ping()
+    except Exception as exc:  # any failure to reach an engine means "not available"
+        return False, f"no Docker engine answers ({type(exc).__name__}: {exc})"
+    tag = image or image_tag()
+    try:
+        if not image_exists(tag, client):
+            return False, f"image {tag} is missing; build it with `etpo sandbox build --offline`"
+    finally:
+        client.close()
+    return True, tag
 
 
-class DockerSandbox:
-    def __init__(self, *args, **kwargs):
-        raise SandboxUnavailable("the Docker backend is not available yet")
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class DemuxReader(FdReader):
+    """Reads the container's stdout out of Docker's multiplexed attach stream; stderr goes to a small log."""
+
+    def __init__(self, sock: socket.socket, log_cap: int = 8192):
+        super().__init__(sock.fileno())
+        self.sock = sock
+        self.raw = bytearray()
+        self.stderr_tail = bytearray()
+        self.log_cap = log_cap
+
+    def _read_chunk(self) -> bytes | None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            return None
+        self.raw += data
+        out = bytearray()
+        while len(self.raw) >= _STREAM_HEADER.size:
+            stream, size = _STREAM_HEADER.unpack_from(self.raw)
+            if len(self.raw) < _STREAM_HEADER.size + size:
+                break
+            payload = bytes(self.raw[_STREAM_HEADER.size:_STREAM_HEADER.size + size])
+            del self.raw[:_STREAM_HEADER.size + size]
+            if stream == 1:
+                out += payload
+            else:
+                self.stderr_tail += payload
+                del self.stderr_tail[:-self.log_cap]
+        return bytes(out)
+
+
+class ContainerWorker(WorkerHandle):
+    isolation = "docker"
+
+    def __init__(self, client, image: str, limits: Limits, sandbox_id: str, slot: int):
+        uid = random_child_uid()
+        self.client = client
+        self.container = client.containers.create(
+            image, command=["python3", "-I", "-B", "/opt/etpo/worker.py", "--own-pid-namespace", "--scratch", "/tmp"],
+            stdin_open=True, tty=False, detach=True, init=True, user=f"{uid}:{uid}", working_dir="/tmp",
+            environment=sandbox_environment(), network_mode="none", read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_mb}m,mode=1777"}, shm_size="64m",
+            mem_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m", memswap_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m",
+            pids_limit=limits.max_processes + EXTRA_PIDS, nano_cpus=1_000_000_000, cap_drop=["ALL"],
+            security_opt=["no-new-privileges"], ipc_mode="private",
+            labels={LABEL: "1", OWNER_LABEL: owner_id(), SANDBOX_LABEL: sandbox_id, f"{LABEL}.slot": str(slot)})
+        try:
+            self._attach = client.api.attach_socket(self.container.id,
+                                                    params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            self.sock = self._attach._sock
+            self.sock.setblocking(True)
+            self.container.start()
+        except Exception:
+            self.kill()
+            raise
+        self._reader = DemuxReader(self.sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reader(self) -> FdReader:
+        return self._reader
+
+    def diagnostics(self) -> str:
+        tail = bytes(self._reader.stderr_tail).decode("utf-8", "replace").strip() if hasattr(self, "_reader") else ""
+        return f"container log: {tail[-2000:]}" if tail else ""
+
+    def kill(self) -> None:
+        import docker.errors
+
+        try:
+            self.container.remove(force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "already in progress" not in str(exc):
+                raise
+        for closer in (getattr(self, "sock", None), getattr(self, "_attach", None)):
+            try:
+                if closer is not None:
+                    closer.close()
+            except OSError:
+                pass
+
+
+class DockerSandbox(PooledSandbox):
+    """Warm workers in hardened containers; one container per concurrent slot, created on first use."""
+
+    def __init__(self, limits: Limits | None = None, parallelism: int | None = None, recycle_after: int = 500,
+                 image: str | None = None):
+        ok, why = docker_status(image)
+        if not ok:
+            raise SandboxUnavailable(f"the Docker backend is unavailable: {why}")
+        self.image = image or image_tag()
+        self.sandbox_id = uuid.uuid4().hex[:12]
+        self._client = docker_client(timeout=60)
+        super().__init__("docker", self._launch, limits, parallelism, recycle_after)
+
+    def _launch(self, slot: int) -> WorkerHandle:
+        return ContainerWorker(self._client, self.image, self.limits, self.sandbox_id, slot)
+
+    def _after_close(self) -> None:
+        prune(sandbox_id=self.sandbox_id)
+
+
+def prune(sandbox_id: str | None = None, all_owners: bool = False) -> list[str]:
+    """Remove project containers: those of one sandbox, those whose owner process is gone, or all of them."""
+    import docker.errors
+
+    client = docker_client(timeout=30)
+    filters = {"label": [f"{SANDBOX_LABEL}={sandbox_id}"] if sandbox_id else [LABEL]}
+    removed = []
+    for container in client.containers.list(all=True, filters=filters):
+        owner = container.labels.get(OWNER_LABEL, "")
+        if not (sandbox_id or all_owners or _owner_gone(owner)):
+            continue
+        try:
+            container.remove(force=True, v=True)
+            removed.append(container.short_id)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "already in progress" not in str(exc):
+                raise
+    client.close()
+    return removed
+
+
+def _owner_gone(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

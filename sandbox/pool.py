@@ -52,12 +52,13 @@ class FdReader:
         if not ready:
             raise TimeoutError
         chunk = self._read_chunk()
-        if not chunk:
+        if chunk is None:
             raise WorkerLost("the worker closed its output")
         self.buffer += chunk
 
-    def _read_chunk(self) -> bytes:
-        return os.read(self.fd, 1 << 20)
+    def _read_chunk(self) -> bytes | None:
+        """Payload bytes now available (possibly none), or None at end of stream."""
+        return os.read(self.fd, 1 << 20) or None
 
     def read_exact(self, n: int, deadline: float) -> bytes:
         while len(self.buffer) < n:
@@ -343,8 +344,10 @@ class PooledSandbox:
         except (WorkerLost, OSError) as exc:
             details = slot.handle.diagnostics() if slot.handle else ""
             self._retire(slot)
-            return RunResult(Status.SANDBOX_ERROR, message=f"the sandbox worker failed ({exc}); it was replaced, "
-                             f"retry the step. {details}".strip(), duration_s=time.monotonic() - started,
+            return RunResult(Status.SANDBOX_ERROR, message=f"the sandbox worker died during the job ({exc}); the "
+                             "program may have killed it (for example with kill -1 or by signalling its parent). "
+                             f"It was replaced; do not signal other processes. {details}".strip(),
+                             duration_s=time.monotonic() - started,
                              isolation=self.isolation)
         slot.jobs += 1
         self.stats["jobs"] += 1

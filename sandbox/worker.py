@@ -338,6 +338,13 @@ def _no_new_privileges() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
+def _not_dumpable() -> None:
+    import ctypes
+
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
 def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, stderr_fd: int, uid: int | None,
                workdir: str) -> None:
     """Body of the forked child. Never returns: exits through os._exit."""
@@ -602,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         return b"".join(chunks)
 
     worker = Worker(args.own_pid_namespace, args.child_uid, args.scratch)
+    if worker.child_uid is None:
+        _not_dumpable()  # jobs share our uid: keep them from ptrace-attaching to us or reading our /proc files
     hello = dict(_import_stack(), type="ready", pid=os.getpid(), uid=os.getuid(), child_uid=worker.child_uid,
                  python=sys.version.split()[0])
     proto_out.write(encode_frame(hello))

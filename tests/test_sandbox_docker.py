@@ -1,0 +1,126 @@
+"""Docker backend: hardening of the container, wedge recovery, cleanup by label, image tagging and reuse."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sandbox import Job, Limits, Status, images, make_sandbox
+from sandbox.docker_backend import LABEL, OWNER_LABEL, SANDBOX_LABEL, owner_id, prune
+from sandbox.safety import HONEST_PROGRAM, tiny_fold
+from tests.fixtures_sandbox import ensure_backend_available, make_backend
+
+PROBE = """
+import os, socket
+def build_model(X, y):
+    print(os.getuid(), sorted(n for _, n in socket.if_nameindex()), os.access("/", os.W_OK), os.access("/tmp", os.W_OK))
+    raise RuntimeError("probe")
+"""
+
+
+@pytest.fixture()
+def docker_sandbox():
+    sandbox = make_backend("docker", limits=Limits(wall_time_s=20, memory_mb=1024, max_processes=32), parallelism=1)
+    yield sandbox
+    sandbox.close()
+
+
+def _containers(client, sandbox_id: str) -> list:
+    return client.containers.list(all=True, filters={"label": f"{SANDBOX_LABEL}={sandbox_id}"})
+
+
+def test_image_tag_is_a_content_hash(tmp_path, monkeypatch):
+    tag = images.image_tag()
+    assert tag.startswith(f"{images.REPOSITORY}:") and len(tag.split(":")[1]) == 16
+    assert images.image_tag() == tag
+    changed = tmp_path / "worker.py"
+    changed.write_bytes(images.WORKER.read_bytes() + b"\n# changed\n")
+    monkeypatch.setattr(images, "WORKER", changed)
+    assert images.image_tag() != tag
+
+
+@pytest.mark.docker
+def test_container_is_hardened_and_started_only_on_first_run(docker_sandbox):
+    import docker
+
+    client = docker.from_env()
+    try:
+        assert _containers(client, docker_sandbox.sandbox_id) == []
+        result = docker_sandbox.run(Job(PROBE, [tiny_fold()]))
+        assert result.status is Status.RUNTIME_ERROR and result.isolation == "docker"
+        uid, rest = result.stdout.split(" ", 1)
+        assert int(uid) != 0
+        assert rest.strip() == "['lo'] False True"
+        (container,) = _containers(client, docker_sandbox.sandbox_id)
+        host = container.attrs["HostConfig"]
+        assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True
+        assert host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
+        assert host["Memory"] == host["MemorySwap"] > 0
+        assert host["PidsLimit"] > 0 and host["NanoCpus"] == 1_000_000_000 and host["Init"] is True
+        assert "/tmp" in host["Tmpfs"] and "size=" in host["Tmpfs"]["/tmp"]
+        assert not host.get("Binds") and not container.attrs["Mounts"]
+        assert container.attrs["Config"]["User"].split(":")[0] != "0"
+        assert container.labels[LABEL] == "1" and container.labels[OWNER_LABEL] == owner_id()
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+def test_wedged_container_is_killed_and_replaced(docker_sandbox, monkeypatch):
+    import docker
+
+    from sandbox import pool
+
+    monkeypatch.setattr(pool, "RESPONSE_GRACE_S", 2.0)
+    assert docker_sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()])).ok
+    client = docker.from_env()
+    try:
+        (container,) = _containers(client, docker_sandbox.sandbox_id)
+        container.pause()  # the worker can no longer answer: the host must not wait on it
+        started = time.monotonic()
+        docker_sandbox.limits = Limits(wall_time_s=1.0)
+        wedged = docker_sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()]))
+        assert wedged.status is Status.TIMEOUT and "replaced" in wedged.message
+        assert time.monotonic() - started < 15
+        assert docker_sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()])).ok
+        remaining = [c.id for c in _containers(client, docker_sandbox.sandbox_id)]
+        assert container.id not in remaining and len(remaining) == 1
+    finally:
+        client.close()
+
+
+@pytest.mark.docker
+def test_prune_spares_live_owners_and_close_removes_containers():
+    import docker
+
+    ensure_backend_available("docker")
+    sandbox = make_sandbox("docker", parallelism=1)
+    client = docker.from_env()
+    try:
+        assert sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()])).ok
+        (container,) = _containers(client, sandbox.sandbox_id)
+        assert container.short_id not in prune()  # its owner (this process) is alive
+        assert len(_containers(client, sandbox.sandbox_id)) == 1
+        sandbox.close()
+        assert _containers(client, sandbox.sandbox_id) == []
+    finally:
+        sandbox.close()
+        client.close()
+
+
+@pytest.mark.docker
+def test_offline_build_is_a_noop_when_the_image_is_current():
+    ensure_backend_available("docker")
+    lines: list[str] = []
+    started = time.monotonic()
+    tag = images.build_image(offline=True, log=lines.append)
+    assert tag == images.image_tag()
+    assert "up to date" in lines[0] and time.monotonic() - started < 10
+
+
+@pytest.mark.docker
+def test_auto_prefers_docker_when_the_image_exists():
+    ensure_backend_available("docker")
+    with make_sandbox("auto", parallelism=1) as sandbox:
+        assert sandbox.isolation == "docker"
