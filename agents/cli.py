@@ -133,7 +133,7 @@ class _TrainParser(argparse.ArgumentParser):
             group = self.add_argument_group(f"{agent} learner options ({config_cls.__name__})")
             taken = {opt for action in self._actions for opt in action.option_strings}
             skip = {f.name for f in dataclasses.fields(config_cls) if "--" + f.name.replace("_", "-") in taken}
-            add_dataclass_arguments(group, config_cls, prefix="cfg_", skip=skip)
+            add_dataclass_arguments(group, config_cls, dest_prefix="cfg_", skip=skip)
             self.set_defaults(config_class=config_cls)
 
 

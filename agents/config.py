@@ -89,8 +89,14 @@ def option_name(field_name: str, prefix: str = "") -> str:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
-                            prefix: str = "", skip: set[str] | frozenset[str] = frozenset()) -> None:
-    """Add one option per dataclass field. Defaults are left as None so only options the user gave override."""
+                            prefix: str = "", skip: set[str] | frozenset[str] = frozenset(),
+                            dest_prefix: str | None = None) -> None:
+    """Add one option per dataclass field. Defaults are left as None so only options the user gave override.
+
+    `prefix` prefixes option names (and destinations); `dest_prefix` overrides only the destinations, keeping
+    option names plain while avoiding clashes with other options in the namespace.
+    """
+    dest_prefix = prefix if dest_prefix is None else dest_prefix
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -100,7 +106,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
         shown = "" if default is _MISSING else f" (default: {default!r})"
         parser.add_argument(
             option_name(f.name, prefix),
-            dest=prefix + f.name,
+            dest=dest_prefix + f.name,
             default=None,
             type=lambda s, tp=tp: parse_value(s, tp),
             metavar=_metavar(tp),

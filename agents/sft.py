@@ -2,9 +2,9 @@
 (sample, keep the best-scoring programs, fine-tune on them, repeat) that spends the same env-step budget as the RL
 learners.
 
-    agent = SFTAgent(model="tiny", config=SFTConfig(mode="demos", data="episodes.jsonl"))
-    agent.learn(env, budget=0)                 # demos mode: fit on the file; no env steps
-    agent = SFTAgent(model="tiny")             # self-improve mode (default)
+    agent = SFTAgent(model="tiny", config=SFTConfig(recipe="demos", data="episodes.jsonl"))
+    agent.learn(env, budget=0)                 # demos recipe: fit on the file; no env steps
+    agent = SFTAgent(model="tiny")             # self-improve recipe (default)
     agent.learn(env, budget=64)                # every sampled program is one env step of the budget
 
 Demonstration files are JSONL with a ``prompt`` and a ``program`` (or ``action`` / ``completion``) per line — the
@@ -33,7 +33,7 @@ import numpy as np
 
 @dataclass
 class SFTConfig:
-    mode: Literal["demos", "self-improve"] = field(default="self-improve", metadata={
+    recipe: Literal["demos", "self-improve"] = field(default="self-improve", metadata={
         "help": "demos: fine-tune on `data` only; self-improve: sample, keep the best, fine-tune, repeat."})
     data: str | None = field(default=None, metadata={
         "help": "JSONL demonstrations (prompt + program/action/completion); used first in either mode."})
@@ -223,7 +223,7 @@ class SFTAgent:
                 self.demos_done = True
                 if logger:
                     logger.log({**summary, "phase_demos": 1.0}, step=self.counters["env_steps"])
-            if cfg.mode == "self-improve":
+            if cfg.recipe == "self-improve":
                 collector = RolloutCollector(self.policy, env, self.generation, compute_ref_logp=False,
                                              seed=cfg.seed)
                 while self.counters["env_steps"] < budget:

@@ -34,16 +34,16 @@ BUILD_FORMAT = 1  # bump when the build recipe changes so cached models are rebu
 @dataclass(frozen=True)
 class TinyPreset:
     vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size."})
-    hidden_size: int = field(default=192, metadata={"help": "Model width."})
+    hidden_size: int = field(default=160, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=512, metadata={"help": "MLP width."})
+    intermediate_size: int = field(default=448, metadata={"help": "MLP width."})
     context_length: int = field(default=2048, metadata={"help": "Positions the model accepts (RoPE)."})
-    train_block: int = field(default=512, metadata={"help": "Tokens per training sequence (prompt tail kept)."})
+    train_block: int = field(default=384, metadata={"help": "Tokens per training sequence (prompt tail kept)."})
     n_demos: int = field(default=1200, metadata={"help": "Demonstration programs drawn from the corpus."})
     buggy_fraction: float = field(default=0.1, metadata={"help": "Share of buggy demos (errors to learn from)."})
-    steps: int = field(default=300, metadata={"help": "Optimizer steps (brief on purpose: leaves room for RL)."})
-    batch_size: int = field(default=16, metadata={"help": "Sequences per step."})
+    steps: int = field(default=240, metadata={"help": "Optimizer steps (brief on purpose: leaves room for RL)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
     lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (linear warmup, cosine decay)."})
     tasks_per_prompt_style: int = field(default=0, metadata={"help": "Tasks used for prompts (0 = all bundled)."})
     weak_family_weight: float = field(default=3.0, metadata={"help": "How much more often demos of weak model "
@@ -55,7 +55,7 @@ WEAK_FAMILIES = ("naive_bayes", "knn", "decision_tree", "lda", "sgd", "adaboost"
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # ~3M parameters, a few minutes on 2 CPU cores.
+    # ~1.6M parameters; about 1 s per step on one busy CPU core, so a few minutes in all.
     "default": TinyPreset(),
     # For the test suite: built in seconds, generates text, nothing more.
     "test": TinyPreset(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -191,11 +191,24 @@ def build_tiny_model(out_dir: str | Path, preset: str | TinyPreset = "default", 
     """Train tokenizer and model from nothing and `save_pretrained` both into `out_dir`. Returns build info."""
     import torch
 
-    from agents.policy import pad_sequences
-
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     say = log or (lambda msg: None)
     started = time.perf_counter()
+    # One intra-op thread: float sums then do not depend on the core count (same model on every machine for a
+    # seed), and a model this small loses more to thread contention on a busy CPU than it gains.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(spec, seed, Path(out_dir), say, started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float) -> dict:
+    import torch
+
+    from agents.policy import pad_sequences
+
     torch.manual_seed(seed)
     random.seed(seed)
     pairs = training_pairs(spec.n_demos, seed, spec.buggy_fraction, spec.tasks_per_prompt_style,
@@ -226,7 +239,6 @@ def build_tiny_model(out_dir: str | Path, preset: str | TinyPreset = "default", 
         losses.append(float(loss.detach()))
         if step % max(1, spec.steps // 10) == 0 or step == spec.steps - 1:
             say(f"step {step + 1}/{spec.steps}  loss {loss.item():.3f}")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))

@@ -41,7 +41,7 @@ def test_demonstration_file_filters_failed_and_low_reward_lines(demo_file, tmp_p
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_sft_lowers_the_loss_on_a_fixed_demonstration_file(tiny_model_dir, demo_file, lora):
-    agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(mode="demos", data=str(demo_file), lora=lora,
+    agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(recipe="demos", data=str(demo_file), lora=lora,
                                                            lr=3e-3 if lora else 1e-3, epochs=12, batch_size=2,
                                                            device="cpu"))
     assert bool(agent.policy.adapter_names) == lora
