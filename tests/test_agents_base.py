@@ -105,3 +105,12 @@ def test_config_round_trips_through_argparse_overrides_and_json(tmp_path):
         config.apply_overrides(cfg, ["mode=c"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "many"])
+
+
+def test_random_program_agent_draws_from_the_demonstration_corpus():
+    from tasks import demos
+
+    agent = base.RandomProgramAgent(seed=0, corpus_size=50)
+    corpus = {d.program for d in demos.corpus(n=50, seed=0, buggy_fraction=0.2)}
+    draws = {agent.act("prompt", {}) for _ in range(40)}
+    assert draws <= corpus and len(draws) > 10
