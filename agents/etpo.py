@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -597,6 +598,34 @@ class LMTokenModels:
         return self._with_target(run) if role == "target" else run()
 
 
+def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16, device: str = "cpu",
+                          dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+    """An LMPolicy with "policy" and "critic" LoRA adapters over a randomly initialised model built from a
+    transformers config (no download): for benchmarks of shapes no local checkpoint has."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from agents.policy import LMPolicy, default_lora_config
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the target dtype: a 7B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    finally:
+        torch.set_default_dtype(default)
+    model = get_peft_model(model, default_lora_config(r=lora_r, alpha=lora_alpha), adapter_name="policy")
+    model.add_adapter("critic", default_lora_config(r=lora_r, alpha=lora_alpha))
+    model.set_adapter("policy")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".policy." in name or ".critic." in name)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)  # only the pad id is needed for updates
+    policy = LMPolicy(model, tokenizer, device=device, name_or_path=f"<config:{hf_config.model_type}>")
+    policy.upcast_trainable_to_fp32()
+    return policy
+
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -617,6 +646,20 @@ class ETPOAgent:
                                                gradient_checkpointing=cfg.gradient_checkpointing,
                                                chunk_size=cfg.chunk_size)
         self._init_training_state()
+
+    @classmethod
+    def from_policy(cls, policy: Any, config: ETPOConfig | None = None, **overrides: Any) -> ETPOAgent:
+        """An agent over an existing LMPolicy that already carries "policy" and "critic" adapters (benchmarks,
+        models built from a config in memory)."""
+        missing = {"policy", "critic"} - set(policy.adapter_names)
+        if missing:
+            raise ValueError(f"the policy lacks adapter(s) {sorted(missing)}; ETPO needs 'policy' and 'critic'")
+        agent = cls.__new__(cls)
+        agent.config = dataclasses.replace(config or ETPOConfig(), **overrides)
+        agent.model_path = str(policy.name_or_path)
+        agent.policy = policy
+        agent._init_training_state()
+        return agent
 
     def _init_training_state(self) -> None:
         cfg = self.config
