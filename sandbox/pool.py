@@ -157,7 +157,8 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
                        duration_s=float(header.get("duration_s") or 0.0),
                        peak_memory_mb=float(header.get("peak_memory_mb") or 0.0), isolation=isolation,
                        extra={"exit_code": header.get("exit_code"), "cpu_time_s": header.get("cpu_time_s"),
-                              "stdout_bytes": header.get("stdout_bytes"), "stderr_bytes": header.get("stderr_bytes")})
+                              "stdout_bytes": header.get("stdout_bytes"), "stderr_bytes": header.get("stderr_bytes"),
+                              "sweep_s": header.get("sweep_s"), "drain_s": header.get("drain_s")})
     reason = header.get("killed_reason")
     exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else 0
     if reason == "timeout":

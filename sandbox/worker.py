@@ -421,9 +421,9 @@ class Worker:
                 os.killpg(child_pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            if self.child_uid is not None:
-                self._kill_uid()
             if not self.own_pid_namespace:
+                if self.child_uid is not None:
+                    self._kill_uid()  # catches descendants that left the process group (setsid)
                 return True
             others = self._other_pids()
             if not others:
@@ -449,7 +449,8 @@ class Worker:
     def _wipe_scratch(self) -> None:
         import shutil
 
-        for root in (self.scratch, "/dev/shm") if self.own_pid_namespace else (self.scratch,):
+        # A private namespace owns its whole /tmp and /dev/shm; elsewhere only the job's own directory is ours.
+        for root in (self.scratch, "/dev/shm") if self.own_pid_namespace else (os.path.join(self.scratch, JOB_DIR),):
             try:
                 entries = os.listdir(root)
             except OSError:
@@ -516,12 +517,14 @@ class Worker:
         duration = time.monotonic() - started
         selector.unregister(pidfd)
         os.close(pidfd)
+        sweep_started = time.monotonic()
         clean = self.sweep(pid)
         # Writers are gone now: collect what is still buffered in the pipes.
-        drain_until = time.monotonic() + 1.0
-        while selector.get_map() and time.monotonic() < drain_until:
+        drain_started = time.monotonic()
+        while selector.get_map() and time.monotonic() < drain_started + 1.0:
             for key, _ in selector.select(timeout=0.1):
                 reason = reason or self._drain(key, selector, buffers, result, kill_at, result_cap)
+        cleanup = {"sweep_s": drain_started - sweep_started, "drain_s": time.monotonic() - drain_started}
         for key in list(selector.get_map().values()):
             selector.unregister(key.fileobj)
             os.close(key.fileobj)
@@ -533,7 +536,7 @@ class Worker:
             "stdout": buffers["stdout"].text(), "stderr": buffers["stderr"].text(),
             "stdout_bytes": buffers["stdout"].total, "stderr_bytes": buffers["stderr"].total,
             "exit_code": os.waitstatus_to_exitcode(wait_status), "killed_reason": reason, "damaged": not clean,
-            "cpu_time_s": usage.ru_utime + usage.ru_stime,
+            "cpu_time_s": usage.ru_utime + usage.ru_stime, **cleanup,
         }
         child_blobs: list[bytes] = []
         if reason is None and result:
@@ -578,7 +581,24 @@ def _import_stack() -> dict:
     import sklearn.preprocessing  # noqa: F401
     import sklearn.tree  # noqa: F401
 
+    _warm_up_fit()
     return {"versions": versions, "import_s": time.monotonic() - started}
+
+
+def _warm_up_fit() -> None:
+    """Fit and predict once on a small DataFrame so the lazy imports inside scikit-learn and pandas (input
+    validation, dataframe interchange) happen here, once, instead of in every job."""
+    import pandas as pd
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    frame = pd.DataFrame({"a": np.arange(20.0), "b": pd.Categorical(["x", "y"] * 10).codes.astype(float)})
+    target = np.arange(20) % 2
+    for model in (RandomForestClassifier(n_estimators=2, random_state=0),
+                  make_pipeline(StandardScaler(), LogisticRegression())):
+        model.fit(frame, target).predict_proba(frame)
 
 
 def main(argv: list[str] | None = None) -> int:
