@@ -152,16 +152,16 @@ def build_image(offline: bool = False, force: bool = False, log=print) -> str:
 
 def remove_stale_images(keep: str, log=print) -> None:
     """Delete older builds of the sandbox image (~0.5 GB each); ones still used by a container stay."""
-    import docker.errors
-
-    client = docker_client()
-    for image in client.images.list(name=REPOSITORY):
-        if keep in image.tags:
-            continue
-        for stale in image.tags:
-            try:
-                client.images.remove(stale)
-                log(f"removed stale image {stale}")
-            except docker.errors.APIError as exc:
-                log(f"kept {stale}: {exc.explanation or exc}")
-    client.close()
+    client = docker_client(timeout=300)  # deleting half a gigabyte of layers can take a while
+    try:
+        for image in client.images.list(name=REPOSITORY):
+            if keep in image.tags:
+                continue
+            for stale in image.tags:
+                try:
+                    client.images.remove(stale)
+                    log(f"removed stale image {stale}")
+                except Exception as exc:  # housekeeping only: never fail a good build over it
+                    log(f"kept {stale}: {getattr(exc, 'explanation', None) or exc}")
+    finally:
+        client.close()
