@@ -48,7 +48,9 @@ class GenerationSettings:
     stop: tuple[str, ...] = field(default=(), metadata={"help": "Stop strings; the action ends with the token "
                                                                  "that completes one (it is kept in the action)."})
     stop_at_eos: bool = field(default=True, metadata={"help": "End the action at the EOS token (kept in the action)."})
-    seed: int | None = field(default=None, metadata={"help": "Seed for sampling (None: torch's global RNG)."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Seed of the policy's sampling stream: the first call with a seed starts the stream, later calls "
+                "continue it (so repeated prompts still get fresh samples). None: torch's global RNG."})
 
 
 @dataclass
@@ -193,6 +195,7 @@ class LMPolicy:
                                                    (self.adapter_names[0] if self.adapter_names else None))
         self._reference_model: torch.nn.Module | None = None
         self._checkpointing = False
+        self._streams: dict[int, torch.Generator] = {}  # seed -> sampling stream (see GenerationSettings.seed)
         self._validate_reference()
         if reference == "copy":
             self._reference_model = copy.deepcopy(model).eval()
@@ -450,7 +453,7 @@ class LMPolicy:
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationSettings | None = None,
-                 adapter: str | None = "policy") -> list[Generation]:
+                 adapter: str | None = "policy", generator: torch.Generator | None = None) -> list[Generation]:
         """Sample one action per prompt with a KV cache, recording each sampled token's log π as it goes.
 
         Hand-written rather than `model.generate` so per-token log-probs are kept as scalars at each step (the
@@ -466,9 +469,8 @@ class LMPolicy:
             raise ValueError(f"prompt of {max(len(p) for p in prompt_ids)} tokens leaves no room in a context of "
                              f"{self.context_length}; truncate with encode(..., max_length=max_prompt_tokens(gen))")
         max_new = min(gen.max_new_tokens, budget)
-        generator = None
-        if gen.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(gen.seed))
+        if generator is None and gen.seed is not None:
+            generator = self._sampling_stream(int(gen.seed))
         eos = self.tokenizer.eos_token_id if gen.stop_at_eos else None
         stop_window = max((len(s) for s in gen.stop), default=0) + 8  # tokens decoded to look for a stop string
 
@@ -508,6 +510,12 @@ class LMPolicy:
             self.model.train(was_training)
         return [Generation(a, self.decode(a), np.asarray(lp, dtype=np.float32), r)
                 for a, lp, r in zip(actions, logps, reasons)]
+
+    def _sampling_stream(self, seed: int) -> torch.Generator:
+        stream = self._streams.get(seed)
+        if stream is None:
+            stream = self._streams[seed] = torch.Generator(device=self.device).manual_seed(seed)
+        return stream
 
     def _finish_reason(self, action: list[int], token: int, eos: int | None, stops: Sequence[str],
                        window: int) -> str | None:

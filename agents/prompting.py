@@ -94,11 +94,9 @@ class LocalBackend:
         self.policy = LMPolicy.from_pretrained(resolve_model(model), device=resolve_device(cfg.device))
         self.gen = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                       top_p=cfg.top_p, seed=cfg.seed)
-        self._calls = 0
 
     def complete(self, prompt: str) -> str:
-        gen = dataclasses.replace(self.gen, seed=None if self.gen.seed is None else self.gen.seed + self._calls)
-        self._calls += 1
+        gen = self.gen
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
         ids = self.policy.encode_observation(prompt, {"messages": messages},
                                              max_length=self.policy.max_prompt_tokens(gen))

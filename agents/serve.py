@@ -112,8 +112,14 @@ class PolicyServer:
             ids = prompt[-self.policy.max_prompt_tokens(gen):]
         if not ids:
             raise BadRequest("the prompt is empty")
+        # A request's seed makes that request reproducible on its own (as in the OpenAI API).
+        generator = None
+        if gen.seed is not None:
+            import torch
+
+            generator = torch.Generator(device=self.policy.device).manual_seed(gen.seed)
         with self._lock:
-            generations = self.policy.generate([ids] * n, gen)
+            generations = self.policy.generate([ids] * n, gen, generator=generator)
         out = []
         for g in generations:
             text, reason = g.text, "length"
