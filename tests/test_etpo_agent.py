@@ -219,3 +219,33 @@ def test_etpo_runs_end_to_end_on_a_bundled_task(tiny_model_dir, local_sandbox, t
     assert summary["time_sandbox_s"] > 0
     reloaded = ETPOAgent.load(tmp_path / "run" / "checkpoint")
     assert reloaded.counters == agent.counters
+
+
+def _bench_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_bench_rows_show_the_lean_buffer(capsys):
+    bench = _bench_module("etpo_memory")
+    assert bench.main(["--vocab", "512", "--new-tokens", "16", "--prompt-tokens", "4", "--actions", "2",
+                       "--hidden", "16", "--repeats", "1"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("512 |"))
+    ours, naive = (float(x) for x in row.split("|")[1].split()[:2])
+    assert ours <= 64 and naive >= 3 * 4 * 512  # three float32 vocabulary vectors per token
+
+
+def test_gpu_bench_runs_its_code_on_cpu_and_exits_cleanly_without_cuda(capsys):
+    bench = _bench_module("etpo_gpu")
+    assert bench.main(["--device", "cpu", "--shapes", "smoke", "--actions", "2", "--minibatch-size", "2",
+                       "--new-tokens", "8", "--prompt-tokens", "4", "--repeats", "1"]) == 0
+    assert "smoke" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 0
+        assert "no CUDA device" in capsys.readouterr().out
