@@ -573,6 +573,7 @@ class PPOAgent:
             **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
             **stats,
             "time_rollout_s": time_rollout,
+            "buffer_bytes_per_token": buffer.bytes_per_token(),  # with PPO's per-token extras filled in
             "iteration": float(self.counters["iteration"]),
             "env_steps": float(self.counters["env_steps"]),
             "time_total_s": time.perf_counter() - started,
