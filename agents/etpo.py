@@ -769,6 +769,25 @@ class ETPOAgent:
         return stats
 
     # -- persistence ----------------------------------------------------------------------------------------------
+    def export_policy(self, directory: str | Path) -> Path:
+        """Write π alone as a plain transformers model (policy adapter merged into the base) plus tokenizer, for
+        `etpo serve`, `agents.tiny.evaluate_samples` or any `from_pretrained` user. The agent is left untouched."""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        directory = Path(directory)
+        adapter_dir = directory / "_policy_adapter"
+        self.policy.model.save_pretrained(str(adapter_dir), selected_adapters=["policy"])
+        if not (adapter_dir / "adapter_config.json").exists():
+            adapter_dir = adapter_dir / "policy"  # peft puts non-default adapters in a sub-directory
+        dtype = next(self.policy.hf_model.parameters()).dtype
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="policy").merge_and_unload()
+        merged.save_pretrained(str(directory))
+        self.policy.tokenizer.save_pretrained(str(directory))
+        shutil.rmtree(directory / "_policy_adapter")
+        return directory
+
     def save(self, directory: str | Path) -> None:
         """Adapters, Q head, EMA target, both optimisers, RNG states, counters: everything needed to resume."""
         from agents.config import save_config

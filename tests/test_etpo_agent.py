@@ -249,3 +249,20 @@ def test_gpu_bench_runs_its_code_on_cpu_and_exits_cleanly_without_cuda(capsys):
     if not torch.cuda.is_available():
         assert bench.main([]) == 0
         assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_exported_policy_is_the_trained_policy(tiny_model_dir, tmp_path):
+    from agents.policy import LMPolicy
+
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    with torch.no_grad():
+        for p in agent.models.policy_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    exported = LMPolicy.from_pretrained(agent.export_policy(tmp_path / "pi"))
+    ids = torch.tensor([agent.policy.encode("def build_model(X, y):\n")])
+    with torch.no_grad():
+        ours = agent.policy.logits(ids, adapter="policy")
+        theirs = exported.logits(ids)
+        base = agent.policy.logits(ids, adapter=None)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(theirs, base, atol=1e-4)
