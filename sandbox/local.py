@@ -29,7 +29,9 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
                "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 # Capabilities the worker keeps when bubblewrap runs as root: switch job children to their uid, prepare and wipe
 # their working directory, and kill what they leave behind. Everything else is dropped.
-WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
+# CAP_SYS_PTRACE only lets it read their memory accounting (/proc/<pid>/smaps_rollup).
+WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+               "CAP_SYS_PTRACE")
 LABEL = "etpo-gym-sandbox"
 
 
@@ -174,6 +176,7 @@ def bwrap_command(limits: Limits, child_uid: int | None) -> list[str]:
     cmd += _parent_dirs(WORKER_IN_SANDBOX) + ["--ro-bind", str(WORKER_SOURCE), WORKER_IN_SANDBOX,
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(limits.tmpfs_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
+            "--size", str(64 << 20), "--perms", "1777", "--tmpfs", "/dev/shm",
             "--chdir", "/tmp", "--clearenv"]
     for key, value in sandbox_environment().items():
         cmd += ["--setenv", key, value]

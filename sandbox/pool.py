@@ -158,7 +158,8 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
                        peak_memory_mb=float(header.get("peak_memory_mb") or 0.0), isolation=isolation,
                        extra={"exit_code": header.get("exit_code"), "cpu_time_s": header.get("cpu_time_s"),
                               "stdout_bytes": header.get("stdout_bytes"), "stderr_bytes": header.get("stderr_bytes"),
-                              "sweep_s": header.get("sweep_s"), "drain_s": header.get("drain_s")})
+                              "sweep_s": header.get("sweep_s"), "drain_s": header.get("drain_s"),
+                              "job_memory_peak_mb": header.get("job_memory_peak_mb")})
     reason = header.get("killed_reason")
     exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else 0
     if reason == "timeout":
@@ -167,6 +168,10 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
         result.status = Status.OUTPUT_EXCEEDED
         result.message = (f"The program printed more than {limits.output_kill_bytes} bytes and was stopped. "
                           "Remove print statements in loops and turn off verbose output of estimators.")
+    elif reason == "memory":
+        result.status = Status.MEMORY_EXCEEDED
+        result.message = (f"The program's processes together used more than the {limits.memory_mb} MiB memory "
+                          "limit and were stopped. Use fewer processes (n_jobs=1) and less memory.")
     elif reason == "result_too_large":
         result.status = Status.INVALID_OUTPUT
         result.message = "The program's predictions were far larger than one row per input row; it was stopped."

@@ -209,6 +209,25 @@ def build_model(X, y):
         hog.append(chunk)
         time.sleep(0.01)
 """, S({Status.MEMORY_EXCEEDED})),
+    Case("forked_memory_bomb", """
+import os, time
+import numpy as np
+def build_model(X, y):
+    for _ in range(12):
+        if os.fork() == 0:
+            hog = np.empty(96 * 1024 ** 2 // 8)  # 96 MiB each: under the per-process cap, over it together
+            hog[::512] = 1.0
+            time.sleep(60)
+            os._exit(0)
+    time.sleep(60)
+""", S({Status.MEMORY_EXCEEDED})),
+    Case("shm_fill", """
+import os
+def build_model(X, y):
+    for i in range(10 ** 6):
+        with open(f"/dev/shm/fill{i}", "wb") as f:
+            f.write(b"x" * (4 << 20))
+""", S({Status.RUNTIME_ERROR, Status.KILLED_BY_SIGNAL, Status.MEMORY_EXCEEDED})),
     Case("infinite_loop", """
 def build_model(X, y):
     while True:

@@ -31,6 +31,7 @@ AGENT_FILENAME = "<agent>"
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 JOB_DIR = "job"
+MEMORY_POLL_S = 0.1  # how often the worker sums the memory of all job processes
 
 
 class ProtocolError(Exception):
@@ -338,11 +339,15 @@ def _no_new_privileges() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
-def _not_dumpable() -> None:
+def _not_dumpable(flag: int = 0) -> None:
     import ctypes
 
     pr_set_dumpable = 4
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, flag, 0, 0, 0)
+
+
+def _set_dumpable() -> None:
+    _not_dumpable(1)
 
 
 def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, stderr_fd: int, uid: int | None,
@@ -363,6 +368,7 @@ def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, st
             os.setgid(uid)
             os.setuid(uid)
         _no_new_privileges()
+        _set_dumpable()  # the worker is not; its jobs must be, so it can read their memory use
         os.chdir(workdir)
         os.environ.update(HOME=workdir, TMPDIR=workdir)
         _set_limits(job["limits"])
@@ -384,6 +390,26 @@ def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, st
 
 
 # ------------------------------------------------------------------------------------------ the worker's side
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _process_memory(pid: int) -> int:
+    """PSS of a process when readable, else its resident memory minus file-backed pages (statm)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as handle:
+            fields = handle.read().split()
+        return max(int(fields[1]) - int(fields[2]), 0) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
 
 class Worker:
     """Serves jobs one at a time; see the module docstring."""
@@ -436,6 +462,13 @@ class Worker:
             self._reap()
             time.sleep(0.002)
         return not self._other_pids()
+
+    def _namespace_memory(self) -> int:
+        """Proportional set size (shared pages split between sharers) of every job process, in bytes."""
+        total = 0
+        for pid in self._other_pids():
+            total += _process_memory(pid)
+        return total
 
     def _reap(self) -> None:
         while True:
@@ -498,16 +531,24 @@ class Worker:
             selector.register(fd, selectors.EVENT_READ, name)
         selector.register(pidfd, selectors.EVENT_READ, "exit")
         reason, exited = None, False
+        memory_cap = int(limits["memory_mb"]) << 20
+        peak_total = 0
         while not exited and reason is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 reason = "timeout"
                 break
-            for key, _ in selector.select(timeout=remaining):
+            for key, _ in selector.select(timeout=min(remaining, MEMORY_POLL_S)):
                 if key.data == "exit":
                     exited = True
                     continue
                 reason = self._drain(key, selector, buffers, result, kill_at, result_cap) or reason
+            if self.own_pid_namespace and not exited:
+                # Address-space limits are per process; a job that forks could still sum past the memory limit.
+                total = self._namespace_memory()
+                peak_total = max(peak_total, total)
+                if total > memory_cap:
+                    reason = reason or "memory"
         if reason is not None:
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -523,7 +564,8 @@ class Worker:
         drain_started = time.monotonic()
         while selector.get_map() and time.monotonic() < drain_started + 1.0:
             for key, _ in selector.select(timeout=0.1):
-                reason = reason or self._drain(key, selector, buffers, result, kill_at, result_cap)
+                late = self._drain(key, selector, buffers, result, kill_at, result_cap)  # always drain
+                reason = reason or late
         cleanup = {"sweep_s": drain_started - sweep_started, "drain_s": time.monotonic() - drain_started}
         for key in list(selector.get_map().values()):
             selector.unregister(key.fileobj)
@@ -535,6 +577,7 @@ class Worker:
             "type": "result", "duration_s": duration, "peak_memory_mb": usage.ru_maxrss / 1024.0,
             "stdout": buffers["stdout"].text(), "stderr": buffers["stderr"].text(),
             "stdout_bytes": buffers["stdout"].total, "stderr_bytes": buffers["stderr"].total,
+            "job_memory_peak_mb": peak_total / (1 << 20),
             "exit_code": os.waitstatus_to_exitcode(wait_status), "killed_reason": reason, "damaged": not clean,
             "cpu_time_s": usage.ru_utime + usage.ru_stime, **cleanup,
         }
