@@ -43,30 +43,26 @@ CHANCE_SCORE = 0.5
 
 SUITES = ("bundled", "paper", "all")
 
-# A plain sklearn program: the "scripted" agent submits it every step. A fixed point of reference on any task.
+# A plain, sound sklearn pipeline: the "scripted" agent submits it every step. A fixed point of reference on any task
+# (numeric or categorical columns, missing values, pandas or numpy input) that any learner should come close to.
 SCRIPTED_PROGRAM = '''\
 def build_model(X, y):
     import pandas as pd
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.compose import make_column_selector, make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-    X = pd.DataFrame(X).copy()
-    for column in X.columns:
-        if not pd.api.types.is_numeric_dtype(X[column]):
-            X[column] = X[column].astype("category").cat.codes
-    columns = list(X.columns)
-
-    class Model:
-        def __init__(self):
-            self.inner = HistGradientBoostingClassifier(max_iter=100, random_state=0).fit(X, y)
-
-        def predict_proba(self, X_new):
-            X_new = pd.DataFrame(X_new).copy()
-            for column in columns:
-                if not pd.api.types.is_numeric_dtype(X_new[column]):
-                    X_new[column] = X_new[column].astype("category").cat.codes
-            return self.inner.predict_proba(X_new[columns])
-
-    return Model()
+    numeric = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
+    categorical = make_pipeline(FunctionTransformer(lambda frame: frame.astype(str)),
+                                OneHotEncoder(handle_unknown="ignore"))
+    features = make_column_transformer(
+        (numeric, make_column_selector(dtype_include="number")),
+        (categorical, make_column_selector(dtype_exclude="number")),
+    )
+    model = make_pipeline(FunctionTransformer(pd.DataFrame), features, LogisticRegression(max_iter=1000))
+    return model.fit(X, y)
 '''
 
 
@@ -251,13 +247,16 @@ def is_learner(agent: Any) -> bool:
     return callable(getattr(agent, "learn", None))
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, torch_too: bool = True) -> None:
+    """Seed Python, numpy and (for agents that may use it) torch before the agent is built: LoRA init is random."""
     random.seed(seed)
     import numpy as np
 
     np.random.seed(seed % 2**32)
-    if "torch" in sys.modules:  # only if an agent already brought torch in; do not import it for plain agents
-        sys.modules["torch"].manual_seed(seed)
+    if torch_too or "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,7 +284,7 @@ def run_cell(config: BenchConfig, agent_spec: str, task, seed: int, sandbox, mod
     import etpo_env  # noqa: F401  (registers DataSciCode-v0)
     import tasks as tasks_pkg
 
-    seed_everything(seed)
+    seed_everything(seed, torch_too=agent_spec not in BUILTIN_AGENTS)
     record: dict[str, Any] = {"agent": agent_label(agent_spec), "agent_spec": agent_spec, "task": task.name,
                               "seed": seed, "budget": config.budget, "error": None}
     started = time.perf_counter()

@@ -44,7 +44,7 @@ def task():
 
 
 def test_scripted_and_random_runs_write_consistent_files(tmp_path, local_sandbox, task):
-    result = bench.run_benchmark(["scripted", "random"], [TASK], seeds=2, budget=3, sandbox=local_sandbox,
+    result = bench.run_benchmark(["scripted", "random"], [TASK], seeds=2, budget=2, sandbox=local_sandbox,
                                  out=tmp_path, progress=False, max_rows=ROWS)
     for name in ["results.json", "results.csv", "summary.md", "learning_curves.png", "normalized_scores.png",
                  "config.json"]:
@@ -53,23 +53,23 @@ def test_scripted_and_random_runs_write_consistent_files(tmp_path, local_sandbox
         f"{agent}__{TASK}__seed{seed}.json" for agent in ("random", "scripted") for seed in (0, 1)]
 
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["config"]["budget"] == 3 and data["config"]["seeds"] == [0, 1]
+    assert data["config"]["budget"] == 2 and data["config"]["seeds"] == [0, 1]
     assert data["versions"]["numpy"] and data["versions"]["python"]
     runs = data["runs"]
     assert len(runs) == 4 and len(result["runs"]) == 4
     for run in runs:
-        assert run["env_steps"] == 3 and len(run["rewards"]) == len(run["statuses"]) == 3
+        assert run["env_steps"] == 2 and len(run["rewards"]) == len(run["statuses"]) == 2
         assert run["score"] == (run["test_score"] if run["success"] else bench.CHANCE_SCORE)
         assert run["normalized"] == pytest.approx(task.normalize(run["score"], part="test"))
 
     scripted = [r for r in runs if r["agent"] == "scripted"]
     direct = tasks.evaluate(task, bench.SCRIPTED_PROGRAM, local_sandbox, part="test", seed=0)
-    assert all(r["success"] and r["statuses"] == ["ok"] * 3 for r in scripted)
+    assert all(r["success"] and r["statuses"] == ["ok"] * 2 for r in scripted)
     assert scripted[0]["test_score"] == pytest.approx(direct.score)  # the bench scores through tasks.evaluate
     assert 0.5 < scripted[0]["test_score"] <= 1.0
 
     csv = pd.read_csv(tmp_path / "results.csv")
-    assert len(csv) == 4 and set(csv["env_steps"]) == {3}
+    assert len(csv) == 4 and set(csv["env_steps"]) == {2}
     by_key = {(r["agent"], r["seed"]): r for r in runs}
     for row in csv.itertuples():
         assert row.score == pytest.approx(by_key[(row.agent, row.seed)]["score"])
