@@ -25,6 +25,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+# This script is named like the package it measures: keep its own folder off the import path, the repo on it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")  # the sandboxes run single-threaded BLAS; so does the in-process floor
 

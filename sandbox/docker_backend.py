@@ -85,7 +85,10 @@ class ContainerWorker(WorkerHandle):
         self.client = client
         self.container = client.containers.create(
             image, command=["python3", "-I", "-B", "/opt/etpo/worker.py", "--own-pid-namespace", "--scratch", "/tmp"],
-            stdin_open=True, tty=False, detach=True, init=True, user=f"{uid}:{uid}", working_dir="/tmp",
+            # detach=False is what makes docker-py set StdinOnce (with AttachStdin/out/err); with auto_remove, if this
+            # process dies (even by SIGKILL) the worker reads EOF on stdin, exits, and the daemon removes the
+            # container. `close()`, atexit and `etpo sandbox prune` are the other paths.
+            stdin_open=True, detach=False, auto_remove=True, tty=False, init=True, user=f"{uid}:{uid}", working_dir="/tmp",
             environment=sandbox_environment(), network_mode="none", read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_mb}m,mode=1777"}, shm_size="64m",
             mem_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m", memswap_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m",

@@ -109,6 +109,45 @@ def test_prune_spares_live_owners_and_close_removes_containers():
         client.close()
 
 
+KILLED_OWNER = """
+import sys
+from sandbox import Job, make_sandbox
+from sandbox.safety import HONEST_PROGRAM, tiny_fold
+sandbox = make_sandbox("docker", parallelism=1)
+assert sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()])).ok
+print(sandbox.sandbox_id, flush=True)
+sys.stdin.read()  # wait here until the test kills this process
+"""
+
+
+@pytest.mark.docker
+def test_container_of_a_killed_owner_removes_itself():
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import docker
+
+    ensure_backend_available("docker")
+    client = docker.from_env()
+    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        sandbox_id = owner.stdout.readline().strip()
+        assert sandbox_id and len(_containers(client, sandbox_id)) == 1
+        os.kill(owner.pid, signal.SIGKILL)  # no atexit, no close(): only the container's own wiring can help
+        owner.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while _containers(client, sandbox_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _containers(client, sandbox_id) == []
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        client.close()
+
+
 @pytest.mark.docker
 def test_offline_build_is_a_noop_when_the_image_is_current():
     ensure_backend_available("docker")
