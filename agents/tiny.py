@@ -28,23 +28,31 @@ from typing import Any
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 HEADER = "def build_model(X, y):"
-BUILD_FORMAT = 1  # bump when the build recipe changes so cached models are rebuilt
+BUILD_THREADS = 2  # torch threads of the build (fixed: see build_tiny_model)
+BUILD_FORMAT = 2  # bump when the build recipe changes so cached models are rebuilt
 
 
 @dataclass(frozen=True)
 class TinyPreset:
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary size."})
+    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size (larger: fewer tokens per program)."})
     hidden_size: int = field(default=160, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     intermediate_size: int = field(default=448, metadata={"help": "MLP width."})
     context_length: int = field(default=2048, metadata={"help": "Positions the model accepts (RoPE)."})
     train_block: int = field(default=384, metadata={"help": "Tokens per training sequence (prompt tail kept)."})
-    n_demos: int = field(default=1200, metadata={"help": "Demonstration programs drawn from the corpus."})
+    prompt_tail_tokens: int = field(default=0, metadata={
+        "help": "Prompt tokens kept before each completion in training (0 = as many as fit the block). The demos do "
+                "not depend on the prompt, so a short tail trains the same programs in fewer tokens per step."})
+    n_demos: int = field(default=1200, metadata={"help": "Training pairs (demonstrations drawn with repetition)."})
+    distinct_programs: int = field(default=16, metadata={
+        "help": "Distinct corpus programs the demonstrations are drawn from. Few enough that a model this small learns "
+                "each one well (its samples then mostly run), many enough that they differ in quality: RL has "
+                "room to shift mass toward the better ones."})
     buggy_fraction: float = field(default=0.1, metadata={"help": "Share of buggy demos (errors to learn from)."})
-    steps: int = field(default=240, metadata={"help": "Optimizer steps (brief on purpose: leaves room for RL)."})
+    steps: int = field(default=600, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
-    lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (linear warmup, cosine decay)."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate (linear warmup, cosine decay)."})
     tasks_per_prompt_style: int = field(default=0, metadata={"help": "Tasks used for prompts (0 = all bundled)."})
     weak_family_weight: float = field(default=3.0, metadata={"help": "How much more often demos of weak model "
                                                                       "families are drawn (varied sample quality)."})
@@ -55,7 +63,8 @@ WEAK_FAMILIES = ("naive_bayes", "knn", "decision_tree", "lda", "sgd", "adaboost"
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # ~1.6M parameters; about 1 s per step on one busy CPU core, so a few minutes in all.
+    # ~2M parameters; 600 steps take about 5 minutes on 2 CPU cores. Its samples run about half the time (the rest
+    # are syntax, import and name errors) and score unevenly: room for RL on both counts.
     "default": TinyPreset(),
     # For the test suite: built in seconds, generates text, nothing more.
     "test": TinyPreset(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -83,10 +92,11 @@ def completion_of(program: str) -> str:
 
 
 def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: int = 0,
-                   weak_family_weight: float = 1.0) -> list[tuple[str, str]]:
+                   weak_family_weight: float = 1.0, distinct_programs: int = 0) -> list[tuple[str, str]]:
     """(prompt, completion) pairs: env prompts of the bundled tasks (both styles) × corpus programs.
 
-    Demos are drawn from a corpus four times larger, weak families `weak_family_weight` times more often.
+    Demos are drawn with repetition from `distinct_programs` corpus programs, weak families `weak_family_weight`
+    times more often.
     """
     try:
         import tasks
@@ -97,7 +107,7 @@ def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: in
         return _fallback_pairs(n_demos, seed)
     prompts = _task_prompts(tasks, max_tasks)
     rng = random.Random(seed)
-    pool = demos.corpus(n=4 * n_demos, seed=seed, buggy_fraction=buggy_fraction)
+    pool = demos.corpus(n=distinct_programs or 4 * n_demos, seed=seed, buggy_fraction=buggy_fraction)
     weights = [weak_family_weight if d.family in WEAK_FAMILIES else 1.0 for d in pool]
     chosen = rng.choices(pool, weights=weights, k=n_demos)
     return [(rng.choice(prompts), completion_of(d.program)) for d in chosen]
@@ -174,14 +184,17 @@ def make_model(preset: TinyPreset, tokenizer: Any):
     return LlamaForCausalLM(config)
 
 
-def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], block: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per pair; loss only on the completion and EOS; the prompt's tail kept to fit `block`."""
+def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], block: int,
+                 prompt_tail: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per pair; loss only on the completion and EOS; the prompt's tail kept to fit `block`
+    (and at most `prompt_tail` tokens of it when that is set)."""
     out = []
     for prompt, completion in pairs:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         c = c[: block - 16]
-        p = p[-(block - len(c)):]
+        keep = block - len(c) if not prompt_tail else min(prompt_tail, block - len(c))
+        p = p[-keep:]
         out.append((p + c, [-100] * len(p) + c))
     return out
 
@@ -194,10 +207,10 @@ def build_tiny_model(out_dir: str | Path, preset: str | TinyPreset = "default", 
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     say = log or (lambda msg: None)
     started = time.perf_counter()
-    # One intra-op thread: float sums then do not depend on the core count (same model on every machine for a
-    # seed), and a model this small loses more to thread contention on a busy CPU than it gains.
+    # A fixed intra-op thread count (not the machine's): how float sums are split then does not depend on the core
+    # count, so a seed gives the same model on any machine with the same CPU instruction set.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(BUILD_THREADS)
     try:
         return _build(spec, seed, Path(out_dir), say, started)
     finally:
@@ -212,13 +225,13 @@ def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float)
     torch.manual_seed(seed)
     random.seed(seed)
     pairs = training_pairs(spec.n_demos, seed, spec.buggy_fraction, spec.tasks_per_prompt_style,
-                           spec.weak_family_weight)
+                           spec.weak_family_weight, spec.distinct_programs)
     say(f"{len(pairs)} training pairs")
     tokenizer = train_tokenizer(sorted({p for p, _ in pairs}) + [c for _, c in pairs], spec.vocab_size)
     model = make_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    examples = encode_pairs(tokenizer, pairs, spec.train_block)
+    examples = encode_pairs(tokenizer, pairs, spec.train_block, spec.prompt_tail_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     warmup = max(1, spec.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -281,10 +294,12 @@ def resolve_model(model: str | Path) -> str | Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation of samples (validity, diversity, score)
 # ----------------------------------------------------------------------------------------------------------------
-def evaluate_samples(model_dir: str | Path, task_names: list[str] | None = None, n_samples: int = 8,
+def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samples: int = 8,
                      seed: int = 0, sandbox: Any = "auto", temperature: float = 1.0,
                      max_new_tokens: int = 256) -> list[dict]:
     """Sample `n_samples` programs per task and score each through `tasks.evaluate` (the one evaluator).
+
+    `model_dir` is a model directory (or hub name) or a live `LMPolicy` (e.g. a learner's `.policy` mid-training).
 
     Per task: validity rate (status ok), distinct-program rate, mean normalized score over valid samples
     (a failure counts as normalized score 0 in `mean_normalized_all`).
@@ -294,7 +309,7 @@ def evaluate_samples(model_dir: str | Path, task_names: list[str] | None = None,
     from etpo_env.program import extract_program
     from etpo_env.prompts import initial_prompt
 
-    policy = LMPolicy.from_pretrained(model_dir)
+    policy = model_dir if isinstance(model_dir, LMPolicy) else LMPolicy.from_pretrained(model_dir)
     gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     own_sandbox = isinstance(sandbox, str)
     if own_sandbox:

@@ -69,6 +69,28 @@ def test_training_pairs_are_env_prompts_followed_by_corpus_programs():
     assert weak_drawn > share
 
 
+def test_demos_repeat_a_fixed_number_of_distinct_programs():
+    pairs = tiny.training_pairs(n_demos=200, seed=0, buggy_fraction=0.0, max_tasks=1, distinct_programs=7)
+    assert len(pairs) == 200 and len({c for _, c in pairs}) <= 7
+
+
+def test_encode_pairs_masks_the_prompt_and_keeps_only_its_tail():
+    class CharTokenizer:  # one id per character: lengths are easy to reason about
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(ch) for ch in text]}
+
+    prompt, completion = "p" * 50 + "HEAD", "body"
+    (full,), (tail,) = (tiny.encode_pairs(CharTokenizer(), [(prompt, completion)], block=40, prompt_tail=k)
+                        for k in (0, 6))
+    for ids, labels in (full, tail):
+        n_prompt = len(ids) - len(completion) - 1
+        assert labels == [-100] * n_prompt + [ord(ch) for ch in completion] + [0]
+        assert ids[n_prompt - 4:n_prompt] == [ord(ch) for ch in "HEAD"]  # the tail next to the completion is kept
+    assert len(full[0]) == 40 and len(tail[0]) == 6 + len(completion) + 1
+
+
 @pytest.mark.slow
 def test_sample_report_goes_through_the_evaluator(tiny_model_dir, local_sandbox):
     rows = tiny.evaluate_samples(tiny_model_dir, ["iris"], n_samples=2, sandbox=local_sandbox, max_new_tokens=24)
