@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from agents.policy import SamplingActor
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Pure math. Every function takes logits / Q rows of shape [N, V] (one row per token state) and returns [N].
@@ -629,7 +630,7 @@ def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16,
 CHECKPOINT_FORMAT = 1
 
 
-class ETPOAgent:
+class ETPOAgent(SamplingActor):
     """ETPO on an `LMPolicy`: one base model carrying a "policy" and a "critic" LoRA adapter (see the module doc)."""
 
     def __init__(self, model: str | Path = "tiny", config: ETPOConfig | None = None, **overrides: Any):
@@ -673,23 +674,6 @@ class ETPOAgent:
         self.counters = {"update": 0, "env_steps": 0, "tokens": 0, "episodes": 0, "env_resets": 0}
         self.best_reward = -math.inf
         self._collector = None
-
-    @property
-    def generation(self):
-        from agents.policy import GenerationSettings
-
-        cfg = self.config
-        return GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p)
-
-    # -- acting ---------------------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        pass
-
-    def act(self, obs: str, info: dict | None = None) -> str:
-        gen = self.generation
-        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
-        return self.policy.generate([prompt], gen)[0].text
 
     # -- learning -------------------------------------------------------------------------------------------------
     def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,

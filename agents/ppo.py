@@ -39,6 +39,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from agents.policy import SamplingActor
+
 KLEstimator = Literal["k1", "k3"]
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ class PPOConfig:
 CHECKPOINT_FORMAT = 1
 
 
-class PPOAgent:
+class PPOAgent(SamplingActor):
     """Token-level PPO on an `LMPolicy`: a "policy" LoRA adapter, ρ = the reference, a scalar value head.
 
     `value_model="shared"` puts the head on the policy adapter's last hidden state (one forward pass, the value
@@ -437,23 +439,6 @@ class PPOAgent:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.counters = {"iteration": 0, "env_steps": 0, "tokens": 0, "episodes": 0}
         self._collector = None
-
-    # -- acting -----------------------------------------------------------------------------------------------------
-    @property
-    def generation(self):
-        from agents.policy import GenerationSettings
-
-        cfg = self.config
-        return GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p)
-
-    def reset(self) -> None:
-        pass
-
-    def act(self, obs: str, info: dict | None = None) -> str:
-        gen = self.generation
-        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
-        return self.policy.generate([prompt], gen)[0].text
 
     # -- model passes -----------------------------------------------------------------------------------------------
     def _values(self, hidden_policy: torch.Tensor, obs_ids, action_ids) -> torch.Tensor:

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from agents.policy import SamplingActor
+
 
 @dataclass
 class SFTConfig:
@@ -145,7 +147,7 @@ def mean_nll(policy: Any, examples: Sequence[tuple[list[int], list[int]]], batch
 # ----------------------------------------------------------------------------------------------------------------
 # The agent
 # ----------------------------------------------------------------------------------------------------------------
-class SFTAgent:
+class SFTAgent(SamplingActor):
     """Fine-tunes an `LMPolicy` on demonstrations and/or its own best programs; acts by sampling from it."""
 
     config_class = SFTConfig
@@ -176,22 +178,6 @@ class SFTAgent:
         self.pool: list[tuple[float, list[int], list[int]]] = []  # (reward, prompt ids, action ids), best first
         self.counters = {"env_steps": 0, "rounds": 0, "sft_steps": 0}
         self.demos_done = False
-
-    @property
-    def generation(self):
-        from agents.policy import GenerationSettings
-
-        cfg = self.config
-        return GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-
-    # -- Agent protocol -------------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        pass
-
-    def act(self, obs: str, info: dict | None = None) -> str:
-        gen = self.generation
-        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
-        return self.policy.generate([prompt], gen)[0].text
 
     # -- learning -------------------------------------------------------------------------------------------------
     def fit_demonstrations(self, pairs: Sequence[tuple[str, str]], epochs: int | None = None) -> dict[str, float]:
