@@ -811,7 +811,9 @@ def register(subparsers) -> None:
     demo.add_argument("--budget", type=int, default=10)
     demo.add_argument("--out", default="results/demo")
     _add_common(demo)
-    demo.set_defaults(func=_demo_command)
+    # One attempt per episode: the tiny model learned first prompts only, so feedback prompts (error + failing code)
+    # are outside its training data. A capable model (--model PATH) can take --max-attempts 5, the paper's setting.
+    demo.set_defaults(func=_demo_command, max_attempts=1)
 
 
 def _options_from_args(args) -> dict[str, Any]:
