@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
 from agents.policy import SamplingActor
 
 # ----------------------------------------------------------------------------------------------------------------
