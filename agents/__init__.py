@@ -14,6 +14,7 @@ LEARNERS: dict[str, str] = {
     "ppo": "agents.ppo:PPOAgent",
     "sft": "agents.sft:SFTAgent",
     "prompting": "agents.prompting:PromptingAgent",
+    "zero-shot": "agents.prompting:ZeroShotPromptingAgent",
 }
 
 # Reference agents that need no model; handy for `--agent` in benchmarks and tests.

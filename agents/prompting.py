@@ -226,3 +226,15 @@ class PromptingAgent:
         data = json.loads((Path(directory) / "prompting.json").read_text())
         config = PromptingConfig(**data["config"])
         return cls(model=data["model"], config=config, **overrides)
+
+
+class ZeroShotPromptingAgent(PromptingAgent):
+    """`PromptingAgent` with strategy "zero-shot" unless told otherwise: the env's prompt as is. For a model that
+    learned first prompts only (the tiny model), this is the prompting baseline that asks it what it was taught;
+    few-shot and reflection prompts are new to such a model."""
+
+    def __init__(self, model: str | Path = "tiny", config: PromptingConfig | None = None,
+                 backend: Any = None, **overrides: Any):
+        if config is None:
+            overrides.setdefault("strategy", "zero-shot")
+        super().__init__(model, config, backend, **overrides)

@@ -145,3 +145,16 @@ def test_etpo_serve_command_serves_on_loopback(tiny_model_dir):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def test_zero_shot_agent_is_registered_and_sends_the_env_prompt_unchanged():
+    from agents import resolve_agent_class
+
+    cls = resolve_agent_class("zero-shot")
+    backend = RecordingBackend()
+    agent = cls(backend=backend, seed=3)
+    assert agent.config.strategy == "zero-shot" and agent.config.seed == 3
+    env = ScriptedTextEnv(length=2)
+    agent.learn(env, budget=2)
+    assert backend.prompts == env.emitted[:2]  # no demonstrations, no reflections
+    assert cls(backend=backend, strategy="few-shot").config.strategy == "few-shot"  # still configurable
