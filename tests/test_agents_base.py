@@ -53,7 +53,7 @@ def test_load_agent_by_name_and_by_module_class(tmp_path, monkeypatch):
     assert isinstance(user, base.Agent) and user.act("o", {}) == "X"
     scripted = agents.load_agent("scripted", program="P")
     assert scripted.act("o", {}) == "P"
-    assert set(agents.LEARNERS) == {"etpo", "ppo", "sft", "prompting"}
+    assert set(agents.LEARNERS) == {"etpo", "ppo", "sft", "prompting", "zero-shot"}
     with pytest.raises(ValueError, match="unknown agent"):
         agents.load_agent("no-such-agent")
     with pytest.raises(ValueError, match="no attribute"):
