@@ -170,14 +170,16 @@ def bwrap_command(limits: Limits, child_uid: int | None) -> list[str]:
             cmd += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
-    cmd += ["--ro-bind", "/etc", "/etc"]
+    cmd += ["--ro-bind", "/etc", "/etc",
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", str(limits.tmpfs_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
+            "--size", str(64 << 20), "--perms", "1777", "--tmpfs", "/dev/shm"]
+    # Python and the worker are bound after the private /tmp is mounted: a virtual environment or checkout under
+    # /tmp stays visible (read-only) on top of it.
     for root in _python_roots():
         cmd += _parent_dirs(root) + ["--ro-bind", root, root]
     cmd += _parent_dirs(WORKER_IN_SANDBOX) + ["--ro-bind", str(WORKER_SOURCE), WORKER_IN_SANDBOX,
-            "--proc", "/proc", "--dev", "/dev",
-            "--size", str(limits.tmpfs_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
-            "--size", str(64 << 20), "--perms", "1777", "--tmpfs", "/dev/shm",
-            "--chdir", "/tmp", "--clearenv"]
+                                              "--chdir", "/tmp", "--clearenv"]
     for key, value in sandbox_environment().items():
         cmd += ["--setenv", key, value]
     if privileged:

@@ -299,3 +299,14 @@ def build_model(X, y):
     runner.join(timeout=30)
     time.sleep(0.2)
     assert _processes_with(marker) == []
+
+
+def test_local_sandbox_binds_python_over_its_private_tmp(monkeypatch):
+    """A virtual environment under /tmp (a CI checkout, say) must stay visible above the sandbox's own /tmp."""
+    from sandbox import local
+
+    monkeypatch.setattr(local, "_python_roots", lambda: ["/tmp/checkout/.venv"])
+    cmd = local.bwrap_command(Limits(), child_uid=None)
+    tmpfs_at = next(i for i, arg in enumerate(cmd) if arg == "--tmpfs" and cmd[i + 1] == "/tmp")
+    bind_at = next(i for i, arg in enumerate(cmd) if arg == "--ro-bind" and cmd[i + 1] == "/tmp/checkout/.venv")
+    assert tmpfs_at < bind_at  # bubblewrap applies mounts in order: the later one is on top
