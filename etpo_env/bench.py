@@ -42,6 +42,7 @@ import gymnasium as gym  # already loaded by `etpo_env` itself (it registers the
 CHANCE_SCORE = 0.5
 
 SUITES = ("bundled", "paper", "all")
+PLOT_COLUMNS = 4  # learning-curve panels per row
 
 # A plain, sound sklearn pipeline: the "scripted" agent submits it every step. A fixed point of reference on any task
 # (numeric or categorical columns, missing values, pandas or numpy input) that any learner should come close to.
@@ -566,8 +567,12 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
         return []
     written = []
     tasks_with_runs = [t for t in task_names if any(r["task"] == t for r in runs)]
-    fig, axes = plt.subplots(1, len(tasks_with_runs), figsize=(5 * len(tasks_with_runs), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks_with_runs, strict=True):
+    columns = min(PLOT_COLUMNS, len(tasks_with_runs))
+    rows_of_panels = math.ceil(len(tasks_with_runs) / columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5 * columns, 3.6 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(tasks_with_runs):]:
+        ax.set_visible(False)  # the grid's unused panels
+    for ax, task in zip(axes.flat, tasks_with_runs):
         for agent in agents:
             curves = [r["rewards"] for r in runs if r["task"] == task and r["agent"] == agent and r["rewards"]]
             if not curves:
@@ -586,7 +591,7 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
         ax.set_xlabel("env steps")
         ax.set_ylabel("reward (mean ± s.e. over seeds)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=110)
     plt.close(fig)
@@ -595,7 +600,7 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
     summary = summarize(runs, agents, task_names)
     groups = [*tasks_with_runs, *(["overall"] if summary["overall"] else [])]
     rows = {(row["task"], row["agent"]): row for row in [*summary["per_task"], *summary["overall"]]}
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) * max(1, len(agents)) / 2), 3.8))
+    fig, ax = plt.subplots(figsize=(min(18.0, max(5.0, 0.35 * len(groups) * max(1, len(agents)))), 4.2))
     width = 0.8 / max(1, len(agents))
     for i, agent in enumerate(agents):
         xs, heights, errors = [], [], []
@@ -608,7 +613,7 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
         ax.bar(xs, heights, width, yerr=errors, capsize=3, label=agent)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
     ax.set_ylabel("normalized test score")
     ax.set_title("test score: 0 = baseline, 1 = reference (95% CI)")
     ax.legend(fontsize=8)
