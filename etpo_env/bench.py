@@ -858,7 +858,7 @@ def _demo_command(args) -> int:
 
     console = _console()
     if args.model == "tiny":
-        console.print("tiny model: ensuring it is built (first time: a minute or two) ...")
+        console.print("tiny model: ensuring it is built (first time: about 5 minutes on 2 cores) ...")
         console.print(f"tiny model: {ensure_tiny_model()}")
     if args.tasks:
         task_items = _split(args.tasks)
