@@ -63,8 +63,8 @@ WEAK_FAMILIES = ("naive_bayes", "knn", "decision_tree", "lda", "sgd", "adaboost"
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # ~2M parameters; 600 steps take about 5 minutes on 2 CPU cores. Its samples run about half the time (the rest
-    # are syntax, import and name errors) and score unevenly: room for RL on both counts.
+    # ~1.6M parameters; 600 steps take about 5 minutes on 2 CPU cores. Most samples compile, about a third run (the
+    # rest fail on imports, names and arguments) and they score unevenly: room for RL on both counts.
     "default": TinyPreset(),
     # For the test suite: built in seconds, generates text, nothing more.
     "test": TinyPreset(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
