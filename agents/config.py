@@ -187,3 +187,19 @@ def load_config(cls: type[T], path: str | Path) -> T:
 def describe_config(cls: type) -> list[tuple[str, str, str]]:
     """(name, default, help) for each field: for docs and `--help` listings."""
     return [(f.name, repr(_default_of(f)), field_help(f)) for f in dataclasses.fields(cls)]
+
+
+def replace_directory(staged: Path, directory: Path) -> None:
+    """Move the fully written `staged` directory to `directory`, replacing what is there: a crash mid-save never
+    leaves a half-written checkpoint in place (at worst the previous one survives as `<name>.old`)."""
+    import shutil
+
+    if directory.exists():
+        old = directory.with_name(directory.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        directory.rename(old)
+        staged.rename(directory)
+        shutil.rmtree(old)
+    else:
+        staged.rename(directory)

@@ -775,7 +775,7 @@ class ETPOAgent(SamplingActor):
 
     def save(self, directory: str | Path) -> None:
         """Adapters, Q head, EMA target, both optimisers, RNG states, counters: everything needed to resume."""
-        from agents.config import save_config
+        from agents.config import replace_directory, save_config
 
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
@@ -800,15 +800,7 @@ class ETPOAgent(SamplingActor):
             "python_rng": random.getstate(),
         }
         torch.save(state, tmp / "trainer.pt")
-        if directory.exists():  # swap in whole: a crash mid-save never leaves a half-written checkpoint
-            old = directory.with_name(directory.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        replace_directory(tmp, directory)
 
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> ETPOAgent:

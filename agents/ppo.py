@@ -612,7 +612,7 @@ class PPOAgent(SamplingActor):
     # -- persistence ------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Adapters, value head, optimizer, KL controller, RNG states and counters: everything to resume."""
-        from agents.config import save_config
+        from agents.config import replace_directory, save_config
 
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
@@ -634,15 +634,7 @@ class PPOAgent(SamplingActor):
             "python_rng": random.getstate(),
         }
         torch.save(state, tmp / "trainer.pt")
-        if directory.exists():  # swap in whole: a crash mid-save never leaves a half checkpoint behind
-            old = directory.with_name(directory.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        replace_directory(tmp, directory)
 
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> PPOAgent:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sandbox.api import Limits
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
+from sandbox.worker import kill_uid
 
 WORKER_SOURCE = Path(__file__).with_name("worker.py")
 WORKER_IN_SANDBOX = "/opt/etpo/worker.py"
@@ -120,21 +121,6 @@ def _descendants(pid: int) -> list[int]:
             found += children
             frontier += children
     return found
-
-
-def kill_uid(uid: int) -> None:
-    """Kill every process of `uid` (a helper switches to it and signals -1, which spares only itself)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(uid)
-            os.setuid(uid)
-            for _ in range(20):
-                os.kill(-1, signal.SIGKILL)
-        except BaseException:
-            pass
-        os._exit(0)
-    os.waitpid(pid, 0)
 
 
 # ---------------------------------------------------------------------------------------------- bubblewrap

@@ -411,6 +411,21 @@ def _process_memory(pid: int) -> int:
         return 0
 
 
+def kill_uid(uid: int) -> None:
+    """Kill every process of `uid` from a helper running as that uid (kill(-1) spares only the helper itself)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            for _ in range(20):
+                os.kill(-1, signal.SIGKILL)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
 class Worker:
     """Serves jobs one at a time; see the module docstring."""
 
@@ -427,18 +442,7 @@ class Worker:
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep]
 
     def _kill_uid(self) -> None:
-        """Kill every process of the child uid from a helper running as that uid (kill(-1) spares only itself)."""
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setgid(self.child_uid)
-                os.setuid(self.child_uid)
-                for _ in range(20):
-                    os.kill(-1, signal.SIGKILL)
-            except BaseException:
-                pass
-            os._exit(0)
-        os.waitpid(pid, 0)
+        kill_uid(self.child_uid)
 
     def sweep(self, child_pid: int) -> bool:
         """Kill everything the job started; True when nothing of it is left."""
