@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from agents.policy import SamplingActor
+from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Pure math. Every function takes logits / Q rows of shape [N, V] (one row per token state) and returns [N].
@@ -452,15 +453,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
 
 def realised_returns(transitions: Sequence[Any], gamma: float) -> list[float]:
     """Discounted return actually collected from each transition to the end of its chain in the buffer."""
-    successors = {t.next_index for t in transitions if t.next_index is not None}
     out = [0.0] * len(transitions)
-    for start in range(len(transitions)):
-        if start in successors:
-            continue
-        chain, i = [], start
-        while i is not None:
-            chain.append(i)
-            i = transitions[i].next_index
+    for chain in episode_chains(transitions):
         rets = discounted_returns([transitions[i].reward for i in chain], [transitions[i].terminated for i in chain],
                                   gamma)
         for i, r in zip(chain, rets, strict=True):

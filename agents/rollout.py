@@ -49,6 +49,21 @@ class Transition:
         return int(sum(np.asarray(a).nbytes for a in arrays))
 
 
+def episode_chains(transitions: Any) -> list[list[int]]:
+    """Indices of `transitions` grouped by episode chain (following `next_index`), each in time order."""
+    successors = {t.next_index for t in transitions if t.next_index is not None}
+    chains = []
+    for start in range(len(transitions)):
+        if start in successors:
+            continue
+        chain, index = [], start
+        while index is not None:
+            chain.append(index)
+            index = transitions[index].next_index
+        chains.append(chain)
+    return chains
+
+
 class RolloutBuffer(list):
     """A list of `Transition`s in collection order, with helpers for token counts and minibatches."""
 
@@ -61,17 +76,7 @@ class RolloutBuffer(list):
 
     def episodes(self) -> list[list[int]]:
         """Buffer indices grouped by episode chain (following next_index), each in time order."""
-        successors = {t.next_index for t in self if t.next_index is not None}
-        chains = []
-        for start in range(len(self)):
-            if start in successors:
-                continue
-            chain, index = [], start
-            while index is not None:
-                chain.append(index)
-                index = self[index].next_index
-            chains.append(chain)
-        return chains
+        return episode_chains(self)
 
     def minibatches(self, batch_size: int, shuffle: bool = True, seed: int | None = None,
                     rng: random.Random | None = None) -> Iterator[list[Transition]]:
