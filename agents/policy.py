@@ -372,27 +372,24 @@ class LMPolicy:
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                adapter: str | None = "policy") -> torch.Tensor:
         """Full [B, T, V] logits (for short inputs and tests; learners use the chunked paths)."""
-        input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
-        with self.use_adapter(self._adapter_or_default(adapter)) as module:
-            out = module(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask), use_cache=False)
-        return out.logits
+        return self._forward(input_ids, attention_mask, adapter).logits
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       adapter: str | None = "policy") -> torch.Tensor:
         """Final-layer hidden states [B, T, H] (after the final norm), without computing T×V logits."""
+        return self._forward(input_ids, attention_mask, adapter, output_hidden_states=True,
+                             logits_to_keep=1).hidden_states[-1]
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, adapter: str | None,
+                 **kwargs: Any) -> Any:
+        """One full-sequence pass under `adapter` (None = the reference), positions taken from the mask."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         with self.use_adapter(self._adapter_or_default(adapter)) as module:
-            out = module(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask), use_cache=False,
-                         output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1]
+            return module(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=positions_from_mask(attention_mask), use_cache=False, **kwargs)
 
     def head(self, adapter: str | None = "policy") -> LogitsFn:
         """hidden [c, H] -> logits [c, V] for `adapter` (the output embedding; LoRA on it is honoured)."""
