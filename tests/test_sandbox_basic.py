@@ -68,6 +68,26 @@ def test_frame_roundtrip_keeps_dtypes_categories_and_missing_values():
     pd.testing.assert_frame_equal(back.drop(columns=["obj"]), frame.drop(columns=["obj"]))
 
 
+def test_frame_roundtrip_blocks_keep_order_duplicates_range_index_and_writability():
+    frame = pd.DataFrame(np.arange(12.0).reshape(3, 4), columns=["a", "a", "b", "c"])
+    frame["cat"] = pd.Categorical(["x", "y", "x"])
+    frame["d"] = [1.0, 2.0, 3.0]
+    frame["n"] = np.array([4, 5, 6], dtype=np.int16)
+    blobs: list[bytes] = []
+    parts = wire.encode_data(frame, blobs)["parts"]
+    assert [p["codec"] for p in parts] == ["block", "category", "block", "block"]  # one block per dtype run
+    back = roundtrip(frame)
+    pd.testing.assert_frame_equal(back, frame)
+    assert isinstance(back.index, pd.RangeIndex)
+    back.iloc[0, 0] = -1.0  # programs edit their inputs in place
+    back["a2"] = back["b"] * 2
+    numeric = pd.DataFrame(np.ones((4, 2)), columns=["p", "q"], index=pd.RangeIndex(10, 18, 2))
+    numeric_back = roundtrip(numeric)
+    pd.testing.assert_frame_equal(numeric_back, numeric)
+    numeric_back.loc[10, "p"] = 5.0
+    assert numeric_back.loc[10, "p"] == 5.0
+
+
 def test_ndarray_roundtrip_and_object_labels():
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
     back = roundtrip(array)
