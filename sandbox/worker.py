@@ -396,13 +396,15 @@ def _set_dumpable() -> None:
     _not_dumpable(1)
 
 
-def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, stderr_fd: int, uid: int | None,
-               workdir: str) -> None:
-    """Body of the forked child. Never returns: exits through os._exit."""
+def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid: int | None, workdir: str) -> None:
+    """Body of the forked child. Never returns: exits through os._exit.
+
+    The child is forked before its job exists (see `Worker.prepare`): it drops privileges, then waits for one job
+    frame on `job_fd`. An empty read means no job will come (the worker is leaving): exit quietly.
+    """
     try:
         os.setsid()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
+        os.dup2(job_fd, 0)
         os.dup2(stdout_fd, 1)
         os.dup2(stderr_fd, 2)
         os.dup2(result_fd, 3)
@@ -417,6 +419,13 @@ def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, st
         _set_dumpable()  # the worker is not; its jobs must be, so it can read their memory use
         os.chdir(workdir)
         os.environ.update(HOME=workdir, TMPDIR=workdir)
+        try:
+            job, blobs = read_frame(_fd_reader(0))
+        except EOFError:
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)  # the program gets an empty stdin, not the job channel
+        os.close(devnull)
         _set_limits(job["limits"])
         sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
         sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
@@ -433,6 +442,27 @@ def child_main(job: dict, blobs: list[bytes], result_fd: int, stdout_fd: int, st
             pass
         os._exit(70)
     os._exit(0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fd_reader(fd: int):
+    """`read_exact(n)` over a blocking file descriptor; EOFError when the writer closes before any byte came."""
+    def read_exact(n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            chunk = os.read(fd, min(n - got, 1 << 20))
+            if not chunk:
+                raise EOFError if got == 0 else ProtocolError("job frame truncated")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    return read_exact
 
 
 # ------------------------------------------------------------------------------------------ the worker's side
@@ -480,6 +510,7 @@ class Worker:
         self.child_uid = child_uid if (child_uid is not None and os.geteuid() == 0) else None
         self.scratch = scratch
         self.jobs_run = 0
+        self._next: tuple[int, int, dict] | None = None  # (pid, job pipe, output pipes) of the prepared child
 
     # -- process control
     def _other_pids(self) -> list[int]:
@@ -514,11 +545,13 @@ class Worker:
         return not self._other_pids()
 
     def _namespace_memory(self) -> int:
-        """Proportional set size (shared pages split between sharers) of every job process, in bytes."""
-        total = 0
-        for pid in self._other_pids():
-            total += _process_memory(pid)
-        return total
+        """Proportional set size (shared pages split between sharers) of every job process, in bytes.
+
+        0 while the job is a single process: its address-space limit already caps it, and reading smaps walks its
+        page tables under the lock its own allocations need (polling a lone child slowed jobs by ~10 %).
+        """
+        pids = self._other_pids()
+        return sum(_process_memory(pid) for pid in pids) if len(pids) > 1 else 0
 
     def _reap(self) -> None:
         while True:
@@ -549,21 +582,48 @@ class Worker:
                         pass
 
     # -- one job
-    def run_job(self, job: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
-        limits = job["limits"]
+    def prepare(self) -> None:
+        """Fork the next job's child now, so a job pays neither for fork nor for dropping privileges.
+
+        Called after a job is answered and swept, while the host is busy elsewhere (scoring, generating the next
+        program). The child waits for its job frame; nothing of a previous job is alive when it is forked.
+        """
+        if self._next is not None:
+            return
         workdir = os.path.join(self.scratch, JOB_DIR)
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         if self.child_uid is not None:
             os.chown(workdir, self.child_uid, self.child_uid)
-        pipes = {name: os.pipe() for name in ("stdout", "stderr", "result")}
-        started = time.monotonic()
+        pipes = {name: os.pipe() for name in ("job", "stdout", "stderr", "result")}
         pid = os.fork()
         if pid == 0:
-            child_main(job, blobs, pipes["result"][1], pipes["stdout"][1], pipes["stderr"][1], self.child_uid,
+            child_main(pipes["job"][0], pipes["result"][1], pipes["stdout"][1], pipes["stderr"][1], self.child_uid,
                        workdir)
-        for _, write_end in pipes.values():
-            os.close(write_end)
-        outcome = self._supervise(pid, {k: v[0] for k, v in pipes.items()}, limits, started)
+        os.close(pipes["job"][0])
+        for name in ("stdout", "stderr", "result"):
+            os.close(pipes[name][1])
+        self._next = (pid, pipes["job"][1], {name: pipes[name][0] for name in ("stdout", "stderr", "result")})
+
+    def discard_prepared(self) -> None:
+        """Let a prepared child go (it reads end-of-file and exits) and reap it."""
+        if self._next is not None:
+            pid, job_fd, read_fds = self._next
+            self._next = None
+            for fd in (job_fd, *read_fds.values()):
+                os.close(fd)
+            os.waitpid(pid, 0)
+
+    def run_job(self, job: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
+        self.prepare()
+        pid, job_fd, read_fds = self._next
+        self._next = None
+        started = time.monotonic()
+        try:
+            _write_all(job_fd, encode_frame(job, blobs))
+        except OSError:  # the child died before its job arrived; the supervisor below reports what happened
+            pass
+        os.close(job_fd)
+        outcome = self._supervise(pid, read_fds, job["limits"], started)
         self.jobs_run += 1
         return outcome
 
@@ -708,42 +768,38 @@ def main(argv: list[str] | None = None) -> int:
     # The protocol owns the original stdout; anything else printing goes to stderr.
     proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
-    proto_in = os.fdopen(0, "rb", buffering=0)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-
-    def read_exact(n: int) -> bytes:
-        chunks, got = [], 0
-        while got < n:
-            chunk = proto_in.read(n - got)
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+    # A closed pipe (the host left, or a child died before its job arrived) is an OSError here, not a signal.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    read_exact = _fd_reader(0)
 
     worker = Worker(args.own_pid_namespace, args.child_uid, args.scratch)
     if worker.child_uid is None:
         _not_dumpable()  # jobs share our uid: keep them from ptrace-attaching to us or reading our /proc files
     hello = dict(_import_stack(), type="ready", pid=os.getpid(), uid=os.getuid(), child_uid=worker.child_uid,
                  python=sys.version.split()[0])
-    proto_out.write(encode_frame(hello))
-    while True:
-        try:
-            request, blobs = read_frame(read_exact)
-        except EOFError:
-            return 0
-        kind = request.get("type")
-        if kind == "job":
-            header, out = worker.run_job(request, blobs)
-            header["jobs_run"] = worker.jobs_run
-            proto_out.write(encode_frame(header, out))
-        elif kind == "ping":
-            proto_out.write(encode_frame({"type": "pong", "jobs_run": worker.jobs_run}))
-        elif kind == "exit":
-            return 0
-        else:
-            proto_out.write(encode_frame({"type": "error", "message": f"unknown request {kind!r}"}))
-
+    try:
+        proto_out.write(encode_frame(hello))
+        while True:
+            worker.prepare()
+            try:
+                request, blobs = read_frame(read_exact)
+            except EOFError:
+                return 0
+            kind = request.get("type")
+            if kind == "job":
+                header, out = worker.run_job(request, blobs)
+                header["jobs_run"] = worker.jobs_run
+                proto_out.write(encode_frame(header, out))
+            elif kind == "ping":
+                proto_out.write(encode_frame({"type": "pong", "jobs_run": worker.jobs_run}))
+            elif kind == "exit":
+                return 0
+            else:
+                proto_out.write(encode_frame({"type": "error", "message": f"unknown request {kind!r}"}))
+    except BrokenPipeError:
+        return 0
+    finally:
+        worker.discard_prepared()
 
 if __name__ == "__main__":
     sys.exit(main())

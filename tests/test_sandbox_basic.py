@@ -218,18 +218,20 @@ def test_broken_programs_get_a_status_and_an_actionable_message(local_sandbox, p
 
 
 def test_job_environment_is_single_threaded_private_and_unprivileged(local_sandbox):
+    # The job's process is forked before its job arrives and reads the job from stdin: the program must find an
+    # empty stdin and no descriptor but 0-3 (3 is its result channel).
     program = """
-import os
+import os, sys
 def build_model(X, y):
-    print(os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS"), os.listdir("."), os.getcwd(),
-          os.getuid() != 0)
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    print(os.environ.get("OMP_NUM_THREADS"), os.environ.get("OPENBLAS_NUM_THREADS"), os.listdir("."),
+          repr(sys.stdin.read()), fds[:-1], os.getuid() != 0, sep="|")  # fds[-1]: the one listdir held
     raise RuntimeError("done")
 """
-    result = local_sandbox.run(Job(program, [small_fold()]))
-    assert result.status is Status.RUNTIME_ERROR
-    threads_omp, threads_blas, listing, cwd, unprivileged = result.stdout.split(" ", 4)
-    assert (threads_omp, threads_blas, listing) == ("1", "1", "[]")
-    assert unprivileged.strip() == "True"
+    for _ in range(2):  # the first job and one served by a child prepared after a job
+        result = local_sandbox.run(Job(program, [small_fold()]))
+        assert result.status is Status.RUNTIME_ERROR
+        assert result.stdout.strip().split("|") == ["1", "1", "[]", "''", "[0, 1, 2, 3]", "True"]
 
 
 def test_output_is_capped_with_head_and_tail(local_sandbox):
