@@ -754,6 +754,16 @@ def _warm_up_fit() -> None:
         model.fit(frame, target).predict_proba(frame)
 
 
+def _answer(worker: Worker, request: dict, blobs: list[bytes]) -> bytes:
+    kind = request.get("type")
+    if kind == "job":
+        header, out = worker.run_job(request, blobs)
+        return encode_frame(dict(header, jobs_run=worker.jobs_run), out)
+    if kind == "ping":
+        return encode_frame({"type": "pong", "jobs_run": worker.jobs_run})
+    return encode_frame({"type": "error", "message": f"unknown request {kind!r}"})
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -785,21 +795,16 @@ def main(argv: list[str] | None = None) -> int:
                 request, blobs = read_frame(read_exact)
             except EOFError:
                 return 0
-            kind = request.get("type")
-            if kind == "job":
-                header, out = worker.run_job(request, blobs)
-                header["jobs_run"] = worker.jobs_run
-                proto_out.write(encode_frame(header, out))
-            elif kind == "ping":
-                proto_out.write(encode_frame({"type": "pong", "jobs_run": worker.jobs_run}))
-            elif kind == "exit":
+            if request.get("type") == "exit":
                 return 0
-            else:
-                proto_out.write(encode_frame({"type": "error", "message": f"unknown request {kind!r}"}))
+            proto_out.write(_answer(worker, request, blobs))
+            # Nothing of this job may be inherited by the next prepared child: drop our references first.
+            del request, blobs
     except BrokenPipeError:
         return 0
     finally:
         worker.discard_prepared()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -234,6 +234,23 @@ def build_model(X, y):
         assert result.stdout.strip().split("|") == ["1", "1", "[]", "''", "[0, 1, 2, 3]", "True"]
 
 
+def test_a_job_finds_nothing_of_the_previous_job_in_its_memory():
+    first = "# previous-job-marker\n" + FOREST
+    snoop = """
+import gc
+def build_model(X, y):
+    mark = 'previous-job' + '-marker'
+    seen = [o for o in gc.get_objects() if isinstance(o, dict) and isinstance(o.get("program"), str)
+            and mark in o["program"]]
+    print("FOUND" if seen else "CLEAN")
+    raise RuntimeError("done")
+"""
+    with make_sandbox("local", parallelism=1) as sandbox:
+        assert sandbox.run(Job(first, [small_fold()])).ok
+        result = sandbox.run(Job(snoop, [small_fold()]))
+    assert result.stdout.strip() == "CLEAN", result.stdout
+
+
 def test_output_is_capped_with_head_and_tail(local_sandbox):
     program = "def build_model(X, y):\n    print('START' + 'x' * 100000 + 'END')\n    raise ValueError('stop')\n"
     result = local_sandbox.run(Job(program, [small_fold()]))
