@@ -235,15 +235,19 @@ def _apply_signal(result: RunResult, number: int, limits: Limits) -> None:
 # --------------------------------------------------------------------------------------------------- pool
 
 def encode_job(job: Job, limits: Limits) -> bytes:
-    """The request frame: program text, limits and every fold's arrays (JSON + npy)."""
-    blobs: list[bytes] = []
-    folds = [{"X_fit": wire.encode_data(f.X_fit, blobs), "y_fit": wire.encode_data(np.asarray(f.y_fit), blobs),
-              "X_eval": wire.encode_data(f.X_eval, blobs)} for f in job.folds]
+    """The request frame: program text and limits, then one frame per fold (JSON + npy), which the worker hands
+    to that fold's child alone."""
+    fold_frames = []
+    for fold in job.folds:
+        blobs: list[bytes] = []
+        meta = {"X_fit": wire.encode_data(fold.X_fit, blobs), "y_fit": wire.encode_data(np.asarray(fold.y_fit), blobs),
+                "X_eval": wire.encode_data(fold.X_eval, blobs)}
+        fold_frames.append(wire.encode_frame(meta, blobs))
     eval_rows = sum(_n_rows(f.X_eval) for f in job.folds)
     wire_limits = dict(asdict(limits), max_result_bytes=result_budget(eval_rows, len(job.folds)))
     header = {"type": "job", "program": job.program, "entry_point": job.entry_point,
-              "predict_method": job.predict_method, "folds": folds, "limits": wire_limits}
-    return wire.encode_frame(header, blobs)
+              "predict_method": job.predict_method, "limits": wire_limits}
+    return wire.encode_frame(header, fold_frames)
 
 
 def result_budget(eval_rows: int, n_folds: int) -> int:

@@ -1,9 +1,10 @@
 """The warm worker: the process that lives inside the isolation boundary and runs agent programs.
 
-It imports the data-science stack once, then serves jobs read from stdin (framed messages, see `write_frame`).
+It imports the data-science stack once, then serves jobs read from stdin (framed messages, see `encode_frame`).
 Each job runs in a fresh forked child with resource limits, an unprivileged uid (when the worker may switch uids),
 a private empty working directory and a wall-clock deadline enforced from here (the worker kills every process the
-job left). Results travel back as JSON plus `.npy` arrays; nothing is pickled in either direction.
+job left). The child is forked and has dropped its privileges before its job arrives (`Worker.prepare`), so a job
+pays for neither. Results travel back as JSON plus `.npy` arrays; nothing is pickled in either direction.
 
 This file is self-contained (stdlib + numpy, pandas lazily) because it is copied alone into the container image.
 The host imports the same module for the wire format, so both ends always agree.
@@ -379,10 +380,16 @@ def _set_limits(limits: dict) -> None:
 def _no_new_privileges() -> None:
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_no_new_privs, pr_set_pdeathsig = 38, 1
-    libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0)
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    pr_set_no_new_privs = 38
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_no_new_privs, 1, 0, 0, 0)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def _not_dumpable(flag: int = 0) -> None:
@@ -429,8 +436,8 @@ def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid:
         _set_limits(job["limits"])
         sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
         sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
-        folds = [(decode_data(f["X_fit"], blobs), decode_data(f["y_fit"], blobs), decode_data(f["X_eval"], blobs))
-                 for f in job["folds"]]
+        (fold, fold_blobs), = [parse_frame(frame) for frame in blobs]  # exactly one fold per child
+        folds = [tuple(decode_data(fold[part], fold_blobs) for part in ("X_fit", "y_fit", "X_eval"))]
         report, outputs = run_program(job["program"], job["entry_point"], job["predict_method"], folds)
         frame = encode_frame(report, outputs)
         with os.fdopen(3, "wb") as result:
@@ -502,6 +509,104 @@ def kill_uid(uid: int) -> None:
     os.waitpid(pid, 0)
 
 
+class Zygote:
+    """A fork server started before the first job: every job child is forked from it, never from the worker.
+
+    The worker holds each job's data (all its folds) while the job runs; a child forked from the worker would
+    inherit that data in its heap and in the worker's stack frames, where a program can find it. The zygote has
+    imported the stack and seen no job, so a child starts with nothing but its own fold. The zygote reaps its
+    children and reports their exit status and resource use; the worker supervises them through pidfds.
+    Stdlib only; `socket.send_fds` passes the child's pipes to the worker.
+    """
+
+    def __init__(self, child_uid: int | None, workdir: str):
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            _zygote_main(theirs, child_uid, workdir)
+        theirs.close()
+        self._socket = ours
+        self._exits: dict[int, dict] = {}
+
+    def fork(self) -> tuple[int, int, dict]:
+        """(pid, job pipe write end, {stdout, stderr, result: read end}) of a new child waiting for its job."""
+        import socket
+
+        self._socket.send(b"fork")
+        while True:
+            message, fds, _, _ = socket.recv_fds(self._socket, 1 << 16, 4)
+            if not message:
+                raise ChildProcessError("the fork server is gone")
+            reply = json.loads(message)
+            if "exit" in reply:
+                self._exits[reply["exit"]] = reply
+                continue
+            job_fd, stdout_fd, stderr_fd, result_fd = fds
+            return reply["pid"], job_fd, {"stdout": stdout_fd, "stderr": stderr_fd, "result": result_fd}
+
+    def wait(self, pid: int) -> tuple[int, dict]:
+        """Block until the zygote has reaped `pid`: its wait status and {maxrss_kb, cpu_s}."""
+        while pid not in self._exits:
+            message = self._socket.recv(1 << 16)
+            if not message:
+                raise ChildProcessError("the fork server is gone")
+            reply = json.loads(message)
+            self._exits[reply["exit"]] = reply
+        reply = self._exits.pop(pid)
+        return reply["status"], reply
+
+
+def _zygote_main(control, child_uid: int | None, workdir: str) -> None:
+    """The fork server's loop (see `Zygote`). Never returns."""
+    import socket
+
+    try:
+        _die_with_parent()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        keep = sorted({control.fileno(), 2})
+        os.closerange(3, keep[-1])
+        os.closerange(keep[-1] + 1, 1 << 16)
+        selector = selectors.DefaultSelector()
+        selector.register(control, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in selector.select():
+                if key.data is None:
+                    if not control.recv(64):
+                        os._exit(0)  # the worker is gone
+                    pid, fds = _spawn_child(child_uid, workdir)
+                    selector.register(os.pidfd_open(pid), selectors.EVENT_READ, pid)
+                    socket.send_fds(control, [json.dumps({"pid": pid}).encode()], fds)
+                    for fd in fds:
+                        os.close(fd)
+                else:
+                    selector.unregister(key.fileobj)
+                    os.close(key.fileobj)
+                    _, status, usage = os.wait4(key.data, 0)
+                    control.send(json.dumps({"exit": key.data, "status": status, "maxrss_kb": usage.ru_maxrss,
+                                             "cpu_s": usage.ru_utime + usage.ru_stime}).encode())
+    except BaseException:
+        traceback.print_exc()
+    os._exit(1)
+
+
+def _spawn_child(child_uid: int | None, workdir: str) -> tuple[int, list[int]]:
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    if child_uid is not None:
+        os.chown(workdir, child_uid, child_uid)
+    pipes = {name: os.pipe() for name in ("job", "stdout", "stderr", "result")}
+    pid = os.fork()
+    if pid == 0:
+        child_main(pipes["job"][0], pipes["result"][1], pipes["stdout"][1], pipes["stderr"][1], child_uid, workdir)
+    os.close(pipes["job"][0])
+    for name in ("stdout", "stderr", "result"):
+        os.close(pipes[name][1])
+    return pid, [pipes["job"][1], pipes["stdout"][0], pipes["stderr"][0], pipes["result"][0]]
+
+
 class Worker:
     """Serves jobs one at a time; see the module docstring."""
 
@@ -510,12 +615,13 @@ class Worker:
         self.child_uid = child_uid if (child_uid is not None and os.geteuid() == 0) else None
         self.scratch = scratch
         self.jobs_run = 0
+        self._zygote: Zygote | None = None
         self._next: tuple[int, int, dict] | None = None  # (pid, job pipe, output pipes) of the prepared child
 
     # -- process control
     def _other_pids(self) -> list[int]:
         """Every process in this pid namespace except the worker and its ancestors (init)."""
-        keep = {os.getpid(), os.getppid(), 1}
+        keep = {os.getpid(), os.getppid(), 1, self._zygote.pid if self._zygote else 1}
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep]
 
     def _kill_uid(self) -> None:
@@ -582,58 +688,83 @@ class Worker:
                         pass
 
     # -- one job
+    def start(self) -> None:
+        """Start the fork server; call once the stack is imported and before any job is read."""
+        self._zygote = Zygote(self.child_uid, os.path.join(self.scratch, JOB_DIR))
+
     def prepare(self) -> None:
-        """Fork the next job's child now, so a job pays neither for fork nor for dropping privileges.
+        """Have the next child forked now, so a job pays neither for fork nor for dropping privileges.
 
         Called after a job is answered and swept, while the host is busy elsewhere (scoring, generating the next
-        program). The child waits for its job frame; nothing of a previous job is alive when it is forked.
+        program), and between the folds of a job. The child waits for its job frame.
         """
-        if self._next is not None:
-            return
-        workdir = os.path.join(self.scratch, JOB_DIR)
-        os.makedirs(workdir, mode=0o700, exist_ok=True)
-        if self.child_uid is not None:
-            os.chown(workdir, self.child_uid, self.child_uid)
-        pipes = {name: os.pipe() for name in ("job", "stdout", "stderr", "result")}
-        pid = os.fork()
-        if pid == 0:
-            child_main(pipes["job"][0], pipes["result"][1], pipes["stdout"][1], pipes["stderr"][1], self.child_uid,
-                       workdir)
-        os.close(pipes["job"][0])
-        for name in ("stdout", "stderr", "result"):
-            os.close(pipes[name][1])
-        self._next = (pid, pipes["job"][1], {name: pipes[name][0] for name in ("stdout", "stderr", "result")})
+        if self._next is None:
+            self._next = self._zygote.fork()
 
     def discard_prepared(self) -> None:
-        """Let a prepared child go (it reads end-of-file and exits) and reap it."""
+        """Let a prepared child go: it reads end-of-file and exits."""
         if self._next is not None:
             pid, job_fd, read_fds = self._next
             self._next = None
             for fd in (job_fd, *read_fds.values()):
                 os.close(fd)
-            os.waitpid(pid, 0)
 
-    def run_job(self, job: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
+    def run_job(self, job: dict, fold_frames: list[bytes]) -> tuple[dict, list[bytes]]:
+        """Run the program once per fold, each fold in a child of its own, under one wall-clock deadline and one
+        CPU budget; stop at the first fold that fails.
+
+        One child per fold because a fold's training rows are other folds' evaluation rows, with their labels: a
+        program that could reach the other folds (through its caller's frame, the heap, or a file left for the
+        next fold) could look its answers up. Children of one job share nothing (each is swept before the next).
+        """
+        limits = job["limits"]
+        cap = int(limits["max_output_bytes"])
+        buffers = {"stdout": CappedBuffer(cap), "stderr": CappedBuffer(cap)}
+        started = time.monotonic()
+        deadline = started + float(limits["wall_time_s"])
+        request = {k: job[k] for k in ("program", "entry_point", "predict_method")}
+        totals = {"cpu_time_s": 0.0, "peak_memory_mb": 0.0, "job_memory_peak_mb": 0.0, "sweep_s": 0.0,
+                  "drain_s": 0.0, "damaged": False}
+        header: dict = {"exit_code": 0, "killed_reason": None, "report": {"status": "ok", "message": ""}}
+        predictions: list[bytes] = []
+        for fold_frame in fold_frames:
+            cpu_left = math.ceil(float(limits["cpu_time_s"]) - totals["cpu_time_s"])
+            fold_limits = dict(limits, cpu_time_s=max(1, cpu_left))
+            header, outputs = self._run_child(encode_frame(dict(request, limits=fold_limits), [fold_frame]),
+                                              fold_limits, deadline, buffers)
+            for key in ("cpu_time_s", "sweep_s", "drain_s"):
+                totals[key] += header[key]
+            for key in ("peak_memory_mb", "job_memory_peak_mb"):
+                totals[key] = max(totals[key], header[key])
+            totals["damaged"] = totals["damaged"] or header["damaged"]
+            failed = header["killed_reason"] or header["exit_code"] or header.get("report", {}).get("status") != "ok"
+            if failed or len(outputs) != 1:
+                predictions = []
+                break
+            predictions += outputs
+        self.jobs_run += 1
+        header.update(totals, type="result", duration_s=time.monotonic() - started,
+                      stdout=buffers["stdout"].text(), stderr=buffers["stderr"].text(),
+                      stdout_bytes=buffers["stdout"].total, stderr_bytes=buffers["stderr"].total)
+        return header, predictions
+
+    def _run_child(self, request: bytes, limits: dict, deadline: float, buffers: dict) -> tuple[dict, list[bytes]]:
+        """Hand `request` (one fold) to the prepared child and supervise it to the end."""
         self.prepare()
         pid, job_fd, read_fds = self._next
         self._next = None
-        started = time.monotonic()
         try:
-            _write_all(job_fd, encode_frame(job, blobs))
+            _write_all(job_fd, request)
         except OSError:  # the child died before its job arrived; the supervisor below reports what happened
             pass
         os.close(job_fd)
-        outcome = self._supervise(pid, read_fds, job["limits"], started)
-        self.jobs_run += 1
-        return outcome
+        return self._supervise(pid, read_fds, limits, deadline, buffers)
 
-    def _supervise(self, pid: int, read_fds: dict, limits: dict, started: float) -> tuple[dict, list[bytes]]:
-        cap = int(limits["max_output_bytes"])
+    def _supervise(self, pid: int, read_fds: dict, limits: dict, deadline: float,
+                   buffers: dict) -> tuple[dict, list[bytes]]:
         kill_at = int(limits["output_kill_bytes"])
         result_cap = int(limits["max_result_bytes"])
-        buffers = {"stdout": CappedBuffer(cap), "stderr": CappedBuffer(cap)}
         result = bytearray()
-        deadline = started + float(limits["wall_time_s"])
         pidfd = os.pidfd_open(pid)
         selector = selectors.DefaultSelector()
         for name, fd in read_fds.items():
@@ -664,8 +795,12 @@ class Worker:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        _, wait_status, usage = os.wait4(pid, 0)
-        duration = time.monotonic() - started
+        try:
+            wait_status, usage = self._zygote.wait(pid)
+        except ChildProcessError:  # the job killed the fork server, its parent: this worker must be replaced
+            wait_status, usage, clean_server = signal.SIGKILL, {"maxrss_kb": 0, "cpu_s": 0.0}, False
+        else:
+            clean_server = True
         selector.unregister(pidfd)
         os.close(pidfd)
         sweep_started = time.monotonic()
@@ -684,12 +819,9 @@ class Worker:
         self._reap()
         self._wipe_scratch()
         header = {
-            "type": "result", "duration_s": duration, "peak_memory_mb": usage.ru_maxrss / 1024.0,
-            "stdout": buffers["stdout"].text(), "stderr": buffers["stderr"].text(),
-            "stdout_bytes": buffers["stdout"].total, "stderr_bytes": buffers["stderr"].total,
-            "job_memory_peak_mb": peak_total / (1 << 20),
-            "exit_code": os.waitstatus_to_exitcode(wait_status), "killed_reason": reason, "damaged": not clean,
-            "cpu_time_s": usage.ru_utime + usage.ru_stime, **cleanup,
+            "peak_memory_mb": usage["maxrss_kb"] / 1024.0, "job_memory_peak_mb": peak_total / (1 << 20),
+            "exit_code": os.waitstatus_to_exitcode(wait_status), "killed_reason": reason, "damaged": not (clean and clean_server),
+            "cpu_time_s": usage["cpu_s"], **cleanup,
         }
         child_blobs: list[bytes] = []
         if reason is None and result:
@@ -785,12 +917,17 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args.own_pid_namespace, args.child_uid, args.scratch)
     if worker.child_uid is None:
         _not_dumpable()  # jobs share our uid: keep them from ptrace-attaching to us or reading our /proc files
-    hello = dict(_import_stack(), type="ready", pid=os.getpid(), uid=os.getuid(), child_uid=worker.child_uid,
+    stack = _import_stack()
+    worker.start()
+    hello = dict(stack, type="ready", pid=os.getpid(), uid=os.getuid(), child_uid=worker.child_uid,
                  python=sys.version.split()[0])
     try:
         proto_out.write(encode_frame(hello))
         while True:
-            worker.prepare()
+            try:
+                worker.prepare()
+            except ChildProcessError:
+                return 1  # the fork server is gone (the last job was reported damaged; the host replaces us)
             try:
                 request, blobs = read_frame(read_exact)
             except EOFError:

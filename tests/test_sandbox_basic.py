@@ -14,6 +14,7 @@ import pytest
 from sandbox import Fold, Job, Limits, Status, make_sandbox
 from sandbox import worker as wire
 from sandbox.pool import build_result, validate_predictions
+from tests.fixtures_sandbox import backend_params, make_backend
 
 FOREST = """
 from sklearn.ensemble import RandomForestClassifier
@@ -234,7 +235,8 @@ def build_model(X, y):
         assert result.stdout.strip().split("|") == ["1", "1", "[]", "''", "[0, 1, 2, 3]", "True"]
 
 
-def test_a_job_finds_nothing_of_the_previous_job_in_its_memory():
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_job_finds_nothing_of_the_previous_job_in_its_memory(backend):
     first = "# previous-job-marker\n" + FOREST
     snoop = """
 import gc
@@ -245,10 +247,57 @@ def build_model(X, y):
     print("FOUND" if seen else "CLEAN")
     raise RuntimeError("done")
 """
-    with make_sandbox("local", parallelism=1) as sandbox:
+    with make_backend(backend, parallelism=1) as sandbox:
         assert sandbox.run(Job(first, [small_fold()])).ok
         result = sandbox.run(Job(snoop, [small_fold()]))
     assert result.stdout.strip() == "CLEAN", result.stdout
+
+
+FOLD_SNOOP = """
+import sys
+import numpy as np
+from sklearn.dummy import DummyClassifier
+
+MARKS = {1: 111111.0, 2: 222222.0}
+
+def holds(value, mark, depth=0):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return np.float64(mark).tobytes() in bytes(value)
+    if hasattr(value, "to_numpy"):
+        value = value.to_numpy()
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind == "f" and bool((value == mark).any())
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return any(holds(v, mark, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return any(holds(v, mark, depth + 1) for v in value.values())
+    return False
+
+def build_model(X, y):
+    own = [k for k, mark in MARKS.items() if holds(X, mark)]
+    frame, seen = sys._getframe(1), set()
+    while frame is not None:
+        seen |= {k for k, mark in MARKS.items() if any(holds(v, mark) for v in frame.f_locals.values())}
+        frame = frame.f_back
+    print("fold", own, "sees", sorted(seen))
+    return DummyClassifier().fit(X, y)
+"""
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_fold_cannot_reach_the_other_folds_data(backend):
+    # Fold 2's training rows may be fold 1's evaluation rows, with labels: a program that could walk up to its
+    # caller's frames and find every fold could look its answers up.
+    folds = []
+    for mark in (111111.0, 222222.0):
+        fold = small_fold()
+        fold.X_fit.iloc[0, 0] = mark
+        folds.append(fold)
+    with make_backend(backend, parallelism=1) as sandbox:
+        result = sandbox.run(Job(FOLD_SNOOP, folds))
+    assert result.ok, result.message
+    assert result.stdout.split("\n")[:2] == ["fold [1] sees [1]", "fold [2] sees [2]"], result.stdout
+    assert len(result.predictions) == 2
 
 
 def test_output_is_capped_with_head_and_tail(local_sandbox):
