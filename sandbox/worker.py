@@ -935,8 +935,6 @@ def main(argv: list[str] | None = None) -> int:
             if request.get("type") == "exit":
                 return 0
             proto_out.write(_answer(worker, request, blobs))
-            # Nothing of this job may be inherited by the next prepared child: drop our references first.
-            del request, blobs
     except BrokenPipeError:
         return 0
     finally:
