@@ -866,24 +866,39 @@ def _import_stack() -> dict:
     import sklearn.preprocessing  # noqa: F401
     import sklearn.tree  # noqa: F401
 
-    _warm_up_fit()
+    _warm_up_job()
     return {"versions": versions, "import_s": time.monotonic() - started}
 
 
-def _warm_up_fit() -> None:
-    """Fit and predict once on a small DataFrame so the lazy imports inside scikit-learn and pandas (input
-    validation, dataframe interchange) happen here, once, instead of in every job."""
-    import pandas as pd
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+_WARM_UP_PROGRAM = """
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-    frame = pd.DataFrame({"a": np.arange(20.0), "b": pd.Categorical(["x", "y"] * 10).codes.astype(float)})
-    target = np.arange(20) % 2
-    for model in (RandomForestClassifier(n_estimators=2, random_state=0),
-                  make_pipeline(StandardScaler(), LogisticRegression())):
-        model.fit(frame, target).predict_proba(frame)
+def build_model(X, y):
+    RandomForestClassifier(n_estimators=2, random_state=0).fit(X, y).predict_proba(X)
+    return make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
+"""
+
+
+def _warm_up_job() -> None:
+    """Take one small job through the child's whole path (decode, fit, predict, encode) so the lazy imports and
+    first-use caches inside pandas, scikit-learn and this module are filled here, once, instead of in every job."""
+    import pandas as pd
+
+    rows = np.random.default_rng(0).permutation(40)
+    frame = pd.DataFrame({"a": np.arange(40.0), "b": np.arange(40.0) % 3}, index=rows)
+    frame["c"] = pd.Categorical(["x", "y"] * 20).codes.astype(float)
+    blobs: list[bytes] = []
+    meta = {"X_fit": encode_data(frame, blobs), "y_fit": encode_data(rows % 2, blobs),
+            "X_eval": encode_data(frame.reset_index(drop=True), blobs)}
+    fold, fold_blobs = parse_frame(encode_frame(meta, blobs))
+    folds = [tuple(decode_data(fold[part], fold_blobs) for part in ("X_fit", "y_fit", "X_eval"))]
+    report, outputs = run_program(_WARM_UP_PROGRAM, "build_model", "predict_proba", folds)
+    if report["status"] != "ok":
+        raise RuntimeError(f"the worker's warm-up job failed: {report}")
+    encode_frame(report, outputs)
 
 
 def _answer(worker: Worker, request: dict, blobs: list[bytes]) -> bytes:
