@@ -306,7 +306,12 @@ class PooledSandbox:
         with self._lock:
             self._busy.add(slot)
         try:
-            return self._run_on(slot, job, request)
+            result = self._run_on(slot, job, request)
+            if result is None:  # the worker was damaged by the previous job and refused this one: once more
+                result = self._run_on(slot, job, request) or RunResult(
+                    Status.SANDBOX_ERROR, message="two fresh sandbox workers in a row refused the job",
+                    isolation=self.isolation)
+            return result
         finally:
             with self._lock:
                 self._busy.discard(slot)
@@ -334,7 +339,7 @@ class PooledSandbox:
             slot.handle = None
             self.stats["workers_replaced"] += 1
 
-    def _run_on(self, slot: _Slot, job: Job, request: bytes) -> RunResult:
+    def _run_on(self, slot: _Slot, job: Job, request: bytes) -> RunResult | None:
         started = time.monotonic()
         try:
             if slot.handle is None:
@@ -359,6 +364,9 @@ class PooledSandbox:
                              f"It was replaced; do not signal other processes. {details}".strip(),
                              duration_s=time.monotonic() - started,
                              isolation=self.isolation)
+        if header.get("type") == "damaged":  # the damage was the previous job's, found after its answer
+            self._retire(slot)
+            return None
         slot.jobs += 1
         self.stats["jobs"] += 1
         if header.get("type") != "result":

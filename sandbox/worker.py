@@ -439,6 +439,9 @@ def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid:
         (fold, fold_blobs), = [parse_frame(frame) for frame in blobs]  # exactly one fold per child
         folds = [tuple(decode_data(fold[part], fold_blobs) for part in ("X_fit", "y_fit", "X_eval"))]
         report, outputs = run_program(job["program"], job["entry_point"], job["predict_method"], folds)
+        own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        report["usage"] = {"cpu_s": own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime,
+                           "maxrss_kb": max(own.ru_maxrss, waited.ru_maxrss)}
         frame = encode_frame(report, outputs)
         with os.fdopen(3, "wb") as result:
             result.write(frame)
@@ -455,6 +458,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def _number(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) and number >= 0 else 0.0
 
 
 def _fd_reader(fd: int):
@@ -617,6 +628,7 @@ class Worker:
         self.jobs_run = 0
         self._zygote: Zygote | None = None
         self._next: tuple[int, int, dict] | None = None  # (pid, job pipe, output pipes) of the prepared child
+        self._deferred = None  # cleanup of the last job, run after its answer is sent
 
     # -- process control
     def _other_pids(self) -> list[int]:
@@ -727,11 +739,11 @@ class Worker:
                   "drain_s": 0.0, "damaged": False}
         header: dict = {"exit_code": 0, "killed_reason": None, "report": {"status": "ok", "message": ""}}
         predictions: list[bytes] = []
-        for fold_frame in fold_frames:
+        for index, fold_frame in enumerate(fold_frames):
             cpu_left = math.ceil(float(limits["cpu_time_s"]) - totals["cpu_time_s"])
             fold_limits = dict(limits, cpu_time_s=max(1, cpu_left))
             header, outputs = self._run_child(encode_frame(dict(request, limits=fold_limits), [fold_frame]),
-                                              fold_limits, deadline, buffers)
+                                              fold_limits, deadline, buffers, last=index == len(fold_frames) - 1)
             for key in ("cpu_time_s", "sweep_s", "drain_s"):
                 totals[key] += header[key]
             for key in ("peak_memory_mb", "job_memory_peak_mb"):
@@ -748,7 +760,8 @@ class Worker:
                       stdout_bytes=buffers["stdout"].total, stderr_bytes=buffers["stderr"].total)
         return header, predictions
 
-    def _run_child(self, request: bytes, limits: dict, deadline: float, buffers: dict) -> tuple[dict, list[bytes]]:
+    def _run_child(self, request: bytes, limits: dict, deadline: float, buffers: dict,
+                   last: bool) -> tuple[dict, list[bytes]]:
         """Hand `request` (one fold) to the prepared child and supervise it to the end."""
         self.prepare()
         pid, job_fd, read_fds = self._next
@@ -758,10 +771,21 @@ class Worker:
         except OSError:  # the child died before its job arrived; the supervisor below reports what happened
             pass
         os.close(job_fd)
-        return self._supervise(pid, read_fds, limits, deadline, buffers)
+        return self._supervise(pid, read_fds, limits, deadline, buffers, defer_cleanup=last)
 
-    def _supervise(self, pid: int, read_fds: dict, limits: dict, deadline: float,
-                   buffers: dict) -> tuple[dict, list[bytes]]:
+    def finish(self) -> bool:
+        """Run the cleanup a job's answer did not wait for; False when the sandbox is damaged (exit, be replaced)."""
+        cleanup, self._deferred = self._deferred, None
+        return cleanup is None or not cleanup()["damaged"]
+
+    def _supervise(self, pid: int, read_fds: dict, limits: dict, deadline: float, buffers: dict,
+                   defer_cleanup: bool = False) -> tuple[dict, list[bytes]]:
+        """Watch a child until its result is complete, it exits, or a limit is hit; then clean up after it.
+
+        A complete result ends the job: the child's only work left is to exit, which costs milliseconds for a
+        process this size. With `defer_cleanup` the answer is built at once and killing, reaping, sweeping and
+        wiping wait in `self._deferred` until the worker has replied (`finish` runs before the next child).
+        """
         kill_at = int(limits["output_kill_bytes"])
         result_cap = int(limits["max_result_bytes"])
         result = bytearray()
@@ -771,10 +795,10 @@ class Worker:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ, name)
         selector.register(pidfd, selectors.EVENT_READ, "exit")
-        reason, exited = None, False
+        reason, exited, complete = None, False, False
         memory_cap = int(limits["memory_mb"]) << 20
         peak_total = 0
-        while not exited and reason is None:
+        while not (exited or complete) and reason is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 reason = "timeout"
@@ -784,23 +808,56 @@ class Worker:
                     exited = True
                     continue
                 reason = self._drain(key, selector, buffers, result, kill_at, result_cap) or reason
-            if self.own_pid_namespace and not exited:
+            # The child wrote its result and closed the channel (a crash closes it empty).
+            complete = bool(result) and read_fds["result"] not in selector.get_map()
+            if self.own_pid_namespace and not (exited or complete):
                 # Address-space limits are per process; a job that forks could still sum past the memory limit.
                 total = self._namespace_memory()
                 peak_total = max(peak_total, total)
                 if total > memory_cap:
                     reason = reason or "memory"
-        if reason is not None:
+        state = {"pid": pid, "pidfd": pidfd, "selector": selector, "buffers": buffers, "result": result,
+                 "kill_at": kill_at, "result_cap": result_cap, "reason": reason, "complete": complete}
+        if defer_cleanup and complete and reason is None and not exited:
+            for name in ("stdout", "stderr"):  # what the child printed before its result is in the pipes now
+                self._drain_now(read_fds[name], selector, buffers, name)
+            self._deferred = lambda: self._clean_up(**state)
+            facts = {"exit_code": 0, "killed_reason": None, "damaged": False, "sweep_s": 0.0, "drain_s": 0.0}
+        else:
+            facts = self._clean_up(**state)
+        header = {key: value for key, value in facts.items() if key not in ("maxrss_kb", "cpu_s")}
+        header["job_memory_peak_mb"] = peak_total / (1 << 20)
+        child_blobs: list[bytes] = []
+        usage: dict = {"maxrss_kb": facts.get("maxrss_kb", 0), "cpu_s": facts.get("cpu_s", 0.0)}
+        if header["killed_reason"] is None and result:
+            try:
+                report, child_blobs = parse_frame(bytes(result), max_header=1 << 20)
+                header["report"] = {k: report.get(k) for k in ("status", "message", "error_type", "traceback")}
+                if "maxrss_kb" not in facts and isinstance(report.get("usage"), dict):
+                    usage = report["usage"]  # self-reported: the child is not reaped yet
+            except (ProtocolError, struct.error, ValueError) as exc:
+                header["report"] = {"status": "invalid_output",
+                                    "message": f"the program corrupted the result channel ({exc})"}
+        header["peak_memory_mb"] = _number(usage.get("maxrss_kb")) / 1024.0
+        header["cpu_time_s"] = _number(usage.get("cpu_s"))
+        return header, child_blobs
+
+    def _clean_up(self, pid: int, pidfd: int, selector, buffers: dict, result: bytearray, kill_at: int,
+                  result_cap: int, reason: str | None, complete: bool) -> dict:
+        """Kill what is left of a child's job, reap it, sweep, collect late output, wipe; the facts for the answer."""
+        if reason is not None or complete:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         try:
             wait_status, usage = self._zygote.wait(pid)
+            server_alive = True
         except ChildProcessError:  # the job killed the fork server, its parent: this worker must be replaced
-            wait_status, usage, clean_server = signal.SIGKILL, {"maxrss_kb": 0, "cpu_s": 0.0}, False
-        else:
-            clean_server = True
+            wait_status, usage, server_alive = signal.SIGKILL, {"maxrss_kb": 0, "cpu_s": 0.0}, False
         selector.unregister(pidfd)
         os.close(pidfd)
         sweep_started = time.monotonic()
@@ -811,27 +868,30 @@ class Worker:
             for key, _ in selector.select(timeout=0.1):
                 late = self._drain(key, selector, buffers, result, kill_at, result_cap)  # always drain
                 reason = reason or late
-        cleanup = {"sweep_s": drain_started - sweep_started, "drain_s": time.monotonic() - drain_started}
         for key in list(selector.get_map().values()):
             selector.unregister(key.fileobj)
             os.close(key.fileobj)
         selector.close()
         self._reap()
         self._wipe_scratch()
-        header = {
-            "peak_memory_mb": usage["maxrss_kb"] / 1024.0, "job_memory_peak_mb": peak_total / (1 << 20),
-            "exit_code": os.waitstatus_to_exitcode(wait_status), "killed_reason": reason, "damaged": not (clean and clean_server),
-            "cpu_time_s": usage["cpu_s"], **cleanup,
-        }
-        child_blobs: list[bytes] = []
-        if reason is None and result:
+        # A complete result was killed by us: how the process ended says nothing about the job.
+        exit_code = 0 if complete and reason is None else os.waitstatus_to_exitcode(wait_status)
+        return {"exit_code": exit_code, "killed_reason": reason, "damaged": not (clean and server_alive),
+                "maxrss_kb": usage["maxrss_kb"], "cpu_s": usage["cpu_s"],
+                "sweep_s": drain_started - sweep_started, "drain_s": time.monotonic() - drain_started}
+
+    def _drain_now(self, fd: int, selector, buffers: dict, name: str) -> None:
+        """Read what `fd` holds right now, without waiting for more."""
+        if fd not in selector.get_map():
+            return
+        while True:
             try:
-                report, child_blobs = parse_frame(bytes(result), max_header=1 << 20)
-                header["report"] = {k: report.get(k) for k in ("status", "message", "error_type", "traceback")}
-            except (ProtocolError, struct.error, ValueError) as exc:
-                header["report"] = {"status": "invalid_output",
-                                    "message": f"the program corrupted the result channel ({exc})"}
-        return header, child_blobs
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            buffers[name].feed(data)
 
     def _drain(self, key, selector, buffers, result, kill_at, result_cap) -> str | None:
         try:
@@ -938,18 +998,24 @@ def main(argv: list[str] | None = None) -> int:
                  python=sys.version.split()[0])
     try:
         proto_out.write(encode_frame(hello))
+        damaged = False
         while True:
             try:
-                worker.prepare()
+                if not damaged:
+                    worker.prepare()
             except ChildProcessError:
-                return 1  # the fork server is gone (the last job was reported damaged; the host replaces us)
+                damaged = True  # the fork server is gone
             try:
                 request, blobs = read_frame(read_exact)
             except EOFError:
                 return 0
             if request.get("type") == "exit":
                 return 0
+            if damaged:  # found after the last answer went out: refuse this request, the host starts a new worker
+                proto_out.write(encode_frame({"type": "damaged", "message": "the previous job damaged the worker"}))
+                return 1
             proto_out.write(_answer(worker, request, blobs))
+            damaged = not worker.finish()
     except BrokenPipeError:
         return 0
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 from sandbox import Fold, Job, Limits, Status, make_sandbox
 from sandbox import worker as wire
-from sandbox.pool import build_result, validate_predictions
+from sandbox.pool import PooledSandbox, WorkerHandle, build_result, validate_predictions
 from tests.fixtures_sandbox import backend_params, make_backend
 
 FOREST = """
@@ -298,6 +298,36 @@ def test_a_fold_cannot_reach_the_other_folds_data(backend):
     assert result.ok, result.message
     assert result.stdout.split("\n")[:2] == ["fold [1] sees [1]", "fold [2] sees [2]"], result.stdout
     assert len(result.predictions) == 2
+
+
+class ScriptedWorker(WorkerHandle):
+    """A worker transport that answers every job with the next scripted reply (no process behind it)."""
+
+    def __init__(self, replies: list[dict]):
+        self.replies, self.sent, self.killed = list(replies), 0, False
+
+    def send(self, data: bytes) -> None:
+        self.sent += 1
+
+    def read_frame(self, deadline: float, max_body: int):
+        return self.replies.pop(0), []
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_a_worker_damaged_after_its_answer_is_replaced_and_the_next_job_rerun():
+    # The worker answers a job before it sweeps up after it; damage found then is reported on the next request
+    # ("damaged"), which must not cost that innocent job its run.
+    ready = {"type": "ready"}
+    damaged = ScriptedWorker([ready, {"type": "damaged"}])
+    fresh = ScriptedWorker([ready, {"type": "result", "killed_reason": None, "exit_code": 0,
+                                    "report": {"status": "runtime_error", "message": "ValueError: x"}}])
+    workers = iter([damaged, fresh])
+    sandbox = PooledSandbox("local", lambda slot: next(workers), parallelism=1)
+    result = sandbox.run(Job(FOREST, [small_fold()]))
+    assert damaged.killed and damaged.sent == 1 and fresh.sent == 1
+    assert result.status is Status.RUNTIME_ERROR and sandbox.stats["workers_replaced"] == 1
 
 
 def test_output_is_capped_with_head_and_tail(local_sandbox):
