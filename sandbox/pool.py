@@ -172,6 +172,9 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
         result.status = Status.MEMORY_EXCEEDED
         result.message = (f"The program's processes together used more than the {limits.memory_mb} MiB memory "
                           "limit and were stopped. Use fewer processes (n_jobs=1) and less memory.")
+    elif reason == "killed_sandbox":
+        result.message = ("The program killed a process of the sandbox itself (its parent, or everything with "
+                          "kill -1); the sandbox was replaced. Do not signal other processes.")
     elif reason == "result_too_large":
         result.status = Status.INVALID_OUTPUT
         result.message = "The program's predictions were far larger than one row per input row; it was stopped."

@@ -858,6 +858,7 @@ class Worker:
             server_alive = True
         except ChildProcessError:  # the job killed the fork server, its parent: this worker must be replaced
             wait_status, usage, server_alive = signal.SIGKILL, {"maxrss_kb": 0, "cpu_s": 0.0}, False
+            reason = reason or "killed_sandbox"
         selector.unregister(pidfd)
         os.close(pidfd)
         sweep_started = time.monotonic()

@@ -162,6 +162,9 @@ def test_build_result_maps_signals_and_exits_to_statuses():
     assert exited.status is Status.RUNTIME_ERROR and "code 3" in exited.message
     lying = build_result({"exit_code": 0, "report": {"status": "bogus"}}, [], job, limits, "local")
     assert lying.status is Status.INVALID_OUTPUT
+    # In Docker a SIGKILL usually means the cgroup's OOM killer, but not when the job killed the sandbox itself.
+    parent = build_result({"exit_code": -9, "killed_reason": "killed_sandbox"}, [], job, limits, "docker")
+    assert parent.status is Status.SANDBOX_ERROR and "Do not signal" in parent.message
 
 
 # ----------------------------------------------------------------------------------- running programs
