@@ -187,6 +187,11 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
         result.message = (f"The process exited with code {exit_code} before returning predictions (did the "
                           f"program call os._exit or exit the interpreter?). Return a fitted model from "
                           f"`{job.entry_point}` instead of exiting.")
+    failed_fold = header.get("failed_fold")
+    if not result.ok and isinstance(failed_fold, int) and len(job.folds) > 1:
+        # Folds run in order and the first failure stops the job: say where, since it may be data-dependent.
+        result.message += f" (in fold {failed_fold + 1} of {len(job.folds)})"
+        result.extra["failed_fold"] = failed_fold
     return result
 
 

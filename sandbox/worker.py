@@ -752,6 +752,7 @@ class Worker:
             failed = header["killed_reason"] or header["exit_code"] or header.get("report", {}).get("status") != "ok"
             if failed or len(outputs) != 1:
                 predictions = []
+                header["failed_fold"] = index
                 break
             predictions += outputs
         self.jobs_run += 1

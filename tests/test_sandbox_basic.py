@@ -333,6 +333,22 @@ def test_a_worker_damaged_after_its_answer_is_replaced_and_the_next_job_rerun():
     assert result.status is Status.RUNTIME_ERROR and sandbox.stats["workers_replaced"] == 1
 
 
+def test_a_failing_fold_is_named_and_stops_the_job(local_sandbox):
+    program = """
+def build_model(X, y):
+    if X.iloc[0, 0] == 999.0:
+        raise ValueError("this fold's data breaks me")
+    print("fitted")
+    from sklearn.dummy import DummyClassifier
+    return DummyClassifier().fit(X, y)
+"""
+    folds = [small_fold() for _ in range(3)]
+    folds[1].X_fit.iloc[0, 0] = 999.0
+    result = local_sandbox.run(Job(program, folds))
+    assert result.status is Status.RUNTIME_ERROR and result.message.endswith("(in fold 2 of 3)"), result.message
+    assert result.extra["failed_fold"] == 1 and result.stdout.count("fitted") == 1  # fold 3 never ran
+
+
 def test_output_is_capped_with_head_and_tail(local_sandbox):
     program = "def build_model(X, y):\n    print('START' + 'x' * 100000 + 'END')\n    raise ValueError('stop')\n"
     result = local_sandbox.run(Job(program, [small_fold()]))
