@@ -245,12 +245,7 @@ def _apply_signal(result: RunResult, number: int, limits: Limits) -> None:
 def encode_job(job: Job, limits: Limits) -> bytes:
     """The request frame: program text and limits, then one frame per fold (JSON + npy), which the worker hands
     to that fold's child alone."""
-    fold_frames = []
-    for fold in job.folds:
-        blobs: list[bytes] = []
-        meta = {"X_fit": wire.encode_data(fold.X_fit, blobs), "y_fit": wire.encode_data(np.asarray(fold.y_fit), blobs),
-                "X_eval": wire.encode_data(fold.X_eval, blobs)}
-        fold_frames.append(wire.encode_frame(meta, blobs))
+    fold_frames = [wire.encode_fold(fold.X_fit, fold.y_fit, fold.X_eval) for fold in job.folds]
     eval_rows = sum(_n_rows(f.X_eval) for f in job.folds)
     wire_limits = dict(asdict(limits), max_result_bytes=result_budget(eval_rows, len(job.folds)))
     header = {"type": "job", "program": job.program, "entry_point": job.entry_point,

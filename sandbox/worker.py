@@ -3,8 +3,10 @@
 It imports the data-science stack once, then serves jobs read from stdin (framed messages, see `encode_frame`).
 Each job runs in a fresh forked child with resource limits, an unprivileged uid (when the worker may switch uids),
 a private empty working directory and a wall-clock deadline enforced from here (the worker kills every process the
-job left). The child is forked and has dropped its privileges before its job arrives (`Worker.prepare`), so a job
-pays for neither. Results travel back as JSON plus `.npy` arrays; nothing is pickled in either direction.
+job left). Each fold of a job runs in a child of its own (a fold's training rows are other folds' evaluation rows).
+Children are forked by a fork server (`Zygote`) that has seen no job, and are ready, privileges dropped, before
+their job arrives (`Worker.prepare`). The answer goes out as soon as the result is complete; the cleanup follows
+(`Worker.finish`). Results travel back as JSON plus `.npy` arrays; nothing is pickled in either direction.
 
 This file is self-contained (stdlib + numpy, pandas lazily) because it is copied alone into the container image.
 The host imports the same module for the wire format, so both ends always agree.
@@ -192,6 +194,22 @@ def _encode_column(series, blobs: list[bytes]) -> dict:
         return {"codec": "masked", "dtype": str(dtype), "blob": len(blobs) - 2, "mask": len(blobs) - 1}
     kind = "string" if isinstance(dtype, pd.StringDtype) else "object"
     return {"codec": kind, "dtype": str(dtype), "values": [_json_scalar(v) for v in series.tolist()]}
+
+
+FOLD_PARTS = ("X_fit", "y_fit", "X_eval")
+
+
+def encode_fold(X_fit, y_fit, X_eval) -> bytes:
+    """One fold as a frame of its own: the worker hands it to that fold's child alone."""
+    blobs: list[bytes] = []
+    meta = {part: encode_data(value, blobs) for part, value in zip(FOLD_PARTS, (X_fit, np.asarray(y_fit), X_eval))}
+    return encode_frame(meta, blobs)
+
+
+def decode_fold(frame: bytes) -> tuple:
+    """Inverse of `encode_fold`: (X_fit, y_fit, X_eval)."""
+    meta, blobs = parse_frame(frame)
+    return tuple(decode_data(meta[part], blobs) for part in FOLD_PARTS)
 
 
 def decode_data(meta: dict, blobs: list[bytes]):
@@ -436,8 +454,7 @@ def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid:
         _set_limits(job["limits"])
         sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
         sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
-        (fold, fold_blobs), = [parse_frame(frame) for frame in blobs]  # exactly one fold per child
-        folds = [tuple(decode_data(fold[part], fold_blobs) for part in ("X_fit", "y_fit", "X_eval"))]
+        folds = [decode_fold(frame) for frame in blobs]  # one per child
         report, outputs = run_program(job["program"], job["entry_point"], job["predict_method"], folds)
         own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         report["usage"] = {"cpu_s": own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime,
@@ -952,11 +969,7 @@ def _warm_up_job() -> None:
     rows = np.random.default_rng(0).permutation(40)
     frame = pd.DataFrame({"a": np.arange(40.0), "b": np.arange(40.0) % 3}, index=rows)
     frame["c"] = pd.Categorical(["x", "y"] * 20).codes.astype(float)
-    blobs: list[bytes] = []
-    meta = {"X_fit": encode_data(frame, blobs), "y_fit": encode_data(rows % 2, blobs),
-            "X_eval": encode_data(frame.reset_index(drop=True), blobs)}
-    fold, fold_blobs = parse_frame(encode_frame(meta, blobs))
-    folds = [tuple(decode_data(fold[part], fold_blobs) for part in ("X_fit", "y_fit", "X_eval"))]
+    folds = [decode_fold(encode_fold(frame, rows % 2, frame.reset_index(drop=True)))]
     report, outputs = run_program(_WARM_UP_PROGRAM, "build_model", "predict_proba", folds)
     if report["status"] != "ok":
         raise RuntimeError(f"the worker's warm-up job failed: {report}")
