@@ -312,7 +312,7 @@ class PooledSandbox:
             result = self._run_on(slot, job, request)
             if result is None:  # the worker was damaged by the previous job and refused this one: once more
                 result = self._run_on(slot, job, request) or RunResult(
-                    Status.SANDBOX_ERROR, message="two fresh sandbox workers in a row refused the job",
+                    Status.SANDBOX_ERROR, message="a fresh sandbox worker refused the job as well",
                     isolation=self.isolation)
             return result
         finally:
