@@ -1,7 +1,9 @@
 """One config schema for Python and the CLI: dataclass fields <-> argparse options (as TRL's HfArgumentParser).
 
-Each learner declares its hyperparameters as a dataclass; every field carries `metadata={"help": ...}`. The CLI gets
-one `--field-name` option per field (help text and default from the field) and a generic `--set key=value`.
+Each learner declares its hyperparameters as a dataclass; every field carries `metadata={"help": ...}`. A config may
+nest another (learner configs compose one `GenerationSettings` as `generation`); its fields are set by their own
+names, so the CLI gets one `--field-name` option per leaf field (help text and default from the field) and
+`--set key=value` takes the same names. An unknown key is an error that lists the valid ones.
 
     @dataclass
     class MyConfig:
@@ -88,29 +90,54 @@ def option_name(field_name: str, prefix: str = "") -> str:
     return "--" + (prefix + field_name).replace("_", "-")
 
 
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One settable field of a (possibly nested) config: its path from the top, its field and its type."""
+
+    path: tuple[str, ...]
+    field: dataclasses.Field
+    type: Any
+
+
+def leaf_fields(cls: type) -> dict[str, Leaf]:
+    """Every settable field by its own name, looking through nested dataclass fields (e.g. a learner config's
+    `generation: GenerationSettings`): `{"lr": Leaf(("lr",)), "top_p": Leaf(("generation", "top_p")), ...}`.
+
+    A config is set through these flat names on the command line and in `--set`. A nested field whose name is
+    taken by an outer one keeps its dotted path as its name (`generation.seed` beside the learner's `seed`).
+    """
+    hints = _field_types(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    out = {f.name: Leaf((f.name,), f, hints[f.name]) for f in fields if not dataclasses.is_dataclass(hints[f.name])}
+    for f in fields:
+        if dataclasses.is_dataclass(hints[f.name]):
+            for name, leaf in leaf_fields(hints[f.name]).items():
+                key = f"{f.name}.{name}" if name in out else name
+                out[key] = Leaf((f.name, *leaf.path), leaf.field, leaf.type)
+    return out
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type,
                             prefix: str = "", skip: set[str] | frozenset[str] = frozenset(),
                             dest_prefix: str | None = None) -> None:
-    """Add one option per dataclass field. Defaults are left as None so only options the user gave override.
+    """Add one option per (leaf) field. Defaults are left as None so only options the user gave override.
 
     `prefix` prefixes option names (and destinations); `dest_prefix` overrides only the destinations, keeping
     option names plain while avoiding clashes with other options in the namespace.
     """
     dest_prefix = prefix if dest_prefix is None else dest_prefix
-    hints = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
+    for name, leaf in leaf_fields(cls).items():
+        if name in skip:
             continue
-        tp = hints[f.name]
-        default = _default_of(f)
+        default = _default_of(leaf.field)
         shown = "" if default is _MISSING else f" (default: {default!r})"
         parser.add_argument(
-            option_name(f.name, prefix),
-            dest=dest_prefix + f.name,
+            option_name(name, prefix),
+            dest=dest_prefix + name,
             default=None,
-            type=lambda s, tp=tp: parse_value(s, tp),
-            metavar=_metavar(tp),
-            help=(field_help(f) + shown).replace("%", "%%"),
+            type=lambda s, tp=leaf.type: parse_value(s, tp),
+            metavar=_metavar(leaf.type),
+            help=(field_help(leaf.field) + shown).replace("%", "%%"),
         )
 
 
@@ -129,36 +156,58 @@ def _default_of(f: dataclasses.Field) -> Any:
     return _MISSING
 
 
+def with_fields(config: T, changes: dict[str, Any]) -> T:
+    """A copy of `config` with flat leaf names set (nested configs are replaced along their path)."""
+    leaves = leaf_fields(type(config))
+    unknown = sorted(set(changes) - set(leaves))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {type(config).__name__}; known: {sorted(leaves)}")
+    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for name, value in changes.items():
+        path = leaves[name].path
+        if len(path) == 1:
+            top[path[0]] = value
+        else:  # the nested config's own name for it: its path below the head, as its leaf_fields spells it
+            inner = type(getattr(config, path[0]))
+            sub_name = next(k for k, v in leaf_fields(inner).items() if v.path == path[1:])
+            nested.setdefault(path[0], {})[sub_name] = value
+    for head, sub in nested.items():
+        top[head] = with_fields(getattr(config, head), sub)
+    return dataclasses.replace(config, **top)
+
+
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "",
                         base: T | None = None) -> T:
     """Build `cls` from parsed options (those left at None keep `base`'s or the dataclass default)."""
-    values = dataclasses.asdict(base) if base is not None else {}
-    for f in dataclasses.fields(cls):
-        given = getattr(args, prefix + f.name, None)
-        if given is not None:
-            values[f.name] = given
-    return cls(**values)
+    given = {name: getattr(args, prefix + name) for name in leaf_fields(cls)
+             if getattr(args, prefix + name, None) is not None}
+    return with_fields(base if base is not None else cls(), given)
+
+
+def parse_overrides(cls: type, overrides: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings -> {leaf name: typed value}; an unknown key or a bad value raises ValueError."""
+    leaves = leaf_fields(cls)
+    changes: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        if key not in leaves:
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; known: {sorted(leaves)}")
+        try:
+            changes[key] = parse_value(value, leaves[key].type)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"bad value for {key}: {exc}") from exc
+    return changes
 
 
 def apply_overrides(config: T, overrides: list[str] | None) -> T:
     """Return a copy of `config` with `key=value` strings applied (typed by the field); unknown keys are errors."""
     if not overrides:
         return config
-    hints = _field_types(type(config))
-    names = {f.name for f in dataclasses.fields(config)}
-    changes: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        if key not in names:
-            raise ValueError(f"unknown config key {key!r} for {type(config).__name__}; known: {sorted(names)}")
-        try:
-            changes[key] = parse_value(value, hints[key])
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"bad value for {key}: {exc}") from exc
-    return dataclasses.replace(config, **changes)
+    return with_fields(config, parse_overrides(type(config), overrides))
 
 
 def config_to_dict(config: Any) -> dict:
@@ -169,24 +218,25 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=True, default=str) + "\n")
 
 
-def load_config(cls: type[T], path: str | Path) -> T:
-    """Load a config saved by `save_config`; unknown keys are dropped so older files keep loading."""
-    data = json.loads(Path(path).read_text())
-    names = {f.name for f in dataclasses.fields(cls)}
+def config_from_dict(cls: type[T], data: dict) -> T:
+    """Inverse of `config_to_dict`; unknown keys are dropped so older files keep loading."""
     hints = _field_types(cls)
     values = {}
-    for key, value in data.items():
-        if key in names:
-            inner, _ = _unwrap_optional(hints[key])
-            if typing.get_origin(inner) is tuple and isinstance(value, list):
-                value = tuple(value)
-            values[key] = value
+    for f in dataclasses.fields(cls):
+        if f.name not in data or not f.init:
+            continue
+        value, (inner, _) = data[f.name], _unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+            value = config_from_dict(inner, value)
+        elif typing.get_origin(inner) is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
     return cls(**values)
 
 
-def describe_config(cls: type) -> list[tuple[str, str, str]]:
-    """(name, default, help) for each field: for docs and `--help` listings."""
-    return [(f.name, repr(_default_of(f)), field_help(f)) for f in dataclasses.fields(cls)]
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Load a config saved by `save_config` (see `config_from_dict`)."""
+    return config_from_dict(cls, json.loads(Path(path).read_text()))
 
 
 def replace_directory(staged: Path, directory: Path) -> None:

@@ -37,7 +37,8 @@ How it is laid out
    optimiser steps. Full-vocabulary tensors exist only for one chunk of token states at a time: hidden states are
    gathered at action positions, then heads are applied `chunk_size` rows at a time under activation checkpointing,
    so the backward pass never holds (tokens × V) floats either.
-3. `ETPOConfig` (every hyperparameter, documented) and `ETPOAgent` (the Learner: learn/act/save/load).
+3. `ETPOConfig` (every hyperparameter, documented) and `ETPOAgent`: the update on a language model, inside the
+   shared learner shell (agents/learner.py: learn → collect → train, counters, logging, checkpoints, resume).
 
 Not reproduced from the public reference implementation (on purpose): a uniform mean over the vocabulary in the
 policy step (which makes its gradient independent of Q); ρ absent from the policy step; the within-action KL read
@@ -47,7 +48,6 @@ kept in host memory; no resume.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import shutil
@@ -63,7 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from agents.policy import SamplingActor
+from agents.learner import Learner
+from agents.policy import GenerationSettings
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,10 +498,8 @@ class ETPOConfig:
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     # rollouts
     rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) per update."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per action."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1 = on-policy samples of π)."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
+        "help": "How actions are sampled (temperature 1, no top-k/top-p: on-policy samples of π)."})
     # model
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy and critic adapters."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -522,7 +521,8 @@ class ETPOConfig:
                              f"{self.critic_loss!r}")
         if self.optimizer not in ("adamw", "lion"):
             raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
-        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.chunk_size, self.max_new_tokens) < 1:
+        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.chunk_size,
+               self.generation.max_new_tokens) < 1:
             raise ValueError("epochs, minibatch_size, rollout_steps, chunk_size and max_new_tokens must be >= 1")
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
@@ -622,42 +622,22 @@ def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16,
     return policy
 
 
-CHECKPOINT_FORMAT = 1
+class ETPOAgent(Learner):
+    """ETPO on an `LMPolicy`: one base model carrying a "policy" and a "critic" LoRA adapter (see the module doc).
 
+    The learner shell (agents/learner.py) collects `rollout_steps` env steps; `train` is one ETPO update on them.
+    """
 
-class ETPOAgent(SamplingActor):
-    """ETPO on an `LMPolicy`: one base model carrying a "policy" and a "critic" LoRA adapter (see the module doc)."""
+    config_class = ETPOConfig
 
-    def __init__(self, model: str | Path = "tiny", config: ETPOConfig | None = None, **overrides: Any):
-        from agents.policy import LMPolicy, default_lora_config, resolve_device
+    def adapters(self) -> tuple[dict[str, Any], str]:
+        from agents.policy import default_lora_config
 
-        self.config = dataclasses.replace(config or ETPOConfig(), **overrides)
         cfg = self.config
-        self.model_path = str(_resolve_model(model))
-        torch.manual_seed(cfg.seed)
-        adapters = {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha),
-                    "critic": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}
-        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=cfg.reference,
-                                               device=resolve_device(cfg.device),
-                                               gradient_checkpointing=cfg.gradient_checkpointing,
-                                               chunk_size=cfg.chunk_size)
-        self._init_training_state()
+        return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha),
+                 "critic": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, cfg.reference)
 
-    @classmethod
-    def from_policy(cls, policy: Any, config: ETPOConfig | None = None, **overrides: Any) -> ETPOAgent:
-        """An agent over an existing LMPolicy that already carries "policy" and "critic" adapters (benchmarks,
-        models built from a config in memory)."""
-        missing = {"policy", "critic"} - set(policy.adapter_names)
-        if missing:
-            raise ValueError(f"the policy lacks adapter(s) {sorted(missing)}; ETPO needs 'policy' and 'critic'")
-        agent = cls.__new__(cls)
-        agent.config = dataclasses.replace(config or ETPOConfig(), **overrides)
-        agent.model_path = str(policy.name_or_path)
-        agent.policy = policy
-        agent._init_training_state()
-        return agent
-
-    def _init_training_state(self) -> None:
+    def setup(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         self.models = LMTokenModels(self.policy, cfg)
@@ -666,53 +646,12 @@ class ETPOAgent(SamplingActor):
         self.critic_opt = make_optimizer(self.models.critic_parameters(), cfg.optimizer, cfg.critic_lr,
                                          cfg.weight_decay)
         self.rng = random.Random(cfg.seed)  # minibatch order
-        self.counters = {"update": 0, "env_steps": 0, "tokens": 0, "episodes": 0, "env_resets": 0}
         self.best_reward = -math.inf
-        self._collector = None
 
-    # -- learning -------------------------------------------------------------------------------------------------
-    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
-              out_dir: str | Path | None = None) -> dict:
-        """Collect `rollout_steps` env steps, run one ETPO update, repeat until `budget` env steps in total.
-
-        `budget` counts env steps over the agent's life (a resumed agent continues its count). With `out_dir`,
-        diagnostics go to the shared RunLogger there and checkpoints to `out_dir/checkpoint`.
-        """
-        from agents.rollout import RolloutCollector
-
+    def train(self, buffer: Sequence[Any]) -> dict[str, float]:
+        """One ETPO update on a rollout buffer (the soft Bellman targets, the critic and policy steps), with the
+        diagnostics a reviewer needs."""
         cfg = self.config
-        if self._collector is None or self._collector.env is not env:
-            # Each collector gets a fresh seed derived from the counters so a resumed run resets envs as the
-            # uninterrupted one would at the same point.
-            self._collector = RolloutCollector(self.policy, env, self.generation,
-                                               seed=cfg.seed + self.counters["env_resets"], compute_ref_logp=False)
-            self.counters["env_resets"] += 1
-        logger = _make_logger(out_dir, budget - self.counters["env_steps"])
-        summary: dict[str, float] = {}
-        try:
-            while self.counters["env_steps"] < budget:
-                stats = self.iteration(min(cfg.rollout_steps, budget - self.counters["env_steps"]))
-                summary = stats
-                if logger is not None:
-                    logger.log(stats, step=self.counters["env_steps"])
-                if callback is not None:
-                    callback(stats)
-                if out_dir is not None and cfg.checkpoint_every and self.counters["update"] % cfg.checkpoint_every == 0:
-                    self.save(Path(out_dir) / "checkpoint")
-        finally:
-            if logger is not None:
-                logger.close()
-        if out_dir is not None:
-            self.save(Path(out_dir) / "checkpoint")
-        return {**summary, **{k: float(v) for k, v in self.counters.items()}}
-
-    def iteration(self, n_steps: int) -> dict[str, float]:
-        """One ETPO iteration: rollouts from π, the soft Bellman update, diagnostics."""
-        cfg = self.config
-        started = time.perf_counter()
-        if self.policy.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.policy.device)
-        buffer, collect_stats = self._collector.collect(n_steps)
         transitions = list(buffer)
         tick = time.perf_counter()
         first_q: dict[int, float] = {}
@@ -723,14 +662,10 @@ class ETPOAgent(SamplingActor):
         n_tokens = sum(len(t.action_ids) for t in transitions)
         rewards = np.array([t.reward for t in transitions], dtype=np.float64)
         self.best_reward = max(self.best_reward, float(rewards.max()))
-        self.counters["update"] += 1
-        self.counters["env_steps"] += len(transitions)
-        self.counters["tokens"] += n_tokens
-        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
         returns = realised_returns(transitions, cfg.gamma)
         q_first = [first_q.get(i, float("nan")) for i in range(len(transitions))]
         statuses = [t.info.get("status") for t in transitions]
-        stats = {
+        return {
             "reward_mean": float(rewards.mean()),
             "success_rate": float(np.mean([s == "ok" for s in statuses])) if any(statuses) else float("nan"),
             "best_reward": self.best_reward,
@@ -738,16 +673,32 @@ class ETPOAgent(SamplingActor):
             "tokens_per_action": n_tokens / len(transitions),
             "time_update_s": time_update,
             "update_tokens_per_s": update.get("tokens_updated", 0.0) / time_update if time_update > 0 else 0.0,
-            "peak_memory_mb": _peak_memory_mb(self.policy.device),
             **update,
-            **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
-            "update": float(self.counters["update"]),
-            "env_steps_total": float(self.counters["env_steps"]),
         }
-        stats["time_total_s"] = time.perf_counter() - started
-        return stats
 
-    # -- persistence ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Q head, EMA target, both optimisers, the minibatch RNG and the best reward (adapters travel with the
+        policy)."""
+        return {
+            "q_head": self.models.q_head.state_dict() if self.models.q_head is not None else None,
+            "target": [t.cpu() for t in self.models.target],
+            "policy_opt": self.policy_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict(),
+            "best_reward": self.best_reward,
+            "rng": self.rng.getstate(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.models.q_head is not None:
+            self.models.q_head.load_state_dict(state["q_head"])
+        with torch.no_grad():
+            for t, saved in zip(self.models.target, state["target"], strict=True):
+                t.copy_(saved)
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.best_reward = float(state["best_reward"])
+        self.rng.setstate(state["rng"])
+
     def export_policy(self, directory: str | Path) -> Path:
         """Write π alone as a plain transformers model (policy adapter merged into the base) plus tokenizer, for
         `etpo serve`, `agents.tiny.evaluate_samples` or any `from_pretrained` user. The agent is left untouched."""
@@ -766,92 +717,3 @@ class ETPOAgent(SamplingActor):
         self.policy.tokenizer.save_pretrained(str(directory))
         shutil.rmtree(directory / "_policy_adapter")
         return directory
-
-    def save(self, directory: str | Path) -> None:
-        """Adapters, Q head, EMA target, both optimisers, RNG states, counters: everything needed to resume."""
-        from agents.config import replace_directory, save_config
-
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.policy.save(tmp / "policy")
-        save_config(self.config, tmp / "config.json")
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model_path": self.model_path,
-            "q_head": self.models.q_head.state_dict() if self.models.q_head is not None else None,
-            "target": [t.cpu() for t in self.models.target],
-            "policy_opt": self.policy_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
-            "counters": dict(self.counters),
-            "best_reward": self.best_reward,
-            "rng": self.rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-        }
-        torch.save(state, tmp / "trainer.pt")
-        replace_directory(tmp, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, **overrides: Any) -> ETPOAgent:
-        """Rebuild an agent saved by `save` (config overrides allowed, e.g. device) and restore all its state."""
-        from agents.config import load_config
-        from agents.policy import LMPolicy, resolve_device
-
-        directory = Path(directory)
-        config = dataclasses.replace(load_config(ETPOConfig, directory / "config.json"), **overrides)
-        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"unsupported ETPO checkpoint format {state.get('format')!r}")
-        agent = cls.__new__(cls)
-        agent.config = config
-        agent.model_path = state["model_path"]
-        agent.policy = LMPolicy.load(directory / "policy", device=resolve_device(config.device), base=agent.model_path,
-                                     gradient_checkpointing=config.gradient_checkpointing,
-                                     chunk_size=config.chunk_size)
-        agent._init_training_state()
-        if agent.models.q_head is not None:
-            agent.models.q_head.load_state_dict(state["q_head"])
-        with torch.no_grad():
-            for t, saved in zip(agent.models.target, state["target"], strict=True):
-                t.copy_(saved)
-        agent.policy_opt.load_state_dict(state["policy_opt"])
-        agent.critic_opt.load_state_dict(state["critic_opt"])
-        agent.counters = dict(state["counters"])
-        agent.best_reward = float(state["best_reward"])
-        agent.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        return agent
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _resolve_model(model: str | Path) -> Path | str:
-    if str(model) == "tiny":
-        from agents.tiny import ensure_tiny_model
-
-        return ensure_tiny_model()
-    return model
-
-
-def _make_logger(out_dir: str | Path | None, total: int):
-    """The shared RunLogger (console lines, tqdm bar over env steps, TensorBoard, metrics.jsonl) in `out_dir`."""
-    if out_dir is None:
-        return None
-    from agents.logging import RunLogger
-
-    return RunLogger(out_dir, total=max(total, 0) or None)

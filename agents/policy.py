@@ -604,22 +604,3 @@ def sample_tokens(logits: torch.Tensor, gen: GenerationSettings, generator: torc
         scores = TopPLogitsWarper(top_p=gen.top_p)(None, scores)
     probs = F.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class SamplingActor:
-    """`reset`/`act` for agents that sample each action from `self.policy` with the sampling fields of
-    `self.config` (max_new_tokens, temperature, top_p and, where the config has it, top_k)."""
-
-    @property
-    def generation(self) -> GenerationSettings:
-        cfg = self.config
-        return GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_k=getattr(cfg, "top_k", 0), top_p=cfg.top_p)
-
-    def reset(self) -> None:
-        pass
-
-    def act(self, obs: str, info: dict | None = None) -> str:
-        gen = self.generation
-        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
-        return self.policy.generate([prompt], gen)[0].text

@@ -26,10 +26,7 @@ wires it to the shared LMPolicy, RolloutCollector and RunLogger.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +36,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from agents.policy import SamplingActor
+from agents.learner import Learner
+from agents.policy import GenerationSettings
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -314,10 +312,8 @@ class PPOConfig:
 
     # rollouts
     rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per action (code string)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts (1 = on-policy)."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
+        "help": "How actions are sampled (temperature 1, no top-k/top-p: on-policy samples of π)."})
     # reward shaping: KL penalty to the reference policy ρ
     kl_coef: float = field(default=0.05, metadata={"help": "β: per-token KL penalty coefficient (initial value "
                                                            "when the adaptive controller is on)."})
@@ -386,25 +382,21 @@ class PPOConfig:
 # The learner
 # ---------------------------------------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = 1
-
-
-class PPOAgent(SamplingActor):
+class PPOAgent(Learner):
     """Token-level PPO on an `LMPolicy`: a "policy" LoRA adapter, ρ = the reference, a scalar value head.
 
     `value_model="shared"` puts the head on the policy adapter's last hidden state (one forward pass, the value
     loss also shapes the shared features); `"adapter"` gives the value its own LoRA adapter on the same base.
+    The learner shell (agents/learner.py) collects `rollout_steps` env steps; `train` is one PPO update on them.
     """
 
     config_class = PPOConfig
+    needs_reference_logprobs = True  # the per-token KL penalty needs log ρ of every sampled token
 
-    def __init__(self, model: str | Path = "tiny", config: PPOConfig | None = None, **overrides: Any):
-        from agents.policy import LMPolicy, default_lora_config, resolve_device
+    def adapters(self) -> tuple[dict[str, Any], str]:
+        from agents.policy import default_lora_config
 
-        self.config = dataclasses.replace(config or PPOConfig(), **overrides)
         cfg = self.config
-        torch.manual_seed(cfg.seed)  # fresh LoRA weights and the value head are drawn from torch's global RNG
-        self.model_path = str(_resolve_model(model))
         if cfg.init_adapter:
             start = str(_adapter_dir(cfg.init_adapter))
             adapters: dict[str, Any] = {"reference": start, "policy": start}
@@ -413,13 +405,9 @@ class PPOAgent(SamplingActor):
             adapters, reference = {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, "base"
         if cfg.value_model == "adapter":
             adapters["value"] = default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)
-        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=reference,
-                                               device=resolve_device(cfg.device),
-                                               gradient_checkpointing=cfg.gradient_checkpointing,
-                                               chunk_size=cfg.chunk_size)
-        self._init_training_state()
+        return adapters, reference
 
-    def _init_training_state(self) -> None:
+    def setup(self) -> None:
         cfg = self.config
         # Dropout off for good (as in RLHF PPO): the update must score tokens as sampling did, or ratios drift.
         self.policy.model.eval()
@@ -437,8 +425,6 @@ class PPOAgent(SamplingActor):
             weight_decay=cfg.weight_decay)
         self.kl_controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.counters = {"iteration": 0, "env_steps": 0, "tokens": 0, "episodes": 0}
-        self._collector = None
 
     # -- model passes -----------------------------------------------------------------------------------------------
     def _values(self, hidden_policy: torch.Tensor, obs_ids, action_ids) -> torch.Tensor:
@@ -507,65 +493,8 @@ class PPOAgent(SamplingActor):
         return dict(zip(unfinished, values, strict=True))
 
     # -- learning ---------------------------------------------------------------------------------------------------
-    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
-              out_dir: str | Path | None = None) -> dict:
-        """Collect `rollout_steps` env steps, annotate values, GAE, PPO epochs; repeat until `budget` env steps.
-
-        `budget` counts env steps over the agent's whole life (a resumed agent continues its count). With
-        `out_dir`, diagnostics go to the shared RunLogger there and checkpoints to `out_dir/checkpoint`.
-        """
-        from agents.rollout import RolloutCollector
-
-        cfg = self.config
-        # The collector keeps episodes going across learn() calls on the same env. A new one resets the env;
-        # seeding it by the steps done makes a resumed run see new episodes rather than replay the first ones.
-        if self._collector is None or self._collector.env is not env:
-            self._collector = RolloutCollector(self.policy, env, self.generation,
-                                               seed=cfg.seed + self.counters["env_steps"])
-        collector = self._collector
-        logger = _make_logger(out_dir, budget)
-        summary: dict[str, float] = {}
-        try:
-            while self.counters["env_steps"] < budget:
-                n_steps = min(cfg.rollout_steps, budget - self.counters["env_steps"])
-                stats = self.iteration(collector, n_steps)
-                summary = stats
-                if logger is not None:
-                    logger.log(stats, step=self.counters["env_steps"])
-                if callback is not None:
-                    callback(stats)
-                if out_dir is not None and cfg.checkpoint_every and self.counters["iteration"] % cfg.checkpoint_every == 0:
-                    self.save(Path(out_dir) / "checkpoint")
-        finally:
-            if logger is not None:
-                logger.close()
-        if out_dir is not None:
-            self.save(Path(out_dir) / "checkpoint")
-        return {**summary, **{k: float(v) for k, v in self.counters.items()}}
-
-    def iteration(self, collector: Any, n_steps: int) -> dict[str, float]:
-        """One PPO iteration: collect `n_steps` env steps with the shared collector, then `update` on them."""
-        started = time.perf_counter()
-        buffer, collect_stats = collector.collect(n_steps)
-        transitions = list(buffer)
-        time_rollout = time.perf_counter() - started
-        stats = self.update(transitions)
-        self.counters["iteration"] += 1
-        self.counters["env_steps"] += len(transitions)
-        self.counters["tokens"] += sum(len(t.action_ids) for t in transitions)
-        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in transitions)
-        return {
-            **{k: float(v) for k, v in collect_stats.items() if isinstance(v, (int, float))},
-            **stats,
-            "time_rollout_s": time_rollout,
-            "buffer_bytes_per_token": buffer.bytes_per_token(),  # with PPO's per-token extras filled in
-            "iteration": float(self.counters["iteration"]),
-            "env_steps": float(self.counters["env_steps"]),
-            "time_total_s": time.perf_counter() - started,
-        }
-
-    def update(self, transitions: Sequence[Any]) -> dict[str, float]:
-        """Values, per-token rewards and GAE, then the PPO epochs, on collected transitions; then adapt β."""
+    def train(self, transitions: Sequence[Any]) -> dict[str, float]:
+        """One PPO update on collected transitions: values, per-token rewards and GAE, the PPO epochs; then adapt β."""
         cfg = self.config
         tick = time.perf_counter()
         bootstrap = self.annotate_values(transitions)
@@ -607,66 +536,20 @@ class PPOAgent(SamplingActor):
             **update_stats,
             "time_advantages_s": time_advantages,
             "time_update_s": time_update,
+            # bytes held per action token once PPO's per-token extras (values, advantages, returns) are filled in
+            "buffer_bytes_per_token": sum(t.nbytes() for t in transitions) / max(n_tokens, 1),
         }
 
-    # -- persistence ------------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
-        """Adapters, value head, optimizer, KL controller, RNG states and counters: everything to resume."""
-        from agents.config import replace_directory, save_config
+    def state_dict(self) -> dict[str, Any]:
+        """Value head, optimizer, KL controller and the minibatch generator (adapters travel with the policy)."""
+        return {"value_head": self.value_head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "kl_coef": self.kl_controller.value, "generator": self.generator.get_state()}
 
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.policy.save(tmp / "policy")
-        save_config(self.config, tmp / "config.json")
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model_path": self.model_path,
-            "value_head": self.value_head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "kl_coef": self.kl_controller.value,
-            "counters": dict(self.counters),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-        }
-        torch.save(state, tmp / "trainer.pt")
-        replace_directory(tmp, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, **overrides: Any) -> PPOAgent:
-        """Rebuild an agent saved by `save` (config overrides allowed, e.g. device) and restore its state."""
-        from agents.config import load_config
-        from agents.policy import LMPolicy
-
-        directory = Path(directory)
-        config = dataclasses.replace(load_config(PPOConfig, directory / "config.json"), **overrides)
-        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)
-        agent = cls.__new__(cls)
-        agent.config = config
-        agent.model_path = state["model_path"]
-        agent.policy = LMPolicy.load(directory / "policy", device=_device(config.device), base=agent.model_path,
-                                     gradient_checkpointing=config.gradient_checkpointing,
-                                     chunk_size=config.chunk_size)
-        agent._init_training_state()
-        agent.value_head.load_state_dict(state["value_head"])
-        agent.optimizer.load_state_dict(state["optimizer"])
-        agent.kl_controller.value = float(state["kl_coef"])
-        agent.counters = dict(state["counters"])
-        agent.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        return agent
-
-
-def _device(name: str):
-    from agents.policy import resolve_device
-
-    return resolve_device(name)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_controller.value = float(state["kl_coef"])
+        self.generator.set_state(state["generator"])
 
 
 def _adapter_dir(path: str | Path) -> Path:
@@ -676,19 +559,3 @@ def _adapter_dir(path: str | Path) -> Path:
         if (candidate / "adapter_config.json").exists():
             return candidate
     raise FileNotFoundError(f"no LoRA adapter (adapter_config.json) in {path} or its policy/ sub-folder")
-
-
-def _resolve_model(model: str | Path) -> Path | str:
-    if str(model) == "tiny":
-        from agents.tiny import ensure_tiny_model
-
-        return ensure_tiny_model()
-    return model
-
-
-def _make_logger(out_dir: str | Path | None, budget: int):
-    if out_dir is None:
-        return None
-    from agents.logging import RunLogger
-
-    return RunLogger(out_dir, total=budget)

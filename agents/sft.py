@@ -18,19 +18,19 @@ sampled token ids themselves (no decode/re-encode), which the loop does directly
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from agents.policy import SamplingActor
+from agents.learner import Learner
+from agents.policy import GenerationSettings
 
 
 @dataclass
@@ -54,13 +54,14 @@ class SFTConfig:
         "help": "Self-improve: share of each round's valid programs kept (best rewards first)."})
     pool_size: int = field(default=64, metadata={"help": "Self-improve: most kept programs trained on."})
     steps_per_round: int = field(default=4, metadata={"help": "Self-improve: optimizer steps per round."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    max_new_tokens: int = field(default=384, metadata={"help": "Most tokens per program."})
+    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=384), metadata={
+        "help": "How programs are sampled in self-improve mode and when acting."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     chunk_size: int = field(default=256, metadata={"help": "Positions per whole-vocabulary chunk."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, shuffling and adapter init."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N rounds when an output directory "
+                                                               "is set (0 = only at the end)."})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,28 +148,22 @@ def mean_nll(policy: Any, examples: Sequence[tuple[list[int], list[int]]], batch
 # ----------------------------------------------------------------------------------------------------------------
 # The agent
 # ----------------------------------------------------------------------------------------------------------------
-class SFTAgent(SamplingActor):
-    """Fine-tunes an `LMPolicy` on demonstrations and/or its own best programs; acts by sampling from it."""
+class SFTAgent(Learner):
+    """Fine-tunes an `LMPolicy` on demonstrations and/or its own best programs; acts by sampling from it.
+
+    In the learner shell's terms (agents/learner.py): demonstrations are fitted before the first collection, each
+    self-improvement round collects `samples_per_round` env steps and `train` keeps the best and fine-tunes on them.
+    """
 
     config_class = SFTConfig
 
-    def __init__(self, model: str | Path = "tiny", config: SFTConfig | None = None, **overrides: Any):
-        import torch
+    def adapters(self) -> tuple[dict[str, Any] | None, str]:
+        from agents.policy import default_lora_config
 
-        from agents.policy import LMPolicy, default_lora_config, resolve_device
-        from agents.tiny import resolve_model
-
-        self.config = dataclasses.replace(config or SFTConfig(), **overrides)
         cfg = self.config
-        torch.manual_seed(cfg.seed)
-        self.model_path = str(resolve_model(model))
-        adapters = {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)} if cfg.lora else None
-        self.policy = LMPolicy.from_pretrained(self.model_path, adapters=adapters, device=resolve_device(cfg.device),
-                                               gradient_checkpointing=cfg.gradient_checkpointing,
-                                               chunk_size=cfg.chunk_size)
-        self._init_training_state()
+        return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)} if cfg.lora else None), "base"
 
-    def _init_training_state(self) -> None:
+    def setup(self) -> None:
         import torch
 
         cfg = self.config
@@ -176,8 +171,12 @@ class SFTAgent(SamplingActor):
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.rng = random.Random(cfg.seed)
         self.pool: list[tuple[float, list[int], list[int]]] = []  # (reward, prompt ids, action ids), best first
-        self.counters = {"env_steps": 0, "rounds": 0, "sft_steps": 0}
+        self.sft_steps_done = 0
         self.demos_done = False
+
+    @property
+    def rollout_steps(self) -> int:
+        return int(self.config.samples_per_round)
 
     # -- learning -------------------------------------------------------------------------------------------------
     def fit_demonstrations(self, pairs: Sequence[tuple[str, str]], epochs: int | None = None) -> dict[str, float]:
@@ -190,48 +189,28 @@ class SFTAgent(SamplingActor):
         n_steps = math.ceil(len(examples) / cfg.batch_size) * (epochs if epochs is not None else cfg.epochs)
         losses = sft_steps(self.policy, examples, self.optimizer, self.params, n_steps, cfg.batch_size,
                            cfg.max_grad_norm, self.rng)
-        self.counters["sft_steps"] += n_steps
+        self.sft_steps_done += n_steps
         return {"nll_before": before, "nll_after": mean_nll(self.policy, examples), "sft_steps": float(n_steps),
                 "loss_first": losses[0], "loss_last": losses[-1], "demonstrations": float(len(examples))}
 
-    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
-              out_dir: str | Path | None = None) -> dict:
-        """Demonstrations first (if `data`), then — in self-improve mode — rounds of sampling `samples_per_round`
-        env steps, keeping the best valid programs and fine-tuning on them, until `budget` env steps are spent."""
-        from agents.rollout import RolloutCollector
-
+    def prepare(self, logger: Any) -> dict[str, float]:
+        """Demonstrations first (once per agent, if `data`)."""
         cfg = self.config
-        logger = _make_logger(out_dir, budget)
-        summary: dict[str, float] = {}
-        try:
-            if cfg.data and not self.demos_done:
-                summary.update(self.fit_demonstrations(load_demonstrations(cfg.data, cfg.min_reward)))
-                self.demos_done = True
-                if logger:
-                    logger.log({**summary, "phase_demos": 1.0}, step=self.counters["env_steps"])
-            if cfg.recipe == "self-improve":
-                collector = RolloutCollector(self.policy, env, self.generation, compute_ref_logp=False,
-                                             seed=cfg.seed)
-                while self.counters["env_steps"] < budget:
-                    stats = self.round(collector, min(cfg.samples_per_round, budget - self.counters["env_steps"]))
-                    summary.update(stats)
-                    if logger:
-                        logger.log(stats, step=self.counters["env_steps"])
-                    if callback is not None:
-                        callback(stats)
-        finally:
-            if logger:
-                logger.close()
-        if out_dir is not None:
-            self.save(Path(out_dir) / "checkpoint")
-        return {**summary, **{k: float(v) for k, v in self.counters.items()}}
+        if not cfg.data or self.demos_done:
+            return {}
+        stats = self.fit_demonstrations(load_demonstrations(cfg.data, cfg.min_reward))
+        self.demos_done = True
+        if logger is not None:
+            logger.log({**stats, "phase_demos": 1.0}, step=self.counters["env_steps"])
+        return stats
 
-    def round(self, collector: Any, n_steps: int) -> dict[str, float]:
-        """One self-improvement round: sample, select, fine-tune."""
+    @property
+    def collects(self) -> bool:
+        return self.config.recipe == "self-improve"
+
+    def train(self, buffer: Sequence[Any]) -> dict[str, float]:
+        """One self-improvement round on a sampled buffer: keep the best programs, fine-tune on the pool."""
         cfg = self.config
-        started = time.perf_counter()
-        buffer, stats = collector.collect(n_steps)
-        self.counters["env_steps"] += len(buffer)
         kept = select_best(buffer, cfg.keep_fraction)
         self.pool = merge_pool(self.pool, kept, cfg.pool_size)
         tick = time.perf_counter()
@@ -240,50 +219,23 @@ class SFTAgent(SamplingActor):
             examples = [(p, a) for _, p, a in self.pool]
             losses = sft_steps(self.policy, examples, self.optimizer, self.params, cfg.steps_per_round,
                                cfg.batch_size, cfg.max_grad_norm, self.rng)
-            self.counters["sft_steps"] += len(losses)
-        self.counters["rounds"] += 1
+            self.sft_steps_done += len(losses)
         return {
-            **{k: v for k, v in stats.items() if k != "env_steps"},
             "kept": float(len(kept)), "pool": float(len(self.pool)),
             "pool_reward_mean": float(np.mean([r for r, _, _ in self.pool])) if self.pool else 0.0,
             "loss": float(np.mean(losses)) if losses else float("nan"),
-            "time_update_s": time.perf_counter() - tick, "time_round_s": time.perf_counter() - started,
-            "env_steps_iteration": float(len(buffer)),
+            "sft_steps": float(self.sft_steps_done), "time_update_s": time.perf_counter() - tick,
         }
 
     # -- persistence ------------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
-        import torch
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(), "pool": self.pool,
+                "demos_done": self.demos_done, "sft_steps": self.sft_steps_done}
 
-        from agents.config import save_config
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.policy.save(directory / "policy")
-        save_config(self.config, directory / "config.json")
-        state = {"optimizer": self.optimizer.state_dict(), "counters": self.counters, "rng": self.rng.getstate(),
-                 "pool": self.pool, "demos_done": self.demos_done, "model_path": self.model_path}
-        torch.save(state, directory / "state.pt")
-
-    @classmethod
-    def load(cls, directory: str | Path, **overrides: Any) -> SFTAgent:
-        import torch
-
-        from agents.config import load_config
-        from agents.policy import LMPolicy
-
-        directory = Path(directory)
-        config = dataclasses.replace(load_config(SFTConfig, directory / "config.json"), **overrides)
-        agent = cls.__new__(cls)
-        agent.config = config
-        state = torch.load(directory / "state.pt", weights_only=False)  # our own file, written by save()
-        agent.model_path = state["model_path"]
-        agent.policy = LMPolicy.load(directory / "policy", device=config.device)
-        agent._init_training_state()
-        agent.optimizer.load_state_dict(state["optimizer"])
-        agent.counters, agent.pool, agent.demos_done = state["counters"], state["pool"], state["demos_done"]
-        agent.rng.setstate(state["rng"])
-        return agent
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        self.pool, self.demos_done, self.sft_steps_done = state["pool"], state["demos_done"], state["sft_steps"]
 
 
 def select_best(buffer: Sequence[Any], keep_fraction: float) -> list[tuple[float, list[int], list[int]]]:
@@ -302,11 +254,3 @@ def merge_pool(pool: list, new: list, size: int) -> list:
         if key not in best or entry[0] > best[key][0]:
             best[key] = entry
     return sorted(best.values(), key=lambda e: e[0], reverse=True)[:size]
-
-
-def _make_logger(out_dir: str | Path | None, total: int):
-    if out_dir is None:
-        return None
-    from agents.logging import RunLogger
-
-    return RunLogger(out_dir, total=total)

@@ -118,9 +118,9 @@ def test_learn_moves_policy_critic_and_target_and_keeps_buffer_small(tiny_model_
     agent = ETPOAgent(model=tiny_model_dir, **SMALL)
     before = snapshot(agent)
     seen = []
-    summary = agent.learn(TwoStepEnv(), budget=8, callback=seen.append, out_dir=tmp_path / "run")
+    summary = agent.learn(TwoStepEnv(), budget=8, callbacks=seen.append, out_dir=tmp_path / "run")
     after = snapshot(agent)
-    assert len(seen) == 2 and summary["env_steps"] == 8 and summary["update"] == 2
+    assert len(seen) == 2 and summary["env_steps"] == 8 and summary["updates"] == 2
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".policy." in k for k in changed), "policy adapter did not move"
     assert any(".critic." in k for k in changed), "critic adapter did not move"
@@ -214,7 +214,7 @@ def test_etpo_runs_end_to_end_on_a_bundled_task(tiny_model_dir, local_sandbox, t
         summary = agent.learn(env, budget=3, out_dir=tmp_path / "run")
     finally:
         env.close()
-    assert summary["env_steps"] == 3 and summary["update"] == 1
+    assert summary["env_steps"] == 3 and summary["updates"] == 1
     assert np.isfinite(summary["loss/critic"]) and np.isfinite(summary["reward_mean"])
     assert summary["time_sandbox_s"] > 0
     reloaded = ETPOAgent.load(tmp_path / "run" / "checkpoint")

@@ -17,7 +17,7 @@ def sampled_episode(agent: PPOAgent, seed: int = 0) -> list[Transition]:
     from agents.policy import GenerationSettings
 
     policy = agent.policy
-    gen = GenerationSettings(max_new_tokens=agent.config.max_new_tokens, seed=seed)
+    gen = GenerationSettings(max_new_tokens=agent.config.generation.max_new_tokens, seed=seed)
     prompts = [policy.encode(p) for p in PROMPTS]
     transitions = []
     for t, (prompt, g) in enumerate(zip(prompts, policy.generate(prompts, gen), strict=True)):
@@ -52,7 +52,7 @@ def test_forward_reproduces_sampling_logprobs_and_update_trains_both_parts(tiny_
     assert ("value" in agent.policy.adapter_names) == (value_model == "adapter")
 
     before = snapshot(agent)
-    stats = agent.update(transitions)
+    stats = agent.train(transitions)
     after = snapshot(agent)
     for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm"):
         assert np.isfinite(stats[key]), key
@@ -70,7 +70,7 @@ def test_exact_kl_diagnostic_is_zero_at_the_start_and_grows_with_updates(tiny_mo
     transitions = sampled_episode(agent)
     agent.annotate_values(transitions)  # a fresh LoRA adapter is the identity: π = ρ
     assert all(np.allclose(t.extras["kl"], 0.0, atol=1e-6) for t in transitions)
-    agent.update(transitions)
+    agent.train(transitions)
     agent.annotate_values(transitions)
     kl = np.concatenate([t.extras["kl"] for t in transitions])
     assert (kl >= -1e-6).all() and kl.mean() > 1e-6
@@ -78,9 +78,9 @@ def test_exact_kl_diagnostic_is_zero_at_the_start_and_grows_with_updates(tiny_mo
 
 def test_checkpoint_restores_the_next_update_exactly(tiny_model_dir, tmp_path):
     agent = PPOAgent(model=tiny_model_dir, kl_target=0.01, **SMALL)
-    agent.update(sampled_episode(agent, seed=1))
+    agent.train(sampled_episode(agent, seed=1))
     agent.kl_controller.update(1.0, 1000)  # move β so the checkpoint has to carry it
-    agent.counters.update(iteration=1, env_steps=3, tokens=36, episodes=1)
+    agent.counters.update(updates=1, env_steps=3, tokens=36, episodes=1)
     agent.save(tmp_path / "ckpt")
 
     resumed = PPOAgent.load(tmp_path / "ckpt")
@@ -92,8 +92,8 @@ def test_checkpoint_restores_the_next_update_exactly(tiny_model_dir, tmp_path):
 
     batch = sampled_episode(agent, seed=2)
     batch_copy = [Transition(**{**vars(t), "extras": {}}) for t in batch]
-    agent.update(batch)
-    resumed.update(batch_copy)  # same optimizer moments, same minibatch order from the restored generator
+    agent.train(batch)
+    resumed.train(batch_copy)  # same optimizer moments, same minibatch order from the restored generator
     assert resumed.kl_controller.value == pytest.approx(agent.kl_controller.value, rel=1e-6)
     for key, value in snapshot(agent).items():
         torch.testing.assert_close(snapshot(resumed)[key], value, rtol=0, atol=1e-6, msg=key)
@@ -111,7 +111,7 @@ def test_config_rejects_unknown_choices():
 def test_start_from_a_saved_adapter_makes_it_the_frozen_reference(tiny_model_dir, tmp_path):
     trained = PPOAgent(model=tiny_model_dir, **{**SMALL, "lr": 1e-2})
     transitions = sampled_episode(trained)
-    trained.update(transitions)
+    trained.train(transitions)
     trained.policy.save(tmp_path / "sft")  # what an SFT run leaves in its checkpoint
 
     agent = PPOAgent(model=tiny_model_dir, init_adapter=str(tmp_path / "sft"), **SMALL)
@@ -126,7 +126,7 @@ def test_start_from_a_saved_adapter_makes_it_the_frozen_reference(tiny_model_dir
     reference_before = {n: p.detach().clone() for n, p in agent.policy.model.named_parameters() if ".reference." in n}
     assert reference_before and not any(p.requires_grad for n, p in agent.policy.model.named_parameters()
                                          if ".reference." in n)
-    agent.update(fresh)
+    agent.train(fresh)
     for name, p in agent.policy.model.named_parameters():
         if name in reference_before:
             assert torch.equal(p, reference_before[name]), f"the reference moved: {name}"

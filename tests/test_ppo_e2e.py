@@ -6,7 +6,7 @@ import pytest
 import torch
 
 DIAGNOSTICS = ("approx_kl", "clip_fraction", "explained_variance", "value_loss", "policy_loss", "entropy",
-               "kl_to_reference", "kl_coef", "reward_mean", "grad_norm", "time_rollout_s", "time_advantages_s",
+               "kl_to_reference", "kl_coef", "reward_mean", "grad_norm", "time_collect_s", "time_advantages_s",
                "time_update_s", "time_generation_s", "time_sandbox_s", "tokens_per_s", "env_steps_per_s")
 
 
@@ -30,16 +30,16 @@ def test_train_cli_runs_ppo_end_to_end_and_resumes(tiny_model_dir, tmp_path, cap
     assert not missing, f"diagnostics not logged: {missing}"
     assert (out / "tensorboard").is_dir() and (out / "checkpoint" / "trainer.pt").exists()
     saved = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
-    assert saved["counters"]["env_steps"] == 2 and saved["counters"]["iteration"] == 1
+    assert saved["counters"]["env_steps"] == 2 and saved["counters"]["updates"] == 1
 
     capsys.readouterr()
     assert main([*command, "--budget", "4", "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().err
     records = read_metrics(out)
     assert [r["step"] for r in records] == [2, 4]  # the count continued, nothing was redone
-    assert [r["iteration"] for r in records] == [1, 2]
+    assert [r["updates"] for r in records] == [1, 2]
     resumed = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
-    assert resumed["counters"]["env_steps"] == 4 and resumed["counters"]["iteration"] == 2
+    assert resumed["counters"]["env_steps"] == 4 and resumed["counters"]["updates"] == 2
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["decomposed_backup"] is False and config["gamma"] == 0.95  # the saved config carried over
     summary = json.loads((out / "summary.json").read_text())

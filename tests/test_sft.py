@@ -68,16 +68,16 @@ def test_select_best_and_pool_keep_the_highest_rewarded_valid_programs():
 def test_self_improvement_counts_every_env_step_and_trains_on_the_best(tiny_model_dir, tmp_path):
     env = ScriptedTextEnv(length=3)
     agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(samples_per_round=4, steps_per_round=2, batch_size=2,
-                                                           max_new_tokens=8, keep_fraction=0.5, device="cpu"))
+                                                           keep_fraction=0.5, device="cpu"), max_new_tokens=8)
     before = [p.detach().clone() for p in agent.params]
     result = agent.learn(env, budget=10, out_dir=tmp_path / "run")
     assert len(env.received) == 10 and result["env_steps"] == 10  # rounds of 4, 4, 2
-    assert result["rounds"] == 3
+    assert result["updates"] == 3
     valid = [a for a in env.received if len(a) % 2 == 0]  # the scripted env's "ok" programs
     if valid:
         assert agent.pool and max(r for r, _, _ in agent.pool) == max(len(a) for a in valid)
         assert any(not np.allclose(b, p.detach()) for b, p in zip(before, agent.params))
-    assert (tmp_path / "run" / "checkpoint" / "state.pt").exists()
+    assert (tmp_path / "run" / "checkpoint" / "trainer.pt").exists()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
     resumed = SFTAgent.load(tmp_path / "run" / "checkpoint")
     assert resumed.counters == agent.counters and len(resumed.pool) == len(agent.pool)

@@ -1,0 +1,290 @@
+"""The one learner shell (as Stable-Baselines3's base algorithm): everything ETPO, PPO and SFT share, so each of their
+modules holds only its algorithm.
+
+    class MyLearner(Learner):
+        config_class = MyConfig                     # a dataclass with seed, device, rollout_steps, generation, ...
+
+        def adapters(self) -> dict: ...             # the LoRA adapters of the policy, and the reference
+        def setup(self) -> None: ...                # optimisers, heads: state made fresh or restored by `load`
+        def train(self, buffer) -> dict: ...        # one update on a rollout buffer; returns diagnostics
+        def state_dict(self) -> dict: ...           # learner-specific state for checkpoints (and load_state_dict)
+
+What the shell owns:
+- construction: config (a `config_class` instance, keyword overrides allowed), model path (`"tiny"` = the offline
+  tiny model), device, seeding, the `LMPolicy` with the learner's adapters;
+- one set of counters: `updates`, `env_steps`, `tokens`, `episodes` (over the learner's life, across resumes);
+- `learn(env, budget, callbacks, out_dir)`: until `budget` env steps in total, `collect` `rollout_steps` env steps
+  with the shared `RolloutCollector`, then `train(buffer)`; logs every update (console, progress bar, TensorBoard,
+  metrics.jsonl through `RunLogger`), runs callbacks (one returning `False` stops training), checkpoints every
+  `checkpoint_every` updates and at the end;
+- `save`/`load`: atomic (written beside, then swapped in), with a format check, the config, the policy's adapters,
+  the learner's state and every RNG (Python, numpy, torch CPU and CUDA); `load` + `learn` resumes exactly.
+- `reset`/`act`: sampling from the policy with the config's `generation` settings.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from agents.policy import GenerationSettings
+
+# A callback receives each update's statistics; returning False stops training after that update.
+Callback = Callable[[dict[str, float]], Any]
+
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes; `load` refuses other formats
+COUNTERS = ("updates", "env_steps", "tokens", "episodes")
+
+
+class Learner:
+    """Base class of the LM learners: learn → (collect → train)*, counters, logging, checkpoints, resume."""
+
+    config_class: ClassVar[type]
+    name: ClassVar[str] = "learner"
+
+    def __init__(self, model: str | Path = "tiny", config: Any = None, **overrides: Any):
+        from agents.config import with_fields
+        from agents.tiny import resolve_model
+
+        self.config = with_fields(config or self.config_class(), overrides)
+        self.model_path = str(resolve_model(model))
+        torch.manual_seed(self.config.seed)  # fresh adapter weights come from torch's global RNG
+        self.policy = self._load_policy(None)
+        self._init_state()
+
+    @classmethod
+    def from_policy(cls, policy: Any, config: Any = None, **overrides: Any) -> Learner:
+        """A learner over an existing `LMPolicy` that already carries its adapters (benchmarks of model shapes built
+        in memory)."""
+        from agents.config import with_fields
+
+        learner = cls.__new__(cls)
+        learner.config = with_fields(config or cls.config_class(), overrides)
+        learner.model_path = str(policy.name_or_path)
+        learner.policy = policy
+        missing = set(learner.adapters()[0]) - set(policy.adapter_names)
+        if missing:
+            raise ValueError(f"the policy lacks adapter(s) {sorted(missing)} that {cls.__name__} needs")
+        learner._init_state()
+        return learner
+
+    # -- what a learner defines ----------------------------------------------------------------------------------
+    def adapters(self) -> tuple[dict[str, Any] | None, str]:
+        """(adapters for `LMPolicy.from_pretrained`, reference spec): by default one fresh "policy" LoRA adapter,
+        ρ = the base model."""
+        from agents.policy import default_lora_config
+
+        cfg = self.config
+        return {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, "base"
+
+    def setup(self) -> None:
+        """Create the learner's training state (optimisers, heads, RNGs); called on construction and on `load`."""
+
+    def train(self, buffer: Any) -> dict[str, float]:
+        """One update on a freshly collected buffer; returns scalar diagnostics."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The learner's own state for checkpoints (the shell adds counters, RNGs and the policy)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    @property
+    def rollout_steps(self) -> int:
+        """Env steps collected per update."""
+        return int(self.config.rollout_steps)
+
+    def prepare(self, logger: Any) -> dict[str, float]:
+        """Work before the first collection of a `learn` call that needs no env steps (SFT's demonstrations);
+        returns its diagnostics."""
+        return {}
+
+    @property
+    def collects(self) -> bool:
+        """Whether `learn` collects env steps at all (False for SFT's demonstrations-only recipe)."""
+        return True
+
+    # -- the shell ---------------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> GenerationSettings:
+        return self.config.generation
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: str, info: dict | None = None) -> str:
+        gen = self.generation
+        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
+        return self.policy.generate([prompt], gen)[0].text
+
+    def _load_policy(self, saved: Path | None) -> Any:
+        from agents.policy import LMPolicy, resolve_device
+
+        cfg = self.config
+        options = dict(device=resolve_device(cfg.device), gradient_checkpointing=cfg.gradient_checkpointing,
+                       chunk_size=cfg.chunk_size)
+        if saved is not None:
+            return LMPolicy.load(saved, base=self.model_path, **options)
+        adapters, reference = self.adapters()
+        return LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=reference, **options)
+
+    def _init_state(self) -> None:
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._collector = None
+        self.setup()
+
+    def collector_for(self, env: Any) -> Any:
+        """The shared collector, kept across `learn` calls on the same env (episodes carry over). A new env gets a
+        new collector seeded by the env steps done, so a resumed run sees new episodes instead of replaying."""
+        from agents.rollout import RolloutCollector
+
+        if self._collector is None or self._collector.env is not env:
+            self._collector = RolloutCollector(self.policy, env, self.generation,
+                                               seed=self.config.seed + self.counters["env_steps"],
+                                               compute_ref_logp=self.needs_reference_logprobs)
+        return self._collector
+
+    needs_reference_logprobs: ClassVar[bool] = False  # the collector scores sampled tokens under ρ too
+
+    def learn(self, env: Any, budget: int, callbacks: Callback | Iterable[Callback] | None = None,
+              out_dir: str | Path | None = None) -> dict[str, float]:
+        """Collect `rollout_steps` env steps and `train` on them until `budget` env steps in total.
+
+        `budget` counts env steps over the learner's life (a resumed learner continues its count). With `out_dir`,
+        diagnostics go to a RunLogger there and checkpoints to `out_dir/checkpoint`. Returns the latest diagnostics
+        (of `prepare` and of the last update) with the counters.
+        """
+        callbacks = [callbacks] if callable(callbacks) else list(callbacks or [])
+        logger = _make_logger(out_dir, budget - self.counters["env_steps"])
+        try:
+            summary = self.prepare(logger)
+            if self.collects:
+                while self.counters["env_steps"] < budget:
+                    stats = self.update_once(env, min(self.rollout_steps, budget - self.counters["env_steps"]))
+                    summary.update(stats)
+                    if logger is not None:
+                        logger.log(stats, step=self.counters["env_steps"])
+                    stop = any(callback(stats) is False for callback in callbacks)
+                    every = self.config.checkpoint_every
+                    if out_dir is not None and every and self.counters["updates"] % every == 0:
+                        self.save(Path(out_dir) / "checkpoint")
+                    if stop:
+                        break
+        finally:
+            if logger is not None:
+                logger.close()
+        if out_dir is not None:
+            self.save(Path(out_dir) / "checkpoint")
+        return {**summary, **{k: float(v) for k, v in self.counters.items()}}
+
+    def update_once(self, env: Any, n_steps: int) -> dict[str, float]:
+        """Collect `n_steps` env steps, train on them, count them; returns collection and update diagnostics."""
+        import time
+
+        started = time.perf_counter()
+        if self.policy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
+        buffer, collect_stats = self.collector_for(env).collect(n_steps)
+        stats = self.train(buffer)
+        self.counters["updates"] += 1
+        self.counters["env_steps"] += len(buffer)
+        self.counters["tokens"] += buffer.token_count()
+        self.counters["episodes"] += sum(bool(t.terminated or t.truncated) for t in buffer)
+        return {
+            **{k: float(v) for k, v in collect_stats.items()
+               if isinstance(v, (int, float)) and k not in ("env_steps", "episodes")},
+            **stats,
+            "env_steps_iteration": float(len(buffer)),
+            "episodes_iteration": float(collect_stats.get("episodes", 0.0)),
+            "peak_memory_mb": peak_memory_mb(self.policy.device),
+            **{k: float(v) for k, v in self.counters.items()},
+            "time_total_s": time.perf_counter() - started,
+        }
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Everything needed to resume, written atomically: a crash mid-save leaves the previous checkpoint."""
+        from agents.config import replace_directory, save_config
+
+        directory = Path(directory)
+        staged = directory.with_name(directory.name + ".tmp")
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir(parents=True)
+        self.policy.save(staged / "policy")
+        save_config(self.config, staged / "config.json")
+        torch.save({
+            "format": CHECKPOINT_FORMAT,
+            "learner": type(self).__name__,
+            "model_path": self.model_path,
+            "counters": dict(self.counters),
+            "learner_state": self.state_dict(),
+            "rng": rng_states(),
+        }, staged / "trainer.pt")
+        replace_directory(staged, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, **overrides: Any) -> Learner:
+        """Rebuild a learner saved by `save` (config overrides allowed, e.g. device) and restore all its state."""
+        from agents.config import load_config, with_fields
+
+        directory = Path(directory)
+        state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)  # our own file
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{directory}: unsupported checkpoint format {found!r} (this version reads "
+                             f"{CHECKPOINT_FORMAT}); retrain or use the version that wrote it")
+        if state.get("learner") != cls.__name__:
+            raise ValueError(f"{directory} holds a {state.get('learner')} checkpoint, not a {cls.__name__} one")
+        learner = cls.__new__(cls)
+        learner.config = with_fields(load_config(cls.config_class, directory / "config.json"), overrides)
+        learner.model_path = state["model_path"]
+        learner.policy = learner._load_policy(directory / "policy")
+        learner._init_state()
+        learner.load_state_dict(state["learner_state"])
+        learner.counters = dict(state["counters"])
+        set_rng_states(state["rng"])
+        return learner
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers (pure or nearly)
+# ----------------------------------------------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """Every global RNG a run draws from: Python, numpy, torch CPU and (when present) CUDA."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this update: CUDA allocations on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _make_logger(out_dir: str | Path | None, total: int):
+    """The shared RunLogger (console lines, progress bar over env steps, TensorBoard, metrics.jsonl) in `out_dir`."""
+    if out_dir is None:
+        return None
+    from agents.logging import RunLogger
+
+    return RunLogger(out_dir, total=max(total, 0) or None)
