@@ -36,7 +36,7 @@ def run_learner(name: str, args: argparse.Namespace, sandbox) -> dict:
     from agents import resolve_agent_class
 
     agent = resolve_agent_class(name)(model="tiny", seed=args.seed)
-    max_new = agent.config.max_new_tokens
+    max_new = agent.config.generation.max_new_tokens
     before = measure(agent.policy, args.task, args.samples, args.eval_seed, sandbox, max_new)
     env = gym.make("DataSciCode-v0", task=args.task, sandbox=sandbox, max_attempts=args.max_attempts)
     started = time.perf_counter()
@@ -47,7 +47,7 @@ def run_learner(name: str, args: argparse.Namespace, sandbox) -> dict:
     train_s = time.perf_counter() - started
     after = measure(agent.policy, args.task, args.samples, args.eval_seed, sandbox, max_new)
     return {"agent": name, "before": before, "after": after, "train_s": train_s,
-            "updates": summary.get("update", summary.get("updates"))}
+            "updates": summary["updates"]}
 
 
 def main(argv: list[str] | None = None) -> int:
