@@ -409,3 +409,30 @@ def corpus(n: int = 2000, seed: int = 0, buggy_fraction: float = 0.2) -> list[De
 
 def _demo(body: str, family: str, bug: str | None, recipe: Recipe) -> Demo:
     return Demo(body=body, program=wrap_body(body), family=family, bug=bug, recipe=recipe)
+
+
+# --- fixes --------------------------------------------------------------------------------------------------------
+
+
+def buggy_demo(recipe: Recipe, bug: str, rng: random.Random) -> Demo:
+    """The demo of mistake `bug` made on top of the valid `recipe` (its `recipe` is the one it was made from)."""
+    body, family = render_bug(recipe, bug, rng)
+    return _demo(body, family, bug, recipe)
+
+
+def corrected_program(demo: Demo) -> str:
+    """The program that fixes a buggy `demo`: the valid program it was made from, or for a NaN-intolerant one the
+    same model with a numeric imputer put back (the original recipe's, else the median). A valid demo is its own
+    correction."""
+    if demo.bug is None:
+        return demo.program
+    if demo.recipe is None:
+        raise ValueError("a buggy demo needs the recipe it was made from to be corrected")
+    recipe = demo.recipe
+    if demo.bug == "nan_intolerant":
+        if recipe.family not in NAN_INTOLERANT:  # render_bug swapped in a logistic regression without imputer
+            recipe = Recipe("logistic_regression", (("C", 1.0),), "none", "onehot", "most_frequent", "standard")
+        imputer = recipe.imputer if recipe.imputer != "none" else "median"
+        recipe = Recipe(recipe.family, recipe.params, imputer, recipe.categorical, recipe.categorical_fill,
+                        recipe.scaler)
+    return wrap_body(render(recipe))
