@@ -137,6 +137,7 @@ class Learner:
         return LMPolicy.from_pretrained(self.model_path, adapters=adapters, reference=reference, **options)
 
     def _init_state(self) -> None:
+        self.policy.train_without_dropout()  # checkpointing applies; updates score tokens exactly as sampling did
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._collector = None
         self.setup()

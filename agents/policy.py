@@ -178,6 +178,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------------
 # The policy
 # ----------------------------------------------------------------------------------------------------------------
+REFERENCE = "<reference>"  # the role of ρ in LMPolicy._role (adapters disabled, a frozen adapter, or a copy)
+
+
 class LMPolicy:
     """A causal LM with named adapters. See the module docstring for the reference-policy switch."""
 
@@ -195,6 +198,7 @@ class LMPolicy:
                                                    (self.adapter_names[0] if self.adapter_names else None))
         self._reference_model: torch.nn.Module | None = None
         self._checkpointing = False
+        self._role: str | None = None  # adapter name (or REFERENCE) of the enclosing use_adapter; None outside
         self._streams: dict[int, torch.Generator] = {}  # seed -> sampling stream (see GenerationSettings.seed)
         self._validate_reference()
         if reference == "copy":
@@ -261,9 +265,46 @@ class LMPolicy:
         if enabled:
             enable()
             base.config.use_cache = False
+            for module in base.modules():  # replay each layer under the adapter it ran with (see below)
+                if hasattr(module, "_gradient_checkpointing_func"):
+                    module._gradient_checkpointing_func = self._checkpoint_layer
         elif self._checkpointing:
             disable()
         self._checkpointing = enabled
+
+    def _checkpoint_layer(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Activation checkpointing of one layer that replays it under the adapter it first ran with.
+
+        The adapters share one base model and peft switches them globally, so a plain checkpoint recomputes a layer
+        in backward under whichever adapter is active *then*: with a policy and a critic (or value) adapter, one
+        network's gradients came out of the other's activations. Written here because neither transformers nor
+        peft offer an adapter-aware checkpoint.
+        """
+        role = self._role
+
+        def replay(*a: Any, **k: Any) -> Any:
+            with self._under(role):
+                return function(*a, **k)
+
+        return checkpoint(replay, *args, use_reentrant=False, **kwargs)
+
+    def _under(self, role: str | None) -> contextlib.AbstractContextManager:
+        """Context that makes `role` active; nothing when it already is (or when it is unknown)."""
+        if role is None or role == self._role:
+            return contextlib.nullcontext()
+        return self._reference_context() if role == REFERENCE else self.use_adapter(role)
+
+    def train_without_dropout(self) -> None:
+        """Training mode (so checkpointing applies) with every dropout off: an RL update must score tokens exactly
+        as sampling did (as TRL's `disable_dropout_in_model`)."""
+        self.model.train()
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        config = self.hf_model.config
+        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -307,15 +348,26 @@ class LMPolicy:
                 yield self.model
                 return
             raise ValueError(f"unknown adapter {name!r}; loaded: {self.adapter_names}")
-        previous = self.model.active_adapter
+        previous, previous_role = self.model.active_adapter, self._role
         self._switch(name)
+        self._role = name
         try:
             yield self.model
         finally:
+            self._role = previous_role
             self._switch(previous)
 
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[torch.nn.Module]:
+        previous_role, self._role = self._role, REFERENCE
+        try:
+            with self._reference_modules() as module:
+                yield module
+        finally:
+            self._role = previous_role
+
+    @contextlib.contextmanager
+    def _reference_modules(self) -> Iterator[torch.nn.Module]:
         if self.reference == "copy":
             yield self._reference_model
         elif self.reference == "base":

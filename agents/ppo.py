@@ -409,8 +409,6 @@ class PPOAgent(Learner):
 
     def setup(self) -> None:
         cfg = self.config
-        # Dropout off for good (as in RLHF PPO): the update must score tokens as sampling did, or ratios drift.
-        self.policy.model.eval()
         hidden_size = self.policy.hf_model.config.hidden_size
         self.value_head = torch.nn.Linear(hidden_size, 1).to(self.policy.device)
         torch.nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden_size + 1))

@@ -15,7 +15,7 @@ import struct
 import uuid
 
 from sandbox.api import Limits
-from sandbox.images import docker_client, image_exists, image_tag
+from sandbox.images import WORKER_IN_IMAGE, docker_client, image_exists, image_tag
 from sandbox.local import random_child_uid, sandbox_environment
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
 
@@ -84,7 +84,7 @@ class ContainerWorker(WorkerHandle):
         uid = random_child_uid()
         self.client = client
         self.container = client.containers.create(
-            image, command=["python3", "-I", "-B", "/opt/etpo/worker.py", "--own-pid-namespace", "--scratch", "/tmp"],
+            image, command=["python3", "-I", "-B", WORKER_IN_IMAGE, "--own-pid-namespace", "--scratch", "/tmp"],
             # detach=False is what makes docker-py set StdinOnce (with AttachStdin/out/err); with auto_remove, if this
             # process dies (even by SIGKILL) the worker reads EOF on stdin, exits, and the daemon removes the
             # container. `close()`, atexit and `etpo sandbox prune` are the other paths.

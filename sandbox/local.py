@@ -22,10 +22,10 @@ from pathlib import Path
 
 from sandbox.api import Limits
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
-from sandbox.worker import kill_uid
+from sandbox.worker.supervisor import kill_uid
 
-WORKER_SOURCE = Path(__file__).with_name("worker.py")
-WORKER_IN_SANDBOX = "/opt/etpo/worker.py"
+WORKER_SOURCE = Path(__file__).with_name("worker")  # the worker package, deployed as a unit
+WORKER_IN_SANDBOX = "/opt/etpo/worker"  # started as `python -I -B /opt/etpo/worker` (see sandbox/worker/__main__.py)
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 # Capabilities the worker keeps when bubblewrap runs as root: switch job children to their uid, prepare and wipe
