@@ -10,7 +10,7 @@ machine load affects every variant alike:
 
 Prints p50/p95 latency and ratios to in-process, then steps/s with 1 and 2 concurrent jobs per warm backend.
 
-    python bench/sandbox.py [--repeats 20] [--cold-repeats 5] [--backends local,docker]
+    python bench/sandbox_latency.py [--repeats 20] [--cold-repeats 5] [--backends local,docker]
 """
 
 from __future__ import annotations
@@ -25,11 +25,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-# This script is named like the package it measures: keep its own folder off the import path, the repo on it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
 for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")  # the sandboxes run single-threaded BLAS; so does the in-process floor
 
@@ -37,9 +32,10 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_breast_cancer  # noqa: E402
 
 from sandbox import Fold, Job, Limits, make_sandbox  # noqa: E402
-from sandbox import worker as wire  # noqa: E402
+from sandbox.images import WORKER_IN_IMAGE  # noqa: E402
 from sandbox.local import WORKER_SOURCE  # noqa: E402
 from sandbox.pool import encode_job, result_budget  # noqa: E402
+from sandbox.worker import wire  # noqa: E402
 
 PROGRAM = """
 from sklearn.ensemble import RandomForestClassifier
@@ -99,7 +95,7 @@ def cold_docker_command(limits: Limits) -> list[str]:
             "--pids-limit", str(limits.max_processes + 16), "--cpus", "1", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", "--user", "54321:54321", "--init", "--label", f"{LABEL}=1",
             "--label", f"{LABEL}.bench=cold", image_tag(),
-            "python3", "-I", "-B", "/opt/etpo/worker.py", "--own-pid-namespace", "--scratch", "/tmp"]
+            "python3", "-I", "-B", WORKER_IN_IMAGE, "--own-pid-namespace", "--scratch", "/tmp"]
 
 
 def fresh_process_command(scratch: str) -> list[str]:

@@ -3,10 +3,10 @@
 - `build_image(offline=False)`: `docker build` from `sandbox/image/Dockerfile` (needs a registry for the base image).
 - `build_image(offline=True)`: no registry. debootstrap a minimal Debian bookworm root file system with python3
   (cached), install the pinned wheels from `sandbox/image/requirements.txt` into its dist-packages with pip,
-  copy the worker in, and `docker import` the result.
+  copy the worker package in, and `docker import` the result.
 
-The tag is a hash of the requirements, the worker source and this recipe, so a stale image is never reused and a
-matching one makes the build a no-op. Build caches live under $ETPO_CACHE (default ~/.cache/etpo-gym), never in
+The tag is a hash of the requirements, the worker package's source and this recipe, so a stale image is never reused
+and a matching one makes the build a no-op. Build caches live under $ETPO_CACHE (default ~/.cache/etpo-gym), never in
 the repository.
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).parent
 REQUIREMENTS = PACKAGE_DIR / "image" / "requirements.txt"
 DOCKERFILE = PACKAGE_DIR / "image" / "Dockerfile"
-WORKER = PACKAGE_DIR / "worker.py"
+WORKER = PACKAGE_DIR / "worker"  # the worker package: deployed as a unit, hashed as a unit
+WORKER_IN_IMAGE = "/opt/etpo/worker"  # run as `python3 -I -B /opt/etpo/worker` (see sandbox/worker/__main__.py)
 REPOSITORY = "etpo-gym-sandbox"
 RECIPE_VERSION = "1"  # bump when the build recipe changes what ends up in the image
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
@@ -41,9 +42,16 @@ def cache_dir() -> Path:
     return path
 
 
+def worker_files() -> list[Path]:
+    """The worker package's source files (what goes into the image; compiled caches stay out)."""
+    return sorted(WORKER.glob("*.py"))
+
+
 def image_tag() -> str:
     digest = hashlib.sha256()
-    for part in (REQUIREMENTS.read_bytes(), WORKER.read_bytes(), RECIPE_VERSION.encode()):
+    parts = [REQUIREMENTS.read_bytes(), RECIPE_VERSION.encode()]
+    parts += [f"{path.name}\0".encode() + path.read_bytes() for path in worker_files()]
+    for part in parts:
         digest.update(hashlib.sha256(part).digest())
     return f"{REPOSITORY}:{digest.hexdigest()[:16]}"
 
@@ -106,13 +114,14 @@ def build_offline(tag: str, log=print) -> None:
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location", "--ignore-installed",
               "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
               *_pip_platform_args(), "--target", str(stage / SITE_PACKAGES), "-r", str(REQUIREMENTS)], log)
-        worker_dir = stage / "opt" / "etpo"
-        worker_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(WORKER, worker_dir / "worker.py")
-        shutil.copy2(REQUIREMENTS, worker_dir / "requirements.txt")
+        package_dir = stage / WORKER_IN_IMAGE.lstrip("/")
+        package_dir.mkdir(parents=True, exist_ok=True)
+        for path in worker_files():
+            shutil.copy2(path, package_dir / path.name)
+        shutil.copy2(REQUIREMENTS, package_dir.parent / "requirements.txt")
         changes = [f"LABEL {IMAGE_LABEL}=1", "WORKDIR /tmp", "USER 65534:65534",
                    "ENV PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8",
-                   f'CMD ["{PYTHON_IN_IMAGE}", "-I", "-B", "/opt/etpo/worker.py", "--own-pid-namespace", '
+                   f'CMD ["{PYTHON_IN_IMAGE}", "-I", "-B", "{WORKER_IN_IMAGE}", "--own-pid-namespace", '
                    '"--scratch", "/tmp"]']
         tar = subprocess.Popen(["tar", "-C", str(stage), "--numeric-owner", "-cf", "-", "."], stdout=subprocess.PIPE)
         cmd = ["docker", "import"] + [arg for change in changes for arg in ("--change", change)] + ["-", tag]

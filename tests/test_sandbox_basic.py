@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from sandbox import Fold, Job, Limits, Status, make_sandbox
-from sandbox import worker as wire
-from sandbox.pool import PooledSandbox, WorkerHandle, build_result, validate_predictions
+from sandbox.pool import PooledSandbox, WorkerHandle
+from sandbox.results import build_result, validate_predictions
+from sandbox.worker import supervisor, wire
 from tests.fixtures_sandbox import backend_params, make_backend
 
 FOREST = """
@@ -115,14 +116,14 @@ def test_npy_decoder_refuses_pickled_objects():
 
 
 def test_capped_buffer_keeps_head_and_tail_and_marks_truncation():
-    buffer = wire.CappedBuffer(10)
+    buffer = supervisor.CappedBuffer(10)
     for chunk in (b"abc", b"defgh", b"ij" * 10, b"KLMNO"):
         buffer.feed(chunk)
     text = buffer.text()
     assert buffer.total == 33
     assert text.startswith("abcde") and text.endswith("jKLMNO"[-5:])
     assert "[23 bytes truncated]" in text
-    small = wire.CappedBuffer(10)
+    small = supervisor.CappedBuffer(10)
     small.feed(b"hi")
     assert small.text() == "hi"
 
