@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from agents.learner import Learner
-from agents.policy import GenerationSettings
+from agents.policy import GenerationSettings, RuntimeSettings
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -504,8 +504,8 @@ class ETPOConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy and critic adapters."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     reference: str = field(default="base", metadata={"help": "Reference ρ: base (adapters off) or adapter:<name>."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
+        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
     checkpoint_every: int = field(default=1, metadata={"help": "Checkpoint every N updates when an output directory "

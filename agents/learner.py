@@ -126,11 +126,9 @@ class Learner:
         return self.policy.generate([prompt], gen)[0].text
 
     def _load_policy(self, saved: Path | None) -> Any:
-        from agents.policy import LMPolicy, resolve_device
+        from agents.policy import LMPolicy, load_options
 
-        cfg = self.config
-        options = dict(device=resolve_device(cfg.device), gradient_checkpointing=cfg.gradient_checkpointing,
-                       chunk_size=cfg.chunk_size)
+        options = {**load_options(self.config.runtime), "chunk_size": self.config.chunk_size}
         if saved is not None:
             return LMPolicy.load(saved, base=self.model_path, **options)
         adapters, reference = self.adapters()

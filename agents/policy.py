@@ -26,7 +26,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,57 @@ class GenerationSettings:
     seed: int | None = field(default=None, metadata={
         "help": "Seed of the policy's sampling stream: the first call with a seed starts the stream, later calls "
                 "continue it (so repeated prompts still get fresh samples). None: torch's global RNG."})
+
+
+@dataclass
+class RuntimeSettings:
+    """How a model is loaded and run: one schema for every learner config (composed as `runtime`)."""
+
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (CUDA when present)."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "Base weights' dtype. auto = bfloat16 on CUDA, float32 on CPU. Trainable parameters (adapters, "
+                "heads) are always float32."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel passed to transformers (eager, sdpa, flash_attention_2; None = its default)."})
+    quantization: Literal["none", "4bit"] = field(default="none", metadata={
+        "help": "4bit: load the frozen base in NF4 with bitsandbytes (install the `quantization` extra; CUDA)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in ("none", "4bit"):
+            raise ValueError(f"quantization must be none or 4bit, got {self.quantization!r}")
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype: `auto` is bfloat16 on CUDA (half the memory, the dtype models are trained in) and float32
+    on CPU (where bfloat16 matmuls are slow and less exact)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_options(runtime: RuntimeSettings) -> dict[str, Any]:
+    """Keyword arguments of `LMPolicy.from_pretrained` / `LMPolicy.load` for `runtime`."""
+    device = resolve_device(runtime.device)
+    options: dict[str, Any] = {"device": device, "dtype": resolve_dtype(runtime.dtype, device),
+                               "gradient_checkpointing": runtime.gradient_checkpointing}
+    if runtime.attn_implementation:
+        options["attn_implementation"] = runtime.attn_implementation
+    if runtime.quantization == "4bit":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise ImportError("quantization=4bit needs bitsandbytes: pip install 'etpo-gym[quantization]'") from exc
+        compute = options["dtype"] if options["dtype"] != torch.float32 else torch.bfloat16
+        options["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_compute_dtype=compute)
+    return options
 
 
 @dataclass
@@ -224,8 +275,11 @@ class LMPolicy:
 
         device = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **model_kwargs)
-        model.to(device)
+        if "quantization_config" in model_kwargs:  # bitsandbytes places the quantised weights itself
+            model_kwargs.setdefault("device_map", {"": str(device)})
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **model_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **model_kwargs).to(device)
         if adapters:
             model = _attach_adapters(model, adapters, frozen=_reference_adapter_name(reference))
         policy = cls(model, tokenizer, reference=reference, device=device, name_or_path=str(name_or_path),

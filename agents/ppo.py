@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from agents.learner import Learner
-from agents.policy import GenerationSettings
+from agents.policy import GenerationSettings, RuntimeSettings
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -356,8 +356,8 @@ class PPOConfig:
                                                                      "(e.g. an SFT run's checkpoint/policy/policy); "
                                                                      "ρ is then a frozen copy of it. None: a fresh "
                                                                      "adapter, ρ = the base model."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
+        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     exact_kl_diagnostic: bool = field(default=True, metadata={"help": "Also log the exact whole-vocabulary "
                                                                       "KL(π‖ρ) per token (one more no-grad "

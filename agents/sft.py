@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agents.learner import Learner
-from agents.policy import GenerationSettings
+from agents.policy import GenerationSettings, RuntimeSettings
 
 
 @dataclass
@@ -56,9 +56,9 @@ class SFTConfig:
     steps_per_round: int = field(default=4, metadata={"help": "Self-improve: optimizer steps per round."})
     generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=384), metadata={
         "help": "How programs are sampled in self-improve mode and when acting."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
+        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
     chunk_size: int = field(default=256, metadata={"help": "Positions per whole-vocabulary chunk."})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, shuffling and adapter init."})
     checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N rounds when an output directory "
                                                                "is set (0 = only at the end)."})

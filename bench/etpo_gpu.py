@@ -52,6 +52,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig
 
     from agents.etpo import ETPOAgent, ETPOConfig, etpo_update, lm_policy_from_config
+    from agents.policy import RuntimeSettings
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -59,7 +60,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     policy = lm_policy_from_config(hf_config, lora_r=args.lora_r, device=str(device), dtype=torch.bfloat16)
     policy.set_gradient_checkpointing(True)
     cfg = ETPOConfig(epochs=1, minibatch_size=args.minibatch_size, chunk_size=args.chunk_size, lora_r=args.lora_r,
-                     device=str(device), critic=args.critic)
+                     runtime=RuntimeSettings(device=str(device)), critic=args.critic)
     agent = ETPOAgent.from_policy(policy, cfg)
     weights_mib = torch.cuda.memory_allocated(device) / 2**20 if cuda else float("nan")
     buffer = buffer_for(hf_config.vocab_size, args.actions, args.prompt_tokens, args.new_tokens)

@@ -109,9 +109,10 @@ def timed(fn, repeats: int, device: torch.device) -> tuple[float, float | None]:
 def measure(vocab: int, args: argparse.Namespace, device: torch.device) -> str:
     """One table row: both buffers' bytes per token and both updates' median time at vocabulary size `vocab`."""
     from agents.etpo import ETPOAgent, ETPOConfig, etpo_update, lm_policy_from_config
+    from agents.policy import RuntimeSettings
 
     cfg = ETPOConfig(beta=0.1, gamma=1.0, epochs=1, minibatch_size=args.actions, chunk_size=args.chunk_size,
-                     device=str(device), lora_r=4)
+                     runtime=RuntimeSettings(device=str(device)), lora_r=4)
     policy = lm_policy_from_config(llama_config(vocab, args.hidden, args.layers), lora_r=4, device=str(device))
     agent = ETPOAgent.from_policy(policy, cfg)
     buffer = make_buffer(vocab, args.actions, args.prompt_tokens, args.new_tokens, seed=vocab)

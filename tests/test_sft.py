@@ -42,8 +42,8 @@ def test_demonstration_file_filters_failed_and_low_reward_lines(demo_file, tmp_p
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_sft_lowers_the_loss_on_a_fixed_demonstration_file(tiny_model_dir, demo_file, lora):
     agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(recipe="demos", data=str(demo_file), lora=lora,
-                                                           lr=3e-3 if lora else 1e-3, epochs=12, batch_size=2,
-                                                           device="cpu"))
+                                                           lr=3e-3 if lora else 1e-3, epochs=12, batch_size=2),
+                     device="cpu")
     assert bool(agent.policy.adapter_names) == lora
     result = agent.learn(env=None, budget=0)
     assert result["demonstrations"] == 2 and result["sft_steps"] == 12
@@ -68,7 +68,7 @@ def test_select_best_and_pool_keep_the_highest_rewarded_valid_programs():
 def test_self_improvement_counts_every_env_step_and_trains_on_the_best(tiny_model_dir, tmp_path):
     env = ScriptedTextEnv(length=3)
     agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(samples_per_round=4, steps_per_round=2, batch_size=2,
-                                                           keep_fraction=0.5, device="cpu"), max_new_tokens=8)
+                                                           keep_fraction=0.5), device="cpu", max_new_tokens=8)
     before = [p.detach().clone() for p in agent.params]
     result = agent.learn(env, budget=10, out_dir=tmp_path / "run")
     assert len(env.received) == 10 and result["env_steps"] == 10  # rounds of 4, 4, 2
