@@ -1,7 +1,8 @@
 """Docker backend: each worker lives in a long-lived, hardened, labelled container started on first use.
 
 Hardening: no network, read-only root, size-capped tmpfs /tmp, memory limit without swap, pids limit, one CPU,
-all capabilities dropped, no-new-privileges, an unprivileged uid of its own, an init process, no host mounts.
+all capabilities dropped but those the worker needs to run each job child as an unprivileged uid of its own (init
+and worker run as root, out of the job's reach), no-new-privileges, an init process, no host mounts.
 The host talks to the worker over the container's attached stdin/stdout (one multiplexed socket, framed
 messages): no `docker exec` per job. A container that stops answering is killed and replaced, never waited on.
 Containers are removed on `close()`, at interpreter exit, and by `etpo sandbox prune` (by label).
@@ -16,7 +17,7 @@ import uuid
 
 from sandbox.api import Limits
 from sandbox.images import WORKER_IN_IMAGE, docker_client, image_exists, image_tag
-from sandbox.local import random_child_uid, sandbox_environment
+from sandbox.local import WORKER_CAPS, random_child_uid, sandbox_environment
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
 
 LABEL = "etpo-gym.sandbox"  # every container the project creates carries it
@@ -84,15 +85,22 @@ class ContainerWorker(WorkerHandle):
         uid = random_child_uid()
         self.client = client
         self.container = client.containers.create(
-            image, command=["python3", "-I", "-B", WORKER_IN_IMAGE, "--own-pid-namespace", "--scratch", "/tmp"],
+            image, command=["python3", "-I", "-B", WORKER_IN_IMAGE, "--own-pid-namespace", "--scratch", "/tmp",
+                            "--child-uid", str(uid)],
             # detach=False is what makes docker-py set StdinOnce (with AttachStdin/out/err); with auto_remove, if this
             # process dies (even by SIGKILL) the worker reads EOF on stdin, exits, and the daemon removes the
             # container. `close()`, atexit and `etpo sandbox prune` are the other paths.
-            stdin_open=True, detach=False, auto_remove=True, tty=False, init=True, user=f"{uid}:{uid}", working_dir="/tmp",
+            # docker-init and the worker run as root with only the capabilities that switch each job child to `uid`
+            # and clean up after it: a job can neither signal, trace nor read them (/proc/1/mem, /proc/1/fd/1, the
+            # protocol stream). Jobs run as `uid`, without capabilities, under the worker's system-call filter.
+            stdin_open=True, detach=False, auto_remove=True, tty=False, init=True, user="0:0", working_dir="/tmp",
             environment=sandbox_environment(), network_mode="none", read_only=True,
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_mb}m,mode=1777"}, shm_size="64m",
+            # /dev/mqueue is world-writable by default: queues created there as files would outlive a fold.
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_mb}m,mode=1777",
+                   "/dev/mqueue": "ro,nosuid,nodev,noexec,size=4k,mode=755"}, shm_size="64m",
             mem_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m", memswap_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m",
             pids_limit=limits.max_processes + EXTRA_PIDS, nano_cpus=1_000_000_000, cap_drop=["ALL"],
+            cap_add=[cap.removeprefix("CAP_") for cap in WORKER_CAPS],
             security_opt=["no-new-privileges"], ipc_mode="private",
             labels={LABEL: "1", OWNER_LABEL: owner_id(), SANDBOX_LABEL: sandbox_id, f"{LABEL}.slot": str(slot)})
         try:
