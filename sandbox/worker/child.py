@@ -17,6 +17,10 @@ import numpy as np
 
 from .wire import array_to_npy, decode_fold, encode_frame, fd_reader, read_frame
 
+# The system-call filter (see `seccomp`), compiled by the worker before its fork server starts; every child
+# loads it just before the program runs. None only until then: a child never runs a program without it.
+JOB_FILTER = None
+
 AGENT_FILENAME = "<agent>"
 
 
@@ -172,6 +176,9 @@ def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid:
         sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
         sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
         folds = [decode_fold(frame) for frame in blobs]  # one per child
+        if JOB_FILTER is None:
+            raise RuntimeError("no system-call filter was compiled for this child")
+        JOB_FILTER.install()
         report, outputs = run_program(job["program"], job["entry_point"], job["predict_method"], folds)
         own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         report["usage"] = {"cpu_s": own.ru_utime + own.ru_stime + waited.ru_utime + waited.ru_stime,

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from . import child, seccomp
 from .child import run_program, set_dumpable
 from .supervisor import Worker
 from .wire import decode_fold, encode_fold, encode_frame, fd_reader, read_frame
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if worker.child_uid is None:
         set_dumpable(False)  # jobs share our uid: keep them from ptrace-attaching to us or reading our /proc files
     stack = _import_stack()
+    child.JOB_FILTER = seccomp.prepare()  # before the fork server starts: its children inherit it compiled
     worker.start()
     hello = dict(stack, type="ready", pid=os.getpid(), uid=os.getuid(), child_uid=worker.child_uid,
                  python=sys.version.split()[0])
