@@ -60,7 +60,12 @@ def test_container_is_hardened_and_started_only_on_first_run(docker_sandbox):
         assert host["PidsLimit"] > 0 and host["NanoCpus"] == 1_000_000_000 and host["Init"] is True
         assert "/tmp" in host["Tmpfs"] and "size=" in host["Tmpfs"]["/tmp"]
         assert not host.get("Binds") and not container.attrs["Mounts"]
-        assert container.attrs["Config"]["User"].split(":")[0] != "0"
+        # init and worker are root with only the uid-switching capabilities; the job ran as another uid (above)
+        from sandbox.local import WORKER_CAPS
+
+        assert container.attrs["Config"]["User"] == "0:0"
+        assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(c.removeprefix("CAP_") for c in WORKER_CAPS)
+        assert host["Tmpfs"]["/dev/mqueue"].startswith("ro,")
         assert container.labels[LABEL] == "1" and container.labels[OWNER_LABEL] == owner_id()
     finally:
         client.close()
