@@ -116,6 +116,19 @@ def critic_loss_per_token(q_taken: torch.Tensor, targets: torch.Tensor, kind: st
     raise ValueError(f"critic loss must be 'huber' or 'mse', got {kind!r}")
 
 
+def dueling_critic_loss_per_token(value: torch.Tensor, advantage_taken: torch.Tensor, targets: torch.Tensor,
+                                  kind: str = "huber", huber_delta: float = 1.0) -> torch.Tensor:
+    """Regression of a critic Q(u,w) = V(u) + A(u,w) on y, split so that each part has one meaning.
+
+    V(u) regresses on y (every sampled token of a state teaches V); A(u,w) regresses on the residual y − V(u) with
+    V held fixed. So V is the state's value under the sampled data and A how much better the taken token did; a
+    token never sampled keeps A ≈ 0, i.e. Q ≈ V(u): "as good as what was tried", never an arbitrary constant.
+    Q = V + A still fits y (at the optimum V + A = y).
+    """
+    return (critic_loss_per_token(value, targets, kind, huber_delta)
+            + critic_loss_per_token(value.detach().float() + advantage_taken.float(), targets, kind, huber_delta))
+
+
 def soft_optimal_policy(ref_logits: torch.Tensor, q_values: torch.Tensor, beta: float) -> torch.Tensor:
     """ρ·exp(Q/β)/Z per row: the policy that minimises `policy_loss_per_state` (used in tests and diagnostics)."""
     return F.softmax(F.log_softmax(ref_logits.float(), -1) + q_values.float() / beta, dim=-1)
@@ -227,6 +240,9 @@ class TokenModels(Protocol):
 
     def target_parameters(self) -> list[torch.Tensor]: ...
 
+    # Optional: `critic_split(hidden) -> (V [N], A [N, V])` for a critic Q = V + A; the update then regresses V and A
+    # as `dueling_critic_loss_per_token` says (without it, Q_φ(uʲ, wʲ) regresses on yʲ directly).
+
 
 @dataclass
 class Packed:
@@ -289,10 +305,18 @@ def _chunk_losses(models: TokenModels, beta: float, critic_kind: str, huber_delt
     """Summed policy and critic losses of one chunk of rows, plus detached per-row diagnostics [5, n]."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
-    q = models.head("critic", h_q).float()
+    split = getattr(models, "critic_split", None)
+    if split is not None:  # Q = V + A, each part with its own regression (dueling_critic_loss_per_token)
+        value, advantage = split(h_q)
+        q = value.float()[:, None] + advantage.float()
+        critic_sum = dueling_critic_loss_per_token(value, advantage.gather(-1, tokens[:, None]).squeeze(-1), targets,
+                                                   critic_kind, huber_delta).sum()
+    else:
+        q = models.head("critic", h_q).float()
     q_taken = q.gather(-1, tokens[:, None]).squeeze(-1)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
-    critic_sum = critic_loss_per_token(q_taken, targets, critic_kind, huber_delta).sum()
+    if split is None:
+        critic_sum = critic_loss_per_token(q_taken, targets, critic_kind, huber_delta).sum()
     with torch.no_grad():
         diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), q_taken.detach(),
                             (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
@@ -479,10 +503,14 @@ class ETPOConfig:
     beta: float = field(default=0.05, metadata={"help": "β: KL-to-reference weight (temperature of π ∝ ρ·exp(Q/β))."})
     gamma: float = field(default=0.9, metadata={"help": "γ: discount between env steps (none inside an action)."})
     # critic
-    critic: Literal["head", "lm_head"] = field(default="head", metadata={
-        "help": "Critic Q(u,·) ∈ R^|V|: head = the critic adapter's features through a new zero-initialised V×H linear "
-                "head (Q starts at 0, so π = ρ is optimal at the start); lm_head = the LM's output layer under the "
-                "critic adapter, times critic_scale (the paper's choice)."})
+    critic: Literal["dueling", "head", "lm_head"] = field(default="dueling", metadata={
+        "help": "Critic Q(u,·) ∈ R^|V| on the critic adapter's features h. dueling = V(u) + A(u,·): a scalar value "
+                "head plus a rank-`critic_rank` map of h read out through the LM's frozen output embedding, A zero "
+                "at the start (π = ρ is optimal then) and regressed on y − V, so untried tokens sit at V(u) instead "
+                "of an arbitrary 0; its size does not grow with the vocabulary. head = a new zero-initialised "
+                "V×H linear head (large at big vocabularies; untried tokens stay at Q = 0). lm_head = the LM's output "
+                "layer under the critic adapter, times critic_scale (the paper's choice)."})
+    critic_rank: int = field(default=64, metadata={"help": "Rank of the dueling critic's advantage map."})
     critic_scale: float = field(default=0.1, metadata={"help": "Scale of the LM-head logits used as Q (critic=lm_head)."})
     critic_loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "Critic regression loss."})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold δ."})
@@ -516,14 +544,15 @@ class ETPOConfig:
             raise ValueError("beta must be > 0 (it is the temperature of the soft-optimal policy)")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.ema_rate <= 1.0:
             raise ValueError("gamma must lie in [0, 1] and ema_rate in (0, 1]")
-        if self.critic not in ("head", "lm_head") or self.critic_loss not in ("huber", "mse"):
-            raise ValueError(f"critic must be head|lm_head and critic_loss huber|mse; got {self.critic!r}, "
+        if self.critic not in ("dueling", "head", "lm_head") or self.critic_loss not in ("huber", "mse"):
+            raise ValueError(f"critic must be dueling|head|lm_head and critic_loss huber|mse; got {self.critic!r}, "
                              f"{self.critic_loss!r}")
         if self.optimizer not in ("adamw", "lion"):
             raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
-        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.chunk_size,
+        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.chunk_size, self.critic_rank,
                self.generation.max_new_tokens) < 1:
-            raise ValueError("epochs, minibatch_size, rollout_steps, chunk_size and max_new_tokens must be >= 1")
+            raise ValueError("epochs, minibatch_size, rollout_steps, chunk_size, critic_rank and max_new_tokens must "
+                             "be >= 1")
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
         return UpdateSettings(beta=self.beta, gamma=self.gamma, epochs=self.epochs, minibatch_size=self.minibatch_size,
@@ -531,8 +560,33 @@ class ETPOConfig:
                               ema_rate=self.ema_rate, max_grad_norm=self.max_grad_norm, pad_id=pad_id)
 
 
+class DuelingCritic(torch.nn.Module):
+    """Q(u, w) = V(u) + A(u, w) over the critic adapter's features h (see ETPOConfig.critic).
+
+    V(u) = vᵀh + b, a scalar. A(u, ·) = E·(U·(D·h)): a rank-r map of h read out through the LM's frozen output
+    embedding E (V×H, the base model's own; not a parameter here, not copied), so every token's advantage comes
+    from features shared across the vocabulary and the critic's size is 2·H·r + H + 1 whatever |V|. U and v start
+    at zero: Q = 0 and A = 0 at the start.
+    """
+
+    def __init__(self, hidden_size: int, rank: int, output_weight: torch.Tensor):
+        super().__init__()
+        self.value = torch.nn.Linear(hidden_size, 1)
+        self.down = torch.nn.Linear(hidden_size, rank, bias=False)
+        self.up = torch.nn.Linear(rank, hidden_size, bias=False)
+        for zero in (self.value.weight, self.value.bias, self.up.weight):
+            torch.nn.init.zeros_(zero)
+        self._readout = [output_weight]  # a list keeps the frozen embedding out of parameters() and state_dict()
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = hidden.float()
+        (embedding,) = self._readout
+        direction = self.up(self.down(hidden))
+        return self.value(hidden).squeeze(-1), F.linear(direction.to(embedding.dtype), embedding).float()
+
+
 class LMTokenModels:
-    """`TokenModels` over one LMPolicy: π = "policy" adapter, ρ = reference, Q_φ = "critic" adapter (+ Q head).
+    """`TokenModels` over one LMPolicy: π = "policy" adapter, ρ = reference, Q_φ = "critic" adapter + Q head.
 
     The target critic Q_φ̄ is not a third adapter: its EMA tensors are swapped into the critic's parameters for the
     duration of a no-grad forward (pointer swaps, no copy), so only one extra copy of the critic's own parameters
@@ -541,20 +595,27 @@ class LMTokenModels:
 
     def __init__(self, policy: Any, cfg: ETPOConfig):
         self.policy, self.cfg = policy, cfg
-        self.q_head: torch.nn.Linear | None = None
-        if cfg.critic == "head":
-            hf = policy.hf_model
-            vocab = hf.get_output_embeddings().weight.shape[0]
-            self.q_head = torch.nn.Linear(hf.config.hidden_size, vocab).to(policy.device, torch.float32)
+        hf = policy.hf_model
+        output = hf.get_output_embeddings()
+        base_output = getattr(output, "base_layer", output)  # the frozen weight under any LoRA on the output layer
+        self.q_head: torch.nn.Module | None = None
+        if cfg.critic == "dueling":
+            self.q_head = DuelingCritic(hf.config.hidden_size, cfg.critic_rank, base_output.weight.detach())
+        elif cfg.critic == "head":
+            vocab = base_output.weight.shape[0]
+            self.q_head = torch.nn.Linear(hf.config.hidden_size, vocab)
             torch.nn.init.zeros_(self.q_head.weight)
             torch.nn.init.zeros_(self.q_head.bias)
+        if self.q_head is not None:
+            self.q_head.to(policy.device, torch.float32)
         self.target = [p.detach().clone() for p in self.critic_parameters()]
-        output = policy.hf_model.get_output_embeddings()
         if hasattr(output, "lora_A"):  # LoRA on the output layer: each role needs its own adapter state
             self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None),
                               "critic": policy.head("critic")}
         else:  # the output layer is shared and frozen: apply it directly, no adapter switching per chunk
             self._lm_heads = dict.fromkeys(("policy", "reference", "critic"), output)
+        # the update regresses V and A separately for the dueling critic (TokenModels.critic_split)
+        self.critic_split = self.q_head if cfg.critic == "dueling" else None
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return self.policy.trainable_parameters("policy")
@@ -587,11 +648,22 @@ class LMTokenModels:
     def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
         if role in ("policy", "reference"):
             return self._lm_heads[role](hidden)
-        if self.q_head is not None:
+        if self.critic_split is not None:
+            def run() -> torch.Tensor:
+                value, advantage = self.q_head(hidden)
+                return value[:, None] + advantage
+        elif self.q_head is not None:
             run = lambda: self.q_head(hidden.float())  # noqa: E731
         else:
             run = lambda: self.cfg.critic_scale * self._lm_heads["critic"](hidden).float()  # noqa: E731
         return self._with_target(run) if role == "target" else run()
+
+
+def critic_state_bytes(models: LMTokenModels) -> int:
+    """Memory of the critic's training state: its trainable parameters in fp32 with their gradients and AdamW's
+    two moments (4 copies), plus the EMA target. The base model and the policy adapter are not counted."""
+    trainable = sum(p.numel() for p in models.critic_parameters()) * 4 * 4
+    return trainable + sum(t.numel() * t.element_size() for t in models.target)
 
 
 def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16, device: str = "cpu",

@@ -51,7 +51,7 @@ def buffer_for(vocab: int, actions: int, prompt_tokens: int, new_tokens: int):
 def measure(shape: str, args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig
 
-    from agents.etpo import ETPOAgent, ETPOConfig, etpo_update, lm_policy_from_config
+    from agents.etpo import ETPOAgent, ETPOConfig, critic_state_bytes, etpo_update, lm_policy_from_config
     from agents.policy import RuntimeSettings
 
     device = torch.device(args.device)
@@ -80,6 +80,7 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else float("nan")
     n_params = sum(p.numel() for p in policy.model.parameters())
     result = {"shape": shape, "params_b": n_params / 1e9, "weights_mib": weights_mib, "peak_mib": peak,
+              "critic_mib": critic_state_bytes(agent.models) / 2**20,
               "update_s": float(np.median(times)), "tokens": buffer.token_count()}
     result["tokens_per_s"] = result["tokens"] / result["update_s"]
     del agent, policy
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, default=256, help="token states per vocabulary chunk")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--critic", default="head", choices=["head", "lm_head"])
+    parser.add_argument("--critic", default="dueling", choices=["dueling", "head", "lm_head"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (only with --shapes smoke)")
     args = parser.parse_args(argv)
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     print(f"ETPO update on {name} ({total_mib:.0f} MiB): {args.actions} actions x {args.new_tokens} new tokens after "
           f"{args.prompt_tokens} prompt tokens, minibatch {args.minibatch_size}, chunk {args.chunk_size}, "
           f"LoRA r={args.lora_r}, critic={args.critic}, bf16 base, gradient checkpointing")
-    print(f"{'shape':>5} {'params':>8} {'weights MiB':>12} {'peak MiB':>10} {'update s':>9} {'tokens/s':>9}")
+    print(f"{'shape':>5} {'params':>8} {'weights MiB':>12} {'peak MiB':>10} {'critic MiB':>11} {'update s':>9} "
+          f"{'tokens/s':>9}")
     for shape in args.shapes:
         try:
             r = measure(shape, args)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             continue
         print(f"{r['shape']:>5} {r['params_b']:>7.2f}B {r['weights_mib']:>12.0f} {r['peak_mib']:>10.0f} "
-              f"{r['update_s']:>9.2f} {r['tokens_per_s']:>9.0f}", flush=True)
+              f"{r['critic_mib']:>11.1f} {r['update_s']:>9.2f} {r['tokens_per_s']:>9.0f}", flush=True)
         if shape == "7b":
             verdict = "fits" if r["peak_mib"] < GPU_80GB_MIB else "does NOT fit"
             print(f"7B: one ETPO update peaks at {r['peak_mib'] / 1024:.1f} GiB -> {verdict} on one 80 GB GPU")

@@ -107,7 +107,7 @@ def test_chunked_lm_values_equal_unchunked_logits(tiny_model_dir):
         agent.models._swap_target()  # target critic = EMA tensors in the critic's slots
         try:
             hidden = agent.policy.hidden_states(ids, mask, "critic")[packed.row_batch, packed.row_pos]
-            q_target = agent.models.q_head(hidden)
+            q_target = agent.models.head("critic", hidden)  # the critic's slots hold the target here
         finally:
             agent.models._swap_target()
     torch.testing.assert_close(chunked, soft_value(pi, rho, q_target, 0.3), rtol=1e-5, atol=1e-5)
@@ -124,7 +124,7 @@ def test_learn_moves_policy_critic_and_target_and_keeps_buffer_small(tiny_model_
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(".policy." in k for k in changed), "policy adapter did not move"
     assert any(".critic." in k for k in changed), "critic adapter did not move"
-    assert {"q_head.weight", "q_head.bias"} <= changed and any(k.startswith("target.") for k in changed)
+    assert {"q_head.value.weight", "q_head.up.weight"} <= changed and any(k.startswith("target.") for k in changed)
     # The target moved less than the critic (EMA with rate 0.05).
     for i, (p, t) in enumerate(zip(agent.models.critic_parameters(), agent.models.target, strict=True)):
         start = before[f"target.{i}"]

@@ -1,0 +1,105 @@
+"""The ETPO critic: untried tokens are anchored at the state's value, not at an arbitrary 0, and the critic's size
+does not grow with the vocabulary.
+
+The toy: one state, a reference ρ peaked on three tokens, one-token actions, every sampled action scored −1 (a failed
+program). With a Q table starting at 0, the improvement target ρ·exp(Q/β) pushes the whole mass of the tried tokens
+onto tokens nobody tried (Q = 0 > −1). With Q = V + A (A regressed on y − V), V absorbs the failure, untried tokens
+sit at V too, and nothing moves; a rewarded token still gains.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from agents.etpo import (
+    ETPOConfig,
+    LMTokenModels,
+    UpdateSettings,
+    critic_state_bytes,
+    etpo_update,
+    make_optimizer,
+)
+from tests.test_etpo_math import TabularModels, transition
+
+VOCAB, OBS, BETA = 12, [3], 0.05
+
+
+class DuelingTabular(TabularModels):
+    """The tabular toy with Q = V(u) + A(u, w): a V table and an A table, both starting at zero."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.value = torch.nn.Parameter(torch.zeros(self.capacity))
+        self.value_target = torch.zeros(self.capacity)
+
+    def critic_split(self, hidden):
+        rows = hidden[..., 0].long()
+        return self.value[rows], self.q[rows]
+
+    def head(self, role, hidden):
+        if role in ("critic", "target"):
+            rows = hidden[..., 0].long()
+            value, advantage = ((self.value, self.q) if role == "critic" else (self.value_target, self.q_target))
+            return value[rows][:, None] + advantage[rows]
+        return super().head(role, hidden)
+
+    def critic_parameters(self):
+        return [self.value, self.q]
+
+    def target_parameters(self):
+        return [self.value_target, self.q_target]
+
+
+def improved_policy(models, rewards: dict[int, float], updates: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.full((VOCAB,), -4.0)
+    logits[:3] = torch.tensor([2.0, 1.5, 1.0])  # ρ puts ~97% on tokens 0..2
+    models.set_row(OBS, reference=logits.tolist(), policy=logits.tolist())
+    batch = [transition(OBS, [w], r, True) for w, r in rewards.items() for _ in range(2)]
+    settings = UpdateSettings(beta=BETA, gamma=0.9, epochs=1, minibatch_size=len(batch), chunk_size=64,
+                              critic_loss="mse", ema_rate=0.5, max_grad_norm=0.0)
+    pol_opt = make_optimizer(models.policy_parameters(), "adamw", 0.05, 0.0)
+    crit_opt = make_optimizer(models.critic_parameters(), "adamw", 0.05, 0.0)
+    rng = random.Random(0)
+    for _ in range(updates):
+        etpo_update(models, batch, settings, pol_opt, crit_opt, rng)
+    return models.probs("policy", OBS), models.probs("reference", OBS)
+
+
+def untried_mass(probs: torch.Tensor, tried) -> float:
+    mask = torch.ones(VOCAB, dtype=torch.bool)
+    mask[list(tried)] = False
+    return float(probs[mask].sum())
+
+
+@pytest.mark.slow
+def test_after_only_failures_no_probability_flows_to_untried_tokens():
+    tried = {0: -1.0, 1: -1.0, 2: -1.0}
+    pi, rho = improved_policy(DuelingTabular(vocab=VOCAB), tried)
+    assert untried_mass(pi, tried) <= untried_mass(rho, tried) + 0.01, (pi, rho)
+    # the zero-anchored Q table this replaces: the tried tokens' mass leaves for tokens nobody tried
+    pi0, rho0 = improved_policy(TabularModels(vocab=VOCAB), tried)
+    assert untried_mass(pi0, tried) > 0.5
+
+
+@pytest.mark.slow
+def test_a_rewarded_token_still_gains_with_the_dueling_critic():
+    pi, rho = improved_policy(DuelingTabular(vocab=VOCAB), {0: -1.0, 1: 1.0, 2: -1.0})
+    assert pi[1] > 0.9 > rho[1]
+    assert pi[0] < rho[0] and pi[2] < rho[2]
+
+
+@pytest.mark.parametrize("critic,fits", [("dueling", True), ("head", False)])
+def test_the_critic_of_a_7b_152k_vocabulary_model_fits_in_one_gigabyte(critic, fits):
+    """Counted on the meta device (no memory is allocated): Qwen2-7B's shape, LoRA rank 8 on every linear layer."""
+    from transformers import Qwen2Config
+
+    from agents.etpo import lm_policy_from_config
+
+    shape = Qwen2Config(vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4)
+    policy = lm_policy_from_config(shape, lora_r=8, device="meta", dtype=torch.bfloat16)
+    models = LMTokenModels(policy, ETPOConfig(critic=critic))
+    assert (critic_state_bytes(models) <= 2**30) is fits, critic_state_bytes(models) / 2**30
