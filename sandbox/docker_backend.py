@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 import uuid
 
 from sandbox.api import Limits
@@ -114,8 +115,13 @@ class ContainerWorker(WorkerHandle):
             raise
         self._reader = DemuxReader(self.sock)
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def send(self, data: bytes, deadline: float) -> None:
+        # sendall's timeout bounds the whole call (Python >= 3.5), so a stopped worker cannot block us here.
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.sock.settimeout(None)
 
     def reader(self) -> FdReader:
         return self._reader

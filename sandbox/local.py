@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 from sandbox.api import Limits
-from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
+from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle, write_with_deadline
 from sandbox.worker.supervisor import kill_uid
 
 WORKER_SOURCE = Path(__file__).with_name("worker")  # the worker package, deployed as a unit
@@ -60,10 +60,9 @@ class SubprocessWorker(WorkerHandle):
                                         env=env, cwd="/", start_new_session=True, close_fds=True)
         self._reader = FdReader(self.process.stdout.fileno())
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, deadline: float) -> None:
         try:
-            self.process.stdin.write(data)
-            self.process.stdin.flush()
+            write_with_deadline(self.process.stdin.fileno(), data, deadline)
         except (BrokenPipeError, ValueError) as exc:
             raise OSError(f"worker input closed: {exc}") from None
 

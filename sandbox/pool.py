@@ -17,13 +17,15 @@ import weakref
 from dataclasses import asdict
 
 from sandbox.api import Job, Limits, RunResult, Status
-from sandbox.results import build_result, n_rows, timeout_message
+from sandbox.results import build_result, n_rows
 from sandbox.worker import wire
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 120.0  # importing the stack in a cold container on a loaded machine
 RESPONSE_GRACE_S = 10.0  # on top of the job's wall time, before the worker itself is declared wedged
+SEND_TIMEOUT_S = 10.0  # a worker waiting for its next job takes it at once; plus SEND_RATE for a large one
+SEND_RATE = 50 << 20  # bytes per second a busy machine still moves through a pipe or the attach socket
 MAX_CLASSES_RETURNED = 1024  # bounds what a job may send back (rows x columns x 8 bytes)
 
 
@@ -33,6 +35,27 @@ class SandboxUnavailable(RuntimeError):
 
 class WorkerLost(Exception):
     """The worker died, stopped answering, or broke the protocol."""
+
+
+class Malformed(WorkerLost):
+    """The worker's answer is not a well-formed, bounded frame (its stream can no longer be trusted)."""
+
+
+def write_with_deadline(fd: int, data: bytes, deadline: float) -> None:
+    """Write all of `data` to a pipe without blocking past `deadline` (TimeoutError): a stopped reader fills the
+    pipe, and a plain blocking write would then wait forever."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        _, ready, _ = select.select([], [fd], [], remaining)
+        if ready:
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
 
 
 class FdReader:
@@ -71,7 +94,8 @@ class WorkerHandle:
 
     isolation = ""
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, deadline: float) -> None:
+        """Write one frame; TimeoutError when the worker does not take it by `deadline`."""
         raise NotImplementedError
 
     def reader(self) -> FdReader:
@@ -88,7 +112,7 @@ class WorkerHandle:
         try:
             return wire.read_frame(lambda n: reader.read_exact(n, deadline), max_header=16 << 20, max_body=max_body)
         except wire.ProtocolError as exc:
-            raise WorkerLost(f"protocol error: {exc}") from None
+            raise Malformed(f"protocol error: {exc}") from None
 
 
 Launcher = "Callable[[int], WorkerHandle]"  # slot number -> started worker (documentation alias)
@@ -204,15 +228,25 @@ class PooledSandbox:
         except SandboxUnavailable as exc:
             return RunResult(Status.SANDBOX_ERROR, message=str(exc), isolation=self.isolation)
         eval_rows = sum(n_rows(f.X_eval) for f in job.folds)
-        deadline = time.monotonic() + self.limits.wall_time_s + RESPONSE_GRACE_S
+        stage = "take"
         try:
-            slot.handle.send(request)
+            slot.handle.send(request, time.monotonic() + SEND_TIMEOUT_S + len(request) / SEND_RATE)
+            stage = "answer"
+            # The worker enforces the job's wall time itself and answers then; silence past the grace is the worker's.
+            deadline = time.monotonic() + self.limits.wall_time_s + RESPONSE_GRACE_S
             header, blobs = slot.handle.read_frame(deadline, max_body=result_budget(eval_rows, len(job.folds)))
         except TimeoutError:
             self._retire(slot)
-            return RunResult(Status.TIMEOUT, message=timeout_message(self.limits, cpu=False) +
-                             " (the sandbox worker stopped answering and was replaced)",
-                             duration_s=time.monotonic() - started, isolation=self.isolation)
+            return RunResult(Status.SANDBOX_ERROR, message=(
+                f"the sandbox worker did not {stage} the job in time (it was stopped or wedged, perhaps by this "
+                "program signalling or stopping sandbox processes); it was killed and replaced. Do not signal "
+                "other processes."), duration_s=time.monotonic() - started, isolation=self.isolation)
+        except Malformed as exc:
+            self._retire(slot)
+            return RunResult(Status.INVALID_OUTPUT, message=(
+                f"Invalid output: the sandbox's answer was malformed ({exc}); the program may have written to the "
+                "sandbox's own channels. The sandbox worker was replaced."),
+                duration_s=time.monotonic() - started, isolation=self.isolation)
         except (WorkerLost, OSError) as exc:
             details = slot.handle.diagnostics() if slot.handle else ""
             self._retire(slot)

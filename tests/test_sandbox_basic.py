@@ -310,7 +310,7 @@ class ScriptedWorker(WorkerHandle):
     def __init__(self, replies: list[dict]):
         self.replies, self.sent, self.killed = list(replies), 0, False
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, deadline: float) -> None:
         self.sent += 1
 
     def read_frame(self, deadline: float, max_body: int):

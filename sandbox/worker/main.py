@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from . import child, seccomp
-from .child import run_program, set_dumpable
+from .child import _die_with_parent, run_program, set_dumpable
 from .supervisor import Worker
 from .wire import decode_fold, encode_fold, encode_frame, fd_reader, read_frame
 
@@ -78,6 +78,36 @@ def _answer(worker: Worker, request: dict, blobs: list[bytes]) -> bytes:
     return encode_frame({"type": "error", "message": f"unknown request {kind!r}"})
 
 
+def _start_guardian(protocol_fd: int) -> int:
+    """Fork a process that kills the worker as soon as its input closes (the host closed it, or died).
+
+    The worker notices end of input only when it reads, between jobs; a worker that a job stopped or wedged never
+    reads again, and a container whose worker does not exit is never removed. The guardian does nothing but wait
+    for the hang-up, without reading (POLLHUP is reported even with no events asked for), then SIGKILLs the worker,
+    which ends the pid namespace (docker-init or bubblewrap exits with its child) and so the container. It runs
+    as the worker's uid: where jobs have a uid of their own they cannot signal it.
+    """
+    import select
+
+    worker = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.close(protocol_fd)  # the host must see end of stream when the worker dies, not wait on this copy
+        _die_with_parent()
+        poller = select.poll()
+        poller.register(0, 0)
+        while True:
+            for _, events in poller.poll():
+                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    os.kill(worker, signal.SIGKILL)
+                    os._exit(0)
+    except BaseException:
+        pass
+    os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -95,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     # A closed pipe (the host left, or a child died before its job arrived) is an OSError here, not a signal.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     read_exact = fd_reader(0)
+    guardian = _start_guardian(proto_out.fileno())
 
     worker = Worker(args.own_pid_namespace, args.child_uid, args.scratch)
+    worker.keep_pids.add(guardian)
     if worker.child_uid is None:
         set_dumpable(False)  # jobs share our uid: keep them from ptrace-attaching to us or reading our /proc files
     stack = _import_stack()
@@ -122,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             if damaged:  # found after the last answer went out: refuse this request, the host starts a new worker
                 proto_out.write(encode_frame({"type": "damaged", "message": "the previous job damaged the worker"}))
                 return 1
-            proto_out.write(_answer(worker, request, blobs))
+            try:
+                answer = _answer(worker, request, blobs)
+            except Exception as exc:  # a bug of the worker's own: say so, then leave (the host starts a new worker)
+                proto_out.write(encode_frame({"type": "error", "message": f"worker failure: {exc!r}"[:2000]}))
+                return 1
+            proto_out.write(answer)
             damaged = not worker.finish()
     except BrokenPipeError:
         return 0

@@ -9,7 +9,9 @@ import math
 import os
 import selectors
 import signal
+import stat
 import struct
+import sys
 import time
 import traceback
 
@@ -18,6 +20,9 @@ from .wire import ProtocolError, encode_frame, parse_frame, write_all
 
 JOB_DIR = "job"
 MEMORY_POLL_S = 0.1  # how often the worker sums the memory of all job processes
+ZYGOTE_TIMEOUT_S = 5.0  # the fork server answers in milliseconds; silence this long means it was stopped or wedged
+REPORT_STATUSES = ("ok", "syntax_error", "runtime_error", "invalid_output", "memory_exceeded", "sandbox_error")
+REPORT_TEXT_CAP = 16_384  # characters of a child's message or traceback passed on to the host
 
 
 class CappedBuffer:
@@ -48,11 +53,78 @@ class CappedBuffer:
 
 
 def _number(value) -> float:
+    """A non-negative finite float from a self-reported value, else 0.0 (never raises: the child wrote it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except OverflowError:
         return 0.0
     return number if math.isfinite(number) and number >= 0 else 0.0
+
+
+def _clip(text: str) -> str:
+    if len(text) <= REPORT_TEXT_CAP:
+        return text
+    half = REPORT_TEXT_CAP // 2
+    return f"{text[:half]}\n... [{len(text) - 2 * half} characters truncated] ...\n{text[-half:]}"
+
+
+def checked_report(report) -> dict:
+    """The fields of a child's report the host may see, checked: the program runs in the child's process and can
+    write anything to the result channel, so nothing of it is passed on unchecked (types, status, text size)."""
+    if not isinstance(report, dict) or report.get("status") not in REPORT_STATUSES:
+        return {"status": "invalid_output", "message": "the program corrupted the result channel (its report has no "
+                                                       "valid status)"}
+    checked = {"status": report["status"]}
+    for key in ("message", "error_type", "traceback"):
+        value = report.get(key)
+        checked[key] = _clip(value) if isinstance(value, str) else ""
+    return checked
+
+
+def empty_directory(path: str) -> None:
+    """Remove everything inside `path` (which stays), whatever a job did to it; raises OSError when it cannot.
+
+    Iterative, holding one directory descriptor at a time and walking back up through "..": a tree thousands of
+    levels deep needs neither recursion (shutil.rmtree recurses) nor a descriptor per level, nor paths longer than
+    PATH_MAX. Directories a job made unreadable (mode 000) are given back to their owner first. Only called once
+    every process of the job is gone, so nothing changes under it.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    try:
+        pending = [_unlink_files(fd)]  # per open level: the subdirectories still to remove
+        while pending:
+            if pending[-1]:
+                name = pending[-1][-1]
+                if stat.S_IMODE(os.lstat(name, dir_fd=fd).st_mode) & 0o700 != 0o700:
+                    os.chmod(name, 0o700, dir_fd=fd)  # a directory: checked by the listing, nothing can swap it now
+                child = os.open(name, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                pending.append(_unlink_files(fd))
+            else:
+                pending.pop()
+                if pending:
+                    parent = os.open("..", flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = parent
+                    os.rmdir(pending[-1].pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink everything but directories in the directory `fd`; its subdirectories' names."""
+    subdirs = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return subdirs
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -109,16 +181,31 @@ class Zygote:
             ours.close()
             _zygote_main(theirs, child_uid, workdir)
         theirs.close()
+        ours.settimeout(ZYGOTE_TIMEOUT_S)
         self._socket = ours
         self._exits: dict[int, dict] = {}
+
+    def _unresponsive(self, what: str) -> ChildProcessError:
+        """The fork server did not answer (a job stopped it, or it is wedged): kill it; the worker is damaged."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return ChildProcessError(f"the fork server did not answer ({what}) and was killed")
 
     def fork(self) -> tuple[int, int, dict]:
         """(pid, job pipe write end, {stdout, stderr, result: read end}) of a new child waiting for its job."""
         import socket
 
-        self._socket.send(b"fork")
+        try:
+            self._socket.send(b"fork")
+        except OSError:
+            raise ChildProcessError("the fork server is gone") from None
         while True:
-            message, fds, _, _ = socket.recv_fds(self._socket, 1 << 16, 4)
+            try:
+                message, fds, _, _ = socket.recv_fds(self._socket, 1 << 16, 4)
+            except TimeoutError:
+                raise self._unresponsive("fork") from None
             if not message:
                 raise ChildProcessError("the fork server is gone")
             reply = json.loads(message)
@@ -131,7 +218,10 @@ class Zygote:
     def wait(self, pid: int) -> tuple[int, dict]:
         """Block until the zygote has reaped `pid`: its wait status and {maxrss_kb, cpu_s}."""
         while pid not in self._exits:
-            message = self._socket.recv(1 << 16)
+            try:
+                message = self._socket.recv(1 << 16)
+            except TimeoutError:
+                raise self._unresponsive("wait") from None
             if not message:
                 raise ChildProcessError("the fork server is gone")
             reply = json.loads(message)
@@ -175,7 +265,8 @@ def _zygote_main(control, child_uid: int | None, workdir: str) -> None:
 
 
 def _spawn_child(child_uid: int | None, workdir: str) -> tuple[int, list[int]]:
-    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)  # made anew after every wipe in a private namespace
+    os.chmod(workdir, 0o700)  # elsewhere emptied and kept: undo whatever mode the last job gave it
     if child_uid is not None:
         os.chown(workdir, child_uid, child_uid)
     pipes = {name: os.pipe() for name in ("job", "stdout", "stderr", "result")}
@@ -199,11 +290,12 @@ class Worker:
         self._zygote: Zygote | None = None
         self._next: tuple[int, int, dict] | None = None  # (pid, job pipe, output pipes) of the prepared child
         self._deferred = None  # cleanup of the last job, run after its answer is sent
+        self.keep_pids: set[int] = set()  # worker processes besides the fork server (the guardian) that sweeps spare
 
     # -- process control
     def _other_pids(self) -> list[int]:
         """Every process in this pid namespace except the worker and its ancestors (init)."""
-        keep = {os.getpid(), os.getppid(), 1, self._zygote.pid if self._zygote else 1}
+        keep = {os.getpid(), os.getppid(), 1, self._zygote.pid if self._zygote else 1, *self.keep_pids}
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) not in keep]
 
     def _kill_uid(self) -> None:
@@ -250,24 +342,26 @@ class Worker:
             if pid == 0:
                 return
 
-    def _wipe_scratch(self) -> None:
-        import shutil
-
+    def _wipe_scratch(self) -> bool:
+        """Empty every place a job can write, so the next child's working directory is made anew; False when
+        something could not be removed (the worker is then damaged and replaced: a fresh container or bubblewrap
+        brings a fresh tmpfs)."""
         # A private namespace owns its whole /tmp and /dev/shm; elsewhere only the job's own directory is ours.
-        for root in (self.scratch, "/dev/shm") if self.own_pid_namespace else (os.path.join(self.scratch, JOB_DIR),):
-            try:
-                entries = os.listdir(root)
-            except OSError:
+        roots = (self.scratch, "/dev/shm") if self.own_pid_namespace else (os.path.join(self.scratch, JOB_DIR),)
+        clean = True
+        for root in roots:
+            if not os.path.isdir(root):
                 continue
-            for name in entries:
-                path = os.path.join(root, name)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    try:
-                        os.unlink(path)
-                    except OSError:
-                        pass
+            try:
+                if root != self.scratch:
+                    os.chmod(root, 0o700)  # the job's own directory (or /dev/shm, 1777 again below) may be mode 000
+                empty_directory(root)
+                if root == "/dev/shm":
+                    os.chmod(root, 0o1777)
+            except OSError as exc:
+                print(f"worker: cannot empty {root}: {exc}", file=sys.stderr, flush=True)
+                clean = False
+        return clean
 
     # -- one job
     def start(self) -> None:
@@ -360,13 +454,17 @@ class Worker:
         kill_at = int(limits["output_kill_bytes"])
         result_cap = int(limits["max_result_bytes"])
         result = bytearray()
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # the child is already dead and reaped (it failed before its job could start)
+            pidfd = None
         selector = selectors.DefaultSelector()
         for name, fd in read_fds.items():
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ, name)
-        selector.register(pidfd, selectors.EVENT_READ, "exit")
-        reason, exited, complete = None, False, False
+        if pidfd is not None:
+            selector.register(pidfd, selectors.EVENT_READ, "exit")
+        reason, exited, complete = None, pidfd is None, False
         memory_cap = int(limits["memory_mb"]) << 20
         peak_total = 0
         while not (exited or complete) and reason is None:
@@ -403,9 +501,9 @@ class Worker:
         if header["killed_reason"] is None and result:
             try:
                 report, child_blobs = parse_frame(bytes(result), max_header=1 << 20)
-                header["report"] = {k: report.get(k) for k in ("status", "message", "error_type", "traceback")}
+                header["report"] = checked_report(report)
                 if "maxrss_kb" not in facts and isinstance(report.get("usage"), dict):
-                    usage = report["usage"]  # self-reported: the child is not reaped yet
+                    usage = report["usage"]  # self-reported: the child is not reaped yet (checked by _number)
             except (ProtocolError, struct.error, ValueError) as exc:
                 header["report"] = {"status": "invalid_output",
                                     "message": f"the program corrupted the result channel ({exc})"}
@@ -430,8 +528,9 @@ class Worker:
         except ChildProcessError:  # the job killed the fork server, its parent: this worker must be replaced
             wait_status, usage, server_alive = signal.SIGKILL, {"maxrss_kb": 0, "cpu_s": 0.0}, False
             reason = reason or "killed_sandbox"
-        selector.unregister(pidfd)
-        os.close(pidfd)
+        if pidfd is not None:
+            selector.unregister(pidfd)
+            os.close(pidfd)
         sweep_started = time.monotonic()
         clean = self.sweep(pid)
         # Writers are gone now: collect what is still buffered in the pipes.
@@ -445,10 +544,10 @@ class Worker:
             os.close(key.fileobj)
         selector.close()
         self._reap()
-        self._wipe_scratch()
+        wiped = self._wipe_scratch()
         # A complete result was killed by us: how the process ended says nothing about the job.
         exit_code = 0 if complete and reason is None else os.waitstatus_to_exitcode(wait_status)
-        return {"exit_code": exit_code, "killed_reason": reason, "damaged": not (clean and server_alive),
+        return {"exit_code": exit_code, "killed_reason": reason, "damaged": not (clean and server_alive and wiped),
                 "maxrss_kb": usage["maxrss_kb"], "cpu_s": usage["cpu_s"],
                 "sweep_s": drain_started - sweep_started, "drain_s": time.monotonic() - drain_started}
 

@@ -44,19 +44,50 @@ def read_frame(read_exact, max_header: int = 16 << 20, max_body: int = 1 << 34) 
         raise ProtocolError(f"bad frame magic {magic!r}")
     if head_len > max_header or body_len > max_body:
         raise ProtocolError(f"frame too large (header {head_len} B, body {body_len} B)")
-    try:
-        header = json.loads(read_exact(head_len))
-    except ValueError as exc:
-        raise ProtocolError(f"frame header is not JSON: {exc}") from None
+    # The whole frame is read before the header is judged: a stream stays in step even when the header is bad.
+    head, body = read_exact(head_len), read_exact(body_len)
+    header = loads_bounded(head)
     sizes = header.get("blob_sizes") if isinstance(header, dict) else None
     if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes) or sum(sizes) != body_len:
         raise ProtocolError("frame blob sizes do not match its body")
-    body = read_exact(body_len)
     blobs, offset = [], 0
     for size in sizes:
         blobs.append(body[offset:offset + size])
         offset += size
     return header, blobs
+
+
+MAX_JSON_DEPTH = 32  # frames nest a few levels (header -> report -> usage; fold meta -> parts -> categories)
+_MAX_INT = 1 << 63
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads_bounded(text: bytes):
+    """`json.loads` that can only fail with ProtocolError: no NaN or Infinity, integers within 64 bits, nesting at
+    most MAX_JSON_DEPTH deep (the C decoder recurses; a deeper document would raise RecursionError, or succeed in
+    one process and fail in the next, whose stack is deeper)."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError, MemoryError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ProtocolError(f"frame header is not bounded JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+    stack = [(value, 1)]
+    while stack:  # iterative: the check itself must not recurse
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            if isinstance(item, int) and not -_MAX_INT <= item < _MAX_INT:
+                raise ProtocolError("frame header holds an integer beyond 64 bits")
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"frame header nests deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | int))
+    return value
 
 
 def parse_frame(data: bytes, max_header: int = 16 << 20) -> tuple[dict, list[bytes]]:
