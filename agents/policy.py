@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -554,13 +556,22 @@ class LMPolicy:
         return adapter
 
     # -- generation ---------------------------------------------------------------------------------------------
+    def eos_ids(self) -> list[int]:
+        """Every id that ends an action: the tokenizer's EOS and the model's generation_config EOS list."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(getattr(self.hf_model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        return sorted(int(i) for i in ids if i is not None)
+
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationSettings | None = None,
                  adapter: str | None = "policy", generator: torch.Generator | None = None) -> list[Generation]:
-        """Sample one action per prompt with a KV cache, recording each sampled token's log π as it goes.
+        """Sample one action per prompt, all prompts as one batch with a KV cache, recording each sampled token's
+        log π as it goes.
 
         Hand-written rather than `model.generate` so per-token log-probs are kept as scalars at each step (the
         `output_logits` route would hold max_new_tokens × B × V floats) and stop strings end each row exactly.
+        Book-keeping stays on the device: one host sync per step (are all rows done?), none per row.
         """
         gen = gen or GenerationSettings()
         if not prompt_ids:
@@ -574,45 +585,54 @@ class LMPolicy:
         max_new = min(gen.max_new_tokens, budget)
         if generator is None and gen.seed is not None:
             generator = self._sampling_stream(int(gen.seed))
-        eos = self.tokenizer.eos_token_id if gen.stop_at_eos else None
+        eos = torch.tensor(self.eos_ids() if gen.stop_at_eos else [], dtype=torch.long, device=self.device)
         stop_window = max((len(s) for s in gen.stop), default=0) + 8  # tokens decoded to look for a stop string
 
         ids, mask = pad_sequences(prompt_ids, self.pad_id, "left", self.device)
         batch = ids.shape[0]
-        actions: list[list[int]] = [[] for _ in range(batch)]
-        logps: list[list[float]] = [[] for _ in range(batch)]
-        reasons = ["length"] * batch
+        tokens = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros((batch, max_new), dtype=torch.float32, device=self.device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
+        reasons = torch.zeros(batch, dtype=torch.long, device=self.device)  # index into FINISH_REASONS
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         was_training = self.model.training
         self.model.eval()
         try:
             with self.use_adapter(self._adapter_or_default(adapter)) as module:
+                cache_key = _cache_argument(self.hf_model)
                 out = module(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                              use_cache=True, logits_to_keep=1)
                 positions = positions_from_mask(mask)[:, -1:]
-                for _ in range(max_new):
+                for step in range(max_new):
                     logits = out.logits[:, -1, :].float()
                     token = sample_tokens(logits, gen, generator)
-                    token_logp = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
-                    for i in range(batch):
-                        if done[i]:
-                            continue
-                        actions[i].append(int(token[i]))
-                        logps[i].append(float(token_logp[i]))
-                        reason = self._finish_reason(actions[i], int(token[i]), eos, gen.stop, stop_window)
-                        if reason:
-                            reasons[i], done[i] = reason, True
+                    active = ~done
+                    tokens[:, step] = torch.where(active, token, tokens[:, step])
+                    logps[:, step] = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                    lengths += active
+                    ended = active & torch.isin(token, eos)
+                    reasons[ended] = FINISH_REASONS.index("eos")
+                    if gen.stop:
+                        stopped = self._stopped_rows(tokens, lengths, active & ~ended, gen.stop, stop_window)
+                        reasons[stopped] = FINISH_REASONS.index("stop")
+                        ended |= stopped
+                    done |= ended
                     if bool(done.all()):
                         break
                     token = torch.where(done, torch.full_like(token, self.pad_id), token)
                     mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], 1)
                     positions = positions + 1
                     out = module(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                                 past_key_values=out.past_key_values, use_cache=True)
+                                 use_cache=True, **{cache_key: getattr(out, cache_key)})
         finally:
             self.model.train(was_training)
-        return [Generation(a, self.decode(a), np.asarray(lp, dtype=np.float32), r)
-                for a, lp, r in zip(actions, logps, reasons)]
+        tokens, logps, lengths, reasons = (t.cpu() for t in (tokens, logps, lengths, reasons))
+        out_generations = []
+        for i in range(batch):
+            action = tokens[i, : int(lengths[i])].tolist()
+            out_generations.append(Generation(action, self.decode(action), logps[i, : len(action)].numpy().copy(),
+                                              FINISH_REASONS[int(reasons[i])]))
+        return out_generations
 
     def _sampling_stream(self, seed: int) -> torch.Generator:
         stream = self._streams.get(seed)
@@ -620,15 +640,15 @@ class LMPolicy:
             stream = self._streams[seed] = torch.Generator(device=self.device).manual_seed(seed)
         return stream
 
-    def _finish_reason(self, action: list[int], token: int, eos: int | None, stops: Sequence[str],
-                       window: int) -> str | None:
-        if eos is not None and token == eos:
-            return "eos"
-        if stops:
-            tail = self.tokenizer.decode(action[-window:], skip_special_tokens=True)
-            if any(s and s in tail for s in stops):
-                return "stop"
-        return None
+    def _stopped_rows(self, tokens: torch.Tensor, lengths: torch.Tensor, candidates: torch.Tensor,
+                      stops: Sequence[str], window: int) -> torch.Tensor:
+        """Rows among `candidates` whose last `window` tokens contain a stop string (decoded text)."""
+        stopped = torch.zeros_like(candidates)
+        for i in candidates.nonzero().flatten().tolist():
+            n = int(lengths[i])
+            tail = self.tokenizer.decode(tokens[i, max(0, n - window): n].tolist(), skip_special_tokens=True)
+            stopped[i] = any(s and s in tail for s in stops)
+        return stopped
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -657,6 +677,15 @@ class LMPolicy:
                                    device=device, dtype=dtype, **kw)
 
 
+FINISH_REASONS = ("length", "eos", "stop")
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name under which a model takes and returns its KV cache: `cache` in recent transformers (which
+    deprecated `past_key_values`), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _reference_adapter_name(reference: str) -> str | None:
     return reference.split(":", 1)[1] if reference.startswith("adapter:") else None
 
@@ -668,13 +697,16 @@ def _attach_adapters(model: torch.nn.Module, adapters: dict[str, Any], frozen: s
     peft_model = None
     for name, spec in adapters.items():
         trainable = name != frozen
-        if isinstance(spec, (str, Path)):
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, str(spec), adapter_name=name, is_trainable=trainable)
-            else:
-                peft_model.load_adapter(str(spec), adapter_name=name, is_trainable=trainable)
-        else:
-            if peft_model is None:
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; nothing of ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if isinstance(spec, (str, Path)):
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, str(spec), adapter_name=name,
+                                                           is_trainable=trainable)
+                else:
+                    peft_model.load_adapter(str(spec), adapter_name=name, is_trainable=trainable)
+            elif peft_model is None:
                 peft_model = get_peft_model(model, spec, adapter_name=name)
             else:
                 peft_model.add_adapter(name, spec)
