@@ -39,8 +39,8 @@ def _register_model(subparsers: Any) -> None:
     build.add_argument("--rebuild", action="store_true", help="rebuild even if a matching model is cached")
     build.add_argument("--no-eval", action="store_true", help="skip the sample evaluation")
     build.add_argument("--tasks", default=None, help="comma list of tasks to evaluate on (default: all bundled)")
-    build.add_argument("--samples", type=int, default=8, help="samples per task for the evaluation")
-    build.add_argument("--sandbox", default="auto", help="sandbox backend for the evaluation")
+    build.add_argument("--samples", type=int, default=8, help="episodes per task for the evaluation")
+    build.add_argument("--sandbox", default="auto", help="sandbox backend for the feedback runs and the evaluation")
     build.set_defaults(func=_build_tiny_command)
     model.set_defaults(func=lambda args: (model.print_help(), 0)[1])
 
@@ -48,11 +48,11 @@ def _register_model(subparsers: Any) -> None:
 def _build_tiny_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from agents.tiny import ensure_tiny_model, evaluate_samples
+    from agents.tiny import ensure_tiny_model, evaluate_samples, summary_line
 
     console = Console()
     path = ensure_tiny_model(args.out, preset=args.preset, seed=args.seed, rebuild=args.rebuild,
-                             log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+                             log=lambda msg: console.print(f"[dim]{msg}[/dim]"), sandbox=args.sandbox)
     build = json.loads((path / "build.json").read_text())
     console.print(f"tiny model: {path}  ({build['n_params'] / 1e6:.2f}M parameters, "
                   f"loss {build['first_loss']:.2f} -> {build['final_loss']:.2f}, built in {build['build_seconds']}s)")
@@ -62,26 +62,30 @@ def _build_tiny_command(args: argparse.Namespace) -> int:
     rows = evaluate_samples(path, names, n_samples=args.samples, seed=args.seed, sandbox=args.sandbox)
     _print_sample_table(console, rows)
     (path / "samples_eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(summary_line(rows), flush=True)  # the last line, plain text
     return 0
 
 
 def _print_sample_table(console: Any, rows: list[dict]) -> None:
     from rich.table import Table
 
-    table = Table(title="tiny model samples (paper-style prompt, temperature 1)")
-    for column in ("task", "validity", "distinct", "mean norm. (valid)", "mean norm. (all)", "best norm."):
+    from agents.tiny import summary
+
+    table = Table(title="tiny model: five-attempt fix-mode episodes (paper-style prompt, temperature 1)")
+    for column in ("task", "first-attempt validity", "fix rate", "episode success", "distinct",
+                   "mean norm. (success)", "mean norm. (all)"):
         table.add_column(column, justify="right" if column != "task" else "left")
 
     def fmt(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
     for r in rows:
-        table.add_row(r["task"], fmt(r["validity"]), fmt(r["distinct"]), fmt(r["mean_normalized_valid"]),
-                      fmt(r["mean_normalized_all"]), fmt(r["best_normalized"]))
+        table.add_row(r["task"], fmt(r["validity"]), fmt(r.get("fix_rate")), fmt(r.get("episode_success")),
+                      fmt(r["distinct"]), fmt(r["mean_normalized_valid"]), fmt(r["mean_normalized_all"]))
     if rows:
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("validity", "distinct", "mean_normalized_all")}
-        table.add_row("[bold]mean[/bold]", fmt(mean["validity"]), fmt(mean["distinct"]), "",
-                      fmt(mean["mean_normalized_all"]), "")
+        mean = summary(rows)
+        table.add_row("[bold]mean[/bold]", fmt(mean["validity"]), fmt(mean["fix_rate"]),
+                      fmt(mean["episode_success"]), fmt(mean["distinct"]), "", fmt(mean["mean_normalized_all"]))
     console.print(table)
 
 

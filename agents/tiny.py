@@ -1,15 +1,32 @@
-"""The tiny code model, built offline: a byte-level BPE tokenizer and a small Llama-shaped causal LM trained on task
-prompts followed by demonstration programs, on CPU, deterministically for a seed.
+"""The tiny code model, built offline: a byte-level BPE tokenizer and a small Llama-shaped causal LM trained on the
+environment's own prompts followed by demonstration programs, on CPU, deterministically for a seed.
 
-It must leave room for RL: it writes runnable programs most of the time, but not the best program for each task.
-Two things keep it there: training is brief (a few hundred steps), and the demonstration corpus mixes weak model
-families and some buggy programs in with the good ones, so its samples vary in quality.
+It learns the three prompts an episode of `DataSciCode-v0` shows, each with the env's exact text:
+
+- the first prompt (task, request, function header) -> a corpus program;
+- the fix prompt (the error message and trimmed traceback the sandbox really gave, and the failing code) -> the
+  corrected program. The failing programs are corpus programs with one realistic mistake each (`tasks.demos`),
+  run once through the real sandbox; their feedback is cached under `$ETPO_CACHE/tiny/feedback/`;
+- the refine prompt (`mode="refine"`: the last result, the best program so far and its real dev score) -> a
+  different corpus program.
+
+Context: the model accepts `context_length` positions (640 by default) and is trained on sequences of at most that
+many tokens, so no position used at inference is outside the trained range. A prompt is cut the same way in
+training and at inference: its last `context_length - GENERATION_TOKENS` tokens are kept (`LMPolicy.encode` and
+`encode_observation` keep the tail to fit `max_prompt_tokens`, which with the learners' default of 256 new tokens
+is the same 384). A long feedback prompt thus loses its head (the task description and the start of the error
+block) and keeps the traceback's last lines, the failing code and the request.
+
+It must leave room for RL: it writes runnable programs some of the time, not the best program for each task, and
+fixes a failed program often but not always. Training is brief and the corpus mixes weak model families and some
+buggy programs in with the good ones, so its samples vary in quality.
 
     path = ensure_tiny_model()                # builds once into $ETPO_CACHE/tiny (or ~/.cache/etpo-gym/tiny)
     policy = LMPolicy.from_pretrained(path)
 
-`etpo model build-tiny` builds it and prints, per task, the validity rate, distinct-program rate and mean normalized
-score of its samples (`evaluate_samples`).
+`etpo model build-tiny` builds it and runs five-attempt fix-mode episodes per task (`evaluate_samples`), printing
+first-attempt validity, fix rate, episode success, distinct-program rate and mean normalized score
+(`summary_line` gives its last line).
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,29 +46,38 @@ from typing import Any
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 HEADER = "def build_model(X, y):"
-BUILD_THREADS = 2  # torch threads of the build (fixed: see build_tiny_model)
-BUILD_FORMAT = 2  # bump when the build recipe changes so cached models are rebuilt
+BUILD_THREADS = 1  # torch threads of the build (fixed: see build_tiny_model)
+BUILD_FORMAT = 3  # bump when the build recipe changes so cached models are rebuilt
+GENERATION_TOKENS = 256  # new tokens per action the learners and the evaluation default to (max_new_tokens)
+FEEDBACK_FORMAT = 1  # bump when the feedback cache's content changes
+EVAL_MAX_ROWS = 2000  # the env's default row cap: the prompts and feedback are those of DataSciCode-v0
 
 
 @dataclass(frozen=True)
 class TinyPreset:
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size (larger: fewer tokens per program)."})
-    hidden_size: int = field(default=160, metadata={"help": "Model width."})
+    hidden_size: int = field(default=128, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=448, metadata={"help": "MLP width."})
-    context_length: int = field(default=2048, metadata={"help": "Positions the model accepts (RoPE)."})
-    train_block: int = field(default=384, metadata={"help": "Tokens per training sequence (prompt tail kept)."})
-    prompt_tail_tokens: int = field(default=0, metadata={
-        "help": "Prompt tokens kept before each completion in training (0 = as many as fit the block). The demos do "
-                "not depend on the prompt, so a short tail trains the same programs in fewer tokens per step."})
-    n_demos: int = field(default=1200, metadata={"help": "Training pairs (demonstrations drawn with repetition)."})
-    distinct_programs: int = field(default=16, metadata={
+    intermediate_size: int = field(default=384, metadata={"help": "MLP width."})
+    context_length: int = field(default=512, metadata={
+        "help": "Positions the model accepts (RoPE); equal to train_block, so inference stays in the trained range."})
+    train_block: int = field(default=512, metadata={"help": "Most tokens per training sequence (prompt tail kept)."})
+    prompt_tail_tokens: int = field(default=512 - GENERATION_TOKENS, metadata={
+        "help": "Prompt tokens kept before each completion in training (0 = as many as fit the block): "
+                "context_length - 256, the tail LMPolicy keeps at inference for 256 new tokens."})
+    n_demos: int = field(default=1200, metadata={"help": "Training pairs of all kinds (drawn with repetition)."})
+    fix_fraction: float = field(default=0.4, metadata={"help": "Share of fix-prompt pairs (failed program -> fix)."})
+    refine_fraction: float = field(default=0.05, metadata={"help": "Share of refine-prompt pairs (best program -> "
+                                                                    "a different program)."})
+    feedback_tasks: int = field(default=2, metadata={"help": "Tasks each program and its buggy variants are run on "
+                                                              "for the fix and refine prompts."})
+    distinct_programs: int = field(default=12, metadata={
         "help": "Distinct corpus programs the demonstrations are drawn from. Few enough that a model this small learns "
                 "each one well (its samples then mostly run), many enough that they differ in quality: RL has "
                 "room to shift mass toward the better ones."})
     buggy_fraction: float = field(default=0.1, metadata={"help": "Share of buggy demos (errors to learn from)."})
-    steps: int = field(default=600, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=400, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
     lr: float = field(default=3e-3, metadata={"help": "Peak AdamW learning rate (linear warmup, cosine decay)."})
     tasks_per_prompt_style: int = field(default=0, metadata={"help": "Tasks used for prompts (0 = all bundled)."})
@@ -63,13 +90,18 @@ WEAK_FAMILIES = ("naive_bayes", "knn", "decision_tree", "lda", "sgd", "adaboost"
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # ~1.6M parameters; 600 steps take about 5 minutes on 2 CPU cores. Most samples compile, about a third run (the
-    # rest fail on imports, names and arguments) and they score unevenly: room for RL on both counts.
+    # ~1.6M parameters; first, fix and refine prompts (tail of 384 tokens) -> programs, 600 steps on 2 CPU cores.
     "default": TinyPreset(),
     # For the test suite: built in seconds, generates text, nothing more.
+    # For the test suite: built in seconds without a sandbox (first prompts only), generates text, nothing more.
     "test": TinyPreset(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                       context_length=1024, train_block=160, n_demos=40, steps=6, batch_size=4, lr=3e-3,
-                       tasks_per_prompt_style=1),
+                       context_length=1024, train_block=160, prompt_tail_tokens=0, n_demos=40, fix_fraction=0.0,
+                       refine_fraction=0.0, steps=6, batch_size=4, lr=3e-3, tasks_per_prompt_style=1),
+    # For the tests of the feedback pairs: as small, with fix and refine prompts from 3 programs on 1 task.
+    "test-feedback": TinyPreset(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                context_length=320, train_block=320, prompt_tail_tokens=64, n_demos=40,
+                                distinct_programs=3, buggy_fraction=0.0, feedback_tasks=1, steps=6, batch_size=4,
+                                lr=3e-3, tasks_per_prompt_style=1),
 }
 
 
@@ -130,6 +162,127 @@ def _task_prompts(tasks_module: Any, max_tasks: int) -> list[str]:
             else:
                 prompts.append(task.describe(style=style) + "\n\n" + HEADER)
     return prompts
+
+
+def _load_tasks(tasks_module: Any, max_tasks: int) -> list[Any]:
+    names = tasks_module.names(suite="bundled")
+    return [tasks_module.get(name, max_rows=EVAL_MAX_ROWS) for name in (names[:max_tasks] if max_tasks else names)]
+
+
+def feedback_pairs(spec: TinyPreset, seed: int, sandbox: Any = "auto", cache_dir: str | Path | None = None,
+                   log: Any = None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(fix pairs, refine pairs) with the env's exact fix and refine prompt text.
+
+    Each valid program of the demo pool is run on `spec.feedback_tasks` tasks, and so is each of its buggy variants
+    (one per `tasks.demos.BUG_KINDS`, made on its recipe) that should fail there. A failed run gives fix prompts
+    (error, trimmed traceback, failing code; 1-4 attempts left; either prompt style) -> `fix_program`; a
+    valid run gives refine prompts (its real dev score as the best so far; the last result is that run or one of
+    the failures) -> another valid program. Runs go through `tasks.evaluate` as the env's do (split seed 0) and
+    are cached (`run_feedback`), so later builds need no sandbox.
+    """
+    n_fix, n_refine = round(spec.n_demos * spec.fix_fraction), round(spec.n_demos * spec.refine_fraction)
+    if not n_fix and not n_refine:
+        return [], []
+    import tasks
+    from etpo_env import prompts
+    from etpo_env.program import extract_program
+    from etpo_env.spaces import sanitize
+    from tasks import demos
+
+    task_list = _load_tasks(tasks, spec.tasks_per_prompt_style)
+    by_name = {t.name: t for t in task_list}
+    pool = demos.corpus(n=spec.distinct_programs or 4 * spec.n_demos, seed=seed, buggy_fraction=spec.buggy_fraction)
+    valid = [d for d in pool if d.bug is None]
+    rng = random.Random(f"tiny-feedback-{seed}")
+    plan = []  # (valid demo, task name, [buggy demos expected to fail there])
+    for demo in valid:
+        variants = [demos.buggy_demo(demo.recipe, bug, rng) for bug in demos.BUG_KINDS]
+        for name in rng.sample(sorted(by_name), min(spec.feedback_tasks, len(by_name))):
+            plan.append((demo, name, [b for b in variants if b.fails_on(by_name[name])]))
+    jobs = [(name, extract_program(d.program)) for demo, name, bugs in plan for d in (demo, *bugs)]
+    results = dict(zip(jobs, run_feedback(jobs, by_name, sandbox, cache_dir, log)))
+
+    fixes, refines = [], []  # situations: (task, program shown, step info, completion) / (task, best, score, lasts)
+    for demo, name, bugs in plan:
+        failed = []
+        for bug in bugs:
+            program = extract_program(bug.program)
+            info = results[(name, program)]
+            if info["status"] != "ok":
+                failed.append(info)
+                fixes.append((name, program, info, completion_of(fix_program(bug))))
+        best = results[(name, extract_program(demo.program))]
+        if best["status"] == "ok":
+            refines.append((name, extract_program(demo.program), best["score"], [best, *failed]))
+    fix_pairs, refine_pairs = [], []
+    styles = prompts.STYLES
+    for _ in range(n_fix if fixes else 0):
+        name, program, info, completion = rng.choice(fixes)
+        text = prompts.fix_prompt(by_name[name], rng.choice(styles), program, info, rng.randint(1, 4))
+        fix_pairs.append((sanitize(text), completion))
+    others = [completion_of(d.program) for d in valid]
+    for _ in range(n_refine if refines and len(valid) > 1 else 0):
+        name, best_program, score, lasts = rng.choice(refines)
+        last = lasts[0] if rng.random() < 0.6 else rng.choice(lasts)
+        text = prompts.refine_prompt(by_name[name], rng.choice(styles), best_program, score, last, rng.randint(1, 4))
+        completion = rng.choice([c for c in others if extract_program(c) != best_program])
+        refine_pairs.append((sanitize(text), completion))
+    return fix_pairs, refine_pairs
+
+
+def fix_program(demo: Any) -> str:
+    """What the model learns to answer a fix prompt with: the failing program's model family in its plainest form
+    that runs everywhere (`tasks.demos.safe_recipe`: the bug removed, median imputation, scaled numeric columns).
+    One answer per family keeps the fix reliable for a model this small even when the failing code is its own
+    garbled program; which family to keep is read from the failing code."""
+    from tasks import demos
+    from tasks.programs import wrap_body
+
+    return wrap_body(demos.render(demos.safe_recipe(demo.family)))
+
+
+def step_info_of(evaluation: Any) -> dict:
+    """The fields of the env's step info that its prompts read, from a `tasks.evaluate` result (as the env's
+    `_run` builds them)."""
+    result = evaluation.result
+    status = getattr(evaluation.status, "value", str(evaluation.status))
+    score = evaluation.score
+    if status == "ok" and (score is None or not math.isfinite(score)):
+        status = "invalid_output"
+    return {"status": status, "error_type": result.error_type, "message": result.message,
+            "traceback": result.traceback, "score": float(score) if status == "ok" else None,
+            "isolation": result.isolation}
+
+
+def run_feedback(jobs: list[tuple[str, str]], tasks_by_name: dict[str, Any], sandbox: Any = "auto",
+                 cache_dir: str | Path | None = None, log: Any = None) -> list[dict]:
+    """Step info of each (task name, program) run through `tasks.evaluate` on the dev part with split seed 0 (the
+    env's default), cached as JSON under `<cache>/tiny/feedback/` keyed by the jobs and the backend asked for."""
+    backend = sandbox if isinstance(sandbox, str) else type(sandbox).__name__
+    key = hashlib.sha256(json.dumps([FEEDBACK_FORMAT, backend, jobs]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / "tiny" / "feedback" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import tasks
+
+    say = log or (lambda msg: None)
+    say(f"running {len(jobs)} programs through the sandbox for the fix and refine prompts (cached after)")
+    own = isinstance(sandbox, str)
+    if own:
+        from sandbox import make_sandbox
+
+        sandbox = make_sandbox(sandbox)
+    try:
+        out = [step_info_of(tasks.evaluate(tasks_by_name[name], program, sandbox, part="dev", seed=0))
+               for name, program in jobs]
+    finally:
+        if own:
+            sandbox.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.rename(path)
+    return out
 
 
 _FALLBACK_BODIES = [
@@ -200,8 +353,13 @@ def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], block: int,
 
 
 def build_tiny_model(out_dir: str | Path, preset: str | TinyPreset = "default", seed: int = 0,
-                     log: Any = None) -> dict:
-    """Train tokenizer and model from nothing and `save_pretrained` both into `out_dir`. Returns build info."""
+                     log: Any = None, sandbox: Any = "auto", progress: bool | None = None) -> dict:
+    """Train tokenizer and model from nothing and `save_pretrained` both into `out_dir`. Returns build info.
+
+    `sandbox` runs the buggy and valid programs behind the fix and refine prompts the first time (then cached);
+    `progress` shows a progress bar (step, loss, ETA; plain lines through `log` when stderr is not a terminal),
+    by default when `log` is given.
+    """
     import torch
 
     spec = PRESETS[preset] if isinstance(preset, str) else preset
@@ -212,26 +370,68 @@ def build_tiny_model(out_dir: str | Path, preset: str | TinyPreset = "default", 
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
     try:
-        return _build(spec, seed, Path(out_dir), say, started)
+        return _build(spec, seed, Path(out_dir), say, started, sandbox, log is not None if progress is None
+                      else progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float) -> dict:
+def training_examples(spec: TinyPreset, seed: int, sandbox: Any = "auto", log: Any = None) -> list[tuple[str, str]]:
+    """All (prompt, completion) pairs of a build: first prompts, then fix prompts, then refine prompts."""
+    n_first = spec.n_demos - round(spec.n_demos * spec.fix_fraction) - round(spec.n_demos * spec.refine_fraction)
+    first = training_pairs(n_first, seed, spec.buggy_fraction, spec.tasks_per_prompt_style,
+                           spec.weak_family_weight, spec.distinct_programs)
+    fix, refine = feedback_pairs(spec, seed, sandbox, log=log)
+    return first + fix + refine
+
+
+class _Progress:
+    """Step, loss and ETA: a tqdm bar on a terminal, else a plain line through `say` every 5 % of the steps."""
+
+    def __init__(self, total: int, say: Any, enabled: bool):
+        self.total, self.say, self.enabled = total, say, enabled
+        self.started = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="tiny model", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.update(1)
+            return
+        every = max(1, self.total // 20)
+        if (step + 1) % every == 0 or step == 0 or step + 1 == self.total:
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / (step + 1) * (self.total - step - 1)
+            self.say(f"step {step + 1}/{self.total}  loss {loss:.3f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float, sandbox: Any = "auto",
+           progress: bool = False) -> dict:
     import torch
 
     from agents.policy import pad_sequences
 
     torch.manual_seed(seed)
     random.seed(seed)
-    pairs = training_pairs(spec.n_demos, seed, spec.buggy_fraction, spec.tasks_per_prompt_style,
-                           spec.weak_family_weight, spec.distinct_programs)
-    say(f"{len(pairs)} training pairs")
+    pairs = training_examples(spec, seed, sandbox, log=say)
+    n_fix = sum("Your previous code failed." in p for p, _ in pairs)
+    n_refine = sum("Your best program so far" in p for p, _ in pairs)
+    say(f"{len(pairs)} training pairs: {len(pairs) - n_fix - n_refine} first, {n_fix} fix, {n_refine} refine prompts")
     tokenizer = train_tokenizer(sorted({p for p, _ in pairs}) + [c for _, c in pairs], spec.vocab_size)
     model = make_model(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}")
-    examples = encode_pairs(tokenizer, pairs, spec.train_block, spec.prompt_tail_tokens)
+    say(f"model: {n_params / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, context {spec.context_length}")
+    examples = encode_pairs(tokenizer, pairs, min(spec.train_block, spec.context_length), spec.prompt_tail_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     warmup = max(1, spec.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -239,27 +439,43 @@ def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float)
     rng = random.Random(seed)
     model.train()
     losses = []
-    for step in range(spec.steps):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(spec.batch_size)]
-        ids, mask = pad_sequences([b[0] for b in batch], tokenizer.pad_token_id)
-        labels, _ = pad_sequences([b[1] for b in batch], -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if step % max(1, spec.steps // 10) == 0 or step == spec.steps - 1:
-            say(f"step {step + 1}/{spec.steps}  loss {loss.item():.3f}")
+    bar = _Progress(spec.steps, say, progress)
+    try:
+        for step in range(spec.steps):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(spec.batch_size)]
+            ids, mask = pad_sequences([b[0] for b in batch], tokenizer.pad_token_id)
+            labels, _ = pad_sequences([b[1] for b in batch], -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(step, losses[-1])
+    finally:
+        bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    _save_quietly(model, tokenizer, out_dir)
     info = {"format": BUILD_FORMAT, "preset": asdict(spec), "seed": seed, "n_params": n_params,
-            "n_pairs": len(pairs), "first_loss": losses[0], "final_loss": losses[-1],
-            "build_seconds": round(time.perf_counter() - started, 1)}
+            "n_pairs": len(pairs), "n_fix_pairs": n_fix, "n_refine_pairs": n_refine, "first_loss": losses[0],
+            "final_loss": losses[-1], "build_seconds": round(time.perf_counter() - started, 1)}
     (out_dir / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _save_quietly(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """`save_pretrained` both without the library's one-shard progress bar (the build has its own)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _fingerprint(spec: TinyPreset, seed: int) -> str:
@@ -267,7 +483,8 @@ def _fingerprint(spec: TinyPreset, seed: int) -> str:
 
 
 def ensure_tiny_model(path: str | Path | None = None, preset: str = "default", seed: int = 0,
-                      rebuild: bool = False, log: Any = None) -> Path:
+                      rebuild: bool = False, log: Any = None, sandbox: Any = "auto",
+                      progress: bool | None = None) -> Path:
     """Return a directory holding the tiny model, building it when missing or built by another recipe."""
     spec = PRESETS[preset]
     target = Path(path) if path else default_cache_dir() / "tiny" / f"{preset}-seed{seed}"
@@ -277,7 +494,7 @@ def ensure_tiny_model(path: str | Path | None = None, preset: str = "default", s
         if info.get("format") == BUILD_FORMAT and info.get("preset") == asdict(spec) and info.get("seed") == seed:
             return target
     tmp = target.with_name(target.name + f".building-{os.getpid()}")
-    build_tiny_model(tmp, spec, seed, log=log)
+    build_tiny_model(tmp, spec, seed, log=log, sandbox=sandbox, progress=progress)
     if target.exists():
         import shutil
 
@@ -292,25 +509,30 @@ def resolve_model(model: str | Path) -> str | Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation of samples (validity, diversity, score)
+# Evaluation: five-attempt episodes (first-attempt validity, fix rate, success, diversity, score)
 # ----------------------------------------------------------------------------------------------------------------
 def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samples: int = 8,
                      seed: int = 0, sandbox: Any = "auto", temperature: float = 1.0,
-                     max_new_tokens: int = 256) -> list[dict]:
-    """Sample `n_samples` programs per task and score each through `tasks.evaluate` (the one evaluator).
+                     max_new_tokens: int = GENERATION_TOKENS, max_attempts: int = 5, mode: str = "fix",
+                     prompt_style: str = "paper") -> list[dict]:
+    """Run `n_samples` episodes of `DataSciCode-v0` per task (`max_attempts` attempts, fix mode by default) with the
+    model sampling each action, the episodes of a task in one batch; every program is scored by the env through
+    `tasks.evaluate` (the one evaluator).
 
     `model_dir` is a model directory (or hub name) or a live `LMPolicy` (e.g. a learner's `.policy` mid-training).
+    Prompts are encoded as the learners do (`encode_observation`, tail kept to fit `max_prompt_tokens`).
 
-    Per task: validity rate (status ok), distinct-program rate, mean normalized score over valid samples
-    (a failure counts as normalized score 0 in `mean_normalized_all`).
+    Per task: `validity` (first attempts that ran), `fix_rate` (attempts after a failed one that ran; None when no
+    episode failed), `fix_attempts`/`fixes` (their counts), `episode_success` (episodes with a program that ran),
+    `distinct` (distinct first-attempt programs), `mean_normalized_valid` (mean normalized score of the programs
+    that ended successful episodes), `mean_normalized_all` (the same with a failed episode counted as 0),
+    `best_normalized`.
     """
     import tasks
     from agents.policy import GenerationSettings, LMPolicy
-    from etpo_env.program import extract_program
-    from etpo_env.prompts import initial_prompt
+    from etpo_env.env import DataSciCodeEnv
 
     policy = model_dir if isinstance(model_dir, LMPolicy) else LMPolicy.from_pretrained(model_dir)
-    gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     own_sandbox = isinstance(sandbox, str)
     if own_sandbox:
         from sandbox import make_sandbox
@@ -319,19 +541,81 @@ def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samp
     rows = []
     try:
         for name in task_names or tasks.names(suite="bundled"):
-            task = tasks.get(name)
-            prompt = policy.encode(initial_prompt(task, "paper"), max_length=policy.max_prompt_tokens(gen))
-            programs = [extract_program(g.text) for g in policy.generate([prompt] * n_samples, gen)]
-            evals = [tasks.evaluate(task, program, sandbox, part="dev", seed=seed) for program in programs]
-            valid = [e for e in evals if e.status.value == "ok" and e.normalized is not None]
-            mean_norm = sum(e.normalized for e in valid) / len(valid) if valid else None
-            rows.append({
-                "task": name, "samples": n_samples, "validity": len(valid) / n_samples,
-                "distinct": len(set(programs)) / n_samples, "mean_normalized_valid": mean_norm,
-                "mean_normalized_all": sum(e.normalized for e in valid) / n_samples,
-                "best_normalized": max((e.normalized for e in valid), default=None),
-            })
+            task = tasks.get(name, max_rows=EVAL_MAX_ROWS)
+            envs = [DataSciCodeEnv(task=task, sandbox=sandbox, max_attempts=max_attempts, mode=mode,
+                                   prompt_style=prompt_style) for _ in range(n_samples)]
+            try:
+                episodes = _run_episodes(policy, envs, seed, temperature, max_new_tokens, GenerationSettings)
+            finally:
+                for env in envs:
+                    env.close()
+            rows.append(_episode_row(name, episodes))
     finally:
         if own_sandbox:
             sandbox.close()
     return rows
+
+
+def _run_episodes(policy: Any, envs: list, seed: int, temperature: float, max_new_tokens: int,
+                  settings: Any) -> list[list[dict]]:
+    """One episode per env in lockstep (one generate call per attempt); per episode, per attempt: status, program,
+    normalized score."""
+    steps = [env.reset(seed=seed) for env in envs]
+    episodes: list[list[dict]] = [[] for _ in envs]
+    active = list(range(len(envs)))
+    attempt = 0
+    while active:
+        gen = settings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 7919 * attempt)
+        prompts = [policy.encode_observation(steps[i][0], steps[i][1], max_length=policy.max_prompt_tokens(gen))
+                   for i in active]
+        outs = policy.generate(prompts, gen)
+        still = []
+        for i, out in zip(active, outs):
+            obs, _, terminated, truncated, info = envs[i].step(out.text)
+            steps[i] = (obs, info)
+            episodes[i].append({"status": info["status"], "program": info["program"],
+                                "normalized": info.get("normalized_score")})
+            if not (terminated or truncated):
+                still.append(i)
+        active = still
+        attempt += 1
+    return episodes
+
+
+def _episode_row(name: str, episodes: list[list[dict]]) -> dict:
+    n = len(episodes)
+    later = [a for ep in episodes for a in ep[1:]]  # in fix mode every later attempt follows a failed one
+    fixes = sum(a["status"] == "ok" for a in later)
+    finals = [max((a["normalized"] for a in ep if a["status"] == "ok" and a["normalized"] is not None),
+                  default=None) for ep in episodes]
+    valid = [f for f in finals if f is not None]
+    return {
+        "task": name, "samples": n, "episodes": n,
+        "validity": sum(ep[0]["status"] == "ok" for ep in episodes) / n,
+        "fix_attempts": len(later), "fixes": fixes, "fix_rate": fixes / len(later) if later else None,
+        "episode_success": sum(any(a["status"] == "ok" for a in ep) for ep in episodes) / n,
+        "mean_attempts": sum(len(ep) for ep in episodes) / n,
+        "distinct": len({ep[0]["program"] for ep in episodes}) / n,
+        "mean_normalized_valid": sum(valid) / len(valid) if valid else None,
+        "mean_normalized_all": sum(valid) / n,
+        "best_normalized": max(valid, default=None),
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    """Means over tasks of first-attempt validity and episode success; the fix rate pooled over all attempts made
+    after a failure (0 when there were none)."""
+    n = max(1, len(rows))
+    attempts = sum(r.get("fix_attempts", 0) for r in rows)
+    return {"validity": sum(r["validity"] for r in rows) / n,
+            "fix_rate": sum(r.get("fixes", 0) for r in rows) / attempts if attempts else 0.0,
+            "episode_success": sum(r.get("episode_success", r["validity"]) for r in rows) / n,
+            "distinct": sum(r["distinct"] for r in rows) / n,
+            "mean_normalized_all": sum(r["mean_normalized_all"] for r in rows) / n}
+
+
+def summary_line(rows: list[dict]) -> str:
+    """The last line `etpo model build-tiny` prints."""
+    s = summary(rows)
+    return (f"mean: first-attempt validity {s['validity']:.2f}, fix rate {s['fix_rate']:.2f}, "
+            f"episode success {s['episode_success']:.2f}")

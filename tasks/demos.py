@@ -436,3 +436,11 @@ def corrected_program(demo: Demo) -> str:
         recipe = Recipe(recipe.family, recipe.params, imputer, recipe.categorical, recipe.categorical_fill,
                         recipe.scaler)
     return wrap_body(render(recipe))
+
+
+def safe_recipe(family: str) -> Recipe:
+    """The family's plainest program that runs on every task of the suite: the first point of its grid, median
+    imputation and standard scaling of the numeric columns, the other columns dropped."""
+    spec = FAMILIES_BY_NAME[family]
+    params = tuple((k, v[0]) for k, v in spec.grid.items())
+    return Recipe(family, params, "median", "drop", "most_frequent", "standard")

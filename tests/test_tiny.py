@@ -1,4 +1,5 @@
-"""The tiny code model: built from nothing, deterministic for a seed, cached, trained on env prompts + demos."""
+"""The tiny code model: built from nothing, deterministic for a seed, cached, trained on the env's first, fix and
+refine prompts followed by demos; evaluated on five-attempt episodes."""
 
 from __future__ import annotations
 
@@ -92,12 +93,95 @@ def test_encode_pairs_masks_the_prompt_and_keeps_only_its_tail():
 
 
 @pytest.mark.slow
-def test_sample_report_goes_through_the_evaluator(tiny_model_dir, local_sandbox):
-    rows = tiny.evaluate_samples(tiny_model_dir, ["iris"], n_samples=2, sandbox=local_sandbox, max_new_tokens=24)
+def test_sample_report_runs_episodes_through_the_env(tiny_model_dir, local_sandbox):
+    rows = tiny.evaluate_samples(tiny_model_dir, ["iris"], n_samples=2, sandbox=local_sandbox, max_new_tokens=24,
+                                 max_attempts=2)
     (row,) = rows
     assert row["task"] == "iris" and row["samples"] == 2
-    assert 0.0 <= row["validity"] <= 1.0 and 0.0 < row["distinct"] <= 1.0
-    if row["validity"] == 0:  # the barely-trained test model mostly writes fragments: nothing to average
+    assert 0.0 <= row["validity"] <= row["episode_success"] <= 1.0 and 0.0 < row["distinct"] <= 1.0
+    # fix mode: an episode goes on only after a failed attempt, so attempts 2..N all follow a failure
+    assert row["fix_attempts"] == round(2 * (1 - row["validity"]))
+    assert row["fix_rate"] is None if row["fix_attempts"] == 0 else 0.0 <= row["fix_rate"] <= 1.0
+    if row["episode_success"] == 0:  # the barely-trained test model mostly writes fragments: nothing to average
         assert row["mean_normalized_valid"] is None and row["mean_normalized_all"] == 0.0
     else:
         assert row["mean_normalized_valid"] is not None
+
+
+def test_summary_line_is_the_exact_last_line():
+    rows = [{"validity": 0.25, "fix_attempts": 6, "fixes": 3, "episode_success": 0.75, "distinct": 1.0,
+             "mean_normalized_all": 0.5},
+            {"validity": 0.5, "fix_attempts": 4, "fixes": 1, "episode_success": 0.5, "distinct": 1.0,
+             "mean_normalized_all": 0.25}]
+    assert tiny.summary_line(rows) == "mean: first-attempt validity 0.38, fix rate 0.40, episode success 0.62"
+
+
+def test_training_truncates_prompts_as_the_policy_does_at_inference():
+    for name in ("default", "test-feedback"):
+        spec = tiny.PRESETS[name]
+        # trained on sequences as long as the context: no inference position lies outside the trained range
+        assert spec.train_block == spec.context_length
+        # the prompt tail kept in training is the one LMPolicy keeps for the default number of new tokens
+        assert spec.prompt_tail_tokens == spec.context_length - tiny.GENERATION_TOKENS
+        assert spec.prompt_tail_tokens == spec.context_length - GenerationSettings().max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def feedback_build(tmp_path_factory, local_sandbox):
+    """Two builds of the "test-feedback" preset with the same seed; the first runs the sandbox, the second reads
+    the feedback cache."""
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ETPO_CACHE", str(cache))
+        a = tmp_path_factory.mktemp("feedback-a")
+        b = tmp_path_factory.mktemp("feedback-b")
+        tiny.build_tiny_model(a, preset="test-feedback", seed=0, sandbox=local_sandbox)
+        tiny.build_tiny_model(b, preset="test-feedback", seed=0, sandbox=local_sandbox)
+    return a, b, cache
+
+
+@pytest.mark.slow
+def test_build_with_feedback_pairs_is_byte_identical_for_a_seed(feedback_build):
+    a, b, cache = feedback_build
+    build = json.loads((a / "build.json").read_text())
+    assert build["n_fix_pairs"] > 0 and build["n_refine_pairs"] > 0
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert len(list((cache / "tiny" / "feedback").glob("*.json"))) == 1  # run once, then cached
+    assert LMPolicy.from_pretrained(a).context_length == tiny.PRESETS["test-feedback"].context_length
+
+
+@pytest.mark.slow
+def test_fix_and_refine_prompts_are_the_envs_own_text(local_sandbox, feedback_build, monkeypatch):
+    import tasks
+    from etpo_env import prompts
+    from etpo_env.env import DataSciCodeEnv
+    from etpo_env.program import extract_program
+
+    monkeypatch.setenv("ETPO_CACHE", str(feedback_build[2]))
+    spec = tiny.PRESETS["test-feedback"]
+    fix, refine = tiny.feedback_pairs(spec, seed=0, sandbox=local_sandbox)  # from the cache
+    assert len(fix) == round(spec.n_demos * spec.fix_fraction) and len(refine) == round(spec.n_demos *
+                                                                                        spec.refine_fraction)
+    for prompt, completion in fix:
+        assert "Your previous code failed." in prompt and prompt.endswith(tiny.HEADER)
+        failing = prompt.split("The failing code:\n```python\n", 1)[1].split("\n```", 1)[0]
+        corrected = extract_program(completion)
+        compile(corrected, "<fix>", "exec")
+        assert corrected.strip() != failing.strip()  # the completion changes the failing code
+    for prompt, completion in refine:
+        assert "Your best program so far scored ROC AUC" in prompt and prompt.endswith(tiny.HEADER)
+        best = prompt.split("so far scored ROC AUC ", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+        assert extract_program(completion).strip() != best.strip()  # refine answers with a different program
+
+    # the cached feedback of a failing program is exactly what the env shows after running it
+    task = tasks.get(tasks.names(suite="bundled")[0], max_rows=tiny.EVAL_MAX_ROWS)
+    prompt = next(p for p, _ in fix if p.startswith(prompts.initial_prompt(task, "paper").rsplit("\n\n", 1)[0]))
+    failing = prompt.split("The failing code:\n```python\n", 1)[1].split("\n```", 1)[0]
+    (info,) = tiny.run_feedback([(task.name, failing + "\n")], {task.name: task}, local_sandbox)
+    env = DataSciCodeEnv(task=task, sandbox=local_sandbox, max_attempts=5)
+    env.reset(seed=0)
+    obs, *_ = env.step(failing + "\n")
+    assert info["status"] != "ok"
+    assert obs == prompts.fix_prompt(task, "paper", failing + "\n", info, attempts_left=4)
+    env.close()
