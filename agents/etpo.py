@@ -609,11 +609,15 @@ class LMTokenModels:
         if self.q_head is not None:
             self.q_head.to(policy.device, torch.float32)
         self.target = [p.detach().clone() for p in self.critic_parameters()]
+        # π and ρ score with the model's own logits (its final transform, e.g. softcapping, as generation does);
+        # the critic that reuses the output layer takes its raw result
         if hasattr(output, "lora_A"):  # LoRA on the output layer: each role needs its own adapter state
             self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None),
-                              "critic": policy.head("critic")}
+                              "critic": policy.head("critic", transform=False)}
         else:  # the output layer is shared and frozen: apply it directly, no adapter switching per chunk
-            self._lm_heads = dict.fromkeys(("policy", "reference", "critic"), output)
+            policy.check_head()
+            shared = lambda h: policy.final_logits(output(h))  # noqa: E731
+            self._lm_heads = {"policy": shared, "reference": shared, "critic": output}
         # the update regresses V and A separately for the dueling critic (TokenModels.critic_split)
         self.critic_split = self.q_head if cfg.critic == "dueling" else None
 

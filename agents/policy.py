@@ -123,6 +123,36 @@ class Generation:
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # hidden [c, H] -> logits [c, V]
 
 
+def logits_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The map a causal LM applies to its output layer's result to get its logits, read from its config (None when
+    there is none), written as the models write it so `head()` reproduces `model(...).logits`:
+    Cohere's `logit_scale` (×), Falcon-H1's `lm_head_multiplier` (×), Granite's `logits_scaling` (÷), then the
+    tanh soft cap of Gemma 2/3 (`final_logit_softcapping`) or RecurrentGemma (`logits_soft_cap`). A model that does
+    something else is caught by `LMPolicy.check_head`.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    for key in ("logit_scale", "lm_head_multiplier"):
+        value = getattr(text, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            steps.append(lambda x, v=value: x * v)
+    value = getattr(text, "logits_scaling", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+        steps.append(lambda x, v=value: x / v)
+    cap = getattr(text, "final_logit_softcapping", None) or getattr(text, "logits_soft_cap", None)
+    if cap:
+        steps.append(lambda x, c=float(cap): torch.tanh(x / c) * c)
+    if not steps:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return transform
+
+
 def chunked_map(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Apply `fn` to row-chunks of `inputs` (all [N, ...]) and concatenate the per-row results.
 
@@ -260,6 +290,9 @@ class LMPolicy:
         # requires_grad per parameter, fixed here: peft's set_adapter would otherwise toggle it on every switch.
         self._trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         self.pad_id = self._pick_pad_id()
+        config = getattr(self.hf_model, "config", None)
+        self.logits_transform = logits_transform(config) if config is not None else None
+        self._head_checked = False
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -499,16 +532,55 @@ class LMPolicy:
             return module(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=positions_from_mask(attention_mask), use_cache=False, **kwargs)
 
-    def head(self, adapter: str | None = "policy") -> LogitsFn:
-        """hidden [c, H] -> logits [c, V] for `adapter` (the output embedding; LoRA on it is honoured)."""
+    def head(self, adapter: str | None = "policy", transform: bool = True) -> LogitsFn:
+        """hidden [c, H] -> logits [c, V] for `adapter`: the output layer (LoRA on it honoured), then the model's
+        own final transform (`logits_transform`: softcapping, logit scales), so the scores are those generation
+        samples from. `transform=False` gives the output layer alone (e.g. a critic that reuses it)."""
         adapter = self._adapter_or_default(adapter)
+        if transform:
+            self.check_head()
+        final = self.logits_transform if transform else None
 
         def apply(h: torch.Tensor) -> torch.Tensor:
             with self.use_adapter(adapter) as module:
                 base = module.get_base_model() if hasattr(module, "get_base_model") else module
-                return base.get_output_embeddings()(h)
+                logits = base.get_output_embeddings()(h)
+            return final(logits) if final is not None else logits
 
         return apply
+
+    def final_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """The model's logits from its output layer's result (`logits_transform`; identity for most models)."""
+        return self.logits_transform(output) if self.logits_transform is not None else output
+
+    @torch.no_grad()
+    def check_head(self, force: bool = False) -> float:
+        """Check once that `head()` on the final hidden states reproduces `model(...).logits` on a short probe;
+        raise if it does not (the model transforms its logits in a way `logits_transform` does not know, and the
+        learners would train another distribution than generation samples). Returns the largest difference."""
+        if (self._head_checked and not force) or self.device.type == "meta":  # meta: shapes only, nothing to run
+            return 0.0
+        self._head_checked = True  # set first: head() below must not recurse into the check
+        vocab = int(self.hf_model.get_output_embeddings().weight.shape[0])
+        ids = (torch.arange(4, device=self.device)[None, :] * 7 + 1) % vocab
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self._forward(ids, None, "policy", output_hidden_states=True)
+            mine = self.head("policy")(out.hidden_states[-1][0]).float()
+        finally:
+            self.model.train(was_training)
+        theirs = out.logits[0].float()
+        diff = float((mine - theirs).abs().max())
+        exact = out.logits.dtype == torch.float32
+        tolerance = (1e-4 if exact else 3e-2) * (1.0 + float(theirs.abs().max()))
+        if not diff <= tolerance:
+            self._head_checked = False
+            kind = getattr(self.hf_model.config, "model_type", type(self.hf_model).__name__)
+            raise ValueError(f"LMPolicy.head() does not reproduce the logits of this {kind} model (largest "
+                             f"difference {diff:.3g}, tolerance {tolerance:.3g}): it transforms its output layer's "
+                             f"result in a way agents.policy.logits_transform does not know; add it there")
+        return diff
 
     def action_hidden(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
                       adapter: str | None = "policy") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
