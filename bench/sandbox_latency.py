@@ -8,7 +8,8 @@ machine load affects every variant alike:
 - each warm backend (local, docker, unsafe-process): one warm worker, fresh forked child per job,
 - cold per job: a hardened `docker run` per job, and a fresh Python process per job (what naive harnesses do).
 
-Prints p50/p95 latency and ratios to in-process, then steps/s with 1 and 2 concurrent jobs per warm backend.
+Prints p50/p95 latency and ratios to in-process, then jobs/s one at a time (each warm backend in turn, side by side
+with the ratio to Docker) and with 2 concurrent jobs.
 
     python bench/sandbox_latency.py [--repeats 20] [--cold-repeats 5] [--backends local,docker]
 """
@@ -62,27 +63,36 @@ def run_in_process(job: Job) -> None:
 
 
 def run_cold(command: list[str], job: Job, limits: Limits) -> None:
-    """Start a process (or container), send one job, read its answer, let it exit: everything paid per job."""
+    """Start a process (or container), send one job, read its answer, let it exit: everything paid per job.
+
+    Its input stays open until the answer is read: a worker's input closing means its host is gone (the worker is
+    then killed at once), not "serve this job, then exit"."""
     request = encode_job(job, limits)
-    done = subprocess.run(command, input=request, capture_output=True, timeout=300)
-    _hello, rest = _split_frame(done.stdout)
-    (header, _blobs), _ = _split_frame(rest)
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        process.stdin.write(request)
+        process.stdin.flush()
+        read_exact = _reader(process.stdout)
+        wire.read_frame(read_exact, max_body=0)  # the greeting
+        header, _blobs = wire.read_frame(read_exact, max_body=result_budget(10 ** 6, 8))
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
+        stderr = process.stderr.read()
+        process.stdout.close()
+        process.stderr.close()
     if header.get("report", {}).get("status") != "ok":
-        raise RuntimeError(f"cold run failed: {header} {done.stderr[-500:]!r}")
+        raise RuntimeError(f"cold run failed: {header} {stderr[-500:]!r}")
 
 
-def _split_frame(data: bytes):
-    view = memoryview(data)
-    offset = 0
-
+def _reader(stream):
     def read_exact(n: int) -> bytes:
-        nonlocal offset
-        chunk = bytes(view[offset:offset + n])
-        offset += n
-        return chunk
+        data = stream.read(n)
+        if len(data) != n:
+            raise EOFError("the cold worker closed its output")
+        return data
 
-    frame = wire.read_frame(read_exact, max_body=result_budget(10 ** 6, 8))
-    return frame, data[offset:]
+    return read_exact
 
 
 def cold_docker_command(limits: Limits) -> list[str]:
@@ -127,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="timed jobs per warm variant")
     parser.add_argument("--cold-repeats", type=int, default=5, help="timed jobs per cold variant")
     parser.add_argument("--backends", default="local,docker,unsafe-process")
-    parser.add_argument("--throughput-jobs", type=int, default=12)
+    parser.add_argument("--throughput-jobs", type=int, default=12, help="jobs per throughput measurement")
+    parser.add_argument("--throughput-rounds", type=int, default=3, help="interleaved one-at-a-time rounds")
     args = parser.parse_args(argv)
 
     import warnings
@@ -182,12 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<32} {len(values):>3} {p50 * 1e3:>9.1f} {p95 * 1e3:>9.1f} {p50 / floor50:>9.2f}x "
               f"{p95 / floor95:>9.2f}x")
 
-    print(f"\nthroughput ({args.throughput_jobs} jobs per measurement)")
-    print(f"{'backend':<16} {'1 concurrent':>14} {'2 concurrent':>14} {'speed-up':>9}")
+    # One job at a time (a single env stepping): each backend in turn, several rounds, so load hits all alike.
+    one_at_a_time: dict[str, list[float]] = {name: [] for name in sandboxes}
+    for _ in range(args.throughput_rounds):
+        for name, sandbox in sandboxes.items():
+            one_at_a_time[name].append(throughput(sandbox, job, 1, args.throughput_jobs))
+    print(f"\nthroughput ({args.throughput_jobs} jobs per measurement; one at a time: median of "
+          f"{args.throughput_rounds} interleaved rounds)")
+    print(f"{'backend':<16} {'1 at a time':>13} {'vs docker':>10} {'2 concurrent':>14} {'speed-up':>9}")
+    docker_one = statistics.median(one_at_a_time["docker"]) if "docker" in sandboxes else None
     for name, sandbox in sandboxes.items():
-        one = throughput(sandbox, job, 1, args.throughput_jobs)
+        one = statistics.median(one_at_a_time[name])
         two = throughput(sandbox, job, 2, args.throughput_jobs)
-        print(f"{name:<16} {one:>10.2f}/s {two:>12.2f}/s {two / one:>8.2f}x")
+        versus = f"{one / docker_one:>9.0%}" if docker_one else f"{'-':>9}"
+        print(f"{name:<16} {one:>11.2f}/s {versus} {two:>12.2f}/s {two / one:>8.2f}x")
+    if docker_one and "local" in sandboxes:
+        local_one = statistics.median(one_at_a_time["local"])
+        print(f"one job at a time: local {local_one:.2f}/s, docker {docker_one:.2f}/s, "
+              f"local/docker = {local_one / docker_one:.0%}")
     for sandbox in sandboxes.values():
         sandbox.close()
     shutil.rmtree(scratch, ignore_errors=True)

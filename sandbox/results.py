@@ -70,6 +70,7 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
                        extra={"exit_code": header.get("exit_code"), "cpu_time_s": header.get("cpu_time_s"),
                               "stdout_bytes": header.get("stdout_bytes"), "stderr_bytes": header.get("stderr_bytes"),
                               "sweep_s": header.get("sweep_s"), "drain_s": header.get("drain_s"),
+                              "wipe_s": header.get("wipe_s"),
                               "job_memory_peak_mb": header.get("job_memory_peak_mb")})
     reason = header.get("killed_reason")
     exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else 0

@@ -327,3 +327,26 @@ def _is_worker_or_server(pid: int) -> bool:
             return bool(handle.read().split())  # the guardian has no children; the worker and server do
     except OSError:
         return False
+
+
+def test_a_python_installation_bound_under_tmp_is_neither_wiped_nor_walked(monkeypatch, tmp_path_factory):
+    """A virtual environment under /tmp (a CI checkout) is bound read-only over the local sandbox's private /tmp.
+    Cleaning up after a job must leave that mount alone: walking it (and failing to delete each of its files) cost
+    every job time, and failing to delete it must not make the worker look damaged."""
+    from sandbox import local, make_sandbox
+
+    venv = tmp_path_factory.mktemp("checkout", numbered=True) / "venv-like"
+    assert str(venv).startswith("/tmp/")
+    for i in range(40):
+        (venv / f"pkg{i}").mkdir(parents=True)
+        for j in range(100):
+            (venv / f"pkg{i}" / f"m{j}.py").write_text("x = 1\n")
+    roots = local._python_roots()
+    monkeypatch.setattr(local, "_python_roots", lambda: [*roots, str(venv)])
+    with make_sandbox("local", limits=LIMITS, parallelism=1) as box:
+        for _ in range(3):
+            result = box.run(Job(HONEST_PROGRAM, [tiny_fold() for _ in range(3)]))
+            assert result.ok, result.message
+            assert result.extra["wipe_s"] < 0.05, f"wiping took {result.extra['wipe_s']:.3f}s for 2 folds"
+        assert box.stats["workers_replaced"] == 0
+    assert len(list(venv.rglob("*.py"))) == 4000

@@ -83,48 +83,81 @@ def checked_report(report) -> dict:
     return checked
 
 
-def empty_directory(path: str) -> None:
+def empty_directory(path: str, spare: frozenset = frozenset()) -> None:
     """Remove everything inside `path` (which stays), whatever a job did to it; raises OSError when it cannot.
 
     Iterative, holding one directory descriptor at a time and walking back up through "..": a tree thousands of
     levels deep needs neither recursion (shutil.rmtree recurses) nor a descriptor per level, nor paths longer than
-    PATH_MAX. Directories a job made unreadable (mode 000) are given back to their owner first. Only called once
-    every process of the job is gone, so nothing changes under it.
+    PATH_MAX. Directories a job made unreadable (mode 000) are given back to their owner first. Other file systems
+    (mount points: the local sandbox binds a Python installation under /tmp when it lives there) are not entered,
+    and the directories in `spare` ((st_dev, st_ino): the sandbox's own skeleton) are emptied but kept. Only called
+    once every process of the job is gone, so nothing changes under it.
     """
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     fd = os.open(path, flags)
     try:
-        pending = [_unlink_files(fd)]  # per open level: the subdirectories still to remove
+        device = os.fstat(fd).st_dev
+        pending = [_unlink_files(fd, device, spare)]  # per open level: the subdirectories still to remove
         while pending:
             if pending[-1]:
-                name = pending[-1][-1]
+                name, _ = pending[-1][-1]
                 if stat.S_IMODE(os.lstat(name, dir_fd=fd).st_mode) & 0o700 != 0o700:
                     os.chmod(name, 0o700, dir_fd=fd)  # a directory: checked by the listing, nothing can swap it now
                 child = os.open(name, flags, dir_fd=fd)
                 os.close(fd)
                 fd = child
-                pending.append(_unlink_files(fd))
+                pending.append(_unlink_files(fd, device, spare))
             else:
                 pending.pop()
                 if pending:
                     parent = os.open("..", flags, dir_fd=fd)
                     os.close(fd)
                     fd = parent
-                    os.rmdir(pending[-1].pop(), dir_fd=fd)
+                    name, kept = pending[-1].pop()
+                    if not kept:
+                        os.rmdir(name, dir_fd=fd)
     finally:
         os.close(fd)
 
 
-def _unlink_files(fd: int) -> list[str]:
-    """Unlink everything but directories in the directory `fd`; its subdirectories' names."""
+def _unlink_files(fd: int, device: int, spare: frozenset) -> list[tuple[str, bool]]:
+    """Unlink everything but directories in the directory `fd`; its subdirectories on `device`, each with whether
+    it is spared."""
     subdirs = []
     with os.scandir(fd) as entries:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                subdirs.append(entry.name)
+                info = entry.stat(follow_symlinks=False)
+                if info.st_dev == device:  # a mount point shows the mounted root's device: left alone
+                    subdirs.append((entry.name, (info.st_dev, info.st_ino) in spare))
             else:
                 os.unlink(entry.name, dir_fd=fd)
     return subdirs
+
+
+def skeleton(root: str) -> frozenset:
+    """(st_dev, st_ino) of every directory under `root` on its file system, before any job: what the sandbox
+    itself made there (bubblewrap's parent directories of its binds), which wiping keeps."""
+    try:
+        device = os.lstat(root).st_dev
+    except OSError:
+        return frozenset()
+    found, frontier = set(), [root]
+    while frontier:
+        current = frontier.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_dev == device:
+                    info = entry.stat(follow_symlinks=False)
+                    found.add((info.st_dev, info.st_ino))
+                    frontier.append(entry.path)
+            except OSError:
+                continue
+    return frozenset(found)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -291,6 +324,7 @@ class Worker:
         self._next: tuple[int, int, dict] | None = None  # (pid, job pipe, output pipes) of the prepared child
         self._deferred = None  # cleanup of the last job, run after its answer is sent
         self.keep_pids: set[int] = set()  # worker processes besides the fork server (the guardian) that sweeps spare
+        self._skeleton: dict[str, frozenset] = {}  # per scratch root: directories that were there before any job
 
     # -- process control
     def _other_pids(self) -> list[int]:
@@ -355,7 +389,7 @@ class Worker:
             try:
                 if root != self.scratch:
                     os.chmod(root, 0o700)  # the job's own directory (or /dev/shm, 1777 again below) may be mode 000
-                empty_directory(root)
+                empty_directory(root, self._skeleton.get(root, frozenset()))
                 if root == "/dev/shm":
                     os.chmod(root, 0o1777)
             except OSError as exc:
@@ -366,6 +400,8 @@ class Worker:
     # -- one job
     def start(self) -> None:
         """Start the fork server; call once the stack is imported and before any job is read."""
+        if self.own_pid_namespace:
+            self._skeleton = {root: skeleton(root) for root in (self.scratch, "/dev/shm")}
         self._zygote = Zygote(self.child_uid, os.path.join(self.scratch, JOB_DIR))
 
     def prepare(self) -> None:
@@ -400,7 +436,7 @@ class Worker:
         deadline = started + float(limits["wall_time_s"])
         request = {k: job[k] for k in ("program", "entry_point", "predict_method")}
         totals = {"cpu_time_s": 0.0, "peak_memory_mb": 0.0, "job_memory_peak_mb": 0.0, "sweep_s": 0.0,
-                  "drain_s": 0.0, "damaged": False}
+                  "drain_s": 0.0, "wipe_s": 0.0, "damaged": False}
         header: dict = {"exit_code": 0, "killed_reason": None, "report": {"status": "ok", "message": ""}}
         predictions: list[bytes] = []
         for index, fold_frame in enumerate(fold_frames):
@@ -408,7 +444,7 @@ class Worker:
             fold_limits = dict(limits, cpu_time_s=max(1, cpu_left))
             header, outputs = self._run_child(encode_frame(dict(request, limits=fold_limits), [fold_frame]),
                                               fold_limits, deadline, buffers, last=index == len(fold_frames) - 1)
-            for key in ("cpu_time_s", "sweep_s", "drain_s"):
+            for key in ("cpu_time_s", "sweep_s", "drain_s", "wipe_s"):
                 totals[key] += header[key]
             for key in ("peak_memory_mb", "job_memory_peak_mb"):
                 totals[key] = max(totals[key], header[key])
@@ -491,7 +527,8 @@ class Worker:
             for name in ("stdout", "stderr"):  # what the child printed before its result is in the pipes now
                 self._drain_now(read_fds[name], selector, buffers, name)
             self._deferred = lambda: self._clean_up(**state)
-            facts = {"exit_code": 0, "killed_reason": None, "damaged": False, "sweep_s": 0.0, "drain_s": 0.0}
+            facts = {"exit_code": 0, "killed_reason": None, "damaged": False, "sweep_s": 0.0, "drain_s": 0.0,
+                     "wipe_s": 0.0}
         else:
             facts = self._clean_up(**state)
         header = {key: value for key, value in facts.items() if key not in ("maxrss_kb", "cpu_s")}
@@ -544,12 +581,14 @@ class Worker:
             os.close(key.fileobj)
         selector.close()
         self._reap()
+        wipe_started = time.monotonic()
         wiped = self._wipe_scratch()
         # A complete result was killed by us: how the process ended says nothing about the job.
         exit_code = 0 if complete and reason is None else os.waitstatus_to_exitcode(wait_status)
         return {"exit_code": exit_code, "killed_reason": reason, "damaged": not (clean and server_alive and wiped),
                 "maxrss_kb": usage["maxrss_kb"], "cpu_s": usage["cpu_s"],
-                "sweep_s": drain_started - sweep_started, "drain_s": time.monotonic() - drain_started}
+                "sweep_s": drain_started - sweep_started, "drain_s": wipe_started - drain_started,
+                "wipe_s": time.monotonic() - wipe_started}
 
     def _drain_now(self, fd: int, selector, buffers: dict, name: str) -> None:
         """Read what `fd` holds right now, without waiting for more."""
