@@ -1,7 +1,8 @@
-"""What an agent is: the `Agent` and `Learner` protocols, plus two reference agents needing no model.
+"""What an agent is: the `Agent` and `Learner` protocols, two reference agents needing no model, and `play`, the one
+episode driver for stepping an agent outside a learner.
 
 Any object with `reset()` and `act(obs, info) -> str` can be benchmarked; a plain callable `obs -> str` is wrapped by
-`as_agent`. Learners add `learn(env, budget, callback)`, `save(dir)` and `load(dir)`.
+`as_agent`. Learners add `learn(env, budget, callbacks, out_dir)`, `save(dir)` and `load(dir)`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,31 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+# A plain, sound sklearn pipeline: the "scripted" agent submits it every step. A fixed point of reference on any task
+# (numeric or categorical columns, missing values, pandas or numpy input) that any learner should come close to.
+SCRIPTED_PROGRAM = '''\
+def build_model(X, y):
+    import pandas as pd
+    from sklearn.compose import make_column_selector, make_column_transformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+    numeric = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
+    categorical = make_pipeline(FunctionTransformer(lambda frame: frame.astype(str)),
+                                OneHotEncoder(handle_unknown="ignore"))
+    features = make_column_transformer(
+        (numeric, make_column_selector(dtype_include="number")),
+        (categorical, make_column_selector(dtype_exclude="number")),
+    )
+    model = make_pipeline(FunctionTransformer(pd.DataFrame), features, LogisticRegression(max_iter=1000))
+    return model.fit(X, y)
+'''
 
 
 @runtime_checkable
@@ -26,7 +50,7 @@ class Agent(Protocol):
 class Learner(Agent, Protocol):
     """An agent that improves from env interaction. `budget` counts env steps (sandbox runs)."""
 
-    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None) -> dict: ...
+    def learn(self, env: Any, budget: int, callbacks: Any = None, out_dir: str | Path | None = None) -> dict: ...
 
     def save(self, directory: str | Path) -> None: ...
 
@@ -35,9 +59,10 @@ class Learner(Agent, Protocol):
 
 
 class ScriptedAgent:
-    """Always answers with the same program: a fixed reference point and a test double."""
+    """Always answers with the same program (by default `SCRIPTED_PROGRAM`): a fixed reference point and a test
+    double."""
 
-    def __init__(self, program: str):
+    def __init__(self, program: str = SCRIPTED_PROGRAM):
         if not isinstance(program, str):
             raise TypeError(f"program must be a str, got {type(program).__name__}")
         self.program = program
@@ -122,20 +147,56 @@ class _WithReset:
         return self.inner.act(obs, info or {})
 
 
-def run_episode(env: Any, agent: Any, seed: int | None = None, max_steps: int | None = None) -> dict:
-    """Play one episode of `agent` in `env`; returns the return, the step count, and the best score seen."""
+@dataclass
+class PlayResult:
+    """What `play` saw: env steps and episodes started, the summed reward, and the best successful step."""
+
+    steps: int = 0
+    episodes: int = 0
+    total_reward: float = 0.0
+    best_score: float | None = None
+    best_program: str | None = None
+    last_info: dict | None = None
+
+
+def play(env: Any, agent: Any, steps: int | None = None, *, seed: int | None = None, episodes: int | None = None,
+         stop: Callable[[], bool] | None = None, callback: Callable[[dict], Any] | None = None) -> PlayResult:
+    """Step `agent` (an `Agent` or a plain callable `obs -> str`) in `env`, resetting both at each episode start.
+
+    Runs until `steps` env steps, `episodes` finished episodes, or `stop()` is true (checked before each step; the
+    benchmark passes its budget wrapper's `exhausted`), whichever comes first; an episode is never started without a
+    step left to take in it. The first reset gets `seed`, later ones none (the env's generator carries on).
+    `callback` receives `{"env_steps", "reward", "info"}` after every step.
+    """
     agent = as_agent(agent)
-    agent.reset()
-    obs, info = env.reset(seed=seed)
-    total, steps, best = 0.0, 0, None
+    result = PlayResult()
+    done = True
     while True:
+        if (steps is not None and result.steps >= steps) or (stop is not None and stop()):
+            break
+        if done:
+            if episodes is not None and result.episodes >= episodes:
+                break
+            agent.reset()
+            obs, info = env.reset(seed=seed) if result.episodes == 0 else env.reset()
+            result.episodes += 1
+            done = False
         action = agent.act(obs, info)
         obs, reward, terminated, truncated, info = env.step(action)
-        total += float(reward)
-        steps += 1
+        result.steps += 1
+        result.total_reward += float(reward)
+        result.last_info = info
         score = info.get("score")
-        if score is not None and (best is None or score > best):
-            best = score
-        if terminated or truncated or (max_steps is not None and steps >= max_steps):
-            break
-    return {"return": total, "steps": steps, "best_score": best, "last_info": info}
+        if score is not None and (result.best_score is None or score > result.best_score):
+            result.best_score, result.best_program = float(score), info.get("program")
+        if callback is not None:
+            callback({"env_steps": result.steps, "reward": float(reward), "info": info})
+        done = bool(terminated or truncated)
+    return result
+
+
+def run_episode(env: Any, agent: Any, seed: int | None = None, max_steps: int | None = None) -> dict:
+    """Play one episode of `agent` in `env`; returns the return, the step count, and the best score seen."""
+    result = play(env, agent, max_steps, seed=seed, episodes=1)
+    return {"return": result.total_reward, "steps": result.steps, "best_score": result.best_score,
+            "last_info": result.last_info}

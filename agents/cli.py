@@ -1,20 +1,71 @@
-"""`etpo model build-tiny`, `etpo train` and `etpo serve`.
+"""The `etpo` console script: `etpo sandbox`, `tasks`, `model build-tiny`, `train`, `serve`, `bench`, `demo`.
 
-`etpo train --agent NAME ...` gets one option per field of that learner's config dataclass (shown by
-`etpo train --agent NAME --help`), plus `--set key=value` for any field. Module-level imports stay light so
-`etpo --version` is fast; everything heavy is imported inside the handlers.
+Each package contributes its subcommands through a module with `register(subparsers)`; the parser is built here so
+`etpo --help` lists them all. `etpo train --agent NAME ...` gets one option per field of that learner's config
+dataclass (shown by `etpo train --agent NAME --help`), one per `EnvConfig` field, and `--set key=value` for any
+learner field. A subcommand may set a `prepare(args)` default: it runs right after parsing, and a ValueError from it
+is a usage error (exit status 2). Module-level imports stay light so `etpo --version` is fast; the handlers import
+what they need. Also runs as `python -m agents.cli`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 import sys
-import typing
 from pathlib import Path
 from typing import Any
+
+from agents.options import add_env_arguments, add_set_argument, env_config_from_args
+from agents.registry import AGENTS, config_class_for, is_learner, make_config
+from etpo_env import __version__
+
+# Modules providing `register(subparsers)`, in `etpo --help` order; a module that is missing is skipped.
+SUBCOMMAND_MODULES = [
+    "sandbox.cli",
+    "tasks.cli",
+    "agents.cli",
+    "agents.bench.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="etpo",
+        description="etpo-gym: LM agents write data-science code; a sandbox scores it; ETPO and baselines learn.",
+    )
+    parser.add_argument("--version", action="version", version=f"etpo-gym {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        if module_name == "agents.cli":
+            register(subparsers)  # this module (also when it runs as __main__)
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise  # a real import error inside the module, not an absent subcommand module
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    prepare = getattr(args, "prepare", None)
+    if prepare is not None:
+        try:
+            prepare(args)
+        except ValueError as exc:
+            args.command_parser.error(str(exc))  # exits with status 2, after the subcommand's usage line
+    return int(args.func(args) or 0)
 
 
 def register(subparsers: Any) -> None:
@@ -92,22 +143,6 @@ def _print_sample_table(console: Any, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # etpo train
 # ----------------------------------------------------------------------------------------------------------------
-def learner_config_class(cls: type) -> type | None:
-    """The config dataclass of a learner: its `config_class` attribute or the annotation of `__init__(config=...)`."""
-    explicit = getattr(cls, "config_class", None)
-    if explicit is not None:
-        return explicit
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # unresolvable annotations: the learner simply gets no per-field options
-        return None
-    tp = hints.get("config")
-    for candidate in typing.get_args(tp) or (tp,):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
-
-
 class _TrainParser(argparse.ArgumentParser):
     """Adds the chosen learner's config fields as options before parsing (the learner is named by --agent)."""
 
@@ -121,15 +156,12 @@ class _TrainParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _add_learner_options(self, agent: str) -> None:
-        from agents import LEARNERS
         from agents.config import add_dataclass_arguments
 
-        if agent not in LEARNERS and ":" not in agent:
-            return  # the handler reports the unknown agent
+        if agent not in AGENTS and ":" not in agent:
+            return  # `prepare` reports the unknown agent
         try:
-            from agents import resolve_agent_class
-
-            config_cls = learner_config_class(resolve_agent_class(agent))
+            config_cls = config_class_for(agent)
         except (ImportError, ValueError):
             return
         self._learner_added = agent
@@ -162,51 +194,53 @@ def _register_train(subparsers: Any) -> None:
     train.add_argument("--budget", type=int, required=True, help="env steps (sandboxed programs) to spend")
     train.add_argument("--out", required=True, help="run directory: logs, TensorBoard, checkpoints, summary")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="set a learner config field (repeatable)")
-    env = train.add_argument_group("environment")
-    env.add_argument("--sandbox", default="auto", help="auto, docker, local or unsafe-process")
-    env.add_argument("--max-attempts", type=int, default=5, help="attempts per episode")
-    env.add_argument("--mode", default="fix", choices=["fix", "refine"], help="episode mode")
-    env.add_argument("--reward", default="metric", choices=["metric", "normalized", "improvement"])
-    env.add_argument("--prompt-style", default="paper", choices=["paper", "rich"])
-    env.add_argument("--num-envs", type=int, default=1, help="vectorised envs (gymnasium sync vector env)")
-    train.set_defaults(func=_train_command, config_class=None)
+    add_set_argument(train, "set a learner config field (repeatable); an unknown key is a usage error")
+    train.add_argument("--num-envs", type=int, default=1, help="vectorised envs (gymnasium sync vector env)")
+    add_env_arguments(train)
+    train.set_defaults(func=_train_command, prepare=_prepare_train, command_parser=train, config_class=None)
 
 
 def build_learner_config(config_cls: type | None, args: argparse.Namespace) -> Any:
-    from agents.config import apply_overrides, dataclass_from_args
+    """The learner's config from its options and `--set` (a ValueError names the valid keys)."""
+    from agents.config import dataclass_from_args
 
     if config_cls is None:
         if args.overrides:
             raise ValueError("this learner declares no config dataclass, so --set cannot apply")
         return None
-    return apply_overrides(dataclass_from_args(config_cls, args, prefix="cfg_"), args.overrides)
+    return make_config(config_cls, overrides=args.overrides, base=dataclass_from_args(config_cls, args, prefix="cfg_"))
+
+
+def _prepare_train(args: argparse.Namespace) -> None:
+    from agents.registry import resolve_agent_class
+
+    args.agent_class = resolve_agent_class(args.agent)
+    if not is_learner(args.agent_class):
+        raise ValueError(f"agent {args.agent!r} does not learn (it has no learn method); benchmark it with etpo bench")
+    args.config_class = args.config_class or config_class_for(args.agent_class)
+    args.config = build_learner_config(args.config_class, args)
+    args.env_config = env_config_from_args(args, task=args.task)
 
 
 def _train_command(args: argparse.Namespace) -> int:
     import gymnasium as gym
 
     import etpo_env  # noqa: F401  (registers DataSciCode-v0)
-    from agents import resolve_agent_class
+    from agents.registry import build_agent
 
-    cls = resolve_agent_class(args.agent)
-    config_cls = args.config_class or learner_config_class(cls)
-    config = build_learner_config(config_cls, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
     if args.resume and checkpoint.exists():
-        agent = cls.load(checkpoint)
+        agent = args.agent_class.load(checkpoint)
         print(f"resumed from {checkpoint}", file=sys.stderr)
     else:
-        agent = _construct(cls, model=args.model, config=config)
-    env_kwargs = {"task": args.task, "sandbox": args.sandbox, "max_attempts": args.max_attempts,
-                  "mode": args.mode, "reward": args.reward, "prompt_style": args.prompt_style}
+        agent = build_agent(args.agent_class, model=args.model, config=args.config)
     if args.num_envs > 1:
-        env = gym.make_vec("DataSciCode-v0", num_envs=args.num_envs, vectorization_mode="sync", **env_kwargs)
+        env = gym.make_vec("DataSciCode-v0", num_envs=args.num_envs, vectorization_mode="sync",
+                           config=args.env_config)
     else:
-        env = gym.make("DataSciCode-v0", **env_kwargs)
+        env = gym.make("DataSciCode-v0", config=args.env_config)
     try:
         learn = agent.learn
         if "out_dir" in inspect.signature(learn).parameters:
@@ -220,16 +254,6 @@ def _train_command(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps(summary, indent=2, default=str))
     return 0
-
-
-def _construct(cls: type, model: str, config: Any) -> Any:
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    if "model" in params:
-        kwargs["model"] = model
-    if config is not None:
-        kwargs["config"] = config
-    return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,3 +277,7 @@ def _serve_command(args: argparse.Namespace) -> int:
 
     serve_forever(args.model, host=args.host, port=args.port, name=args.name, device=args.device)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

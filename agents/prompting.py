@@ -22,10 +22,12 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from etpo_env.info import SUMMARY_KEYS
 
 SYSTEM_PROMPT = ("You are an expert data scientist who writes correct, efficient Python with numpy, pandas, scipy "
                  "and scikit-learn. Reply with Python code only.")
@@ -140,7 +142,7 @@ class PromptingAgent:
 
     def __init__(self, model: str | Path = "tiny", config: PromptingConfig | None = None,
                  backend: Any = None, **overrides: Any):
-        self.config = dataclasses.replace(config or PromptingConfig(), **overrides)
+        self.config = dataclasses.replace(config or self.config_class(), **overrides)
         self.model = str(model)
         cfg = self.config
         if backend is not None:
@@ -172,7 +174,7 @@ class PromptingAgent:
     def act(self, obs: str, info: dict | None = None) -> str:
         info = info or {}
         if self.config.strategy == "reflection" and info.get("status") is not None and info.get("attempt"):
-            self.history.append({k: info.get(k) for k in ("attempt", "status", "score", "message", "error_type")})
+            self.history.append({k: info.get(k) for k in (*SUMMARY_KEYS, "message")})
             self.history = self.history[-self.config.max_reflections:]
         history = self.history if self.config.strategy == "reflection" else []
         self.last_prompt = build_prompt(obs, self._shots(), history)
@@ -185,32 +187,22 @@ class PromptingAgent:
         self._last_action = action
         return action
 
-    def learn(self, env: Any, budget: int, callback: Callable[[dict], Any] | None = None,
+    def learn(self, env: Any, budget: int, callbacks: Callable[[dict], Any] | Iterable[Callable] | None = None,
               out_dir: str | Path | None = None) -> dict:
-        """Play episodes for `budget` env steps; report the best score and the program that reached it."""
-        steps, episodes, best_score, best_program = 0, 0, None, None
+        """Play episodes for `budget` env steps; report the best score and the program that reached it.
+        `callbacks` (one or several) receive `{"env_steps", "reward", "info"}` after every step."""
+        from agents.base import play
+
+        hooks = [callbacks] if callable(callbacks) else list(callbacks or [])
         started = time.perf_counter()
-        while steps < budget:
-            self.reset()
-            obs, info = env.reset()
-            episodes += 1
-            while steps < budget:
-                action = self.act(obs, info)
-                obs, reward, terminated, truncated, info = env.step(action)
-                steps += 1
-                score = info.get("score")
-                if info.get("status") == "ok" and score is not None and (best_score is None or score > best_score):
-                    best_score, best_program = float(score), info.get("program")
-                if callback is not None:
-                    callback({"env_steps": steps, "reward": float(reward)})
-                if terminated or truncated:
-                    break
-        summary = {"env_steps": float(steps), "episodes": float(episodes), "api_errors": float(self.api_errors),
-                   "best_score": best_score, "time_s": time.perf_counter() - started}
+        result = play(env, self, budget, callback=lambda step: [hook(step) for hook in hooks])
+        summary = {"env_steps": float(result.steps), "episodes": float(result.episodes),
+                   "api_errors": float(self.api_errors), "best_score": result.best_score,
+                   "time_s": time.perf_counter() - started}
         if out_dir is not None:
             self.save(Path(out_dir) / "checkpoint")
-            if best_program:
-                (Path(out_dir) / "best_program.py").write_text(best_program)
+            if result.best_program:
+                (Path(out_dir) / "best_program.py").write_text(result.best_program)
         return summary
 
     def save(self, directory: str | Path) -> None:
@@ -224,8 +216,16 @@ class PromptingAgent:
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> PromptingAgent:
         data = json.loads((Path(directory) / "prompting.json").read_text())
-        config = PromptingConfig(**data["config"])
+        config = cls.config_class(**data["config"])
         return cls(model=data["model"], config=config, **overrides)
+
+
+@dataclass
+class ZeroShotConfig(PromptingConfig):
+    """`PromptingConfig` whose strategy defaults to zero-shot."""
+
+    strategy: Literal["zero-shot", "few-shot", "reflection"] = field(default="zero-shot", metadata={
+        "help": PromptingConfig.__dataclass_fields__["strategy"].metadata["help"]})
 
 
 class ZeroShotPromptingAgent(PromptingAgent):
@@ -233,8 +233,4 @@ class ZeroShotPromptingAgent(PromptingAgent):
     learned first prompts only (the tiny model), this is the prompting baseline that asks it what it was taught;
     few-shot and reflection prompts are new to such a model."""
 
-    def __init__(self, model: str | Path = "tiny", config: PromptingConfig | None = None,
-                 backend: Any = None, **overrides: Any):
-        if config is None:
-            overrides.setdefault("strategy", "zero-shot")
-        super().__init__(model, config, backend, **overrides)
+    config_class = ZeroShotConfig

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from etpo_env.info import SUMMARY_KEYS, StepInfo
+
 
 @dataclass
 class Transition:
@@ -93,10 +95,10 @@ class RolloutBuffer(list):
         return np.array([t.reward for t in self], dtype=np.float64)
 
 
-_INFO_KEYS = ("status", "score", "normalized_score", "attempt", "error_type")
+_INFO_KEYS = SUMMARY_KEYS  # the small scalars of `etpo_env.info.StepInfo` a transition keeps
 
 
-def _small_info(info: dict) -> dict:
+def _small_info(info: StepInfo | dict) -> dict:
     return {k: info[k] for k in _INFO_KEYS if k in info and not isinstance(info[k], np.ndarray)}
 
 

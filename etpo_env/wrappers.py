@@ -1,4 +1,5 @@
-"""Wrappers for DataSciCode-v0: an episode recorder (JSONL, usable as SFT data) and reward normalisation.
+"""Wrappers for DataSciCode-v0: an episode recorder (JSONL, usable as SFT data), an env-step budget and reward
+normalisation.
 
 `NormalizeReward` is Gymnasium's running-return normaliser, re-exported so one import gives everything; the
 task-relative normalisation (0 = baseline pipeline, 1 = reference pipeline) is the env's `reward="normalized"`.
@@ -9,29 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 from gymnasium.wrappers import NormalizeReward
 
-__all__ = ["EpisodeRecorder", "NormalizeReward", "RECORD_INFO_KEYS"]
+from etpo_env.info import RECORD_KEYS, StepInfo, status_name
+
+__all__ = ["BudgetExceeded", "EnvStepBudget", "EpisodeRecorder", "NormalizeReward", "RECORD_INFO_KEYS"]
 
 # The step facts an SFT or analysis pipeline needs; long or repeated fields (messages) stay out.
-RECORD_INFO_KEYS = (
-    "status",
-    "error_type",
-    "message",
-    "traceback",
-    "stdout",
-    "stderr",
-    "split_scores",
-    "score",
-    "normalized_score",
-    "attempt",
-    "best_score",
-    "isolation",
-)
+RECORD_INFO_KEYS = RECORD_KEYS
 
 
 class EpisodeRecorder(gym.Wrapper):
@@ -90,6 +81,70 @@ class EpisodeRecorder(gym.Wrapper):
         # ASCII escapes keep any action (even one holding a lone surrogate) writable as valid JSON.
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+
+class BudgetExceeded(RuntimeError):
+    """An agent asked for an env step beyond its budget."""
+
+
+class EnvStepBudget(gym.Wrapper):
+    """Counts env steps and refuses any step past `budget` (raises `BudgetExceeded`).
+
+    The step that spends the last unit of budget returns `truncated=True`, so a learner sees a clean episode end
+    (a time limit, bootstrapped like any truncation). It also keeps the learning curve (reward per step) and the
+    programs to score on test: the best on dev and the last successful one. `on_step` is called after every step.
+    """
+
+    def __init__(self, env: gym.Env, budget: int, on_step: Callable[[], None] | None = None):
+        super().__init__(env)
+        self.budget = int(budget)
+        self.on_step = on_step
+        self.steps = 0
+        self.episodes = 0
+        self.rewards: list[float] = []
+        self.dev_scores: list[float | None] = []
+        self.statuses: list[str] = []
+        self.best_program: str | None = None
+        self.best_dev_score = -math.inf
+        self.final_program: str | None = None
+        self.final_dev_score: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.steps
+
+    @property
+    def exhausted(self) -> bool:
+        return self.steps >= self.budget
+
+    def reset(self, **kwargs):
+        self.episodes += 1
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        if self.exhausted:
+            raise BudgetExceeded(f"env-step budget of {self.budget} is spent; no further steps are allowed")
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        self._record(float(reward), info)
+        if self.on_step is not None:
+            self.on_step()
+        if self.exhausted and not terminated:
+            truncated = True
+        return obs, reward, terminated, truncated, info
+
+    def _record(self, reward: float, info: StepInfo) -> None:
+        status = status_name(info.get("status", ""))
+        score = info.get("score")
+        score = None if score is None or not math.isfinite(float(score)) else float(score)
+        self.rewards.append(reward)
+        self.dev_scores.append(score)
+        self.statuses.append(status)
+        program = info.get("program")
+        if status == "ok" and score is not None and program:
+            self.final_program, self.final_dev_score = program, score
+            if score > self.best_dev_score:
+                self.best_program, self.best_dev_score = program, score
 
 
 def _json_number(value: Any) -> float | None:

@@ -37,7 +37,7 @@ def test_random_program_agent_is_seeded_and_draws_from_its_programs():
     assert set(draws_a) <= set(programs) and len(set(draws_a)) > 5
 
 
-def test_load_agent_by_name_and_by_module_class(tmp_path, monkeypatch):
+def test_build_agent_by_name_and_by_module_class(tmp_path, monkeypatch):
     # A user-written agent class that lives outside the repository, loaded by "module:Class".
     (tmp_path / "my_user_agent.py").write_text(textwrap.dedent("""
         class Constant:
@@ -49,15 +49,17 @@ def test_load_agent_by_name_and_by_module_class(tmp_path, monkeypatch):
                 return self.text
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    user = agents.load_agent("my_user_agent:Constant", text="X")
-    assert isinstance(user, base.Agent) and user.act("o", {}) == "X"
-    scripted = agents.load_agent("scripted", program="P")
-    assert scripted.act("o", {}) == "P"
-    assert set(agents.LEARNERS) == {"etpo", "ppo", "sft", "prompting", "zero-shot"}
+    user = agents.build_agent("my_user_agent:Constant", seed=3)
+    assert isinstance(user, base.Agent) and user.act("o", {}).startswith("def build_model")
+    assert agents.build_agent("scripted").act("o", {}) == base.SCRIPTED_PROGRAM
+    assert agents.build_agent("random", seed=5).seed == 5
+    assert set(agents.AGENTS) == {"etpo", "ppo", "sft", "prompting", "zero-shot", "random", "scripted"}
     with pytest.raises(ValueError, match="unknown agent"):
-        agents.load_agent("no-such-agent")
+        agents.build_agent("no-such-agent")
     with pytest.raises(ValueError, match="no attribute"):
-        agents.load_agent("my_user_agent:Missing")
+        agents.build_agent("my_user_agent:Missing")
+    with pytest.raises(ValueError, match="no config"):
+        agents.build_agent("my_user_agent:Constant", overrides=["text=X"])
     sys.modules.pop("my_user_agent", None)
 
 
@@ -114,3 +116,60 @@ def test_random_program_agent_draws_from_the_demonstration_corpus():
     corpus = {d.program for d in demos.corpus(n=50, seed=0, buggy_fraction=0.2)}
     draws = {agent.act("prompt", {}) for _ in range(40)}
     assert draws <= corpus and len(draws) > 10
+
+
+class _Configured:
+    config_class = _Cfg
+
+    def __init__(self, model="tiny", config=None):
+        self.model, self.config = model, config
+
+    def reset(self):
+        pass
+
+    def act(self, obs, info):
+        return obs
+
+
+def test_build_agent_accepts_a_class_a_callable_and_typed_overrides():
+    agent = agents.build_agent(_Configured, seed=1, model=lambda: "m", overrides=["lr=0.25", "mode=b"])
+    assert (agent.model, agent.config.lr, agent.config.mode) == ("m", 0.25, "b")
+    assert agents.build_agent(_Configured, overrides={"steps": "4"}).config.steps == 4  # text is typed by the field
+    with pytest.raises(ValueError, match="unknown config key"):
+        agents.build_agent(_Configured, overrides=["nonsense=1"])
+    wrapped = agents.build_agent(lambda obs: obs[::-1])
+    assert wrapped.act("abc", {}) == "cba"
+
+
+def test_check_options_needs_some_agent_to_have_each_key():
+    from agents.registry import check_options, options_for
+
+    check_options([_Configured, "scripted"], {"lr": "0.1"})  # scripted has no config: the option skips it
+    assert options_for("scripted", {"lr": "0.1"}) == {} and options_for(_Configured, {"lr": "0.1"}) == {"lr": "0.1"}
+    with pytest.raises(ValueError, match="Valid keys") as error:
+        check_options([_Configured, "scripted"], {"nonsense": "1"})
+    assert "lr" in str(error.value)
+    with pytest.raises(ValueError, match="bad value for steps"):
+        check_options([_Configured], {"steps": "many"})
+
+
+def test_play_spends_steps_across_episodes_and_accepts_a_callable():
+    class ThreeStepEnv:
+        resets: list = []
+
+        def reset(self, seed=None):
+            self.resets.append(seed)
+            self.t = 0
+            return "prompt", {}
+
+        def step(self, action):
+            self.t += 1
+            return "feedback", 1.0, self.t == 3, False, {"score": 0.1 * self.t, "program": action}
+
+    env = ThreeStepEnv()
+    seen = []
+    result = base.play(env, lambda obs: "p", 7, seed=4, callback=seen.append)
+    assert (result.steps, result.episodes, result.total_reward) == (7, 3, 7.0)
+    assert env.resets == [4, None, None] and [s["env_steps"] for s in seen] == list(range(1, 8))
+    assert result.best_score == pytest.approx(0.3) and result.best_program == "p"
+    assert base.play(ThreeStepEnv(), lambda obs: "p", episodes=2).steps == 6

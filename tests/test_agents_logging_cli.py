@@ -10,7 +10,7 @@ import pytest
 
 from agents import cli as agents_cli
 from agents.logging import RunLogger, cost_breakdown, read_metrics
-from etpo_env.cli import build_parser, main
+from agents.cli import build_parser, main
 
 
 def test_cost_breakdown_by_hand():
@@ -118,3 +118,32 @@ def test_cli_train_runs_a_user_learner_from_outside_the_repository(tmp_path, mon
 def test_build_tiny_command_without_eval(tmp_path, capsys):
     assert main(["model", "build-tiny", "--preset", "test", "--out", str(tmp_path / "m"), "--no-eval"]) == 0
     assert (tmp_path / "m" / "build.json").exists() and "tiny model:" in capsys.readouterr().out
+
+
+def test_set_with_an_unknown_key_is_a_usage_error_in_train_and_bench(capsys):
+    for argv in (["train", "--agent", "sft", "--budget", "1", "--out", "x", "--set", "nonsense=1"],
+                 ["bench", "--agents", "sft,scripted", "--budget", "1", "--set", "nonsense=1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "nonsense" in err and "lr" in err  # names the valid keys
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--agents", "scripted", "--budget", "1", "--mode", "sideways"])
+    assert exit_info.value.code == 2
+
+
+def test_env_options_come_from_env_config():
+    from etpo_env.config import EnvConfig
+
+    args = build_parser().parse_args(["bench", "--agents", "scripted", "--budget", "1", "--max-rows", "300",
+                                      "--sandbox", "local", "--split-seed", "3"])
+    args.prepare(args)
+    assert args.env_config == EnvConfig(max_rows=300, sandbox="local", split_seed=3)
+    demo = build_parser().parse_args(["demo"])
+    demo.prepare(demo)
+    assert demo.env_config.max_attempts == 1
+    train = build_parser().parse_args(["train", "--agent", "sft", "--budget", "1", "--out", "x", "--task", "iris",
+                                       "--reward", "improvement", "--set", "epochs=2"])
+    train.prepare(train)
+    assert (train.env_config.task, train.env_config.reward, train.config.epochs) == ("iris", "improvement", 2)

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 import tasks
-from etpo_env import bench
+from agents import bench
+from agents.base import SCRIPTED_PROGRAM
 
 TASK = tasks.DEFAULT_TASK
 ROWS = 300  # small task: each env step fits and scores 5 dev splits
@@ -63,7 +64,7 @@ def test_scripted_and_random_runs_write_consistent_files(tmp_path, local_sandbox
         assert run["normalized"] == pytest.approx(task.normalize(run["score"], part="test"))
 
     scripted = [r for r in runs if r["agent"] == "scripted"]
-    direct = tasks.evaluate(task, bench.SCRIPTED_PROGRAM, local_sandbox, part="test", seed=0)
+    direct = tasks.evaluate(task, SCRIPTED_PROGRAM, local_sandbox, part="test", seed=0)
     assert all(r["success"] and r["statuses"] == ["ok"] * 2 for r in scripted)
     assert scripted[0]["test_score"] == pytest.approx(direct.score)  # the bench scores through tasks.evaluate
     assert 0.5 < scripted[0]["test_score"] <= 1.0
@@ -182,7 +183,7 @@ def test_cli_benchmarks_an_agent_from_the_working_directory(tmp_path):
     ''')
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "etpo_env.cli", "bench", "--agents", "cli_bench_agent:MyAgent", "--tasks", TASK,
+        [sys.executable, "-m", "agents.cli", "bench", "--agents", "cli_bench_agent:MyAgent", "--tasks", TASK,
          "--seeds", "1", "--budget", "1", "--sandbox", "local", "--max-rows", str(ROWS), "--out", str(out),
          "--no-progress"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)

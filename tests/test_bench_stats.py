@@ -6,7 +6,8 @@ import math
 import gymnasium as gym
 import pytest
 
-from etpo_env import bench
+from agents import bench
+from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
 
 
 def test_mean_ci_matches_hand_computed_t_interval():
@@ -97,7 +98,7 @@ class CountingEnv(gym.Env):
 
 def test_budget_wrapper_counts_truncates_and_refuses_overspending():
     inner = CountingEnv()
-    env = bench.EnvStepBudget(inner, budget=4)
+    env = EnvStepBudget(inner, budget=4)
     assert isinstance(env, gym.Wrapper)
     env.reset(seed=0)
     outcomes = [env.step(a) for a in ["p3", "bad", "p7"]]
@@ -105,7 +106,7 @@ def test_budget_wrapper_counts_truncates_and_refuses_overspending():
     env.reset()
     _, _, terminated, truncated, _ = env.step("p5")  # the last unit of budget: a time-limit truncation
     assert (terminated, truncated) == (False, True) and env.exhausted
-    with pytest.raises(bench.BudgetExceeded):
+    with pytest.raises(BudgetExceeded):
         env.step("p9")
     assert inner.calls == 4 and env.steps == 4 and env.episodes == 2
     assert env.rewards == [1.0, 2.0, 3.0, 1.0]
@@ -118,7 +119,7 @@ def test_plain_agent_loop_spends_exactly_the_budget():
     from agents.base import ScriptedAgent
 
     inner = CountingEnv()
-    env = bench.EnvStepBudget(inner, budget=7)
+    env = EnvStepBudget(inner, budget=7)
     bench.act_for_budget(ScriptedAgent("p1"), env, seed=0)
     assert inner.calls == 7 and env.episodes == 3  # 3 + 3 + 1 steps
 
@@ -137,4 +138,12 @@ def test_config_validation_and_labels():
         bench.BenchConfig(agents=["scripted"], tasks=["t"], seeds=[0], budget=0)
     assert bench.agent_label("my_pkg.my_module:MyAgent") == "MyAgent"
     assert bench.run_file_name("etpo", "iris", 2) == "etpo__iris__seed2.json"
-    assert bench._parse_set(["lr=0.001", "name=abc", "flag=true"]) == {"lr": 0.001, "name": "abc", "flag": True}
+    from agents.options import split_pairs
+
+    assert split_pairs(["lr=0.001", "top-p=0.9", "flag=true"]) == {"lr": "0.001", "top_p": "0.9", "flag": "true"}
+    with pytest.raises(ValueError, match="key=value"):
+        split_pairs(["lr"])
+    config = bench.BenchConfig(agents=["scripted"], tasks=["t"], seeds=[0], budget=4)
+    flat = config.to_dict()  # config.json keeps its flat layout: env fields beside the benchmark's own
+    assert {"sandbox", "max_attempts", "mode", "reward", "prompt_style", "max_rows", "input_format", "select",
+            "agent_options"} <= set(flat) and "env" not in flat

@@ -55,7 +55,7 @@ def test_registered_after_import_with_defaults():
     assert isinstance(raw, DataSciCodeEnv)
     assert raw.task.name == tasks.DEFAULT_TASK
     assert (raw.max_attempts, raw.mode, raw.reward_kind, raw.prompt_style) == (5, "fix", "metric", "paper")
-    assert raw._sandbox_spec == "auto"
+    assert raw.config.sandbox == "auto"
     assert raw.sandbox is None  # nothing started before reset
     env.close()
     env.close()  # idempotent

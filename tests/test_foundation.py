@@ -20,9 +20,9 @@ def test_top_level_packages_resolve_to_this_project(name):
 def test_cli_version_and_help():
     from etpo_env import __version__
 
-    version = subprocess.run([sys.executable, "-m", "etpo_env.cli", "--version"], capture_output=True, text=True)
+    version = subprocess.run([sys.executable, "-m", "agents.cli", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"etpo-gym {__version__}"
-    helptext = subprocess.run([sys.executable, "-m", "etpo_env.cli", "--help"], capture_output=True, text=True)
+    helptext = subprocess.run([sys.executable, "-m", "agents.cli", "--help"], capture_output=True, text=True)
     assert helptext.returncode == 0 and "usage: etpo" in helptext.stdout
 
 

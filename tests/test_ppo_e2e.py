@@ -16,7 +16,7 @@ def read_metrics(out):
 
 @pytest.mark.slow
 def test_train_cli_runs_ppo_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
-    from etpo_env.cli import main
+    from agents.cli import main
 
     out = tmp_path / "run"
     command = ["train", "--agent", "ppo", "--task", "breast_cancer", "--model", str(tiny_model_dir),

@@ -124,7 +124,7 @@ def test_server_protocol_details(served):
 
 
 def test_etpo_serve_command_serves_on_loopback(tiny_model_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "etpo_env.cli", "serve", "--model", str(tiny_model_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "serve", "--model", str(tiny_model_dir),
                              "--port", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import tasks
-from etpo_env.cli import main as etpo_main
+from agents.cli import main as etpo_main
 from sandbox import Job, RunResult, Status
 from tasks import reference
 from tasks.demos import Recipe, render

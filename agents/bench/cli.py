@@ -1,0 +1,120 @@
+"""`etpo bench` and `etpo demo`.
+
+    etpo bench --agents etpo,ppo,sft,prompting,my_pkg.my_module:MyAgent --tasks bundled --seeds 3 --budget 64
+    etpo demo
+
+`--set key=value` sets a learner-config field of every agent whose config has it (the others are unaffected); a key
+that no agent's config has, or a value its field cannot take, is a usage error naming the valid keys. The env options
+are `EnvConfig`'s fields. Module-level imports stay light so `etpo --version` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agents.bench.config import SELECTS
+from agents.options import add_env_arguments, add_set_argument, env_config_from_args, split_pairs
+
+# zero-shot is the prompting baseline the tiny model can answer (few-shot prompts are new to it: docs/results.md).
+DEMO_AGENTS = ["etpo", "ppo", "sft", "zero-shot"]
+DEMO_TASKS = ["breast_cancer", "titanic"]  # two bundled tasks; replaced by the first two bundled ones if absent
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", help="'tiny' (built offline, cached) or a model path")
+    parser.add_argument("--select", default="best", choices=SELECTS,
+                        help="program scored on test: best on dev during the run, or the last successful one")
+    add_set_argument(parser, "set a learner-config field for every agent whose config has it (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_env_arguments(parser)
+
+
+def register(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark agents × tasks × seeds under one env-step budget",
+                                  description="Benchmark any agent against ETPO and the baselines: agents × tasks "
+                                              "× seeds under one env-step budget.")
+    bench.add_argument("--agents", required=True,
+                       help="comma list: etpo, ppo, sft, prompting, zero-shot, scripted, random, or pkg.module:Class")
+    bench.add_argument("--tasks", default="bundled", help="comma list of task names or suites (bundled, paper, all)")
+    bench.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    bench.add_argument("--budget", type=int, required=True, help="env steps per (agent, task, seed)")
+    bench.add_argument("--out", default="results", help="output folder; rerunning with it resumes")
+    _add_common(bench)
+    bench.set_defaults(func=_bench_command, prepare=_prepare, command_parser=bench)
+
+    demo = subparsers.add_parser("demo", help="build the tiny model if needed and run ETPO vs the baselines briefly")
+    demo.add_argument("--agents", default=",".join(DEMO_AGENTS))
+    demo.add_argument("--tasks", default=None, help="default: two bundled tasks")
+    demo.add_argument("--seeds", type=int, default=2)
+    demo.add_argument("--budget", type=int, default=10)
+    demo.add_argument("--out", default="results/demo")
+    _add_common(demo)
+    # One attempt per episode: the tiny model learned first prompts only, so feedback prompts (error + failing code)
+    # are outside its training data. A capable model (--model PATH) can take --max-attempts 5, the paper's setting.
+    demo.set_defaults(func=_demo_command, prepare=_prepare, command_parser=demo, env_max_attempts=1)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    """Parse-time checks (a ValueError is a usage error): the env options and `--set` against the agents."""
+    from agents.registry import check_options
+
+    _import_from_working_directory()
+    args.env_config = env_config_from_args(args)
+    args.agent_list = _split(args.agents)
+    args.agent_options = split_pairs(args.overrides)
+    check_options(args.agent_list, args.agent_options)
+
+
+def _import_from_working_directory() -> None:
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `my_pkg.my_module:MyAgent` in the working directory, like `python -m`
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _run_and_report(args: argparse.Namespace, task_items: list[str]) -> int:
+    from agents.bench.report import make_console, print_table
+    from agents.bench.run import run_benchmark
+
+    console = make_console()
+    result = run_benchmark(args.agent_list, task_items, args.seeds, args.budget, model=args.model,
+                           sandbox=args.env_config.sandbox, out=args.out, progress=not args.no_progress,
+                           console=console, env=args.env_config, select=args.select,
+                           agent_options=args.agent_options)
+    print_table(result["summary"], console)
+    out = Path(result["out"])
+    console.print(f"results: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'results.json'}")
+    console.print(f"plots:   {out / 'learning_curves.png'}, {out / 'normalized_scores.png'}")
+    return 1 if any(r.get("error") for r in result["runs"]) else 0
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    try:
+        return _run_and_report(args, _split(args.tasks))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    import tasks as tasks_pkg
+    from agents.bench.report import make_console
+    from agents.tiny import ensure_tiny_model
+
+    console = make_console()
+    if args.model == "tiny":
+        console.print("tiny model: ensuring it is built (first time: about 5 minutes on 2 cores) ...")
+        console.print(f"tiny model: {ensure_tiny_model()}")
+    if args.tasks:
+        task_items = _split(args.tasks)
+    else:
+        bundled = tasks_pkg.names(suite="bundled")
+        task_items = [t for t in DEMO_TASKS if t in bundled] or bundled[:2]
+        if len(task_items) < 2:
+            task_items += [t for t in bundled if t not in task_items][: 2 - len(task_items)]
+    return _run_and_report(args, task_items)
