@@ -9,8 +9,8 @@ import time
 import pytest
 
 from agents import cli as agents_cli
-from agents.logging import RunLogger, cost_breakdown, read_metrics
 from agents.cli import build_parser, main
+from agents.logging import RunLogger, cost_breakdown, read_metrics
 
 
 def test_cost_breakdown_by_hand():
