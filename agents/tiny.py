@@ -4,18 +4,20 @@ environment's own prompts followed by demonstration programs, on CPU, determinis
 It learns the three prompts an episode of `DataSciCode-v0` shows, each with the env's exact text:
 
 - the first prompt (task, request, function header) -> a corpus program;
-- the fix prompt (the error message and trimmed traceback the sandbox really gave, and the failing code) -> the
-  corrected program. The failing programs are corpus programs with one realistic mistake each (`tasks.demos`),
-  run once through the real sandbox; their feedback is cached under `$ETPO_CACHE/tiny/feedback/`;
+- the fix prompt (the error message and trimmed traceback the sandbox really gave, and the failing code) -> a
+  corrected program: the failing program's model family, the bug removed, in its plainest form (`fix_program`).
+  The failing programs are corpus programs with one realistic mistake each (`tasks.demos`), run once through the
+  real sandbox; their feedback is cached under `$ETPO_CACHE/tiny/feedback/`;
 - the refine prompt (`mode="refine"`: the last result, the best program so far and its real dev score) -> a
   different corpus program.
 
-Context: the model accepts `context_length` positions (640 by default) and is trained on sequences of at most that
+Context: the model accepts `context_length` positions (512 by default) and is trained on sequences of at most that
 many tokens, so no position used at inference is outside the trained range. A prompt is cut the same way in
 training and at inference: its last `context_length - GENERATION_TOKENS` tokens are kept (`LMPolicy.encode` and
 `encode_observation` keep the tail to fit `max_prompt_tokens`, which with the learners' default of 256 new tokens
-is the same 384). A long feedback prompt thus loses its head (the task description and the start of the error
-block) and keeps the traceback's last lines, the failing code and the request.
+is the same 256). A feedback prompt thus loses its head (the task description and most of the error block) and
+keeps the end of the traceback (the exception line), the failing code and the request; a first prompt in the paper
+style fits whole. An agent generating more new tokens (SFT and prompting default to 384) keeps a shorter tail.
 
 It must leave room for RL: it writes runnable programs some of the time, not the best program for each task, and
 fixes a failed program often but not always. Training is brief and the corpus mixes weak model families and some
@@ -90,7 +92,7 @@ WEAK_FAMILIES = ("naive_bayes", "knn", "decision_tree", "lda", "sgd", "adaboost"
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # ~1.6M parameters; first, fix and refine prompts (tail of 384 tokens) -> programs, 600 steps on 2 CPU cores.
+    # ~1.2M parameters; first, fix and refine prompts (tail of 256 tokens) -> programs, 400 steps on 2 CPU cores.
     "default": TinyPreset(),
     # For the test suite: built in seconds, generates text, nothing more.
     # For the test suite: built in seconds without a sandbox (first prompts only), generates text, nothing more.

@@ -185,3 +185,17 @@ def test_fix_and_refine_prompts_are_the_envs_own_text(local_sandbox, feedback_bu
     assert info["status"] != "ok"
     assert obs == prompts.fix_prompt(task, "paper", failing + "\n", info, attempts_left=4)
     env.close()
+
+
+def test_progress_prints_step_loss_and_eta_as_plain_lines_off_a_terminal(monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    lines = []
+    bar = tiny._Progress(40, lines.append, enabled=True)
+    for step in range(40):
+        bar.update(step, 1.0 / (step + 1))
+    bar.close()
+    assert lines[0].startswith("step 1/40  loss 1.000") and lines[-1].startswith("step 40/40  loss 0.025")
+    assert all("ETA" in line for line in lines) and len(lines) == 21  # step 1, then every 5 %
+    silent = []
+    tiny._Progress(40, silent.append, enabled=False).update(0, 1.0)
+    assert silent == []
