@@ -18,6 +18,10 @@ Every generated token is one PPO step. For an episode whose actions a_1..a_K (co
   total              policy + c_v·value - c_H·entropy;  several epochs of shuffled minibatches, gradient-norm
                      clipping, and an early stop once the approximate KL(π_old‖π_θ) passes a target.
   adaptive β         (Ziegler et al. 2019) β ← β·(1 + clip(KL/KL_target - 1, ±0.2)·n_tokens/horizon)
+  temperature T      π is the distribution actions are sampled from, softmax(logits/T); its log-probs (π_old in
+                     the ratio, π in k) and ρ's are taken at the same T (as TRL does), all recomputed without
+                     gradients right before the update by the very function the update differentiates, so the
+                     first minibatch's ratio is 1. Top-k/top-p filtering is not reproduced and is refused.
 
 The pure functions at the top hold all of the math and are what the tests check by hand. `ppo_update` runs the
 epochs/minibatches on any `forward(transitions)` (the LM, or a tiny tabular model in the tests), and `PPOAgent`
@@ -197,12 +201,15 @@ def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, f
     """Fill `extras["rewards" | "advantages" | "returns"]` of every transition from `extras["values"]`.
 
     `bootstrap_values[i]` is V(s') for a chain whose last transition i did not terminate (truncated, or cut by
-    the end of the rollout); missing entries count as 0. Returns the mean per-token KL estimate to the reference.
+    the end of the rollout); missing entries count as 0. Log-probs of π and ρ are `extras["old_logp" | "ref_logp"]`
+    where the learner recomputed them (at the sampling temperature), else the transition's `logp` / `ref_logp`.
+    Returns the mean per-token KL estimate to the reference.
     """
     kl_sum, kl_tokens = 0.0, 0
     for chain in episode_chains(transitions):
         steps = [transitions[i] for i in chain]
-        kl = np.concatenate([kl_per_token(t.logp, t.ref_logp, kl_estimator) for t in steps])
+        kl = np.concatenate([kl_per_token(t.extras.get("old_logp", t.logp), t.extras.get("ref_logp", t.ref_logp),
+                                          kl_estimator) for t in steps])
         values = np.concatenate([np.asarray(t.extras["values"], np.float64) for t in steps])
         lengths = [len(t.action_ids) for t in steps]
         rewards, advantages, returns = episode_gae(
@@ -256,7 +263,8 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
     exceeds 1.5·target_kl, as Stable-Baselines3 does.
 
     Advantages are whitened over the whole batch (not per minibatch: small minibatches make that noisy).
-    Transitions must carry extras values/advantages/returns and the sampling-time `logp`.
+    Transitions must carry extras values/advantages/returns; π_old is `extras["old_logp"]` when every transition
+    has it (recomputed by the learner), else the sampling-time `logp`.
     """
     if epochs < 1 or minibatch_size < 1 or not transitions:
         raise ValueError("ppo_update needs epochs >= 1, minibatch_size >= 1 and at least one transition")
@@ -265,6 +273,7 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
         mean, std = flat.mean(), flat.std()
     else:
         mean, std = 0.0, 1.0
+    old_key = "old_logp" if all("old_logp" in t.extras for t in transitions) else "logp"
     sums: dict[str, float] = {}
     n_steps, stopped_early = 0, False
     for _epoch in range(epochs):
@@ -272,7 +281,7 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
         for start in range(0, len(order), minibatch_size):
             batch = [transitions[i] for i in order[start: start + minibatch_size]]
             mask = action_mask(batch, device)
-            old_logp = pad_extras(batch, "logp", device)
+            old_logp = pad_extras(batch, old_key, device)
             advantages = (pad_extras(batch, "advantages", device) - mean) / (std + 1e-8) * mask
             out = forward(batch)
             policy_loss, stats = clipped_policy_loss(out.logp, old_logp, advantages, mask, clip)
@@ -313,7 +322,8 @@ class PPOConfig:
     # rollouts
     rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
-        "help": "How actions are sampled (temperature 1, no top-k/top-p: on-policy samples of π)."})
+        "help": "How actions are sampled. PPO trains the sampled distribution softmax(logits/temperature) (any "
+                "temperature > 0); top_k/top_p are refused (training does not reproduce them)."})
     # reward shaping: KL penalty to the reference policy ρ
     kl_coef: float = field(default=0.05, metadata={"help": "β: per-token KL penalty coefficient (initial value "
                                                            "when the adaptive controller is on)."})
@@ -376,6 +386,16 @@ class PPOConfig:
             raise ValueError("epochs, minibatch_size and rollout_steps must be at least 1")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError("gamma and lam must lie in [0, 1]")
+        gen = self.generation
+        if isinstance(gen, GenerationSettings):
+            if not gen.temperature > 0:
+                raise ValueError(f"PPO needs generation.temperature > 0 (got {gen.temperature}): it trains the "
+                                 "distribution it samples from, and greedy decoding is not one")
+            if gen.top_k or gen.top_p < 1.0:
+                raise ValueError(f"PPO does not support top_k/top_p sampling (got top_k={gen.top_k}, "
+                                 f"top_p={gen.top_p}): its update scores tokens under softmax(logits/temperature) "
+                                 "over the whole vocabulary, so filtered samples would make it off-policy; set "
+                                 "generation.top_k=0 and generation.top_p=1.0 (a lower temperature is supported)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +411,7 @@ class PPOAgent(Learner):
     """
 
     config_class = PPOConfig
-    needs_reference_logprobs = True  # the per-token KL penalty needs log ρ of every sampled token
+    needs_reference_logprobs = False  # log ρ (at the sampling temperature) is recomputed in annotate_values
 
     def adapters(self) -> tuple[dict[str, Any], str]:
         from agents.policy import default_lora_config
@@ -430,25 +450,52 @@ class PPOAgent(Learner):
             hidden_policy = self.policy.action_hidden(obs_ids, action_ids, "value")[0]
         return self.value_head(hidden_policy.float()).squeeze(-1)
 
+    def _head(self, adapter: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """hidden -> the logits actions are sampled from: the model's own logits divided by the temperature."""
+        head, temperature = self.policy.head(adapter), float(self.config.generation.temperature)
+        if temperature == 1.0:
+            return head
+        return lambda h: head(h).float() / temperature
+
     def forward(self, transitions: Sequence[Any]) -> ForwardOutput:
-        """Per action token: log π_θ, V, entropy of π_θ (differentiable; whole-vocabulary work in chunks)."""
-        from agents.policy import entropy, token_logprobs
+        """Per action token: log π_θ, V, entropy of π_θ (differentiable; whole-vocabulary work in chunks), π_θ being
+        the sampled distribution softmax(logits/temperature)."""
+        return self._score(transitions)[0]
+
+    def _score(self, transitions: Sequence[Any], reference: bool = False, with_entropy: bool = True
+               ) -> tuple[ForwardOutput, dict[str, torch.Tensor] | None]:
+        """`forward`, and what annotate_values also needs. The one function both the update and the no-grad
+        pass before it use, so π_old is exactly the π_θ the first minibatch starts from.
+
+        With `reference`, also returns flat (over action tokens) log ρ ("ref_logp") and, with
+        `exact_kl_diagnostic`, the whole-vocabulary KL(π‖ρ) ("kl"), both at the sampling temperature."""
+        from agents.policy import entropy, kl_divergence, token_logprobs
 
         obs_ids = [t.obs_ids for t in transitions]
         action_ids = [t.action_ids for t in transitions]
         hidden, targets, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
-        head = self.policy.head("policy")
+        head = self._head("policy")
         rows = hidden[mask]
         logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(
             mask, token_logprobs(rows, targets[mask], head, self.config.chunk_size))
-        if self.config.entropy_coef > 0:
-            token_entropy = entropy(rows, head, self.config.chunk_size)
-        else:  # diagnostic only: no graph through the vocabulary
-            with torch.no_grad():
-                token_entropy = entropy(rows.detach(), head, self.config.chunk_size)
-        ent = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_entropy)
+        ent = None
+        if with_entropy:
+            if self.config.entropy_coef > 0:
+                token_entropy = entropy(rows, head, self.config.chunk_size)
+            else:  # diagnostic only: no graph through the vocabulary
+                with torch.no_grad():
+                    token_entropy = entropy(rows.detach(), head, self.config.chunk_size)
+            ent = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_entropy)
         values = self._values(hidden, obs_ids, action_ids) * mask
-        return ForwardOutput(logp=logp, values=values, entropy=ent)
+        out = ForwardOutput(logp=logp, values=values, entropy=ent)
+        if not reference:
+            return out, None
+        ref_rows = self.policy.action_hidden(obs_ids, action_ids, None)[0][mask]
+        ref_head = self._head(None)
+        extra = {"ref_logp": token_logprobs(ref_rows, targets[mask], ref_head, self.config.chunk_size)}
+        if self.config.exact_kl_diagnostic:
+            extra["kl"] = kl_divergence(rows, ref_rows, head, ref_head, self.config.chunk_size)
+        return out, extra
 
     @torch.no_grad()
     def state_values(self, obs_ids: Sequence[Sequence[int]]) -> list[float]:
@@ -463,26 +510,23 @@ class PPOAgent(Learner):
 
     @torch.no_grad()
     def annotate_values(self, transitions: Sequence[Any], batch_size: int = 8) -> dict[int, float]:
-        """Store V(u_j) of every action token in extras["values"]; return bootstrap V(s') per unfinished chain.
+        """Store, per action token, V(u_j) in extras["values"], log π_old in extras["old_logp"] and log ρ in
+        extras["ref_logp"] (both at the sampling temperature, by `_score`, the function the update uses); return
+        bootstrap V(s') per unfinished chain.
 
         With `exact_kl_diagnostic`, also stores the exact whole-vocabulary KL(π‖ρ) per token in extras["kl"].
         """
-        from agents.policy import kl_divergence
-
         for start in range(0, len(transitions), batch_size):
             batch = transitions[start: start + batch_size]
-            obs_ids, action_ids = [t.obs_ids for t in batch], [t.action_ids for t in batch]
-            hidden, _, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
-            values = self._values(hidden, obs_ids, action_ids).cpu().numpy()
-            lengths = mask.sum(1).tolist()
-            for t, row, n in zip(batch, values, lengths, strict=True):
-                t.extras["values"] = row[:n].astype(np.float32)
-            if self.config.exact_kl_diagnostic:
-                ref_hidden = self.policy.action_hidden(obs_ids, action_ids, None)[0]
-                kl = kl_divergence(hidden[mask], ref_hidden[mask], self.policy.head("policy"),
-                                   self.policy.head(None), self.config.chunk_size).cpu().numpy()
-                for t, part in zip(batch, np.split(kl, np.cumsum(lengths)[:-1]), strict=True):
-                    t.extras["kl"] = part.astype(np.float32)
+            out, extra = self._score(batch, reference=True, with_entropy=False)
+            lengths = [len(t.action_ids) for t in batch]
+            offsets = np.cumsum([0, *lengths])
+            flat = {key: value.cpu().numpy() for key, value in extra.items()}
+            for i, (t, n) in enumerate(zip(batch, lengths, strict=True)):
+                t.extras["values"] = out.values[i, :n].cpu().numpy().astype(np.float32)
+                t.extras["old_logp"] = out.logp[i, :n].cpu().numpy().astype(np.float32)
+                for key, value in flat.items():
+                    t.extras[key] = value[offsets[i]:offsets[i + 1]].astype(np.float32)
         unfinished = [i for i in (chain[-1] for chain in episode_chains(transitions))
                       if not transitions[i].terminated and transitions[i].next_obs_ids is not None]
         if not unfinished:
