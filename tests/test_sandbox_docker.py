@@ -11,6 +11,8 @@ from sandbox.docker_backend import LABEL, OWNER_LABEL, SANDBOX_LABEL, owner_id, 
 from sandbox.safety import HONEST_PROGRAM, tiny_fold
 from tests.fixtures_sandbox import ensure_backend_available, make_backend
 
+pytestmark = pytest.mark.sandbox
+
 PROBE = """
 import os, socket
 def build_model(X, y):
@@ -34,9 +36,15 @@ def test_image_tag_is_a_content_hash(tmp_path, monkeypatch):
     tag = images.image_tag()
     assert tag.startswith(f"{images.REPOSITORY}:") and len(tag.split(":")[1]) == 16
     assert images.image_tag() == tag
-    changed = tmp_path / "worker.py"
-    changed.write_bytes(images.WORKER.read_bytes() + b"\n# changed\n")
-    monkeypatch.setattr(images, "WORKER", changed)
+    package = tmp_path / "worker"  # the worker package is hashed as a unit: any module's change is a new tag
+    package.mkdir()
+    for path in images.worker_files():
+        (package / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(images, "WORKER", package)
+    assert images.image_tag() == tag
+    (package / "wire.py").write_bytes((package / "wire.py").read_bytes() + b"\n# changed\n")
+    assert images.image_tag() != tag
+    (package / "wire.py").unlink()
     assert images.image_tag() != tag
 
 
