@@ -28,7 +28,7 @@ _TRACEBACK_LINES = 25  # tail of the traceback shown to the agent; the last fram
 
 def initial_prompt(task: Any, style: str = "paper") -> str:
     """The prompt at reset: the task and the function to write, ending with the function header."""
-    return "\n\n".join([_task_section(task, style), _request(task), FUNCTION_HEADER])
+    return "\n\n".join([_task_section(task, style), _REQUEST, FUNCTION_HEADER])
 
 
 def fix_prompt(task: Any, style: str, program: str, step_info: dict[str, Any], attempts_left: int) -> str:
@@ -36,7 +36,7 @@ def fix_prompt(task: Any, style: str, program: str, step_info: dict[str, Any], a
     return "\n\n".join(
         [
             _task_section(task, style),
-            _request(task),
+            _REQUEST,
             "Your previous code failed.\n" + _error_block(step_info),
             "The failing code:\n" + _fenced(program),
             f"Fix the error and reply with the corrected code ({_attempts(attempts_left)}).",
@@ -61,7 +61,7 @@ def refine_prompt(
     return "\n\n".join(
         [
             _task_section(task, style),
-            _request(task),
+            _REQUEST,
             last,
             f"Your best program so far scored {_score(best_score)}:\n" + _fenced(best_program),
             f"Improve it to reach a higher ROC AUC ({_attempts(attempts_left)}).",
@@ -83,13 +83,12 @@ def _task_section(task: Any, style: str) -> str:
     return role + "\n" + task.describe(style=style)  # paper: shape only; rich: names, dtypes, examples
 
 
-def _request(task: Any) -> str:
-    return (
-        f"Write the Python function `{ENTRY_POINT}(X, y)`: train a classifier on X and y and return the fitted "
-        "model. Its `predict_proba(X_new)` must give one row per sample and one column per class (0..K-1) for "
-        "new rows of the same format. The model is scored by ROC AUC on held-out rows; code that fails to run "
-        "earns the lowest reward. You may import numpy, pandas, scipy and scikit-learn."
-    )
+_REQUEST = (
+    f"Write the Python function `{ENTRY_POINT}(X, y)`: train a classifier on X and y and return the fitted "
+    "model. Its `predict_proba(X_new)` must give one row per sample and one column per class (0..K-1) for "
+    "new rows of the same format. The model is scored by ROC AUC on held-out rows; code that fails to run "
+    "earns the lowest reward. You may import numpy, pandas, scipy and scikit-learn."
+)
 
 
 def _error_block(step_info: dict[str, Any]) -> str:

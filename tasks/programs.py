@@ -7,15 +7,6 @@ import textwrap
 ENTRY_POINT = "build_model"
 SIGNATURE = f"def {ENTRY_POINT}(X, y):"
 
-# What every prompt can show: the contract the sandbox enforces.
-TEMPLATE = f'''{SIGNATURE}
-    """Fit a classifier on features X and integer labels y; return the fitted model.
-
-    The model's predict_proba(X_new) must return one row per sample and one column per class (0..K-1).
-    """
-    ...
-'''
-
 
 def wrap_body(body: str) -> str:
     """Full program text: `def build_model(X, y):` followed by `body` indented one level (4 spaces)."""

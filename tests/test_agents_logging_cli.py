@@ -58,6 +58,7 @@ def test_train_lists_the_learner_config_fields(capsys):
             ["train", "--agent", "sft", "--budget", "1", "--out", "x", "--set", "nope=1"]))
 
 
+@pytest.mark.sandbox
 def test_cli_train_runs_a_user_learner_from_outside_the_repository(tmp_path, monkeypatch):
     """A user-written learner (not in the repo) trains through `etpo train` in the real env via the protocol."""
     (tmp_path / "user_learner.py").write_text(textwrap.dedent('''
@@ -115,6 +116,7 @@ def test_cli_train_runs_a_user_learner_from_outside_the_repository(tmp_path, mon
     assert json.loads((out / "checkpoint" / "steps.json").read_text()) == 2
 
 
+@pytest.mark.sandbox
 def test_build_tiny_command_without_eval(tmp_path, capsys):
     assert main(["model", "build-tiny", "--preset", "test", "--out", str(tmp_path / "m"), "--no-eval"]) == 0
     assert (tmp_path / "m" / "build.json").exists() and "tiny model:" in capsys.readouterr().out

@@ -13,6 +13,8 @@ import tasks
 from agents import bench
 from agents.base import SCRIPTED_PROGRAM
 
+pytestmark = pytest.mark.sandbox
+
 TASK = tasks.DEFAULT_TASK
 ROWS = 300  # small task: each env step fits and scores 5 dev splits
 

@@ -84,6 +84,7 @@ def test_bad_kwargs_are_rejected(local_sandbox, task):
         DataSciCodeEnv(task=task, sandbox=local_sandbox, limits=Limits())
 
 
+@pytest.mark.sandbox
 def test_check_env_passes_without_skips():
     # names only, so check_env can re-make the env from its spec (which deep-copies the kwargs)
     env = gym.make("DataSciCode-v0", task=TASK, sandbox="local")
@@ -95,6 +96,7 @@ def test_check_env_passes_without_skips():
     env.close()
 
 
+@pytest.mark.sandbox
 def test_env_owned_sandbox_starts_at_reset_and_closes(task):
     env = DataSciCodeEnv(task=task, sandbox="local")
     assert env.sandbox is None
@@ -245,6 +247,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.sandbox
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_program_is_a_failed_step_and_next_honest_step_scores(strict_env, name):
     body, statuses = HOSTILE[name]
@@ -256,6 +259,7 @@ def test_hostile_program_is_a_failed_step_and_next_honest_step_scores(strict_env
     assert info["status"] == "ok" and reward > 0.9 and terminated, info["message"]
 
 
+@pytest.mark.sandbox
 def test_hostile_program_cannot_touch_host_files(strict_env, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("untouched")

@@ -15,6 +15,7 @@ def read_metrics(out):
 
 
 @pytest.mark.slow
+@pytest.mark.sandbox
 def test_train_cli_runs_ppo_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     from agents.cli import main
 

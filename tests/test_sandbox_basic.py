@@ -17,6 +17,8 @@ from sandbox.results import build_result, validate_predictions
 from sandbox.worker import supervisor, wire
 from tests.fixtures_sandbox import backend_params, make_backend
 
+pytestmark = pytest.mark.sandbox
+
 FOREST = """
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.impute import SimpleImputer

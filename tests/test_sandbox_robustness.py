@@ -23,7 +23,7 @@ from sandbox.local import _descendants
 from sandbox.safety import HONEST_PROGRAM, tiny_fold
 from tests.fixtures_sandbox import backend_params, ensure_backend_available, make_backend
 
-pytestmark = pytest.mark.safety
+pytestmark = [pytest.mark.safety, pytest.mark.sandbox]
 
 LIMITS = Limits(wall_time_s=5.0, cpu_time_s=5, memory_mb=1024, max_processes=32, max_output_bytes=4096, tmpfs_mb=64)
 HONEST_S = 30.0  # an honest job after a hostile one, a fresh worker's start included

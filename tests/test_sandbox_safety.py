@@ -23,7 +23,7 @@ from sandbox.safety import (
 )
 from tests.fixtures_sandbox import backend_params, make_backend
 
-pytestmark = pytest.mark.safety
+pytestmark = [pytest.mark.safety, pytest.mark.sandbox]
 
 
 @pytest.fixture(scope="module")
