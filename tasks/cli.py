@@ -10,7 +10,7 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="tasks_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
 
-    p = sub.add_parser("list", help="the suite as a table (rows, features, classes, missing %, scores)")
+    p = sub.add_parser("list", help="the suite as a table (rows, features, classes, missing %%, scores)")
     p.add_argument("--suite", default="bundled", choices=["bundled", "paper", "all"])
     p.add_argument("--max-rows", type=int, default=None, help="row cap (default: the tasks default)")
     p.add_argument("--input-format", default="pandas", choices=["pandas", "numpy"])
