@@ -19,9 +19,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym  # loaded by etpo_env anyway (it registers the env)
+
+from agents.config import add_dataclass_arguments, dataclass_from_args
 from agents.options import add_env_arguments, add_set_argument, env_config_from_args
-from agents.registry import AGENTS, config_class_for, is_learner, make_config
-from etpo_env import __version__
+from agents.registry import (
+    AGENTS,
+    build_agent,
+    config_class_for,
+    is_learner,
+    make_config,
+    resolve_agent_class,
+)
+from etpo_env import __version__  # importing etpo_env registers DataSciCode-v0
 
 # Modules providing `register(subparsers)`, in `etpo --help` order; a module that is missing is skipped.
 SUBCOMMAND_MODULES = [
@@ -156,8 +166,6 @@ class _TrainParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _add_learner_options(self, agent: str) -> None:
-        from agents.config import add_dataclass_arguments
-
         if agent not in AGENTS and ":" not in agent:
             return  # `prepare` reports the unknown agent
         try:
@@ -202,8 +210,6 @@ def _register_train(subparsers: Any) -> None:
 
 def build_learner_config(config_cls: type | None, args: argparse.Namespace) -> Any:
     """The learner's config from its options and `--set` (a ValueError names the valid keys)."""
-    from agents.config import dataclass_from_args
-
     if config_cls is None:
         if args.overrides:
             raise ValueError("this learner declares no config dataclass, so --set cannot apply")
@@ -212,8 +218,6 @@ def build_learner_config(config_cls: type | None, args: argparse.Namespace) -> A
 
 
 def _prepare_train(args: argparse.Namespace) -> None:
-    from agents.registry import resolve_agent_class
-
     args.agent_class = resolve_agent_class(args.agent)
     if not is_learner(args.agent_class):
         raise ValueError(f"agent {args.agent!r} does not learn (it has no learn method); benchmark it with etpo bench")
@@ -223,11 +227,6 @@ def _prepare_train(args: argparse.Namespace) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    import gymnasium as gym
-
-    import etpo_env  # noqa: F401  (registers DataSciCode-v0)
-    from agents.registry import build_agent
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agents.base import as_agent
+from agents.config import apply_overrides, leaf_fields, parse_value, with_fields
 
 # name -> "module:Class"; modules load on first use so `etpo --version` stays fast.
 AGENTS: dict[str, str] = {
@@ -74,8 +75,6 @@ def config_class_for(spec: Any) -> type | None:
 
 def config_keys(config_cls: type | None) -> list[str]:
     """The names `--set` (and `overrides`) accept for a config class: its leaf fields."""
-    from agents.config import leaf_fields
-
     return sorted(leaf_fields(config_cls)) if config_cls is not None else []
 
 
@@ -103,8 +102,6 @@ def build_agent(spec: Any, *, seed: int | None = None, model: str | Callable[[],
 
 def make_config(config_cls: type, *, seed: int | None = None, overrides: Overrides = None, base: Any = None) -> Any:
     """`base` (default: `config_cls()`) with `seed` set (when the config has a `seed` field), then `overrides`."""
-    from agents.config import apply_overrides, leaf_fields, parse_value, with_fields
-
     config = base if base is not None else config_cls()
     leaves = leaf_fields(config_cls)
     if seed is not None and "seed" in leaves:
@@ -150,8 +147,6 @@ def check_options(specs: Iterable[Any], options: Mapping[str, Any]) -> None:
     """Options for several agents (`etpo bench --set`): every key must be a config field of at least one of them,
     and a string value must parse as that field's type for each agent that has it. Raises ValueError naming the
     valid keys per agent. An agent whose class cannot be loaded is left out (its own run reports the error)."""
-    from agents.config import leaf_fields, parse_value
-
     if not options:
         return
     leaves: dict[str, dict[str, Any]] = {}

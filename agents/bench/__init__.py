@@ -10,30 +10,32 @@
 - `cli`: `etpo bench` and `etpo demo`.
 """
 
-from agents.bench.config import BenchConfig, agent_label, run_file_name
-from agents.bench.report import (
-    CSV_COLUMNS,
-    TABLE_HEADER,
-    markdown_table,
-    print_table,
-    summary_markdown,
-    table_rows,
-    write_outputs,
-    write_plots,
-)
-from agents.bench.run import (
-    SUITES,
-    act_for_budget,
-    check_resumable,
-    load_runs,
-    resolve_tasks,
-    run_benchmark,
-    run_cell,
-    seed_everything,
-)
-from agents.bench.statistics import CHANCE_SCORE, format_ci, mean_ci, summarize
+from __future__ import annotations
 
-__all__ = ["CHANCE_SCORE", "CSV_COLUMNS", "SUITES", "TABLE_HEADER", "BenchConfig", "act_for_budget", "agent_label",
-           "check_resumable", "format_ci", "load_runs", "markdown_table", "mean_ci", "print_table", "resolve_tasks",
-           "run_benchmark", "run_cell", "run_file_name", "seed_everything", "summarize", "summary_markdown",
-           "table_rows", "write_outputs", "write_plots"]
+import importlib
+from typing import Any
+
+# Public names -> the submodule defining them; loaded on first use, so `etpo --version` (which registers
+# `agents.bench.cli`) does not import the runner, pandas or matplotlib.
+_EXPORTS = {
+    "config": ["BenchConfig", "agent_label", "run_file_name"],
+    "report": ["CSV_COLUMNS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown", "table_rows",
+               "write_outputs", "write_plots"],
+    "run": ["SUITES", "act_for_budget", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
+            "seed_everything"],
+    "statistics": ["CHANCE_SCORE", "format_ci", "mean_ci", "summarize"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agents.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"agents.bench.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

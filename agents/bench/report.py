@@ -7,10 +7,14 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from agents.bench.config import BenchConfig, agent_label
 from agents.bench.statistics import CHANCE_SCORE, format_ci, summarize
@@ -39,8 +43,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def versions() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
                              "machine": platform.machine(), "cpu_count": os.cpu_count()}
     for name in ("etpo-gym", "torch", "transformers", "peft", "gymnasium", "numpy", "pandas", "scikit-learn"):
@@ -49,8 +51,6 @@ def versions() -> dict[str, Any]:
         except PackageNotFoundError:
             found[name] = None
     try:
-        import subprocess
-
         root = Path(__file__).resolve().parents[2]
         found["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                              text=True, timeout=5).stdout.strip() or None
@@ -123,7 +123,6 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     if not runs:
         return []
