@@ -354,3 +354,91 @@ def test_two_step_mdp_converges_to_dynamic_programming_soft_optimum():
     worst = max(worst, np.abs(learned0 - opt0).max())
     assert np.abs(learned0 - rho0).max() > 0.05, "toy too easy: the optimum is close to ρ"
     assert worst < 0.03, worst
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The hand example with a two-token next action: step 1's action is [0, 2], adding u3 = (11, 0) with
+#   u3: π = ρ = uniform, Q̄ = (0, 0, 1.5)  →  KL3 = 0, V3 = ½.
+# The last token of step 0 bootstraps from the *first* token state of step 1 (u2), not its last (u3):
+#   y0 = V1 = 0.4133566;  y1 = r0 + γ·V2 = 1.1 (from u3 it would be 0.2 + 0.9·½ = 0.65);  y2 = V3 = 0.5;  y3 = r1 = 1
+#   critic ½e² with Q_φ = ½: 0.0037535, 0.18, 0, 0.125 → mean 0.0771884
+#   policy per state: −0.4705542, −0.4133566, −0.5, −0.5 → mean −0.4709777
+# --------------------------------------------------------------------------------------------------------------
+def hand_example_two_token_next():
+    m, _ = hand_example()
+    m.set_row([11, 0], policy=logs(1 / 3, 1 / 3, 1 / 3), reference=logs(1 / 3, 1 / 3, 1 / 3), target=[0, 0, 1.5],
+              critic=[0.5] * 3)
+    buffer = [transition([10], [0, 1], 0.2, False, next_index=1), transition([11], [0, 2], 1.0, True)]
+    return m, buffer
+
+
+def test_bootstrap_reads_the_first_token_state_of_a_multi_token_next_action():
+    m, buffer = hand_example_two_token_next()
+    values, targets, missing = compute_targets(m, buffer, BETA, GAMMA, 256, batch_size=2, pad_id=0, device="cpu")
+    assert missing == 0
+    assert torch.cat(values).tolist() == pytest.approx([0.9705542, 0.4133566, 1.0, 0.5], abs=1e-6)
+    assert torch.cat(targets).tolist() == pytest.approx([0.4133566, 1.1, 0.5, 1.0], abs=1e-6)
+    packed = pack([(t.obs_ids, t.action_ids) for t in buffer], pad_id=0, device="cpu")
+    pol, crit, _ = etpo_losses(m, packed, torch.cat(targets), BETA, 2)
+    assert crit.item() == pytest.approx(0.0771884, abs=1e-6)
+    assert pol.item() == pytest.approx(-0.4709777, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One `etpo_update` step by hand, on a one-state tabular toy with plain SGD: the order (optimiser step, then EMA),
+# the EMA rate and per-network gradient clipping.
+# --------------------------------------------------------------------------------------------------------------
+def one_state_toy():
+    """State (5,), one-token terminal action [1] with reward 1; Q_φ = (0, ½, 2), Q̄ = (0.1, 0.1, 0.1), π = ρ."""
+    m = TabularModels(vocab=3)
+    m.set_row([5], policy=logs(1 / 2, 1 / 4, 1 / 4), reference=logs(1 / 2, 1 / 4, 1 / 4), critic=[0.0, 0.5, 2.0],
+              target=[0.1, 0.1, 0.1])
+    return m, [transition([5], [1], 1.0, True)]
+
+
+def sgd_update(m, buffer, lr=0.5, **overrides):
+    settings = UpdateSettings(**{**dict(beta=BETA, gamma=GAMMA, epochs=1, minibatch_size=8, critic_loss="mse",
+                                        ema_rate=0.25, max_grad_norm=0.0), **overrides})
+    pol_opt = torch.optim.SGD(m.policy_parameters(), lr=lr)
+    crit_opt = torch.optim.SGD(m.critic_parameters(), lr=lr)
+    return etpo_update(m, buffer, settings, pol_opt, crit_opt, random.Random(0))
+
+
+def test_ema_target_follows_the_stepped_critic_at_rate_tau():
+    """By hand (τ = 0.25, SGD lr ½, MSE): y = r = 1 (terminal); the taken Q is ½, its gradient ½ − 1 = −½, so the
+    step gives Q_φ(u, 1) = ½ + ½·½ = 0.75; then Q̄ ← (1 − τ)·Q̄ + τ·Q_φ: 0.75·0.1 + 0.25·(0, 0.75, 2) =
+    (0.075, 0.2625, 0.575). (EMA before the step: 0.2 at the taken token; rate 1 − τ: 0.5875; τ = 1: 0.75.)"""
+    m, buffer = one_state_toy()
+    sgd_update(m, buffer)
+    s = m.state([5])
+    assert m.q[s].tolist() == pytest.approx([0.0, 0.75, 2.0], abs=1e-6)
+    assert m.q_target[s].tolist() == pytest.approx([0.075, 0.2625, 0.575], abs=1e-6)
+    # a state the batch never visits still moves towards the (unchanged) online critic at rate τ
+    other = m.state([7])
+    assert m.q_target[other].tolist() == pytest.approx((0.75 * 0.0 + 0.25 * m.q[other]).tolist(), abs=1e-6)
+
+
+def test_gradients_are_clipped_per_network():
+    """Both raw gradient norms exceed the clip c; each network's step is then exactly lr·c long (clipping the two
+    networks jointly would shorten both steps, by c/‖(g_π, g_Q)‖)."""
+    clip, lr = 1e-3, 1.0
+    m, buffer = one_state_toy()
+    before_pi, before_q = m.policy_delta.detach().clone(), m.q.detach().clone()
+    stats = sgd_update(m, buffer, lr=lr, max_grad_norm=clip)
+    assert stats["grad_norm/policy"] > 10 * clip and stats["grad_norm/critic"] > 10 * clip
+    assert float((m.policy_delta.detach() - before_pi).norm()) == pytest.approx(lr * clip, rel=1e-4)
+    assert float((m.q.detach() - before_q).norm()) == pytest.approx(lr * clip, rel=1e-4)
+
+
+def test_targets_are_recomputed_every_epoch():
+    """Two epochs on one minibatch equal two one-epoch updates: the second epoch's targets come from the policy and
+    target critic after the first epoch's step, not from those the update started with."""
+    twice, buffer = hand_example()
+    epochs2, _ = hand_example()
+    first = sgd_update(twice, buffer)
+    second = sgd_update(twice, buffer)
+    assert first["targets/mean"] != pytest.approx(second["targets/mean"], abs=1e-4)  # the targets did move
+    sgd_update(epochs2, buffer, epochs=2)
+    for name in ("policy_delta", "q", "q_target"):
+        torch.testing.assert_close(getattr(epochs2, name).detach(), getattr(twice, name).detach(), rtol=0,
+                                   atol=1e-6, msg=name)
