@@ -112,6 +112,21 @@ def fresh_process_command(scratch: str) -> list[str]:
     return [sys.executable, "-I", "-B", str(WORKER_SOURCE), "--scratch", scratch]
 
 
+def _tree_under_tmp(n_files: int) -> str:
+    """A directory under /tmp with `n_files` empty files, added to the local sandbox's read-only binds."""
+    from sandbox import local
+
+    root = tempfile.mkdtemp(prefix="etpo-bench-tree-", dir="/tmp")
+    for i in range(n_files):
+        if i % 100 == 0:
+            folder = os.path.join(root, f"pkg{i // 100}")
+            os.mkdir(folder)
+        open(os.path.join(folder, f"m{i}.py"), "w").close()
+    roots = local._python_roots()
+    local._python_roots = lambda: [*roots, root]
+    return root
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -122,13 +137,16 @@ def time_call(fn) -> float:
     return time.perf_counter() - started
 
 
-def throughput(sandbox, job: Job, concurrency: int, n_jobs: int) -> float:
+def throughput(sandbox, job: Job, concurrency: int, n_jobs: int, phases: list | None = None) -> float:
+    """Jobs per second; `phases` collects (the worker's own time for each job, the time per job) pairs."""
     with ThreadPoolExecutor(concurrency) as pool:
         started = time.perf_counter()
         results = list(pool.map(lambda _: sandbox.run(job), range(n_jobs)))
         elapsed = time.perf_counter() - started
     if not all(r.ok for r in results):
         raise RuntimeError(f"throughput job failed: {[r.message for r in results if not r.ok][:1]}")
+    if phases is not None:
+        phases += [(r.duration_s, elapsed / n_jobs) for r in results]
     return n_jobs / elapsed
 
 
@@ -139,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="local,docker,unsafe-process")
     parser.add_argument("--throughput-jobs", type=int, default=12, help="jobs per throughput measurement")
     parser.add_argument("--throughput-rounds", type=int, default=3, help="interleaved one-at-a-time rounds")
+    parser.add_argument("--tree-under-tmp", type=int, default=0, metavar="FILES",
+                        help="bind a read-only tree of FILES files under /tmp into the local sandbox, as a virtual "
+                             "environment or checkout under /tmp is (a CI runner's, say)")
     args = parser.parse_args(argv)
 
     import warnings
@@ -153,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"docker skipped: {why}")
         wanted.remove("docker")
     sandboxes = {}
+    tree = _tree_under_tmp(args.tree_under_tmp) if args.tree_under_tmp else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # unsafe-process warns; here it is a measured variant
         for name in wanted:
@@ -188,25 +210,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstandard job: random forest (100 trees) on breast_cancer, {len(job.folds[0].X_fit)} fit rows, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'variant':<32} {'n':>3} {'p50 ms':>9} {'p95 ms':>9} {'p50 ratio':>10} {'p95 ratio':>10}")
-    for name, values in timings.items():
+    for name, values in [(name, values) for name, values in timings.items() if values]:
         p50, p95 = percentile(values, 50), percentile(values, 95)
         print(f"{name:<32} {len(values):>3} {p50 * 1e3:>9.1f} {p95 * 1e3:>9.1f} {p50 / floor50:>9.2f}x "
               f"{p95 / floor95:>9.2f}x")
 
     # One job at a time (a single env stepping): each backend in turn, several rounds, so load hits all alike.
     one_at_a_time: dict[str, list[float]] = {name: [] for name in sandboxes}
+    phases: dict[str, list] = {name: [] for name in sandboxes}
     for _ in range(args.throughput_rounds):
         for name, sandbox in sandboxes.items():
-            one_at_a_time[name].append(throughput(sandbox, job, 1, args.throughput_jobs))
+            one_at_a_time[name].append(throughput(sandbox, job, 1, args.throughput_jobs, phases[name]))
     print(f"\nthroughput ({args.throughput_jobs} jobs per measurement; one at a time: median of "
           f"{args.throughput_rounds} interleaved rounds)")
-    print(f"{'backend':<16} {'1 at a time':>13} {'vs docker':>10} {'2 concurrent':>14} {'speed-up':>9}")
+    print(f"{'backend':<16} {'1 at a time':>13} {'vs docker':>10} {'worker ms':>10} {'rest ms':>8} "
+          f"{'2 concurrent':>14} {'speed-up':>9}")
     docker_one = statistics.median(one_at_a_time["docker"]) if "docker" in sandboxes else None
     for name, sandbox in sandboxes.items():
         one = statistics.median(one_at_a_time[name])
         two = throughput(sandbox, job, 2, args.throughput_jobs)
         versus = f"{one / docker_one:>9.0%}" if docker_one else f"{'-':>9}"
-        print(f"{name:<16} {one:>11.2f}/s {versus} {two:>12.2f}/s {two / one:>8.2f}x")
+        # the worker's own time for a job (fold children, cleanup before the answer) and the rest of each job's
+        # share of the wall clock: host encoding and decoding, transport, cleanup after the answer
+        worker_ms = statistics.median(w for w, _ in phases[name]) * 1e3
+        rest_ms = statistics.median(per_job - w for w, per_job in phases[name]) * 1e3
+        print(f"{name:<16} {one:>11.2f}/s {versus} {worker_ms:>10.1f} {rest_ms:>8.1f} {two:>12.2f}/s {two / one:>8.2f}x")
     if docker_one and "local" in sandboxes:
         local_one = statistics.median(one_at_a_time["local"])
         print(f"one job at a time: local {local_one:.2f}/s, docker {docker_one:.2f}/s, "
@@ -214,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for sandbox in sandboxes.values():
         sandbox.close()
     shutil.rmtree(scratch, ignore_errors=True)
+    if tree:
+        shutil.rmtree(tree, ignore_errors=True)
     print(f"\nmedian in-process job: {statistics.median(timings['in-process']) * 1e3:.1f} ms")
     return 0
 
