@@ -78,3 +78,36 @@ def test_config_refuses_sampling_that_training_does_not_reproduce(setting, match
         from agents.config import with_fields
 
         with_fields(PPOConfig(), setting)
+
+
+@pytest.mark.parametrize("value_model", ["shared", "adapter"])
+def test_bootstrap_value_is_read_at_the_last_observation_token(tiny_model_dir, value_model):
+    """V(s') after a truncation is the value head on the state the next action's first token is sampled in: the
+    last token of s' (right-padded batch of observations of different lengths)."""
+    agent = PPOAgent(model=tiny_model_dir, value_model=value_model, **{**SMALL, "temperature": 1.0})
+    if value_model == "adapter":
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a fresh value adapter is the identity: move it so its features differ
+            for name, p in agent.policy.model.named_parameters():
+                if ".value." in name:
+                    p.add_(0.2 * torch.randn(p.shape, generator=g))
+    observations = [agent.policy.encode(p) for p in PROMPTS]
+    assert len({len(o) for o in observations}) == len(observations)
+    got = agent.state_values(observations)
+    adapter = "value" if value_model == "adapter" else "policy"
+    early = []
+    for obs, value in zip(observations, got, strict=True):
+        with torch.no_grad():
+            hidden = agent.policy.hidden_states(torch.tensor([obs]), adapter=adapter)[0]
+            expected = agent.value_head(hidden.float()).squeeze(-1)
+        assert value == pytest.approx(float(expected[-1]), abs=1e-6)
+        early.append(abs(float(expected[-2]) - float(expected[-1])))
+    assert max(early) > 1e-3  # read one position early, V(s') would be another number
+    # ... and the same number the annotate pass gives the first token of an action taken in s'
+    transitions = [Transition(obs_ids=np.asarray(o, np.int32), action_ids=np.asarray([5, 6], np.int32),
+                              logp=np.zeros(2, np.float32), ref_logp=np.zeros(2, np.float32), reward=0.0,
+                              terminated=True, truncated=False, episode_id=i, t=0, next_index=None, extras={})
+                   for i, o in enumerate(observations)]
+    agent.annotate_values(transitions)
+    for t, value in zip(transitions, got, strict=True):
+        assert float(t.extras["values"][0]) == pytest.approx(value, abs=1e-5)

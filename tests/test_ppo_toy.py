@@ -194,3 +194,33 @@ def print_figures(seeds: int = 3) -> None:
 
 if __name__ == "__main__":
     print_figures()
+
+
+def test_advantages_are_whitened_over_the_whole_batch_not_per_minibatch():
+    """Three actions of 1, 2 and 3 tokens with advantages [3], [0, 0], [1, 1, 1]: over the batch mean 1, std 1,
+    so whitened [2], [-1, -1], [0, 0, 0]. One action per minibatch and a zero step size keep every ratio at 1, so
+    each minibatch's policy loss is -mean(Â) over its tokens: -2, 1, 0, mean -1/3. Whitened per minibatch, each
+    minibatch's advantages would average 0 (a loss of exactly 0)."""
+    from agents.rollout import Transition
+
+    model = TabularModel()
+    rows = [[3.0], [0.0, 0.0], [1.0, 1.0, 1.0]]
+    transitions = [Transition(obs_ids=np.zeros(1, np.int32), action_ids=np.zeros(len(a), np.int32),
+                              logp=np.full(len(a), -np.log(VOCAB), np.float32),
+                              ref_logp=np.full(len(a), -np.log(VOCAB), np.float32), reward=0.0, terminated=True,
+                              truncated=False, episode_id=i, t=0, next_index=None,
+                              extras={"advantages": np.asarray(a, np.float32), "returns": np.zeros(len(a), np.float32),
+                                      "values": np.zeros(len(a), np.float32)})
+                   for i, a in enumerate(rows)]
+
+    def forward(batch):  # π_θ = π_old for every token: a uniform policy and zero values
+        n = max(len(t.action_ids) for t in batch)
+        logp = torch.full((len(batch), n), -float(np.log(VOCAB)), requires_grad=True)
+        return ForwardOutput(logp=logp, values=torch.zeros(len(batch), n, requires_grad=True))
+
+    stats = ppo_update(transitions, forward, torch.optim.SGD(model.parameters(), lr=0.0), list(model.parameters()),
+                       epochs=1, minibatch_size=1, clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0,
+                       max_grad_norm=1.0, target_kl=None, normalize_advantages=True,
+                       generator=torch.Generator().manual_seed(0))
+    assert stats["gradient_steps"] == 3
+    assert stats["policy_loss"] == pytest.approx(-1 / 3, abs=1e-6)
