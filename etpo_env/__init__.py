@@ -9,8 +9,10 @@ Importing this package registers ``DataSciCode-v0``::
     envs = gym.make_vec("DataSciCode-v0", num_envs=4, vectorization_mode="async")
     pooled = gym.make_vec("DataSciCode-v0", num_envs=8, vectorization_mode="vector_entry_point", pool_size=4)
 
-``gym.make("etpo_env:DataSciCode-v0")`` imports the package itself. See `etpo_env.env.DataSciCodeEnv` for the
-keyword arguments.
+``gym.make("etpo_env:DataSciCode-v0")`` imports the package itself. The env's settings are the fields of
+`etpo_env.config.EnvConfig` (``gym.make(..., config=EnvConfig(...))``, or the same names as keywords); the keys of
+its `info` dicts are documented by `etpo_env.info.StepInfo`. Wrappers (episode recorder, env-step budget) are in
+`etpo_env.wrappers`, pooled vectorisation in `etpo_env.pool`. This package never imports `agents`.
 """
 
 __version__ = "0.1.0"
