@@ -350,3 +350,57 @@ def test_a_python_installation_bound_under_tmp_is_neither_wiped_nor_walked(monke
             assert result.extra["wipe_s"] < 0.05, f"wiping took {result.extra['wipe_s']:.3f}s for 2 folds"
         assert box.stats["workers_replaced"] == 0
     assert len(list(venv.rglob("*.py"))) == 4000
+
+
+# --------------------------------------------------------------------------- a job trying to wedge its sandbox
+
+WEDGES = {
+    # the issue's wedge: the last fold's predict_proba stops its parent, the fork server
+    "stop_the_fork_server": ("""
+import os, signal
+from sklearn.dummy import DummyClassifier
+class M(DummyClassifier):
+    def predict_proba(self, X):
+        try:
+            os.kill(os.getppid(), signal.SIGSTOP)
+        except OSError:
+            pass
+        return super().predict_proba(X)
+def build_model(X, y):
+    return M().fit(X, y)
+""", {Status.OK}),
+    # half a result frame, then silence: the worker must not wait for the rest past the deadline
+    "half_a_result_frame": ("""
+import os, struct, time
+def build_model(X, y):
+    os.write(3, struct.pack(">4sIQ", b"EtpW", 100, 0) + b'{"status"')
+    time.sleep(60)
+""", {Status.TIMEOUT}),
+    # a grandchild keeps the result channel open after the child's runner has written its result and exited
+    "orphan_holds_the_result_channel": ("""
+import os, time
+from sklearn.dummy import DummyClassifier
+def build_model(X, y):
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    return DummyClassifier().fit(X, y)
+""", {Status.OK}),
+    # the child stops itself and its whole process group
+    "stop_own_process_group": ("""
+import os, signal
+def build_model(X, y):
+    os.killpg(os.getpgrp(), signal.SIGSTOP)
+""", {Status.TIMEOUT}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEDGES))
+def test_a_job_cannot_wedge_its_sandbox(sandbox, case):
+    program, statuses = WEDGES[case]
+    started = time.monotonic()
+    result = run_with_deadline(sandbox, Job(program, [tiny_fold(), tiny_fold()]), LIMITS.wall_time_s + 30)
+    assert result is not None, "the step did not return"
+    assert result.status in statuses, (result.status, result.message)
+    assert time.monotonic() - started < LIMITS.wall_time_s + 15
+    honest_ok(sandbox, 3)
