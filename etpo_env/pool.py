@@ -21,6 +21,8 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.vector.utils import concatenate, iterate
 
+from etpo_env.config import EnvConfig
+
 
 class SandboxPool:
     """Up to `size` sandboxes, created on demand and shared; `run` borrows an idle one (or waits for one).
@@ -164,18 +166,27 @@ class ThreadedVectorEnv(SyncVectorEnv):
 def make_pooled_vec_env(
     num_envs: int = 2,
     pool_size: int | None = None,
-    sandbox: Any = "auto",
+    sandbox: Any = None,
     limits: Any = None,
     **env_kwargs: Any,
 ) -> ThreadedVectorEnv:
     """`num_envs` DataSciCode envs sharing one `SandboxPool` of `pool_size` sandboxes (default: `num_envs`).
 
-    This is the `vector_entry_point` of `DataSciCode-v0`. With a sandbox instance, the envs share that
-    instance instead (its own parallelism then bounds the concurrency) and it is not closed here.
+    This is the `vector_entry_point` of `DataSciCode-v0`; `env_kwargs` (an `EnvConfig` as `config=`, and/or its
+    fields by name) describe each env. `sandbox` and `limits` default to the config's (`"auto"`, none). With a
+    sandbox instance, the envs share that instance instead (its own parallelism then bounds the concurrency) and it
+    is not closed here.
     """
     from etpo_env.env import DataSciCodeEnv
 
     env_kwargs.pop("max_episode_steps", None)  # episodes end by rule (max_attempts)
+    config = env_kwargs.pop("config", None)
+    if config is not None and not isinstance(config, EnvConfig):
+        env_kwargs = {"task": config, **env_kwargs}  # the env's first argument used to be the task
+        config = None
+    config = config or EnvConfig()
+    sandbox = config.sandbox if sandbox is None else sandbox
+    limits = config.limits if limits is None else limits
     if isinstance(sandbox, str):
         shared = SandboxPool(size=pool_size or num_envs, backend=sandbox, limits=limits)
         owned = [shared]
@@ -183,5 +194,5 @@ def make_pooled_vec_env(
         if limits is not None:
             raise ValueError("limits apply to sandboxes the pool creates; set them on the shared sandbox instead")
         shared, owned = sandbox, []
-    env_fns = [lambda: DataSciCodeEnv(sandbox=shared, **env_kwargs) for _ in range(num_envs)]
+    env_fns = [lambda: DataSciCodeEnv(config, sandbox=shared, limits=None, **env_kwargs) for _ in range(num_envs)]
     return ThreadedVectorEnv(env_fns, max_workers=num_envs, owned=owned)

@@ -133,6 +133,18 @@ def test_make_pooled_vec_env_bounds_sandboxes(task, monkeypatch):
     assert [sandbox.closed for sandbox in made] == [1, 1]
 
 
+def test_make_pooled_vec_env_takes_an_env_config(task, monkeypatch):
+    from etpo_env.config import EnvConfig
+
+    seen = []
+    original = make_pooled_vec_env.__globals__["SandboxPool"]
+    monkeypatch.setattr("etpo_env.pool.SandboxPool",
+                        lambda size, backend, limits: seen.append(backend) or original(size=size, factory=SleepySandbox))
+    envs = make_pooled_vec_env(num_envs=2, config=EnvConfig(task=task, sandbox="local", max_attempts=2))
+    assert seen == ["local"] and [e.unwrapped.max_attempts for e in envs.envs] == [2, 2]
+    envs.close()
+
+
 def test_pooled_kwargs_errors(task):
     with pytest.raises(ValueError, match="limits"):
         make_pooled_vec_env(num_envs=2, sandbox=SleepySandbox(), limits=object(), task=task)
