@@ -387,11 +387,12 @@ class Worker:
             if not os.path.isdir(root):
                 continue
             try:
-                if root != self.scratch:
-                    os.chmod(root, 0o700)  # the job's own directory (or /dev/shm, 1777 again below) may be mode 000
+                mode = stat.S_IMODE(os.stat(root).st_mode)
+                if mode & 0o700 != 0o700:  # a job sharing the owner's uid made it unreadable: give it back
+                    os.chmod(root, 0o700)
                 empty_directory(root, self._skeleton.get(root, frozenset()))
-                if root == "/dev/shm":
-                    os.chmod(root, 0o1777)
+                if mode & 0o700 != 0o700:
+                    os.chmod(root, 0o700 if root.endswith(JOB_DIR) else 0o1777)
             except OSError as exc:
                 print(f"worker: cannot empty {root}: {exc}", file=sys.stderr, flush=True)
                 clean = False
