@@ -123,6 +123,7 @@ def test_server_protocol_details(served):
     assert post("/nowhere", {})[0] == 404
 
 
+@pytest.mark.slow  # starts `etpo serve` in a subprocess and loads the model there (several seconds)
 def test_etpo_serve_command_serves_on_loopback(tiny_model_dir):
     proc = subprocess.Popen([sys.executable, "-m", "agents.cli", "serve", "--model", str(tiny_model_dir),
                              "--port", "0", "--device", "cpu"], stderr=subprocess.PIPE, text=True,
