@@ -206,7 +206,7 @@ def test_runtime_error_traceback_shows_only_the_agents_lines(local_sandbox):
     assert result.error_type == "KeyError" and "missing" in result.message
     assert 'File "<agent>", line 5, in build_model' in result.traceback
     assert 'File "<agent>", line 2, in helper' in result.traceback
-    assert "worker.py" not in result.traceback and "/site-packages/" not in result.traceback
+    assert "/worker/" not in result.traceback and "/site-packages/" not in result.traceback
 
 
 @pytest.mark.parametrize("program, status, needle", [

@@ -49,7 +49,7 @@ def test_hostile_program_is_contained(hostile_sandbox, planted, case):
 
 
 def _sandbox_processes() -> list[int]:
-    """Our own descendants that are sandbox machinery (bubblewrap or a worker)."""
+    """Our own descendants that are sandbox machinery (bubblewrap or a worker: `python -I -B /opt/etpo/worker`)."""
     found = []
     for pid in _descendants(os.getpid()):
         try:
@@ -57,7 +57,7 @@ def _sandbox_processes() -> list[int]:
                 cmdline = handle.read()
         except OSError:
             continue
-        if b"bwrap" in cmdline or b"worker.py" in cmdline:
+        if b"bwrap" in cmdline or b"/etpo/worker" in cmdline:
             found.append(pid)
     return found
 
