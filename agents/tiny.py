@@ -69,7 +69,7 @@ class TinyPreset:
         "help": "Prompt tokens kept before each completion in training (0 = as many as fit the block): "
                 "context_length - 256, the tail LMPolicy keeps at inference for 256 new tokens."})
     n_demos: int = field(default=1200, metadata={"help": "Training pairs of all kinds (drawn with repetition)."})
-    fix_fraction: float = field(default=0.4, metadata={"help": "Share of fix-prompt pairs (failed program -> fix)."})
+    fix_fraction: float = field(default=0.5, metadata={"help": "Share of fix-prompt pairs (failed program -> fix)."})
     refine_fraction: float = field(default=0.05, metadata={"help": "Share of refine-prompt pairs (best program -> "
                                                                     "a different program)."})
     feedback_tasks: int = field(default=2, metadata={"help": "Tasks each program and its buggy variants are run on "
