@@ -11,6 +11,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+# One marker for everything the sandbox creates: the label of every Docker container (see `etpo sandbox prune`) and
+# the value of ETPO_SANDBOX inside either backend.
+LABEL = "etpo-gym.sandbox"
+
 
 class Status(str, enum.Enum):  # noqa: UP042 (StrEnum needs Python 3.11; 3.10 is supported)
     OK = "ok"

@@ -16,12 +16,11 @@ import struct
 import time
 import uuid
 
-from sandbox.api import Limits
+from sandbox.api import LABEL, Limits
 from sandbox.images import WORKER_IN_IMAGE, docker_client, image_exists, image_tag
 from sandbox.local import WORKER_CAPS, random_child_uid, sandbox_environment
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
 
-LABEL = "etpo-gym.sandbox"  # every container the project creates carries it
 OWNER_LABEL = "etpo-gym.sandbox.owner"  # "<hostname>:<pid>" of the process that created it
 SANDBOX_LABEL = "etpo-gym.sandbox.id"
 WORKER_MEMORY_MB = 512  # the warm worker's own footprint on top of the job's memory limit

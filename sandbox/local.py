@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from sandbox.api import Limits
+from sandbox.api import LABEL, Limits
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle, write_with_deadline
 from sandbox.worker.supervisor import kill_uid
 
@@ -34,14 +34,13 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 # CAP_SYS_PTRACE only lets it read their memory accounting (/proc/<pid>/smaps_rollup).
 WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
                "CAP_SYS_PTRACE")
-LABEL = "etpo-gym-sandbox"
 
 
 def sandbox_environment(home: str = "/tmp") -> dict[str, str]:
     """The whole environment a worker sees: an allow-list, nothing inherited from the host."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
            "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
-           "ETPO_SANDBOX": LABEL}
+           "ETPO_SANDBOX": LABEL}  # the same marker as the Docker containers' label
     env.update({name: "1" for name in THREAD_VARS})
     return env
 
