@@ -40,7 +40,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,13 +131,9 @@ def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: in
     Demos are drawn with repetition from `distinct_programs` corpus programs, weak families `weak_family_weight`
     times more often.
     """
-    try:
-        import tasks
-        from tasks import demos
-    except ImportError:  # the task suite is part of this project; this keeps the agents package usable alone
-        warnings.warn("task suite not importable: building the tiny model from a minimal built-in corpus",
-                      stacklevel=2)
-        return _fallback_pairs(n_demos, seed)
+    import tasks
+    from tasks import demos
+
     prompts = _task_prompts(tasks, max_tasks)
     rng = random.Random(seed)
     pool = demos.corpus(n=distinct_programs or 4 * n_demos, seed=seed, buggy_fraction=buggy_fraction)
@@ -287,25 +282,6 @@ def run_feedback(jobs: list[tuple[str, str]], tasks_by_name: dict[str, Any], san
     return out
 
 
-_FALLBACK_BODIES = [
-    "from sklearn.linear_model import LogisticRegression\nreturn LogisticRegression(max_iter=200).fit(X, y)",
-    "from sklearn.ensemble import RandomForestClassifier\nreturn RandomForestClassifier(n_estimators=50).fit(X, y)",
-    "from sklearn.tree import DecisionTreeClassifier\nreturn DecisionTreeClassifier(max_depth=3).fit(X, y)",
-    "from sklearn.naive_bayes import GaussianNB\nreturn GaussianNB().fit(X, y)",
-    "from sklearn.neighbors import KNeighborsClassifier\nreturn KNeighborsClassifier(5).fit(X, y)",
-]
-
-
-def _fallback_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        rows, cols = rng.randint(100, 2000), rng.randint(3, 40)
-        prompt = (f"You are a data scientist. Your task is binary classification on a tabular dataset.\n"
-                  f"The dataset has {rows} rows and {cols} features.\n\n{HEADER}")
-        body = rng.choice(_FALLBACK_BODIES)
-        pairs.append((prompt, "\n" + "\n".join("    " + line for line in body.splitlines()) + "\n"))
-    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------

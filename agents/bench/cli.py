@@ -53,9 +53,9 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--budget", type=int, default=10)
     demo.add_argument("--out", default="results/demo")
     _add_common(demo)
-    # One attempt per episode: the tiny model learned first prompts only, so feedback prompts (error + failing code)
-    # are outside its training data. A capable model (--model PATH) can take --max-attempts 5, the paper's setting.
-    demo.set_defaults(func=_demo_command, prepare=_prepare, command_parser=demo, env_max_attempts=1)
+    # Five attempts per episode in fix mode (EnvConfig's defaults), the paper's setting: the tiny model is trained on
+    # the env's fix prompts too.
+    demo.set_defaults(func=_demo_command, prepare=_prepare, command_parser=demo)
 
 
 def _prepare(args: argparse.Namespace) -> None:
