@@ -6,6 +6,18 @@ import gymnasium as gym
 import pytest
 
 
+@pytest.fixture
+def single_torch_thread():
+    """One torch thread for the test (`pytestmark = pytest.mark.usefixtures("single_torch_thread")`): tensors this
+    small gain nothing from a thread pool, which only adds contention (10x slower on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A very small causal LM + BPE tokenizer built from nothing in seconds (the "test" preset of agents.tiny).

@@ -12,15 +12,9 @@ from agents.etpo import ETPOAgent, etpo_losses, pack
 from agents.ppo import PPOAgent
 from agents.rollout import Transition
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_torch_thread")]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def perturb_adapters(policy, seed: int = 0) -> None:

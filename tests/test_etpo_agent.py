@@ -15,6 +15,8 @@ from agents.etpo import ETPOAgent, ETPOConfig, Lion, pack, policy_loss_per_state
 SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
              seed=0, chunk_size=7)
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 class DigitEnv(gym.Env):
     """One-step episodes: the reward is the share of digits in the action (deterministic, no sandbox)."""
@@ -44,13 +46,6 @@ class TwoStepEnv(DigitEnv):
         return f"attempt {self.t}: reward {reward:.2f}\n", reward, self.t >= 2, False, info
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """A tiny model on a busy 2-core machine: one thread avoids pool contention (>10x slower otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def snapshot(agent: ETPOAgent) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ from agents.etpo import (
     token_kl,
 )
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 
 def transition(obs, action, reward, terminated, next_index=None, next_obs_ids=None, truncated=False):
     return SimpleNamespace(obs_ids=np.asarray(obs, np.int32), action_ids=np.asarray(action, np.int32),
@@ -103,13 +105,6 @@ class TabularModels:
             return torch.softmax(self.head(role, h)[0], -1)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: a thread pool only adds contention (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logs(*p):

@@ -21,14 +21,9 @@ REWARD = np.array([[0.0, 0.2, 0.0],
                    [0.0, 0.3, 0.1]])
 ACTIONS = list(itertools.product(range(VOCAB), repeat=2))
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: thread start-up costs dominate (and oversubscribe a busy machine), so use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 class TabularModel(torch.nn.Module):
