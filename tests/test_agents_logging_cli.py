@@ -144,6 +144,9 @@ def test_env_options_come_from_env_config():
     assert args.env_config == EnvConfig(max_rows=300, sandbox="local", split_seed=3)
     demo = build_parser().parse_args(["demo"])
     demo.prepare(demo)
+    assert (demo.env_config.max_attempts, demo.env_config.mode) == (5, "fix")  # the paper's episodes
+    demo = build_parser().parse_args(["demo", "--max-attempts", "1"])
+    demo.prepare(demo)
     assert demo.env_config.max_attempts == 1
     train = build_parser().parse_args(["train", "--agent", "sft", "--budget", "1", "--out", "x", "--task", "iris",
                                        "--reward", "improvement", "--set", "epochs=2"])
