@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ class Learner:
     """Base class of the LM learners: learn → (collect → train)*, counters, logging, checkpoints, resume."""
 
     config_class: ClassVar[type]
-    name: ClassVar[str] = "learner"
+    needs_reference_logprobs: ClassVar[bool] = False  # the collector scores sampled tokens under ρ too
 
     def __init__(self, model: str | Path = "tiny", config: Any = None, **overrides: Any):
         from agents.config import with_fields
@@ -151,8 +152,6 @@ class Learner:
                                                compute_ref_logp=self.needs_reference_logprobs)
         return self._collector
 
-    needs_reference_logprobs: ClassVar[bool] = False  # the collector scores sampled tokens under ρ too
-
     def learn(self, env: Any, budget: int, callbacks: Callback | Iterable[Callback] | None = None,
               out_dir: str | Path | None = None) -> dict[str, float]:
         """Collect `rollout_steps` env steps and `train` on them until `budget` env steps in total.
@@ -163,6 +162,7 @@ class Learner:
         """
         callbacks = [callbacks] if callable(callbacks) else list(callbacks or [])
         logger = _make_logger(out_dir, budget - self.counters["env_steps"])
+        saved_at: int | None = None  # the update count of the last checkpoint this call wrote
         try:
             summary = self.prepare(logger)
             if self.collects:
@@ -171,23 +171,22 @@ class Learner:
                     summary.update(stats)
                     if logger is not None:
                         logger.log(stats, step=self.counters["env_steps"])
-                    stop = any(callback(stats) is False for callback in callbacks)
+                    answers = [callback(stats) for callback in callbacks]  # every callback sees every update
                     every = self.config.checkpoint_every
                     if out_dir is not None and every and self.counters["updates"] % every == 0:
                         self.save(Path(out_dir) / "checkpoint")
-                    if stop:
+                        saved_at = self.counters["updates"]
+                    if any(answer is False for answer in answers):
                         break
         finally:
             if logger is not None:
                 logger.close()
-        if out_dir is not None:
+        if out_dir is not None and saved_at != self.counters["updates"]:  # not written twice for one state
             self.save(Path(out_dir) / "checkpoint")
         return {**summary, **{k: float(v) for k, v in self.counters.items()}}
 
     def update_once(self, env: Any, n_steps: int) -> dict[str, float]:
         """Collect `n_steps` env steps, train on them, count them; returns collection and update diagnostics."""
-        import time
-
         started = time.perf_counter()
         if self.policy.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.policy.device)

@@ -261,3 +261,11 @@ def test_exported_policy_is_the_trained_policy(tiny_model_dir, tmp_path):
         base = agent.policy.logits(ids, adapter=None)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(theirs, base, atol=1e-4)
+
+
+def test_a_callback_returning_false_stops_training_and_every_callback_sees_the_update(tiny_model_dir, tmp_path):
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    seen = []
+    summary = agent.learn(DigitEnv(), budget=12, callbacks=[lambda stats: False, seen.append], out_dir=tmp_path)
+    assert summary["updates"] == 1 and summary["env_steps"] == 4 and len(seen) == 1
+    assert ETPOAgent.load(tmp_path / "checkpoint").counters == agent.counters
