@@ -305,18 +305,17 @@ def _chunk_losses(models: TokenModels, beta: float, critic_kind: str, huber_delt
     """Summed policy and critic losses of one chunk of rows, plus detached per-row diagnostics [5, n]."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
+    taken = lambda rows: rows.gather(-1, tokens[:, None]).squeeze(-1)  # noqa: E731  (the sampled token's entry)
     split = getattr(models, "critic_split", None)
     if split is not None:  # Q = V + A, each part with its own regression (dueling_critic_loss_per_token)
         value, advantage = split(h_q)
         q = value.float()[:, None] + advantage.float()
-        critic_sum = dueling_critic_loss_per_token(value, advantage.gather(-1, tokens[:, None]).squeeze(-1), targets,
-                                                   critic_kind, huber_delta).sum()
+        critic_sum = dueling_critic_loss_per_token(value, taken(advantage), targets, critic_kind, huber_delta).sum()
     else:
         q = models.head("critic", h_q).float()
-    q_taken = q.gather(-1, tokens[:, None]).squeeze(-1)
+        critic_sum = critic_loss_per_token(taken(q), targets, critic_kind, huber_delta).sum()
+    q_taken = taken(q)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
-    if split is None:
-        critic_sum = critic_loss_per_token(q_taken, targets, critic_kind, huber_delta).sum()
     with torch.no_grad():
         diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), q_taken.detach(),
                             (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
