@@ -162,18 +162,21 @@ def with_fields(config: T, changes: dict[str, Any]) -> T:
     unknown = sorted(set(changes) - set(leaves))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown} for {type(config).__name__}; known: {sorted(leaves)}")
-    nested: dict[str, dict[str, Any]] = {}
+    return _replace_paths(config, {leaves[name].path: value for name, value in changes.items()})
+
+
+def _replace_paths(config: T, values: dict[tuple[str, ...], Any]) -> T:
+    """Set values given by field path; each nested config is replaced once, with all of its changes together
+    (so its validation sees the final combination)."""
     top: dict[str, Any] = {}
-    for name, value in changes.items():
-        path = leaves[name].path
-        if len(path) == 1:
-            top[path[0]] = value
-        else:  # the nested config's own name for it: its path below the head, as its leaf_fields spells it
-            inner = type(getattr(config, path[0]))
-            sub_name = next(k for k, v in leaf_fields(inner).items() if v.path == path[1:])
-            nested.setdefault(path[0], {})[sub_name] = value
+    nested: dict[str, dict[tuple[str, ...], Any]] = {}
+    for (head, *rest), value in values.items():
+        if rest:
+            nested.setdefault(head, {})[tuple(rest)] = value
+        else:
+            top[head] = value
     for head, sub in nested.items():
-        top[head] = with_fields(getattr(config, head), sub)
+        top[head] = _replace_paths(getattr(config, head), sub)
     return dataclasses.replace(config, **top)
 
 
