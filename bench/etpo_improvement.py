@@ -25,7 +25,7 @@ def measure(policy, task: str, samples: int, seed: int, sandbox, max_new_tokens:
     from agents.tiny import evaluate_samples
 
     (row,) = evaluate_samples(policy, [task], n_samples=samples, seed=seed, sandbox=sandbox,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, max_attempts=1)  # one program per sample
     return row
 
 
