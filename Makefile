@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml sandbox/image/requirements.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -r sandbox/image/requirements.txt
-	$(PIP) install -q -e ".[dev,api]"
+	$(PIP) install -q -e ".[dev,api,ray,reference]"
 	touch $@
 
 venv install install-dev: $(VENV)/.installed
