@@ -19,6 +19,7 @@ _LAZY = {
     "TaskDataMissing": "tasks.loaders",
     "DEFAULT_TASK": "tasks.registry",
     "names": "tasks.registry",
+    "SUITES": "tasks.registry",
     "SplitProtocol": "tasks.splits",
     "Split": "tasks.task",
     "Task": "tasks.task",
@@ -30,7 +31,7 @@ __all__ = sorted([*_LAZY, "get"])
 if TYPE_CHECKING:
     from tasks.evaluation import Evaluation, evaluate  # noqa: F401
     from tasks.loaders import TaskDataMissing  # noqa: F401
-    from tasks.registry import DEFAULT_TASK, names  # noqa: F401
+    from tasks.registry import DEFAULT_TASK, SUITES, names  # noqa: F401
     from tasks.splits import SplitProtocol
     from tasks.task import Split, Task  # noqa: F401
 

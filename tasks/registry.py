@@ -255,12 +255,16 @@ _PAPER = [
 SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in _BUNDLED + _PAPER}
 
 
+# Suite names a user can pass wherever task names are taken ("all" is every registered task).
+SUITES = ("bundled", "paper", "all")
+
+
 def names(suite: str = "bundled") -> list[str]:
     """Task names of a suite: "bundled" (offline, ships with the packages), "paper" (OpenML + Kaggle), "all"."""
     if suite == "all":
         return list(SPECS)
-    if suite not in ("bundled", "paper"):
-        raise ValueError(f"suite must be 'bundled', 'paper' or 'all', got {suite!r}")
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)}; got {suite!r}")
     return [name for name, spec in SPECS.items() if spec.suite == suite]
 
 

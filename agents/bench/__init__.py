@@ -21,7 +21,7 @@ _EXPORTS = {
     "config": ["BenchConfig", "agent_label", "run_file_name"],
     "report": ["CSV_COLUMNS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown", "table_rows",
                "write_outputs", "write_plots"],
-    "run": ["SUITES", "act_for_budget", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
+    "run": ["act_for_budget", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
             "seed_everything"],
     "statistics": ["CHANCE_SCORE", "format_ci", "mean_ci", "summarize"],
 }

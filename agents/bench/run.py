@@ -37,7 +37,6 @@ from etpo_env.config import EnvConfig
 from etpo_env.info import status_name
 from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
 
-SUITES = ("bundled", "paper", "all")
 MODEL_FREE_AGENTS = ("scripted", "random")  # built-in agents that need neither a model nor torch
 
 
@@ -151,7 +150,7 @@ def resolve_tasks(items: Sequence[str]) -> list[str]:
     """Suite names (bundled, paper, all) expand to their tasks; anything else is a task name."""
     resolved: list[str] = []
     for item in items:
-        resolved += tasks_pkg.names(suite=item) if item in SUITES else [item]
+        resolved += tasks_pkg.names(suite=item) if item in tasks_pkg.SUITES else [item]
     return list(dict.fromkeys(resolved))
 
 
