@@ -22,6 +22,7 @@ _EXPORTS = {
     "report": ["CSV_COLUMNS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown", "table_rows",
                "write_outputs", "write_plots"],
     "run": ["act_for_budget", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
+            "run_cell_isolated",
             "seed_everything"],
     "statistics": ["CHANCE_SCORE", "format_ci", "mean_ci", "summarize"],
 }

@@ -43,6 +43,8 @@ def register(subparsers: Any) -> None:
     bench.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     bench.add_argument("--budget", type=int, required=True, help="env steps per (agent, task, seed)")
     bench.add_argument("--out", default="results", help="output folder; rerunning with it resumes")
+    bench.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                       help="run the cells on a Ray cluster (no ADDRESS: 'auto', the cluster this host belongs to)")
     _add_common(bench)
     bench.set_defaults(func=_bench_command, prepare=_prepare, command_parser=bench)
 
@@ -86,7 +88,7 @@ def _run_and_report(args: argparse.Namespace, task_items: list[str]) -> int:
     result = run_benchmark(args.agent_list, task_items, args.seeds, args.budget, model=args.model,
                            sandbox=args.env_config.sandbox, out=args.out, progress=not args.no_progress,
                            console=console, env=args.env_config, select=args.select,
-                           agent_options=args.agent_options)
+                           agent_options=args.agent_options, ray=getattr(args, "ray", None))
     print_table(result["summary"], console)
     out = Path(result["out"])
     console.print(f"results: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'results.json'}")

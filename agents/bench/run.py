@@ -117,6 +117,25 @@ def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox
     return record
 
 
+def run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
+    """One cell in a process of its own (a Ray worker): its own task, sandbox (`config.sandbox`) and model path.
+
+    Runs the cell exactly as the local loop does and returns the cell record (plain data, picklable).
+    """
+    from sandbox import make_sandbox
+
+    task = load_task(config, task_name)
+    sandbox = make_sandbox(config.sandbox)
+    try:
+        return run_cell(config, agent_spec, task, seed, sandbox, _model_thunk(config.model))
+    finally:
+        sandbox.close()
+
+
+def load_task(config: BenchConfig, task_name: str) -> Any:
+    return tasks_pkg.get(task_name, max_rows=config.env.max_rows, input_format=config.env.input_format)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resume store: one file per finished cell
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,13 +176,15 @@ def resolve_tasks(items: Sequence[str]) -> list[str]:
 def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequence[int], budget: int,
                   model: str = "tiny", sandbox: Any = "auto", out: str | os.PathLike = "results",
                   progress: bool = True, console: Any = None, env: EnvConfig | None = None,
-                  **options: Any) -> dict[str, Any]:
+                  ray: str | None = None, **options: Any) -> dict[str, Any]:
     """Run every agent on every task for every seed with `budget` env steps each; write the results folder.
 
     `seeds` is a count (seeds 0..N-1) or explicit seeds. `sandbox` is a backend name or a Sandbox instance (not
     closed here). `env` is every cell's `EnvConfig` (its task and sandbox are the cell's); `options` are further
     `BenchConfig` fields (`select`, `agent_options`) or `EnvConfig` fields (`max_rows=300`, `mode="refine"`, ...),
-    which override `env`. Returns {"summary", "runs", "out"}.
+    which override `env`. `ray` is a Ray address ("auto" for the local cluster): the cells then run as Ray tasks
+    (`agents.bench.ray_exec`), each with its own sandbox of the configured backend. Returns {"summary", "runs",
+    "out"}.
     """
     bench_options, env_options = split_options(options)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -185,6 +206,10 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
         console.print(f"resuming in {out}: {len(config.agents) * len(config.tasks) * len(config.seeds) - len(cells)}"
                       f" finished run(s) kept, {len(cells)} to go")
 
+    if ray is not None:
+        _run_cells_on_ray(ray, config, cells, out, progress, console)
+        runs = load_runs(out)
+        return {"summary": write_outputs(out, config, runs), "runs": runs, "out": str(out)}
     model_path = _model_thunk(config.model)
     owned = isinstance(sandbox, str)
     if owned and cells:
@@ -223,8 +248,7 @@ def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Calla
         total = bar.add_task("benchmark", total=len(cells) * config.budget)
         for agent, task_name, seed in cells:
             if task_name not in loaded:
-                loaded[task_name] = tasks_pkg.get(task_name, max_rows=config.env.max_rows,
-                                                  input_format=config.env.input_format)
+                loaded[task_name] = load_task(config, task_name)
             bar.update(total, description=f"{agent_label(agent)} · {task_name} · seed {seed}")
             before = bar.tasks[0].completed
             record = run_cell(config, agent, loaded[task_name], seed, sandbox, model_path,
@@ -233,6 +257,35 @@ def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Calla
             write_json_atomic(out / "runs" / run_file_name(agent, task_name, seed), record)
             if record["error"]:
                 console.print(f"[red]{agent_label(agent)} on {task_name} (seed {seed}) failed:[/] {record['error']}")
+
+
+def _run_cells_on_ray(address: str, config: BenchConfig, cells: list, out: Path, progress: bool,
+                      console: Any) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from agents.bench.ray_exec import run_cells
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        total = bar.add_task("benchmark on Ray", total=len(cells))
+
+        def on_record(record: dict[str, Any]) -> None:
+            write_json_atomic(out / "runs" / run_file_name(record["agent_spec"], record["task"], record["seed"]),
+                              record)
+            bar.advance(total)
+            if record["error"]:
+                console.print(f"[red]{record['agent']} on {record['task']} (seed {record['seed']}) failed:[/] "
+                              f"{record['error']}")
+
+        run_cells(address, config, cells, on_record)
 
 
 def _model_thunk(model: str) -> Callable[[], str]:
