@@ -1,0 +1,119 @@
+"""`RaySandboxPool` against a real local Ray runtime (two logical CPUs, one runtime for the module).
+
+The pool's slots are Ray actors, each with a local (bubblewrap) sandbox of its own: a program result and a timeout
+come back exactly as from the local sandbox, concurrent runs spread over the slots, a pooled vector env steps on
+it, and an actor killed mid-job fails that step with a sandbox_error and is replaced.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from sandbox import Job, Limits, Status
+from sandbox.results import timeout_message
+from sandbox.safety import HONEST_PROGRAM, tiny_fold
+
+pytestmark = [pytest.mark.ray, pytest.mark.sandbox]
+
+LIMITS = Limits(wall_time_s=4.0, cpu_time_s=10)
+
+
+def sleeping_program(seconds: float) -> str:
+    return f"""
+import time
+from sklearn.linear_model import LogisticRegression
+
+def build_model(X, y):
+    time.sleep({seconds})
+    return LogisticRegression(max_iter=200).fit(X, y)
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    import ray
+
+    from sandbox.ray_pool import connect_ray
+
+    assert connect_ray("local", num_cpus=2), "another Ray connection was already open in this process"
+    yield ray
+    ray.shutdown()
+
+
+def test_import_sandbox_does_not_import_ray():
+    code = ("import sys, sandbox, sandbox.ray_pool; "
+            "print(sorted(m for m in ('ray', 'tasks', 'etpo_env', 'agents') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_pool_gives_the_local_sandbox_results(ray_runtime, local_sandbox):
+    from sandbox.ray_pool import RaySandboxPool
+
+    job = Job(HONEST_PROGRAM, [tiny_fold()])
+    with RaySandboxPool(1, backend="local", limits=LIMITS) as pool:
+        result = pool.run(job)
+        timed_out = pool.run(Job(sleeping_program(30), [tiny_fold()]))
+        assert pool.isolation == "local"
+    expected = local_sandbox.run(job)
+    assert result.ok, result.message
+    assert result.isolation == "local"
+    np.testing.assert_array_equal(result.predictions[0], expected.predictions[0])
+    assert timed_out.status is Status.TIMEOUT
+    assert timed_out.message == timeout_message(LIMITS, cpu=False)
+
+
+def test_concurrent_runs_use_every_slot(ray_runtime):
+    from sandbox.ray_pool import RaySandboxPool
+
+    job = Job(sleeping_program(1.0), [tiny_fold()])
+    with RaySandboxPool(2, backend="local", limits=LIMITS) as pool:
+        pool.warm_up()
+        with ThreadPoolExecutor(4) as threads:
+            results = list(threads.map(lambda _: pool.run(job), range(4)))
+        assert pool.stats == {"jobs": 4, "actors_started": 2, "actors_replaced": 0}
+    assert all(r.ok for r in results), [r.message for r in results]
+    assert {r.extra["ray_slot"] for r in results} == {0, 1}
+
+
+def test_pooled_vector_env_steps_on_the_pool(ray_runtime):
+    from etpo_env.pool import make_pooled_vec_env
+    from sandbox.ray_pool import RaySandboxPool
+
+    with RaySandboxPool(2, backend="local", limits=LIMITS) as pool:
+        envs = make_pooled_vec_env(num_envs=2, sandbox=pool, task="iris", mode="refine")
+        envs.reset(seed=0)
+        _, rewards, _, _, infos = envs.step((HONEST_PROGRAM, "raise ValueError('bad')"))
+        envs.close()
+    assert list(infos["status"]) == ["ok", "runtime_error"]
+    assert rewards[0] > rewards[1]
+
+
+def test_killed_actor_fails_the_step_and_is_replaced(ray_runtime):
+    from etpo_env.env import DataSciCodeEnv
+    from sandbox.ray_pool import RaySandboxPool
+
+    with RaySandboxPool(1, backend="local", limits=LIMITS) as pool:
+        pool.warm_up()
+        env = DataSciCodeEnv(task="iris", sandbox=pool, mode="refine", max_attempts=10)
+        env.reset(seed=0)
+        doomed = pool.actors[0]
+        with ThreadPoolExecutor(1) as thread:
+            step = thread.submit(env.step, sleeping_program(3))
+            time.sleep(1.0)  # the job is on the actor, asleep
+            ray_runtime.kill(doomed)
+            *_, failed = step.result(timeout=60)
+        *_, after = env.step(HONEST_PROGRAM)
+        env.close()
+        replacement = pool.actors[0]
+        assert pool.stats["actors_replaced"] == 1
+    assert failed["status"] == "sandbox_error"
+    assert "died" in failed["message"] and "replaced" in failed["message"]
+    assert replacement._actor_id != doomed._actor_id
+    assert after["status"] == "ok", after["message"]
