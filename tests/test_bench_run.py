@@ -1,4 +1,4 @@
-"""End-to-end benchmark runs on one real task with the local sandbox: files, numbers, user agents, resume."""
+"""End-to-end benchmark runs on one real task with the local sandbox: files, numbers, user agents, resume, crashes."""
 
 import json
 import math
@@ -12,6 +12,7 @@ import pytest
 import tasks
 from agents import bench
 from agents.base import SCRIPTED_PROGRAM
+from agents.bench.statistics import metric
 
 pytestmark = pytest.mark.sandbox
 
@@ -47,10 +48,9 @@ def task():
 
 
 def test_scripted_and_random_runs_write_consistent_files(tmp_path, local_sandbox, task):
-    result = bench.run_benchmark(["scripted", "random"], [TASK], seeds=2, budget=2, sandbox=local_sandbox,
-                                 out=tmp_path, progress=False, max_rows=ROWS)
-    for name in ["results.json", "results.csv", "summary.md", "learning_curves.png", "normalized_scores.png",
-                 "config.json"]:
+    result = bench.run_benchmark(["scripted", "random"], [TASK], seeds=2, budget=2, eval_every=1, eval_episodes=2,
+                                 sandbox=local_sandbox, out=tmp_path, progress=False, max_rows=ROWS)
+    for name in ["results.json", "results.csv", "summary.md", "config.json", *bench.PLOTS]:
         assert (tmp_path / name).stat().st_size > 0, name
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
         f"{agent}__{TASK}__seed{seed}.json" for agent in ("random", "scripted") for seed in (0, 1)]
@@ -61,31 +61,38 @@ def test_scripted_and_random_runs_write_consistent_files(tmp_path, local_sandbox
     runs = data["runs"]
     assert len(runs) == 4 and len(result["runs"]) == 4
     for run in runs:
-        assert run["env_steps"] == 2 and len(run["rewards"]) == len(run["statuses"]) == 2
-        assert run["score"] == (run["test_score"] if run["success"] else bench.CHANCE_SCORE)
-        assert run["normalized"] == pytest.approx(task.normalize(run["score"], part="test"))
+        assert not run["learner"] and run["env_steps"] == 0  # plain agents are evaluated, not trained
+        (point,) = run["evaluations"]  # at step 0 only; it stands for every point of the curve
+        assert [p["point"] for p in run["curve"]] == [0, 1, 2]
+        assert len(point["episodes"]) == 2
+        for episode in point["episodes"]:
+            assert episode["score"] == (episode["test_score"] if episode["test_score"] is not None
+                                        else bench.CHANCE_SCORE)
+            assert episode["normalized"] == task.normalize(episode["score"], part="test")
+        assert run["final_score"] == pytest.approx(sum(e["score"] for e in point["episodes"]) / 2)
 
     scripted = [r for r in runs if r["agent"] == "scripted"]
     direct = tasks.evaluate(task, SCRIPTED_PROGRAM, local_sandbox, part="test", seed=0)
-    assert all(r["success"] and r["statuses"] == ["ok"] * 2 for r in scripted)
-    assert scripted[0]["test_score"] == pytest.approx(direct.score)  # the bench scores through tasks.evaluate
-    assert 0.5 < scripted[0]["test_score"] <= 1.0
+    assert all(r["success_rate"] == 1.0 and r["attempts_to_success"] == 1.0 for r in scripted)
+    assert scripted[0]["final_score"] == pytest.approx(direct.score)  # the bench scores through tasks.evaluate
+    assert 0.5 < scripted[0]["final_score"] <= 1.0
 
     csv = pd.read_csv(tmp_path / "results.csv")
-    assert len(csv) == 4 and set(csv["env_steps"]) == {2}
+    assert len(csv) == 4 and set(csv["env_steps"]) == {0}
     by_key = {(r["agent"], r["seed"]): r for r in runs}
     for row in csv.itertuples():
-        assert row.score == pytest.approx(by_key[(row.agent, row.seed)]["score"])
+        assert row.final_score == pytest.approx(by_key[(row.agent, row.seed)]["final_score"])
 
+    scale = data["summary"]["scale"]
     per_task = {row["agent"]: row for row in data["summary"]["per_task"]}
     for agent in ("scripted", "random"):
-        scores = [r["score"] for r in runs if r["agent"] == agent]
-        assert per_task[agent]["score"] == pytest.approx(sum(scores) / 2)
+        finals = [metric(r, "final", scale) for r in runs if r["agent"] == agent]
+        assert per_task[agent]["final"] == pytest.approx(sum(finals) / 2)
         assert per_task[agent]["n"] == 2
     summary_md = (tmp_path / "summary.md").read_text()
-    expected = bench.format_ci(per_task["scripted"]["score"], per_task["scripted"]["score_ci"])
+    expected = bench.format_ci(per_task["scripted"]["final"], per_task["scripted"]["final_ci"])
     assert f"| {TASK} | scripted | 2 | {expected} |" in summary_md
-    assert "learning_curves.png" in summary_md
+    assert "eval_curves.png" in summary_md
 
 
 def test_user_agent_given_as_module_class_is_loaded_and_run(tmp_path, local_sandbox, monkeypatch):
@@ -106,12 +113,12 @@ def test_user_agent_given_as_module_class_is_loaded_and_run(tmp_path, local_sand
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
     result = bench.run_benchmark(["my_bench_agent:MyAgent", "scripted"], [TASK], seeds=[3], budget=2,
-                                 sandbox=local_sandbox, out=out, progress=False, max_rows=ROWS)
+                                 eval_episodes=2, sandbox=local_sandbox, out=out, progress=False, max_rows=ROWS)
     import my_bench_agent
 
-    assert [seed for seed, _ in my_bench_agent.CALLS] == [3, 3]
+    assert [seed for seed, _ in my_bench_agent.CALLS] == [3, 3]  # two evaluation episodes, one attempt each
     (run,) = [r for r in result["runs"] if r["agent"] == "MyAgent"]
-    assert run["agent_spec"] == "my_bench_agent:MyAgent" and run["env_steps"] == 2 and run["success"]
+    assert run["agent_spec"] == "my_bench_agent:MyAgent" and run["success_rate"] == 1.0
     assert (out / "runs" / f"MyAgent__{TASK}__seed3.json").exists()
     assert {row["agent"] for row in result["summary"]["overall"]} == {"MyAgent", "scripted"}
 
@@ -138,8 +145,8 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, local_sandbox, 
     ''')
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "out"
-    kwargs = dict(agents=["flaky_bench_agent:Flaky"], tasks=[TASK], seeds=2, budget=2, sandbox=local_sandbox,
-                  out=out, progress=False, max_rows=ROWS)
+    kwargs = dict(agents=["flaky_bench_agent:Flaky"], tasks=[TASK], seeds=2, budget=2, eval_episodes=2,
+                  sandbox=local_sandbox, out=out, progress=False, max_rows=ROWS)
     flag.touch()
     with pytest.raises(KeyboardInterrupt):
         bench.run_benchmark(**kwargs)
@@ -149,7 +156,7 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, local_sandbox, 
 
     flag.unlink()
     result = bench.run_benchmark(**kwargs)
-    assert log.read_text().split() == ["0", "0", "1", "1"]  # seed 0 was not run again
+    assert log.read_text().split() == ["0", "0", "1", "1"]  # seed 0 was not run again (2 episodes per cell)
     assert sorted(r["seed"] for r in result["runs"]) == [0, 1]
 
     with pytest.raises(ValueError, match="different settings"):
@@ -167,11 +174,13 @@ def test_crashing_agent_is_a_failed_run_not_a_crashed_benchmark(tmp_path, local_
     ''')
     monkeypatch.syspath_prepend(str(tmp_path))
     result = bench.run_benchmark(["broken_bench_agent:Broken", "scripted"], [TASK], seeds=1, budget=2,
-                                 sandbox=local_sandbox, out=tmp_path / "out", progress=False, max_rows=ROWS)
+                                 eval_episodes=1, sandbox=local_sandbox, out=tmp_path / "out", progress=False,
+                                 max_rows=ROWS)
     runs = {r["agent"]: r for r in result["runs"]}
-    assert runs["Broken"]["error"] == "RuntimeError: boom" and not runs["Broken"]["success"]
-    assert runs["Broken"]["score"] == bench.CHANCE_SCORE and runs["Broken"]["env_steps"] == 0
-    assert runs["scripted"]["success"] and runs["scripted"]["env_steps"] == 2
+    assert runs["Broken"]["error"] == "RuntimeError: boom" and runs["Broken"]["success_rate"] == 0.0
+    assert runs["Broken"]["final_score"] == bench.CHANCE_SCORE and runs["Broken"]["env_steps"] == 0
+    assert all(p["score"] == bench.CHANCE_SCORE and not p["measured"] for p in runs["Broken"]["curve"])
+    assert runs["scripted"]["success_rate"] == 1.0 and runs["scripted"]["error"] is None
 
 
 def test_cli_benchmarks_an_agent_from_the_working_directory(tmp_path):
@@ -186,10 +195,10 @@ def test_cli_benchmarks_an_agent_from_the_working_directory(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "agents.cli", "bench", "--agents", "cli_bench_agent:MyAgent", "--tasks", TASK,
-         "--seeds", "1", "--budget", "1", "--sandbox", "local", "--max-rows", str(ROWS), "--out", str(out),
+         "--seeds", "1", "--budget", "1", "--eval-episodes", "1", "--sandbox", "local", "--max-rows", str(ROWS), "--out", str(out),
          "--no-progress"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MyAgent" in proc.stdout and "summary.md" in proc.stdout
     (run,) = json.loads((out / "results.json").read_text())["runs"]
-    assert run["success"] and math.isfinite(run["test_score"])
+    assert run["success_rate"] == 1.0 and math.isfinite(run["final_score"])

@@ -27,44 +27,52 @@ def test_mean_ci_with_one_or_no_value_reports_no_interval():
     assert bench.mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.0)
 
 
-def _run(agent, task, seed, score, success=True, steps=4, wall=1.0):
-    return {"agent": agent, "task": task, "seed": seed, "score": score, "normalized": (score - 0.5) / 0.5,
-            "success": success, "env_steps": steps, "wall_time_s": wall}
+def _run(agent, task, seed, final, step0=0.0, success=1.0, steps=4, wall=1.0, normalized=True):
+    """A finished run as `run_metrics` leaves it: normalized scores, their raw twins (0.5 + x / 2)."""
+    raw = {key: 0.5 + value / 2 for key, value in (("final", final), ("step0", step0))}
+    return {"agent": agent, "task": task, "seed": seed,
+            "final": final if normalized else None, "step0": step0 if normalized else None,
+            "gain": final - step0 if normalized else None, "auc": (final + step0) / 2 if normalized else None,
+            "search": 1.0 if normalized else None, "final_score": raw["final"], "step0_score": raw["step0"],
+            "gain_score": raw["final"] - raw["step0"], "auc_score": (raw["final"] + raw["step0"]) / 2,
+            "search_score": 1.0, "success_rate": success, "attempts_to_success": 1.0,
+            "env_steps": steps, "wall_time_s": wall}
 
 
 def test_summarize_per_task_and_overall_by_seed():
     runs = [
         _run("a", "t1", 0, 0.9), _run("a", "t1", 1, 0.7),
-        _run("a", "t2", 0, 0.5, success=False), _run("a", "t2", 1, 0.9),
+        _run("a", "t2", 0, 0.5, success=0.0), _run("a", "t2", 1, 0.9),
         _run("b", "t1", 0, 0.6),  # b has no t2 run: no complete seed, so no overall row
     ]
-    summary = bench.summarize(runs, ["a", "b"], ["t1", "t2"])
+    summary = bench.summarize(runs, ["a", "b"], ["t1", "t2"], reps=200)
+    assert summary["scale"] == "normalized"
     rows = {(r["task"], r["agent"]): r for r in summary["per_task"]}
-    assert rows[("t1", "a")]["score"] == pytest.approx(0.8)
-    assert rows[("t1", "a")]["score_ci"] == pytest.approx(12.706204736174698 * math.sqrt(0.02) / math.sqrt(2))
+    assert rows[("t1", "a")]["final"] == pytest.approx(0.8)
+    assert rows[("t1", "a")]["final_ci"] == pytest.approx(12.706204736174698 * math.sqrt(0.02) / math.sqrt(2))
+    assert rows[("t1", "a")]["gain"] == pytest.approx(0.8)  # paired: final − step 0 per seed, step 0 = 0
     assert rows[("t2", "a")]["success_rate"] == 0.5
-    assert rows[("t1", "b")]["n"] == 1 and math.isnan(rows[("t1", "b")]["score_ci"])
+    assert rows[("t1", "b")]["n"] == 1 and math.isnan(rows[("t1", "b")]["final_ci"])
     assert ("t2", "b") not in rows
     (overall,) = summary["overall"]
     # seed 0: mean(0.9, 0.5) = 0.7; seed 1: mean(0.7, 0.9) = 0.8 → overall 0.75 over n = 2 seeds.
     assert overall["agent"] == "a" and overall["n"] == 2
-    assert overall["score"] == pytest.approx(0.75)
-    assert overall["normalized"] == pytest.approx(0.5)
+    assert overall["final"] == pytest.approx(0.75)
+    assert overall["final_score"] == pytest.approx(0.875)
     assert overall["success_rate"] == 0.75
     assert overall["env_steps"] == 8 and overall["wall_time_s"] == 2.0
+    assert summary["aggregate_tasks"] == ["t1"]  # b never ran t2
 
 
-def test_tasks_without_reference_scores_have_no_normalized_value():
-    runs = [_run("a", "t1", 0, 0.9), _run("a", "t2", 0, 0.7), _run("a", "t1", 1, 0.7), _run("a", "t2", 1, 0.9)]
-    for run in runs:
-        if run["task"] == "t2":
-            run["normalized"] = None
-    summary = bench.summarize(runs, ["a"], ["t1", "t2"])
+def test_without_reference_scores_everything_is_on_the_raw_scale():
+    runs = [_run("a", "t1", 0, 0.9), _run("a", "t2", 0, 0.7, normalized=False),
+            _run("a", "t1", 1, 0.7), _run("a", "t2", 1, 0.9, normalized=False)]
+    summary = bench.summarize(runs, ["a"], ["t1", "t2"], reps=200)
+    assert summary["scale"] == "score"  # never a mix of normalized and raw scores
     rows = {r["task"]: r for r in summary["per_task"]}
-    assert math.isnan(rows["t2"]["normalized"]) and bench.format_ci(rows["t2"]["normalized"], 0.1) == "n/a"
+    assert rows["t2"]["final"] == pytest.approx(0.9)  # mean(0.85, 0.95)
     (overall,) = summary["overall"]
-    assert overall["score"] == pytest.approx(0.8)  # raw metric: both tasks
-    assert overall["normalized"] == pytest.approx(0.6)  # normalized: t1 only, (0.8 + 0.4) / 2
+    assert overall["final"] == pytest.approx(0.9)  # seed 0: (0.95 + 0.85) / 2, seed 1: (0.85 + 0.95) / 2
 
 
 def test_markdown_table_shape():
@@ -126,7 +134,8 @@ def test_plain_agent_loop_spends_exactly_the_budget():
 
 def test_resume_refuses_a_folder_from_other_settings(tmp_path):
     config = bench.BenchConfig(agents=["scripted"], tasks=["t"], seeds=[0], budget=4)
-    (tmp_path / "config.json").write_text(json.dumps({"comparable": config.comparable_fields()}))
+    (tmp_path / "config.json").write_text(json.dumps({"schema": bench.SCHEMA,
+                                                      "comparable": config.comparable_fields()}))
     bench.check_resumable(tmp_path, config)  # same settings: fine
     other = bench.BenchConfig(agents=["random"], tasks=["u"], seeds=[5], budget=8)
     with pytest.raises(ValueError, match="budget: 4 -> 8"):
@@ -145,5 +154,133 @@ def test_config_validation_and_labels():
         split_pairs(["lr"])
     config = bench.BenchConfig(agents=["scripted"], tasks=["t"], seeds=[0], budget=4)
     flat = config.to_dict()  # config.json keeps its flat layout: env fields beside the benchmark's own
-    assert {"sandbox", "max_attempts", "mode", "reward", "prompt_style", "max_rows", "input_format", "select",
-            "agent_options"} <= set(flat) and "env" not in flat
+    assert {"sandbox", "max_attempts", "mode", "reward", "prompt_style", "max_rows", "input_format", "eval_every",
+            "eval_episodes", "eval_points", "agent_options"} <= set(flat) and "env" not in flat
+
+
+def test_evaluation_points_are_zero_every_interval_and_the_budget():
+    def points(budget, every=None):
+        return bench.BenchConfig(agents=["scripted"], tasks=["t"], seeds=[0], budget=budget,
+                                 eval_every=every).eval_points
+
+    assert points(8, 4) == [0, 4, 8]
+    assert points(10, 4) == [0, 4, 8, 10]  # the budget is always a point
+    assert points(16) == [0, 4, 8, 12, 16]  # default interval: a quarter of the budget
+    assert points(3, 5) == [0, 3]
+    with pytest.raises(ValueError, match="eval_episodes"):
+        bench.BenchConfig(agents=["scripted"], tasks=["t"], seeds=[0], budget=4, eval_episodes=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Aggregates (rliable's estimators with a seeded stratified bootstrap), checked on examples small enough to do by hand
+# ------------------------------------------------------------------------------------------------------------------
+def test_iqm_and_mean_of_a_tiny_score_matrix():
+    import numpy as np
+
+    # 8 runs × 1 task, scores 0..7: the IQM drops the lowest and highest quarter (0, 1 and 6, 7) → mean(2..5) = 3.5.
+    matrix = np.arange(8.0).reshape(8, 1)
+    found = bench.aggregate_estimates({"a": matrix, "flat": np.full((4, 2), 0.25)}, reps=500, seed=0)
+    assert found["a"]["iqm"][0] == pytest.approx(3.5) and found["a"]["mean"][0] == pytest.approx(3.5)
+    low, high = found["a"]["mean"][1:]
+    assert 0.0 <= low < 3.5 < high <= 7.0  # a resampled mean stays within the data
+    assert found["flat"]["iqm"] == pytest.approx((0.25, 0.25, 0.25))  # no spread: a zero-width interval
+    assert (found["flat"]["n_runs"], found["flat"]["n_tasks"]) == (4, 2)
+    again = bench.aggregate_estimates({"a": matrix}, reps=500, seed=0)
+    assert again["a"]["mean"] == found["a"]["mean"]  # the bootstrap is seeded: reproducible intervals
+
+
+def test_stratified_bootstrap_resamples_runs_within_each_task():
+    import numpy as np
+
+    # Task 0 holds only 0s and 1s, task 1 only 10s and 11s: a stratified resample keeps every task's column.
+    matrix = np.array([[0.0, 10.0], [1.0, 11.0]])
+    samples = bench.stratified_bootstrap(matrix, lambda m: m, reps=50, rng=np.random.default_rng(1))
+    assert samples.shape == (50, 2, 2)
+    assert set(np.unique(samples[:, :, 0])) <= {0.0, 1.0} and set(np.unique(samples[:, :, 1])) <= {10.0, 11.0}
+
+
+def test_probability_of_improvement_by_hand():
+    import numpy as np
+
+    # One task. x = (1, 2), y = (0, 3): pairs 1>0, 1<3, 2>0, 2<3 → 2 of 4 → 0.5. Ties count one half.
+    matrices = {"etpo": np.array([[1.0], [2.0]]), "y": np.array([[0.0], [3.0]]), "tie": np.array([[1.0], [2.0]]),
+                "worse": np.array([[-1.0], [0.0]])}
+    found = bench.probability_of_improvement_estimates(matrices, "etpo", reps=300, seed=0)
+    assert set(found) == {"y", "tie", "worse"}
+    assert found["y"][0] == pytest.approx(0.5)
+    assert found["tie"][0] == pytest.approx(0.5)  # 1 vs 1: ½, 1 vs 2: 0, 2 vs 1: 1, 2 vs 2: ½ → 2 of 4
+    assert found["worse"] == pytest.approx((1.0, 1.0, 1.0))  # every etpo run beats every other run
+    assert bench.probability_of_improvement_estimates(matrices, "absent") == {}
+
+
+def test_performance_profile_is_the_share_of_scores_above_tau():
+    import numpy as np
+
+    matrix = np.array([[0.1, 0.5], [0.9, 0.3]])  # 4 scores
+    found = bench.performance_profile({"a": matrix}, np.array([0.0, 0.2, 0.4, 0.6, 1.0]), reps=100, seed=0)
+    assert list(found["a"]["profile"]) == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert np.all(found["a"]["low"] <= found["a"]["profile"]) and np.all(found["a"]["profile"] <= found["a"]["high"])
+
+
+def test_score_matrices_use_the_seeds_every_agent_ran_on_every_task():
+    runs = [_run("a", t, s, 0.1 * s) for t in ("t1", "t2") for s in (0, 1, 2)]
+    runs += [_run("b", t, s, 0.2) for t in ("t1", "t2") for s in (0, 1)]  # b lacks seed 2
+    matrices = bench.score_matrices(runs, ["a", "b"], ["t1", "t2"], "final")
+    assert matrices["a"].shape == matrices["b"].shape == (2, 2)
+    assert matrices["a"][:, 0].tolist() == pytest.approx([0.0, 0.1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One run's curve and evaluation seeds
+# ------------------------------------------------------------------------------------------------------------------
+def _point(point, normalized, success=1.0):
+    return {"point": point, "score": 0.5 + normalized / 2, "normalized": normalized, "success_rate": success,
+            "attempts_to_success": 1.0 if success else None}
+
+
+MISSING = {"score": 0.5, "normalized": -0.2, "success_rate": 0.0, "attempts_to_success": None}
+SEARCH = {"score": 0.95, "normalized": 0.9}
+
+
+def test_run_metrics_final_gain_area_and_search():
+    record = {"budget": 8, "eval_every": 4, "evaluations": [_point(0, 0.2), _point(4, 0.5), _point(8, 0.8)],
+              "search_result": SEARCH}
+    found = bench.run_metrics(record, MISSING)
+    assert [p["point"] for p in found["curve"]] == [0, 4, 8] and all(p["measured"] for p in found["curve"])
+    assert found["final"] == pytest.approx(0.8) and found["step0"] == pytest.approx(0.2)
+    assert found["gain"] == pytest.approx(0.6) and found["auc"] == pytest.approx(0.5)
+    assert found["final_score"] == pytest.approx(0.9) and found["search"] == 0.9
+
+
+def test_run_metrics_repeat_a_fixed_agent_and_count_a_crash_as_nothing_ran():
+    fixed = bench.run_metrics({"budget": 8, "eval_every": 4, "evaluations": [_point(0, 0.6)], "search_result": SEARCH},
+                              MISSING)
+    assert [p["normalized"] for p in fixed["curve"]] == [0.6, 0.6, 0.6] and fixed["gain"] == 0.0
+    assert [p["measured"] for p in fixed["curve"]] == [True, False, False]
+    crashed = bench.run_metrics({"budget": 8, "eval_every": 4, "evaluations": [_point(0, 0.6)], "search_result": SEARCH,
+                                 "error": "RuntimeError: boom"}, MISSING)
+    assert [p["normalized"] for p in crashed["curve"]] == [0.6, -0.2, -0.2] and crashed["success_rate"] == 0.0
+
+
+def test_eval_seeds_depend_on_task_seed_point_and_episode_only():
+    seeds = {bench.eval_seed(t, s, p, k) for t in ("a", "b") for s in (0, 1) for p in (0, 1) for k in (0, 1)}
+    assert len(seeds) == 16  # all different
+    assert bench.eval_seed("a", 0, 1, 1) == bench.eval_seed("a", 0, 1, 1)
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_isolated_rng_seeds_a_block_and_restores_the_streams():
+    import random
+
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    with bench.isolated_rng(123):
+        inside = (random.random(), np.random.rand())
+    assert (random.random(), np.random.rand()) == expected  # training's streams carry on as if nothing happened
+    with bench.isolated_rng(123):
+        assert (random.random(), np.random.rand()) == inside  # the same evaluation seed: the same draws

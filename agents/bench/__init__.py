@@ -2,10 +2,13 @@
 
     from agents.bench import run_benchmark
 
-    result = run_benchmark(["etpo", "ppo", "scripted"], ["breast_cancer"], seeds=3, budget=64, sandbox="local")
+    result = run_benchmark(["etpo", "ppo", "scripted"], ["breast_cancer"], seeds=3, budget=64, eval_every=16,
+                           eval_episodes=5, sandbox="local")
 
-- `run`: the cells (train/act within the budget, score the chosen program on the test part), resume, the runner;
-- `statistics`: means with 95% t-intervals per task and overall;
+- `run`: the cells (train in cumulative budget chunks, evaluate the policy on fresh episodes at fixed points, score
+  each episode's final program on the test part), resume, the local and Ray runners;
+- `statistics`: means with 95% t-intervals per task and overall; bootstrap aggregates (IQM, mean, probability of
+  improvement, performance profiles);
 - `report`: results.json, results.csv, summary.md, the plots and the console table;
 - `cli`: `etpo bench` and `etpo demo`.
 """
@@ -18,13 +21,16 @@ from typing import Any
 # Public names -> the submodule defining them; loaded on first use, so `etpo --version` (which registers
 # `agents.bench.cli`) does not import the runner, pandas or matplotlib.
 _EXPORTS = {
-    "config": ["BenchConfig", "agent_label", "run_file_name"],
-    "report": ["CSV_COLUMNS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown", "table_rows",
-               "write_outputs", "write_plots"],
-    "run": ["act_for_budget", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
-            "run_cell_isolated",
-            "seed_everything"],
-    "statistics": ["CHANCE_SCORE", "format_ci", "mean_ci", "summarize"],
+    "config": ["SCHEMA", "BenchConfig", "agent_label", "run_file_name"],
+    "report": ["CSV_COLUMNS", "PLOTS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown",
+               "table_rows", "write_outputs", "write_plots"],
+    "run": ["TestScorer", "act_for_budget", "batch_actor", "check_resumable", "eval_seed", "evaluate_point",
+            "failed_cell_record",
+            "isolated_rng", "load_runs", "play_eval_episodes", "resolve_tasks", "run_benchmark", "run_cell",
+            "run_cell_isolated", "seed_everything"],
+    "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "mean_ci", "performance_profile",
+                   "probability_of_improvement_estimates", "run_metrics", "score_matrices", "stratified_bootstrap",
+                   "summarize"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -16,18 +16,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agents.bench.config import SELECTS
 from agents.options import add_env_arguments, add_set_argument, env_config_from_args, split_pairs
 
 # zero-shot is the prompting baseline the tiny model can answer (few-shot prompts are new to it: docs/results.md).
 DEMO_AGENTS = ["etpo", "ppo", "sft", "zero-shot"]
 DEMO_TASKS = ["breast_cancer", "titanic"]  # two bundled tasks; replaced by the first two bundled ones if absent
+# The demo's schedule: a short budget cut into evaluation points, a few evaluation episodes per point, and learner
+# options (`--set` overrides them) that make the learners update several times within it.
+DEMO_SEEDS = 3
+DEMO_BUDGET = 16
+DEMO_EVAL_EVERY = 8
+DEMO_EVAL_EPISODES = 4
+DEMO_AGENT_OPTIONS: dict[str, str] = {"rollout_steps": "4"}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny' (built offline, cached) or a model path")
-    parser.add_argument("--select", default="best", choices=SELECTS,
-                        help="program scored on test: best on dev during the run, or the last successful one")
+    parser.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+                        help="training env steps between evaluations of the policy (default: a quarter of the "
+                             "budget); it is also evaluated at step 0 and at the full budget")
+    parser.add_argument("--eval-episodes", type=int, default=5, metavar="K",
+                        help="fresh evaluation episodes per evaluation point (not counted in the budget)")
     add_set_argument(parser, "set a learner-config field for every agent whose config has it (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_env_arguments(parser)
@@ -51,10 +60,11 @@ def register(subparsers: Any) -> None:
     demo = subparsers.add_parser("demo", help="build the tiny model if needed and run ETPO vs the baselines briefly")
     demo.add_argument("--agents", default=",".join(DEMO_AGENTS))
     demo.add_argument("--tasks", default=None, help="default: two bundled tasks")
-    demo.add_argument("--seeds", type=int, default=2)
-    demo.add_argument("--budget", type=int, default=10)
+    demo.add_argument("--seeds", type=int, default=DEMO_SEEDS)
+    demo.add_argument("--budget", type=int, default=DEMO_BUDGET)
     demo.add_argument("--out", default="results/demo")
     _add_common(demo)
+    demo.set_defaults(eval_every=DEMO_EVAL_EVERY, eval_episodes=DEMO_EVAL_EPISODES)
     # Five attempts per episode in fix mode (EnvConfig's defaults), the paper's setting: the tiny model is trained on
     # the env's fix prompts too.
     demo.set_defaults(func=_demo_command, prepare=_prepare, command_parser=demo)
@@ -80,25 +90,29 @@ def _split(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _run_and_report(args: argparse.Namespace, task_items: list[str]) -> int:
-    from agents.bench.report import make_console, print_table
+def _run_and_report(args: argparse.Namespace, task_items: list[str], console: Any) -> tuple[int, dict[str, Any]]:
+    from agents.bench.report import PLOTS, print_table
     from agents.bench.run import run_benchmark
 
-    console = make_console()
     result = run_benchmark(args.agent_list, task_items, args.seeds, args.budget, model=args.model,
                            sandbox=args.env_config.sandbox, out=args.out, progress=not args.no_progress,
-                           console=console, env=args.env_config, select=args.select,
-                           agent_options=args.agent_options, ray=getattr(args, "ray", None))
+                           console=console, env=args.env_config, eval_every=args.eval_every,
+                           eval_episodes=args.eval_episodes, agent_options=args.agent_options,
+                           ray=getattr(args, "ray", None))
     print_table(result["summary"], console)
     out = Path(result["out"])
     console.print(f"results: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'results.json'}")
-    console.print(f"plots:   {out / 'learning_curves.png'}, {out / 'normalized_scores.png'}")
-    return 1 if any(r.get("error") for r in result["runs"]) else 0
+    plots = [name for name in PLOTS if (out / name).exists()]
+    console.print(f"plots:   {', '.join(plots)} in {out}")
+    failed = any(r.get("error") for r in result["runs"])
+    return (1 if failed else 0), result
 
 
 def _bench_command(args: argparse.Namespace) -> int:
+    from agents.bench.report import make_console
+
     try:
-        return _run_and_report(args, _split(args.tasks))
+        return _run_and_report(args, _split(args.tasks), make_console())[0]
     except KeyboardInterrupt:
         return 130
 
@@ -109,6 +123,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     from agents.tiny import ensure_tiny_model
 
     console = make_console()
+    args.agent_options = {**DEMO_AGENT_OPTIONS, **args.agent_options}
     if args.model == "tiny":
         console.print("tiny model: ensuring it is built (first time: about 5 minutes on 2 cores) ...")
         console.print(f"tiny model: {ensure_tiny_model()}")
@@ -117,6 +132,22 @@ def _demo_command(args: argparse.Namespace) -> int:
     else:
         bundled = tasks_pkg.names(suite="bundled")
         task_items = [t for t in DEMO_TASKS if t in bundled] or bundled[:2]
-        if len(task_items) < 2:
-            task_items += [t for t in bundled if t not in task_items][: 2 - len(task_items)]
-    return _run_and_report(args, task_items)
+        if len(task_items) < len(DEMO_TASKS):
+            task_items += [t for t in bundled if t not in task_items][: len(DEMO_TASKS) - len(task_items)]
+    try:
+        code, result = _run_and_report(args, task_items, console)
+    except KeyboardInterrupt:
+        return 130
+    print_gains(result, console)
+    return code
+
+
+def print_gains(result: dict[str, Any], console: Any) -> None:
+    """What each learner gained by training: final minus step-0 evaluation, paired over seeds, with its 95% CI."""
+    from agents.bench.statistics import format_ci
+
+    learners = {r["agent"] for r in result["runs"] if r.get("learner")}
+    for row in result["summary"]["overall"]:
+        if row["agent"] in learners:
+            console.print(f"{row['agent']:>10}: final − step 0 = {format_ci(row['gain'], row['gain_ci'])} "
+                          f"(normalized test score, 95% CI over {row['n']} seeds)")

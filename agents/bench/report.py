@@ -1,4 +1,34 @@
-"""Reports of a benchmark: the results folder (results.json, results.csv, summary.md, plots) and the console table."""
+"""Reports of a benchmark: the results folder (results.json, results.csv, summary.md, plots) and the console tables.
+
+Results schema, version 2 (`agents.bench.config.SCHEMA`). Scores are normalized test scores (0 = the task's baseline
+pipeline, 1 = its reference pipeline; None for a task without stored reference scores) unless named `*_score`,
+which are the raw test metric (ROC AUC).
+
+- `config.json`: {"schema": 2, "config": BenchConfig.to_dict(), "comparable": the settings a resumed run must share}.
+- `runs/<agent>__<task>__seed<k>.json`, one cell: `schema`, `agent` (label), `agent_spec`, `task`, `seed`, `budget`,
+  `eval_every`, `eval_episodes`, `learner` (bool), `learn_budgets` (the cumulative budgets `learn` was called with),
+  `error` (null, or the exception of a crashed agent, with `traceback`), `budget_note` (a learner that stepped past
+  its budget); training: `env_steps`, `episodes`, `rewards`, `dev_scores`, `statuses` (one entry per training step);
+  `evaluations`: one entry per measured point {`point` (training env steps scheduled), `env_steps` (steps actually
+  taken by then), `score`, `normalized`, `success_rate`, `attempts_to_success`, `episodes`: [{`seed`, `attempts`,
+  `success_attempt` (attempt whose program first ran, or null), `dev_score`, `program`, `test_status`, `test_score`,
+  `test_message`, `score` (test score, or the chance level 0.5 when nothing ran or the program failed on test),
+  `normalized`}]}; `curve`: every scheduled point {`point`, `measured`, `score`, `normalized`, `success_rate`,
+  `attempts_to_success`} (an agent that does not learn is measured at 0 only: its later points repeat it);
+  `final`/`final_score` (the point at `budget`), `step0`/`step0_score`, `gain`/`gain_score` (final − step 0),
+  `auc`/`auc_score` (mean over the points), `success_rate` and `attempts_to_success` (at `budget`),
+  `search`/`search_score` (the best-on-dev program of training, of the step-0 evaluation episodes for an agent
+  that does not learn, scored on test), detailed in `search_result` {`dev_score`, `program`, `test_status`,
+  `test_score`, `score`, `normalized`};
+  `train_time_s`, `eval_time_s`, `wall_time_s`.
+- `results.json`: {"schema": 2, "config", "versions", "chance_score", "summary", "runs"}; `summary` has
+  `per_task` and `overall` rows (for each metric of `statistics.PER_RUN`, plus `final_score` and `gain_score`: the
+  mean and its 95% t-interval half-width `<metric>_ci` over seeds; `overall` averages the tasks per seed first),
+  `aggregates` ({"final", "auc"} -> agent -> {"iqm", "mean": [value, low, high], "n_runs", "n_tasks"}),
+  `probability_of_improvement` (agent -> [P(etpo beats it), low, high]) and `aggregate_tasks`.
+- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `eval_curves.png`,
+  `final_scores.png`, `aggregates.png`, `performance_profiles.png`.
+"""
 
 from __future__ import annotations
 
@@ -16,23 +46,68 @@ from typing import Any
 
 import numpy as np
 
-from agents.bench.config import BenchConfig, agent_label
-from agents.bench.statistics import CHANCE_SCORE, format_ci, summarize
+from agents.bench.config import SCHEMA, BenchConfig, agent_label
+from agents.bench.statistics import (
+    CHANCE_SCORE,
+    REFERENCE_AGENT,
+    SCALE_LABELS,
+    format_ci,
+    mean_ci,
+    performance_profile,
+    score_matrices,
+    summarize,
+)
 
-PLOT_COLUMNS = 4  # learning-curve panels per row
+PLOT_COLUMNS = 4  # panels per row of the evaluation-curve figure
+PLOTS = ("eval_curves.png", "final_scores.png", "aggregates.png", "performance_profiles.png")
 
-TABLE_HEADER = ["task", "agent", "n", "test ROC AUC", "normalized", "success", "env steps", "wall s"]
+TABLE_HEADER = ["task", "agent", "n", "final", "final − step 0", "AUC", "search", "success", "attempts",
+                "test ROC AUC", "wall s"]
+CONSOLE_HEADER = ["task", "agent", "final", "gain", "AUC", "search", "ok"]
+AGGREGATE_HEADER = ["agent", "IQM [95% CI]", "mean [95% CI]", f"P({REFERENCE_AGENT} > agent)"]
 
 
-def table_rows(summary: dict[str, list[dict]]) -> list[list[str]]:
+def table_rows(summary: dict[str, Any], digits: int = 3) -> list[list[str]]:
+    """Markdown rows: every metric with its 95% interval over seeds."""
     rows = []
     for row in [*summary["per_task"], *summary["overall"]]:
         rows.append([
             row["task"], row["agent"], str(row["n"]),
-            format_ci(row["score"], row["score_ci"]), format_ci(row["normalized"], row["normalized_ci"]),
-            f"{row['success_rate']:.0%}", f"{row['env_steps']:.0f}", f"{row['wall_time_s']:.1f}",
+            *(format_ci(row[k], row[f"{k}_ci"], digits) for k in ("final", "gain", "auc", "search")),
+            _percent(row["success_rate"]), _number(row["attempts_to_success"], 1),
+            format_ci(row["final_score"], row["final_score_ci"], digits), f"{row['wall_time_s']:.1f}",
         ])
     return rows
+
+
+def console_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The console's narrow rows (80 columns): final and gain with their intervals, AUC, search, success."""
+    return [[row["task"][:16], row["agent"][:12], format_ci(row["final"], row["final_ci"], 2),
+             format_ci(row["gain"], row["gain_ci"], 2), _number(row["auc"], 2), _number(row["search"], 2),
+             _percent(row["success_rate"])]
+            for row in [*summary["per_task"], *summary["overall"]]]
+
+
+def aggregate_rows(summary: dict[str, Any], key: str = "final", digits: int = 2) -> list[list[str]]:
+    improvement = summary["probability_of_improvement"]
+    rows = []
+    for agent, found in summary["aggregates"][key].items():
+        rows.append([agent, _interval(found["iqm"], digits), _interval(found["mean"], digits),
+                     _interval(improvement[agent], digits) if agent in improvement else "—"])
+    return rows
+
+
+def _interval(estimate: Sequence[float], digits: int) -> str:
+    value, low, high = estimate
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.0%}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -45,7 +120,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def versions() -> dict[str, Any]:
     found: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
                              "machine": platform.machine(), "cpu_count": os.cpu_count()}
-    for name in ("etpo-gym", "torch", "transformers", "peft", "gymnasium", "numpy", "pandas", "scikit-learn"):
+    for name in ("etpo-gym", "torch", "transformers", "peft", "gymnasium", "numpy", "pandas", "scikit-learn",
+                 "rliable"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -68,16 +144,19 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 def json_default(value: Any):
     if hasattr(value, "item"):
         return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     return str(value)
 
 
-CSV_COLUMNS = ["agent", "agent_spec", "task", "seed", "budget", "env_steps", "episodes", "learner", "dev_successes",
-               "dev_score", "test_status", "test_score", "success", "score", "normalized", "train_time_s", "test_time_s", "wall_time_s", "error"]
+CSV_COLUMNS = ["agent", "agent_spec", "task", "seed", "budget", "eval_every", "eval_episodes", "learner", "env_steps",
+               "final", "final_score", "step0", "step0_score", "gain", "auc", "auc_score", "success_rate",
+               "attempts_to_success", "search", "search_score", "train_time_s", "eval_time_s", "wall_time_s", "error"]
 
 
-def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, list[dict]]:
+def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """results.json, results.csv, summary.md and the plots, from every cell file in the folder."""
     import pandas as pd
 
@@ -85,126 +164,233 @@ def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) ->
     task_names = list(dict.fromkeys(list(config.tasks) + [r["task"] for r in runs]))
     runs = sorted(runs, key=lambda r: (task_names.index(r["task"]), labels.index(r["agent"]), r["seed"]))
     summary = summarize(runs, labels, task_names)
-    write_json_atomic(out / "results.json", {"config": config.to_dict(), "versions": versions(),
+    write_json_atomic(out / "results.json", {"schema": SCHEMA, "config": config.to_dict(), "versions": versions(),
                                               "chance_score": CHANCE_SCORE, "summary": summary, "runs": runs})
     pd.DataFrame([{c: r.get(c) for c in CSV_COLUMNS} for r in runs], columns=CSV_COLUMNS).to_csv(
         out / "results.csv", index=False)
-    plots = write_plots(out, runs, labels, task_names)
+    plots = write_plots(out, runs, labels, task_names, summary)
     (out / "summary.md").write_text(summary_markdown(config, summary, plots))
     return summary
 
 
-def summary_markdown(config: BenchConfig, summary: dict[str, list[dict]], plots: Sequence[str]) -> str:
+def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequence[str]) -> str:
+    env = config.env
     lines = [
         "# Benchmark summary",
         "",
         f"Agents: {', '.join(config.agents)}. Tasks: {', '.join(config.tasks)}. Seeds: {config.seeds}.",
-        f"Budget: {config.budget} env steps per (agent, task, seed); episodes of at most {config.env.max_attempts} "
-        f"steps, mode `{config.env.mode}`, reward `{config.env.reward}`, prompts `{config.env.prompt_style}`, model "
-        f"`{config.model}`, sandbox `{config.sandbox}`. Program scored on test: `{config.select}`"
-        f"{' on dev' if config.select == 'best' else ' successful'}.",
+        f"Budget: {config.budget} training env steps per (agent, task, seed); the policy is evaluated on "
+        f"{config.eval_episodes} fresh episodes at env steps {config.eval_points} (episodes of at most "
+        f"{env.max_attempts} attempts, mode `{env.mode}`, reward `{env.reward}`, prompts `{env.prompt_style}`); "
+        f"model `{config.model}`, sandbox `{config.sandbox}`.",
         "",
-        "Test ROC AUC on the held-out test part; normalized = (score − baseline) / (reference − baseline). "
-        f"Values are mean ± half-width of the 95% t-interval over seeds (n/a with one seed). A run whose program "
-        f"failed counts as a constant predictor (AUC {CHANCE_SCORE}); `success` is the share of runs with a test "
-        "score. `overall`: per seed the mean over tasks, then mean ± CI over seeds. Env steps and wall time: "
-        "mean per run (overall: per seed, summed over tasks).",
+        "Scores are normalized test scores (0 = the task's baseline pipeline, 1 = its reference pipeline) of each "
+        "evaluation episode's final program on the held-out test part; an episode in which nothing ran, or whose "
+        f"program failed on test, counts as a constant predictor (ROC AUC {CHANCE_SCORE}). `final`: mean over the "
+        "episodes at the full budget; `final − step 0`: its gain over the step-0 evaluation (paired by seed); "
+        "`AUC`: mean over the evaluation points; `search`: the best-on-dev program of training (of the step-0 "
+        "episodes for an agent that does not learn) scored on test, what best-of-N sampling reports; `success`: "
+        "share of final episodes whose program has a test score; `attempts`: attempts until the first program ran. "
+        "Values are mean ± half-width of the 95% t-interval over seeds (n/a with one seed); `overall`: per seed "
+        "the mean over tasks, then mean ± CI over seeds.",
         "",
         markdown_table(TABLE_HEADER, table_rows(summary)),
         "",
     ]
+    if summary["aggregates"]["final"]:
+        tasks = summary["aggregate_tasks"]
+        lines += [
+            f"Aggregates of `final` over {len(tasks)} task(s) ({', '.join(tasks)}) and the seeds every agent ran: "
+            "interquartile mean and mean with 95% stratified-bootstrap intervals (rliable's estimators), and the "
+            f"probability that {REFERENCE_AGENT} beats each agent on a task.",
+            "",
+            markdown_table(AGGREGATE_HEADER, aggregate_rows(summary, digits=3)),
+            "",
+        ]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: Sequence[str]) -> list[str]:
-    """learning_curves.png (reward vs env steps, mean over seeds) and normalized_scores.png (bars with 95% CI)."""
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: Sequence[str],
+                summary: dict[str, Any] | None = None) -> list[str]:
+    """Evaluation curves, final-score bars, aggregate intervals and performance profiles (PNG, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [r for r in runs if r.get("curve")]
     if not runs:
         return []
-    written = []
+    summary = summary or summarize(runs, agents, task_names)
     tasks_with_runs = [t for t in task_names if any(r["task"] == t for r in runs)]
-    columns = min(PLOT_COLUMNS, len(tasks_with_runs))
-    rows_of_panels = math.ceil(len(tasks_with_runs) / columns)
-    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(5 * columns, 3.6 * rows_of_panels), squeeze=False)
-    for ax in axes.flat[len(tasks_with_runs):]:
-        ax.set_visible(False)  # the grid's unused panels
-    for ax, task in zip(axes.flat, tasks_with_runs):
+    scale = summary["scale"]
+    figures = {
+        "eval_curves.png": _eval_curves(plt, runs, agents, tasks_with_runs, scale),
+        "final_scores.png": _final_bars(plt, summary, agents, tasks_with_runs),
+        "aggregates.png": _aggregate_intervals(plt, summary),
+        "performance_profiles.png": _profiles(plt, runs, agents, task_names, scale),
+    }
+    written = []
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(str(out / name))
+    return written
+
+
+def _curve_band(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and 95% t-interval half-width per point over seeds (zero width with one seed)."""
+    stacked = np.array(curves, dtype=float)
+    means, halves = zip(*(mean_ci(list(stacked[:, j])) for j in range(stacked.shape[1])))
+    return np.array(means), np.nan_to_num(np.array(halves))
+
+
+def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Sequence[str], scale: str) -> Any:
+    panels = [*tasks, "all tasks"] if len(tasks) > 1 else list(tasks)
+    columns = min(PLOT_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, panels):
         for agent in agents:
-            curves = [r["rewards"] for r in runs if r["task"] == task and r["agent"] == agent and r["rewards"]]
+            curves = _panel_curves(runs, agent, panel, tasks, scale)
             if not curves:
                 continue
-            length = min(len(c) for c in curves)
-            stacked = np.array([c[:length] for c in curves], dtype=float)
-            window = max(1, length // 10)  # moving average: single steps are too noisy to read
-            smooth = np.array([np.convolve(c, np.ones(window) / window, mode="valid") for c in stacked])
-            steps = np.arange(window, length + 1)
-            mean = smooth.mean(axis=0)
-            (line,) = ax.plot(steps, mean, label=f"{agent} (n={len(curves)})")
-            if len(curves) > 1:  # band: ± one standard error of the mean over seeds
-                sem = smooth.std(axis=0, ddof=1) / np.sqrt(len(curves))
-                ax.fill_between(steps, mean - sem, mean + sem, color=line.get_color(), alpha=0.2)
-        ax.set_title(task)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel("reward (mean ± s.e. over seeds)")
+            steps = [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
+            mean, half = _curve_band(curves)
+            (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{agent} (n={len(curves)})")
+            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(panel)
+        ax.set_xlabel("training env steps")
+        ax.set_ylabel(SCALE_LABELS[scale])
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    _legend(axes.flat[0])
+    fig.suptitle("evaluation of the policy (mean ± 95% CI over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=110)
-    plt.close(fig)
-    written.append(str(out / "learning_curves.png"))
+    return fig
 
-    summary = summarize(runs, agents, task_names)
-    groups = [*tasks_with_runs, *(["overall"] if summary["overall"] else [])]
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _panel_curves(runs: list[dict], agent: str, panel: str, tasks: Sequence[str], scale: str) -> list[list[float]]:
+    """Curves of one panel: per seed on one task, or per seed the mean over all tasks (seeds with every task)."""
+    mine = [r for r in runs if r["agent"] == agent]
+    if panel != "all tasks":
+        return [[p[scale] for p in r["curve"]] for r in mine if r["task"] == panel]
+    by_seed: dict[int, list[dict]] = {}
+    for r in mine:
+        by_seed.setdefault(r["seed"], []).append(r)
+    return [list(np.mean([[p[scale] for p in r["curve"]] for r in rs], axis=0))
+            for rs in by_seed.values() if {r["task"] for r in rs} >= set(tasks)]
+
+
+def _final_bars(plt: Any, summary: dict[str, Any], agents: Sequence[str], tasks: Sequence[str]) -> Any:
+    groups = [*tasks, *(["overall"] if summary["overall"] else [])]
     rows = {(row["task"], row["agent"]): row for row in [*summary["per_task"], *summary["overall"]]}
-    fig, ax = plt.subplots(figsize=(min(18.0, max(5.0, 0.35 * len(groups) * max(1, len(agents)))), 4.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.4 * len(groups) * max(1, len(agents)))), 3.8))
     width = 0.8 / max(1, len(agents))
     for i, agent in enumerate(agents):
         xs, heights, errors = [], [], []
         for g, group in enumerate(groups):
             row = rows.get((group, agent))
-            if row is not None and not math.isnan(row["normalized"]):
+            if row is not None and not math.isnan(row["final"]):
                 xs.append(g + (i - (len(agents) - 1) / 2) * width)
-                heights.append(row["normalized"])
-                errors.append(0.0 if math.isnan(row["normalized_ci"]) else row["normalized_ci"])
+                heights.append(row["final"])
+                errors.append(0.0 if math.isnan(row["final_ci"]) else row["final_ci"])
         ax.bar(xs, heights, width, yerr=errors, capsize=3, label=agent)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    if summary["scale"] == "normalized":  # 0 = the baseline pipeline, 1 = the reference pipeline
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
-    ax.set_ylabel("normalized test score")
-    ax.set_title("test score: 0 = baseline, 1 = reference (95% CI)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(SCALE_LABELS[summary["scale"]])
+    ax.set_title("final evaluation (mean ± 95% CI over seeds)", fontsize=10)
+    _legend(ax)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "normalized_scores.png", dpi=110)
-    plt.close(fig)
-    written.append(str(out / "normalized_scores.png"))
-    return written
+    return fig
 
 
+def _aggregate_intervals(plt: Any, summary: dict[str, Any]) -> Any:
+    found = summary["aggregates"]["final"]
+    if not found:
+        return None
+    agents = list(found)
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 0.45 * len(agents) + 1.4), sharey=True)
+    for ax, name in zip(axes, ("iqm", "mean")):
+        for y, agent in enumerate(agents):
+            value, low, high = found[agent][name]
+            ax.plot([low, high], [y, y], linewidth=6, alpha=0.5, solid_capstyle="butt")
+            ax.plot([value], [y], "k|", markersize=12)
+        ax.set_yticks(range(len(agents)), agents)
+        ax.set_title(f"{name.upper() if name == 'iqm' else name} (95% bootstrap CI)", fontsize=9)
+        ax.set_xlabel(SCALE_LABELS[summary["scale"]])
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _profiles(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Sequence[str], scale: str) -> Any:
+    matrices = score_matrices(runs, agents, tasks, "final", scale)
+    if not matrices:
+        return None
+    values = np.concatenate([m.ravel() for m in matrices.values()])
+    low = min(0.0, float(values.min())) if scale == "normalized" else min(CHANCE_SCORE, float(values.min()))
+    taus = np.linspace(low, max(1.0, float(values.max())), 101)
+    profiles = performance_profile(matrices, taus)
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for agent, found in profiles.items():
+        (line,) = ax.plot(taus, found["profile"], label=agent)
+        ax.fill_between(taus, found["low"], found["high"], color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(f"{SCALE_LABELS[scale]} τ")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.set_title("performance profiles (95% bootstrap CI)", fontsize=10)
+    _legend(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Console
+# ----------------------------------------------------------------------------------------------------------------
 def make_console() -> Any:
     from rich.console import Console
 
     return Console()
 
 
-def print_table(summary: dict[str, list[dict]], console: Any = None) -> None:
+def print_table(summary: dict[str, Any], console: Any = None) -> None:
+    """The per-task and overall table, then the aggregates, each fitting 80 columns."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     console = console or make_console()
-    table = Table(title="test score (mean ± 95% CI over seeds)", box=box.SIMPLE_HEAD)
-    for name in TABLE_HEADER:
-        table.add_column(name, justify="left" if name in ("task", "agent") else "right")
-    rows = table_rows(summary)
-    n_task_rows = len(summary["per_task"])
-    for i, row in enumerate(rows):
-        table.add_row(*row, end_section=(i == n_task_rows - 1))
-    if not console.is_terminal and console.width < 120:  # a log file has no width limit: keep rows unwrapped
-        console = Console(file=console.file, width=120)
+    n = max((row["n"] for row in summary["per_task"]), default=0)
+    table = Table(title=f"{SCALE_LABELS[summary['scale']]} of the policy, mean ± 95% CI over seeds (n={n})",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), title_style="bold")
+    for name in CONSOLE_HEADER:
+        table.add_column(name, justify="left" if name in ("task", "agent") else "right", no_wrap=True)
+    for i, row in enumerate(console_rows(summary)):
+        table.add_row(*row, end_section=(i == len(summary["per_task"]) - 1))
     console.print(table)
+    console.print("final: at the full budget; gain: final − step 0 (paired by seed); AUC: mean over evaluation "
+                  "points; search: best-on-dev program of training; ok: final episodes that ran.",
+                  style="dim")
+    if summary["aggregates"]["final"]:
+        aggregates = Table(title="aggregates of final over tasks and seeds (95% bootstrap CI)",
+                           box=box.SIMPLE_HEAD, padding=(0, 1), title_style="bold")
+        for name in AGGREGATE_HEADER:
+            aggregates.add_column(name, justify="left" if name == "agent" else "right", no_wrap=True)
+        for row in aggregate_rows(summary):
+            aggregates.add_row(*row)
+        console.print(aggregates)

@@ -1,26 +1,41 @@
-"""Running a benchmark: every (agent, task, seed) cell trains or acts within one env-step budget, then its chosen
-program is scored once on the task's held-out test part; finished cells are kept for resume.
+"""Running a benchmark: every (agent, task, seed) cell trains within one env-step budget, and its policy is evaluated
+on fresh episodes at fixed points; finished cells are kept for resume.
 
-Every cell gets a fresh environment wrapped in `EnvStepBudget`, which counts env steps and refuses to step past the
-budget, so every agent spends exactly the same number of sandboxed program runs. Learners train within the budget
-(`learn(env, budget)`); plain agents act for `budget` steps (`agents.base.play`). The best-on-dev program seen during
-those steps (or the last successful one, `select="final"`) is then scored through `tasks.evaluate(..., part="test")`.
-One sandbox serves every cell.
+The protocol of one cell (`run_cell`), with budget B and evaluation interval E:
+
+- Training: a learner is called as `agent.learn(env, b)` for the cumulative budgets b = E, 2E, ..., B on one
+  training env (dev-part feedback) wrapped in `EnvStepBudget(B)`; the env, its budget wrapper and the learner persist
+  across calls, so training is one run cut at the evaluation points. An agent without `learn` is not trained.
+- Evaluation: at env step 0, after every `learn` call and at B, `eval_episodes` fresh episodes in the configured
+  episode mode are played through `agent.reset()` / `agent.act(obs, info)` (or `act_batch(observations, infos)`
+  where the agent has it) on separate envs that are never counted against the budget and never train the agent.
+  Episode seeds depend only on (task, seed, point index, episode index), and the Python, numpy and torch generators
+  are seeded from them for the evaluation and restored afterwards, so every agent meets the same evaluation
+  episodes and evaluating does not change what training samples. The final program of each episode (fix mode: the
+  program that ran; refine mode: the episode's best on dev) is scored once on the task's held-out test part; an
+  episode in which nothing ran scores the chance level (`CHANCE_SCORE`). An agent that cannot learn is evaluated
+  once, at step 0, and that evaluation stands for every point (it cannot change); so is a prompting agent, whose
+  `learn` only plays episodes with its fixed model.
+- Search score (secondary): the best-on-dev program of the training steps (of the step-0 evaluation episodes for
+  an agent that does not learn), scored on test, which is what best-of-N sampling would report.
 
 Each finished cell is written to `<out>/runs/<agent>__<task>__seed<k>.json` the moment it ends; a rerun with the same
 folder skips those cells, so an interrupted benchmark resumes where it stopped. The aggregate files (results.json,
-results.csv, summary.md, *.png) are rewritten from all cell files at the end of every run.
+results.csv, summary.md, *.png) are rewritten from all cell files at the end of every run. The record's fields are
+documented in `agents.bench.report` (schema `SCHEMA`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +43,11 @@ import gymnasium as gym
 
 import etpo_env  # noqa: F401  (registers DataSciCode-v0)
 import tasks as tasks_pkg
-from agents.base import play
-from agents.bench.config import BenchConfig, agent_label, run_file_name, split_options
+from agents.base import as_agent, play
+from agents.bench.config import SCHEMA, BenchConfig, agent_label, run_file_name, split_options
 from agents.bench.report import json_default, make_console, write_json_atomic, write_outputs
-from agents.bench.statistics import CHANCE_SCORE
-from agents.registry import build_agent, check_options, is_learner, options_for
+from agents.bench.statistics import CHANCE_SCORE, run_metrics
+from agents.registry import AGENTS, build_agent, check_options, is_learner, options_for, resolve_agent_class
 from etpo_env.config import EnvConfig
 from etpo_env.info import status_name
 from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
@@ -57,64 +72,276 @@ def act_for_budget(agent: Any, env: EnvStepBudget, seed: int) -> None:
     play(env, agent, seed=seed, stop=lambda: env.exhausted)
 
 
+def eval_seed(task: str, seed: int, point: int, episode: int) -> int:
+    """The env seed of one evaluation episode: a function of (task, seed, point index, episode index) only."""
+    digest = hashlib.sha256(f"{task}/{seed}/{point}/{episode}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Seed Python, numpy and torch (when loaded) for a block, then restore their states, and turn autograd off:
+    evaluation samples reproducibly and leaves training's random streams and gradients as they were."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        if "torch" in sys.modules:
+            import torch
+
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                torch.manual_seed(seed)
+                yield
+        else:
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation episodes
+# ----------------------------------------------------------------------------------------------------------------
+class _Episode:
+    """One evaluation episode's bookkeeping: attempts, the first attempt that ran, the program to score on test."""
+
+    def __init__(self, seed: int, mode: str):
+        self.seed, self.mode = seed, mode
+        self.attempts = 0
+        self.first_success: int | None = None
+        self.program: str | None = None
+        self.dev_score: float | None = None
+        self.done = False
+
+    def record(self, info: dict, terminated: bool, truncated: bool) -> None:
+        self.attempts += 1
+        ran = status_name(info.get("status", "")) == "ok" and bool(info.get("program"))
+        if ran:
+            if self.first_success is None:
+                self.first_success = self.attempts
+            if self.mode != "refine":  # fix mode: the program that ran (the episode ends with it)
+                self.program, self.dev_score = info["program"], info.get("score")
+        if self.mode == "refine" and info.get("best_program"):
+            self.program, self.dev_score = info["best_program"], info.get("best_score")
+        self.done = bool(terminated or truncated)
+
+
+class TestScorer:
+    """Scores programs once on the task's held-out test part (`tasks.evaluate`), remembering each program's score."""
+
+    def __init__(self, task: Any, sandbox: Any, seed: int):
+        self.task, self.sandbox, self.seed = task, sandbox, seed
+        self._seen: dict[str, dict[str, Any]] = {}
+
+    def score(self, program: str | None) -> dict[str, Any]:
+        """{test_status, test_score, score, normalized}; no program, or one failing on test, scores the chance level."""
+        if program is None:
+            result = {"test_status": "no_program", "test_score": None, "test_message": "no program ran on dev"}
+        elif program in self._seen:
+            result = dict(self._seen[program])
+        else:
+            evaluation = tasks_pkg.evaluate(self.task, program, self.sandbox, part="test", seed=self.seed)
+            result = {"test_status": status_name(evaluation.status), "test_score": evaluation.score,
+                      "test_message": evaluation.result.message if evaluation.score is None else ""}
+            self._seen[program] = dict(result)
+        counted = result["test_score"] if result["test_score"] is not None else CHANCE_SCORE
+        normalized = self.task.normalize(counted, part="test")  # None when the task has no stored reference scores
+        return {**result, "score": float(counted), "normalized": None if normalized is None else float(normalized)}
+
+
+def batch_actor(agent: Any) -> Callable[[list[str], list[dict]], list[str]] | None:
+    """How to act on several episodes at once: the agent's own `act_batch`, or, for this package's learners whose
+    `act` is the shell's, one batched generation by their policy; None where episodes must run one by one."""
+    if callable(getattr(agent, "act_batch", None)):
+        return agent.act_batch
+    shell = getattr(sys.modules.get("agents.learner"), "Learner", None)
+    if shell is None or not isinstance(agent, shell) or type(agent).act is not shell.act:
+        return None
+
+    def act_batch(observations: list[str], infos: list[dict]) -> list[str]:  # Learner.act, one row per episode
+        gen = agent.generation
+        limit = agent.policy.max_prompt_tokens(gen)
+        prompts = [agent.policy.encode_observation(o, i, max_length=limit) for o, i in zip(observations, infos)]
+        return [g.text for g in agent.policy.generate(prompts, gen)]
+
+    return act_batch
+
+
+def learns(agent: Any) -> bool:
+    """Whether the agent is trained between evaluation points: it has `learn`, and its policy can change (a
+    prompting agent's `learn` only plays episodes with a fixed model; no state carries across episodes)."""
+    prompting = getattr(sys.modules.get("agents.prompting"), "PromptingAgent", None)
+    return is_learner(agent) and not (prompting is not None and isinstance(agent, prompting))
+
+
+def play_eval_episodes(agent: Any, envs: list[Any], seeds: Sequence[int], mode: str,
+                       on_step: Callable[[], None] | None = None) -> list[_Episode]:
+    """Play one fresh episode per seed: in lock-step through `batch_actor(agent)` where there is one (one env per
+    seed), otherwise one after another through `reset`/`act` on `envs[0]` (an agent may keep per-episode state)."""
+    actor = batch_actor(agent)
+    if actor is None:
+        return [_play_one(as_agent(agent), envs[0], seed, mode, on_step) for seed in seeds]
+    agent.reset()
+    episodes = [_Episode(seed, mode) for seed in seeds]
+    current = [env.reset(seed=seed) for env, seed in zip(envs, seeds)]
+    while active := [i for i, episode in enumerate(episodes) if not episode.done]:
+        actions = actor([current[i][0] for i in active], [current[i][1] for i in active])
+        if len(actions) != len(active):
+            raise ValueError(f"act_batch returned {len(actions)} actions for {len(active)} observations")
+        for i, action in zip(active, actions):
+            obs, _, terminated, truncated, info = envs[i].step(action)
+            episodes[i].record(info, terminated, truncated)
+            current[i] = (obs, info)
+            if on_step is not None:
+                on_step()
+    return episodes
+
+
+def _play_one(agent: Any, env: Any, seed: int, mode: str, on_step: Callable[[], None] | None) -> _Episode:
+    episode = _Episode(seed, mode)
+    agent.reset()
+    obs, info = env.reset(seed=seed)
+    while not episode.done:
+        obs, _, terminated, truncated, info = env.step(agent.act(obs, info))
+        episode.record(info, terminated, truncated)
+        if on_step is not None:
+            on_step()
+    return episode
+
+
+def evaluate_point(agent: Any, envs: list[Any], scorer: TestScorer, config: BenchConfig, task_name: str, seed: int,
+                   point: int, on_step: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """The episodes of evaluation point `point` (an index), each with its final program scored on test."""
+    seeds = [eval_seed(task_name, seed, point, k) for k in range(config.eval_episodes)]
+    with isolated_rng(seeds[0]):
+        episodes = play_eval_episodes(agent, envs, seeds, config.env.mode, on_step)
+    return [{"seed": e.seed, "attempts": e.attempts, "success_attempt": e.first_success,
+             "dev_score": e.dev_score, "program": e.program, **scorer.score(e.program)} for e in episodes]
+
+
+def point_summary(point: int, env_steps: int, episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One evaluation point: means over its episodes (success: the final program has a test score)."""
+    successes = [e for e in episodes if e["test_score"] is not None]
+    normalized = [e["normalized"] for e in episodes]
+    return {
+        "point": point, "env_steps": env_steps,
+        "score": sum(e["score"] for e in episodes) / len(episodes),
+        "normalized": None if None in normalized else sum(normalized) / len(normalized),
+        "success_rate": len(successes) / len(episodes),
+        "attempts_to_success": (sum(e["success_attempt"] for e in successes) / len(successes)
+                                if successes else None),
+        "episodes": episodes,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One cell
+# ----------------------------------------------------------------------------------------------------------------
 def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox: Any, model: Callable[[], str],
              on_step: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Train/act within the budget, then score the chosen program once on the held-out test part."""
+    """Train in cumulative budget chunks, evaluate the policy at every point, score the search program on test."""
     seed_everything(seed, torch_too=agent_spec not in MODEL_FREE_AGENTS)
-    record: dict[str, Any] = {"agent": agent_label(agent_spec), "agent_spec": agent_spec, "task": task.name,
-                              "seed": seed, "budget": config.budget, "error": None}
+    if agent_spec in AGENTS and agent_spec not in MODEL_FREE_AGENTS:
+        _quiet_model_loading()
+    record = _new_record(config, agent_spec, task.name, seed)
     started = time.perf_counter()
-    env = gym.make("DataSciCode-v0", config=config.env.replace(task=task, sandbox=sandbox))
-    env = EnvStepBudget(env, config.budget, on_step=on_step)
-    learner = False
+    env_config = config.env.replace(task=task, sandbox=sandbox)
+    train_env = EnvStepBudget(gym.make("DataSciCode-v0", config=env_config), config.budget, on_step=on_step)
+    eval_envs = [gym.make("DataSciCode-v0", config=env_config) for _ in range(config.eval_episodes)]
+    scorer = TestScorer(task, sandbox, seed)
+    timing = {"train_time_s": 0.0, "eval_time_s": 0.0}
     try:
         agent = build_agent(agent_spec, seed=seed, model=model, overrides=options_for(agent_spec, config.agent_options))
-        learner = is_learner(agent)
-        if learner:
-            try:
-                agent.learn(env, config.budget)
-            except BudgetExceeded:
-                record["budget_note"] = "learner asked for steps past its budget; training stopped there"
-        else:
-            act_for_budget(agent, env, seed)
-    except BudgetExceeded as exc:  # a plain agent cannot trigger this; kept for agents that step on their own
-        record["budget_note"] = str(exc)
+        record["learner"] = learns(agent)
+        _train_and_evaluate(agent, config, record, train_env, eval_envs, scorer, seed, timing, on_step)
     except Exception as exc:  # an agent that crashes is a failed cell with its traceback, not a crashed benchmark
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc(limit=20)
     finally:
-        env.close()
-    train_time = time.perf_counter() - started
-
-    program = env.best_program if config.select == "best" else env.final_program
-    dev_score = env.best_dev_score if config.select == "best" else env.final_dev_score
+        for env in [train_env, *eval_envs]:
+            env.close()
     record.update({
-        "learner": learner,
-        "env_steps": env.steps,
-        "episodes": env.episodes,
-        "dev_successes": sum(status == "ok" for status in env.statuses),
-        "dev_score": dev_score if program is not None else None,
-        "program": program,
-        "rewards": env.rewards,
-        "dev_scores": env.dev_scores,
-        "statuses": env.statuses,
-        "train_time_s": train_time,
+        "env_steps": train_env.steps,
+        "episodes": train_env.episodes,
+        "rewards": train_env.rewards,
+        "dev_scores": train_env.dev_scores,
+        "statuses": train_env.statuses,
+        **timing,
     })
-    test_started = time.perf_counter()
-    if program is None:
-        record.update(test_status="no_program", test_score=None, test_message="no program succeeded on dev")
-    else:
-        evaluation = tasks_pkg.evaluate(task, program, sandbox, part="test", seed=seed)
-        record.update(test_status=status_name(evaluation.status), test_score=evaluation.score,
-                      test_message=evaluation.result.message if evaluation.score is None else "")
-    record["success"] = record["test_score"] is not None
-    counted = record["test_score"] if record["success"] else CHANCE_SCORE
-    record["score"] = float(counted)
-    normalized = task.normalize(counted, part="test")  # None when the task has no stored reference scores
-    record["normalized"] = None if normalized is None else float(normalized)
-    record["test_time_s"] = time.perf_counter() - test_started
+    record["search_result"] = _search_result(record, train_env, scorer)
+    record.update(run_metrics(record, missing=_chance_point(task)))
     record["wall_time_s"] = time.perf_counter() - started
     return record
+
+
+def _quiet_model_loading() -> None:
+    """The benchmark's progress bar is the console's one: no per-model "Loading weights" bar from transformers."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def _new_record(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
+    return {"schema": SCHEMA, "agent": agent_label(agent_spec), "agent_spec": agent_spec, "task": task_name,
+            "seed": seed, "budget": config.budget, "eval_every": config.eval_every,
+            "eval_episodes": config.eval_episodes, "learner": False, "error": None, "learn_budgets": [],
+            "evaluations": []}
+
+
+def failed_cell_record(config: BenchConfig, agent_spec: str, task: Any, seed: int, error: str) -> dict[str, Any]:
+    """The record of a cell that never ran (its worker was lost): nothing ran, every evaluation point at the chance
+    level, with `error` saying why; the same fields as `run_cell`'s records."""
+    record = _new_record(config, agent_spec, task.name, seed)
+    record.update({"error": error, "env_steps": 0, "episodes": 0, "rewards": [], "dev_scores": [], "statuses": [],
+                   "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0})
+    record["search_result"] = {"dev_score": None, "program": None, **TestScorer(task, None, seed).score(None)}
+    record.update(run_metrics(record, missing=_chance_point(task)))
+    return record
+
+
+def _train_and_evaluate(agent: Any, config: BenchConfig, record: dict[str, Any], train_env: EnvStepBudget,
+                        eval_envs: list[Any], scorer: TestScorer, seed: int, timing: dict[str, float],
+                        on_step: Callable[[], None] | None) -> None:
+    for index, point in enumerate(config.eval_points):
+        if point > 0:
+            if not record["learner"]:
+                break  # it cannot change: its step-0 evaluation stands for every point
+            clock = time.perf_counter()
+            try:
+                record["learn_budgets"].append(point)
+                agent.learn(train_env, point)
+            except BudgetExceeded as exc:  # evaluated once more as it is, then no further training
+                record["budget_note"] = f"learner asked for steps past its budget; training stopped there ({exc})"
+            finally:
+                timing["train_time_s"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        episodes = evaluate_point(agent, eval_envs, scorer, config, record["task"], seed, index, on_step)
+        timing["eval_time_s"] += time.perf_counter() - clock
+        record["evaluations"].append(point_summary(point, train_env.steps, episodes))
+        if "budget_note" in record:
+            break
+
+
+def _search_result(record: dict[str, Any], train_env: EnvStepBudget, scorer: TestScorer) -> dict[str, Any]:
+    """Best-on-dev program of the training steps (of the step-0 evaluation episodes for an agent without learn)."""
+    if train_env.best_program is not None:
+        program, dev_score = train_env.best_program, train_env.best_dev_score
+    else:
+        ran = [e for point in record["evaluations"][:1] for e in point["episodes"] if e["dev_score"] is not None]
+        best = max(ran, key=lambda e: e["dev_score"], default=None)
+        program = None if best is None else best["program"]
+        dev_score = None if best is None else best["dev_score"]
+    return {"dev_score": dev_score, "program": program, **scorer.score(program)}
+
+
+def _chance_point(task: Any) -> dict[str, Any]:
+    """What an evaluation point that was never reached (the agent crashed first) counts as: nothing ran."""
+    normalized = task.normalize(CHANCE_SCORE, part="test")
+    return {"score": CHANCE_SCORE, "normalized": None if normalized is None else float(normalized),
+            "success_rate": 0.0, "attempts_to_success": None}
 
 
 def run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
@@ -150,7 +377,9 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
 
 
 def check_resumable(out: Path, config: BenchConfig) -> None:
-    """Refuse to mix cells run under different settings (budget, model, env options) in one folder."""
+    """Refuse a folder of another results schema, or of cells run under different settings (budget, evaluation
+    schedule, model, env options)."""
+    _check_schema(out)
     path = out / "config.json"
     if not path.exists():
         return
@@ -162,11 +391,27 @@ def check_resumable(out: Path, config: BenchConfig) -> None:
         raise ValueError(f"{out} holds results from different settings ({details}); use another --out folder")
 
 
+def _check_schema(out: Path) -> None:
+    found = []
+    if (out / "config.json").exists():
+        found.append(("config.json", json.loads((out / "config.json").read_text()).get("schema")))
+    for path in sorted((out / "runs").glob("*.json"))[:1] if (out / "runs").is_dir() else []:
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            found.append((f"runs/{path.name}", json.loads(path.read_text()).get("schema")))
+    for name, schema in found:
+        if schema != SCHEMA:
+            version = "no schema field (version 1)" if schema is None else f"schema {schema}"
+            raise ValueError(
+                f"{out} holds results of another benchmark protocol ({name}: {version}; this version writes schema "
+                f"{SCHEMA}, which evaluates the policy at fixed points instead of scoring the best program found); "
+                "they are not comparable: use another --out folder")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------------------------
 def resolve_tasks(items: Sequence[str]) -> list[str]:
-    """Suite names (bundled, paper, all) expand to their tasks; anything else is a task name."""
+    """Suite names (bundled, paper, hard, all) expand to their tasks; anything else is a task name."""
     resolved: list[str] = []
     for item in items:
         resolved += tasks_pkg.names(suite=item) if item in tasks_pkg.SUITES else [item]
@@ -177,14 +422,14 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
                   model: str = "tiny", sandbox: Any = "auto", out: str | os.PathLike = "results",
                   progress: bool = True, console: Any = None, env: EnvConfig | None = None,
                   ray: str | None = None, **options: Any) -> dict[str, Any]:
-    """Run every agent on every task for every seed with `budget` env steps each; write the results folder.
+    """Run every agent on every task for every seed with `budget` training env steps each; write the results folder.
 
     `seeds` is a count (seeds 0..N-1) or explicit seeds. `sandbox` is a backend name or a Sandbox instance (not
     closed here). `env` is every cell's `EnvConfig` (its task and sandbox are the cell's); `options` are further
-    `BenchConfig` fields (`select`, `agent_options`) or `EnvConfig` fields (`max_rows=300`, `mode="refine"`, ...),
-    which override `env`. `ray` is a Ray address ("auto" for the local cluster): the cells then run as Ray tasks
-    (`agents.bench.ray_exec`), each with its own sandbox of the configured backend. Returns {"summary", "runs",
-    "out"}.
+    `BenchConfig` fields (`eval_every`, `eval_episodes`, `agent_options`) or `EnvConfig` fields (`max_rows=300`,
+    `mode="refine"`, ...), which override `env`. `ray` is a Ray address ("auto" for the local cluster): the cells
+    then run as Ray tasks (`agents.bench.ray_exec`), each with its own sandbox of the configured backend. Returns
+    {"summary", "runs", "out"}.
     """
     bench_options, env_options = split_options(options)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -194,30 +439,36 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
                          model=str(model), sandbox=backend, out=str(out), env=env_config, **bench_options)
     check_options(config.agents, config.agent_options)
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     check_resumable(out, config)
-    write_json_atomic(out / "config.json", {"config": config.to_dict(), "comparable": config.comparable_fields()})
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {"schema": SCHEMA, "config": config.to_dict(),
+                                            "comparable": config.comparable_fields()})
 
     done = {(r["agent"], r["task"], r["seed"]) for r in load_runs(out) if not r.get("error")}
     cells = [(a, t, s) for t in config.tasks for a in config.agents for s in config.seeds
              if (agent_label(a), t, s) not in done]
     console = console or make_console()
-    if len(cells) < len(config.agents) * len(config.tasks) * len(config.seeds):
-        console.print(f"resuming in {out}: {len(config.agents) * len(config.tasks) * len(config.seeds) - len(cells)}"
-                      f" finished run(s) kept, {len(cells)} to go")
+    grid = len(config.agents) * len(config.tasks) * len(config.seeds)
+    if len(cells) < grid:
+        console.print(f"resuming in {out}: {grid - len(cells)} finished run(s) kept, {len(cells)} to go")
 
     if ray is not None:
         _run_cells_on_ray(ray, config, cells, out, progress, console)
-        runs = load_runs(out)
-        return {"summary": write_outputs(out, config, runs), "runs": runs, "out": str(out)}
-    model_path = _model_thunk(config.model)
+    else:
+        _run_locally(config, cells, sandbox, out, progress, console)
+    runs = load_runs(out)
+    summary = write_outputs(out, config, runs)
+    return {"summary": summary, "runs": runs, "out": str(out)}
+
+
+def _run_locally(config: BenchConfig, cells: list, sandbox: Any, out: Path, progress: bool, console: Any) -> None:
     owned = isinstance(sandbox, str)
     if owned and cells:
         from sandbox import make_sandbox
 
         sandbox = make_sandbox(sandbox)
     try:
-        _run_cells(config, cells, sandbox, model_path, out, progress, console)
+        _run_cells(config, cells, sandbox, _model_thunk(config.model), out, progress, console)
     except KeyboardInterrupt:
         write_outputs(out, config, load_runs(out))  # the finished runs are worth a table already
         console.print(f"interrupted: finished runs are kept in {out}; the same command resumes from there")
@@ -225,13 +476,28 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
     finally:
         if owned and not isinstance(sandbox, str):
             sandbox.close()
-    runs = load_runs(out)
-    summary = write_outputs(out, config, runs)
-    return {"summary": summary, "runs": runs, "out": str(out)}
 
 
-def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Callable[[], str], out: Path,
-               progress: bool, console: Any) -> None:
+def cell_work(config: BenchConfig, agent_spec: str) -> int:
+    """Progress units of one cell: its training env steps plus the most env steps its evaluations can take."""
+    per_point = config.eval_episodes * config.env.max_attempts
+    if not _expects_learner(agent_spec):
+        return per_point
+    return config.budget + per_point * len(config.eval_points)
+
+
+def _expects_learner(agent_spec: str) -> bool:
+    try:
+        factory = resolve_agent_class(agent_spec)
+    except Exception:  # an agent that cannot be resolved fails in its cell; its work is a guess here
+        return True
+    prompting = getattr(sys.modules.get("agents.prompting"), "PromptingAgent", None)
+    if prompting is not None and isinstance(factory, type) and issubclass(factory, prompting):
+        return False
+    return callable(getattr(factory, "learn", None))
+
+
+def _progress(console: Any, progress: bool, unit: str) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -241,19 +507,25 @@ def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Calla
         TimeRemainingColumn,
     )
 
-    loaded: dict[str, Any] = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("env steps"),
+    columns = [TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn(unit),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        total = bar.add_task("benchmark", total=len(cells) * config.budget)
+    return Progress(*columns, console=console, disable=not progress)
+
+
+def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Callable[[], str], out: Path,
+               progress: bool, console: Any) -> None:
+    loaded: dict[str, Any] = {}
+    work = {spec: cell_work(config, spec) for spec in config.agents}
+    with _progress(console, progress, "steps") as bar:
+        total = bar.add_task("benchmark", total=sum(work[agent] for agent, _, _ in cells))
         for agent, task_name, seed in cells:
             if task_name not in loaded:
                 loaded[task_name] = load_task(config, task_name)
-            bar.update(total, description=f"{agent_label(agent)} · {task_name} · seed {seed}")
+            bar.update(total, description=f"{agent_label(agent)[:12]} {task_name[:14]} s{seed}")
             before = bar.tasks[0].completed
             record = run_cell(config, agent, loaded[task_name], seed, sandbox, model_path,
                               on_step=lambda: bar.advance(total))
-            bar.update(total, completed=before + config.budget)  # an agent that stopped early still moves the bar
+            bar.update(total, completed=before + work[agent])  # short episodes leave part of the allowance unused
             write_json_atomic(out / "runs" / run_file_name(agent, task_name, seed), record)
             if record["error"]:
                 console.print(f"[red]{agent_label(agent)} on {task_name} (seed {seed}) failed:[/] {record['error']}")
@@ -261,20 +533,9 @@ def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Calla
 
 def _run_cells_on_ray(address: str, config: BenchConfig, cells: list, out: Path, progress: bool,
                       console: Any) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from agents.bench.ray_exec import run_cells
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with _progress(console, progress, "cells") as bar:
         total = bar.add_task("benchmark on Ray", total=len(cells))
 
         def on_record(record: dict[str, Any]) -> None:

@@ -1,14 +1,44 @@
-"""Statistics of a benchmark (pure functions): means with Student-t confidence intervals, per task and overall."""
+"""Statistics of a benchmark (pure functions).
+
+- `run_metrics`: one cell's evaluation curve and its summary numbers (final, step-0, area under the curve, success
+  rate, attempts to success, search score);
+- `mean_ci`: means with Student-t 95% intervals, per task (over seeds) and overall (per seed the mean over tasks);
+  `paired` differences (final minus step 0) use the same interval over seeds;
+- aggregates over tasks and seeds: IQM and mean (`rliable.metrics`) with stratified-bootstrap percentile intervals
+  (runs resampled within each task, as `rliable.library.get_interval_estimates`), the probability of improvement,
+  and performance profiles. The bootstrap is written here with a seeded numpy generator because
+  `rliable.library` needs `arch`, whose releases compatible with `rliable` do not import under pandas 3.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-# A failed run (no program ever succeeded on dev, or the chosen program failed on test) counts as a constant
-# predictor: ROC AUC 0.5. Means then reflect both quality and reliability; the success rate is reported beside them.
+import numpy as np
+
+# An episode whose final program failed (or where nothing ran) counts as a constant predictor: ROC AUC 0.5. Means
+# then reflect both quality and reliability; the success rate is reported beside them.
 CHANCE_SCORE = 0.5
+BOOTSTRAP_REPS = 2000
+BOOTSTRAP_SEED = 0
+REFERENCE_AGENT = "etpo"  # the agent whose probability of improvement over each other agent is reported
+PER_RUN = ("final", "step0", "auc", "gain", "search", "success_rate", "attempts_to_success")
+SCALED = ("final", "step0", "gain", "auc", "search")  # normalized, with a raw `<key>_score` twin
+SCALE_LABELS = {"normalized": "normalized test score", "score": "test score"}
+
+
+def scale_of(runs: Iterable[Mapping[str, Any]]) -> str:
+    """"normalized" when every run has normalized scores (every task has stored reference scores for its rows),
+    else "score": one scale for the whole benchmark, never a mix of the two."""
+    runs = list(runs)
+    return "normalized" if runs and all(r.get("final") is not None for r in runs) else "score"
+
+
+def metric(run: Mapping[str, Any], key: str, scale: str) -> Any:
+    """A run's `key` on `scale` (the raw `<key>_score` twin for scale "score")."""
+    return run[f"{key}_score"] if scale == "score" and key in SCALED else run.get(key)
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -18,7 +48,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     """
     from scipy import stats
 
-    values = [float(v) for v in values if not math.isnan(float(v))]
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     n = len(values)
     if n == 0:
         return math.nan, math.nan
@@ -38,53 +68,206 @@ def format_ci(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def summarize(runs: Iterable[dict[str, Any]], agents: Sequence[str], tasks: Sequence[str]) -> dict[str, list[dict]]:
-    """Rows per (task, agent) and overall per agent. Overall: per seed, the mean over tasks; then CI over seeds."""
+# ----------------------------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------------------------
+def eval_points(budget: int, every: int) -> list[int]:
+    return sorted({*range(0, budget, every), budget})
+
+
+def run_metrics(record: Mapping[str, Any], missing: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation curve over every point of the schedule and the run's summary numbers.
+
+    A point not measured is filled: by the last measurement when the agent could not change any more (it does not
+    learn, or its learning stopped at the budget), by `missing` (nothing ran) when the run failed before it.
+    Scores are normalized test scores where the task has reference scores (`normalized`), else None; the `_score`
+    twins are the raw test metric.
+    """
+    measured = {p["point"]: p for p in record["evaluations"]}
+    keys = ("score", "normalized", "success_rate", "attempts_to_success")
+    curve, last = [], None
+    for point in eval_points(record["budget"], record["eval_every"]):
+        if point in measured:
+            last = measured[point]
+            curve.append({"point": point, "measured": True, **{k: last[k] for k in keys}})
+        elif last is not None and not record.get("error"):
+            curve.append({"point": point, "measured": False, **{k: last[k] for k in keys}})
+        else:
+            curve.append({"point": point, "measured": False, **{k: missing[k] for k in keys}})
+    first, final = curve[0], curve[-1]
+    search = record["search_result"]
+    return {
+        "curve": curve,
+        "final": final["normalized"], "final_score": final["score"],
+        "step0": first["normalized"], "step0_score": first["score"],
+        "gain": None if final["normalized"] is None else final["normalized"] - first["normalized"],
+        "gain_score": final["score"] - first["score"],
+        "auc": _mean_or_none([p["normalized"] for p in curve]), "auc_score": _mean([p["score"] for p in curve]),
+        "success_rate": final["success_rate"], "attempts_to_success": final["attempts_to_success"],
+        "search": search["normalized"], "search_score": search["score"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per task and overall: mean ± t-interval over seeds
+# ----------------------------------------------------------------------------------------------------------------
+def summarize(runs: Iterable[dict[str, Any]], agents: Sequence[str], tasks: Sequence[str],
+              reference: str = REFERENCE_AGENT, reps: int = BOOTSTRAP_REPS,
+              seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Rows per (task, agent); overall per agent (per seed the mean over tasks, then the CI over seeds); the
+    bootstrap aggregates over tasks and seeds; the probability that `reference` beats each other agent."""
     runs = list(runs)
-    per_task = []
-    for task in tasks:
-        for agent in agents:
-            cell = [r for r in runs if r["task"] == task and r["agent"] == agent]
-            if cell:
-                per_task.append(_summary_row(cell, task=task, agent=agent))
-    overall = []
-    for agent in agents:
-        mine = [r for r in runs if r["agent"] == agent and r["task"] in tasks]
-        seeds = sorted({r["seed"] for r in mine})
-        # A seed enters the overall mean only when it has every task, so each overall value averages the same tasks.
-        complete = [s for s in seeds if {r["task"] for r in mine if r["seed"] == s} >= set(tasks)]
-        if not complete:
+    scale = scale_of(runs)
+    per_task = [_row(cell, scale, task=task, agent=agent) for task in tasks for agent in agents
+                if (cell := [r for r in runs if r["task"] == task and r["agent"] == agent])]
+    overall = [row for agent in agents if (row := _overall_row(runs, agent, tasks, scale)) is not None]
+    matrices = score_matrices(runs, agents, tasks, "final", scale)
+    return {
+        "scale": scale,
+        "per_task": per_task,
+        "overall": overall,
+        "aggregates": {"final": aggregate_estimates(matrices, reps=reps, seed=seed),
+                       "auc": aggregate_estimates(score_matrices(runs, agents, tasks, "auc", scale), reps=reps,
+                                                  seed=seed)},
+        "probability_of_improvement": probability_of_improvement_estimates(matrices, reference, reps=reps,
+                                                                           seed=seed),
+        "aggregate_tasks": _matrix_tasks(runs, agents, tasks),
+    }
+
+
+def _row(cell: list[dict], scale: str, *, task: str, agent: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"task": task, "agent": agent, "n": len(cell)}
+    for key in PER_RUN:
+        row[key], row[f"{key}_ci"] = mean_ci([v for r in cell if (v := metric(r, key, scale)) is not None])
+    row["final_score"], row["final_score_ci"] = mean_ci([r["final_score"] for r in cell])
+    row["env_steps"] = _mean([r["env_steps"] for r in cell])
+    row["wall_time_s"] = _mean([r["wall_time_s"] for r in cell])
+    return row
+
+
+def _overall_row(runs: list[dict], agent: str, tasks: Sequence[str], scale: str) -> dict[str, Any] | None:
+    """Per seed, the mean over tasks (only seeds with every task, so each value averages the same tasks)."""
+    by_seed = _complete_seeds([r for r in runs if r["agent"] == agent and r["task"] in tasks], tasks)
+    if not by_seed:
+        return None
+    row: dict[str, Any] = {"task": "overall", "agent": agent, "n": len(by_seed)}
+    for key in (*PER_RUN, "final_score"):
+        per_seed = [_mean_or_none([metric(r, key, scale) for r in rs]) for rs in by_seed.values()]
+        row[key], row[f"{key}_ci"] = mean_ci([v for v in per_seed if v is not None])
+    row["env_steps"] = _mean([sum(r["env_steps"] for r in rs) for rs in by_seed.values()])
+    row["wall_time_s"] = _mean([sum(r["wall_time_s"] for r in rs) for rs in by_seed.values()])
+    return row
+
+
+def _complete_seeds(runs: list[dict], tasks: Sequence[str]) -> dict[int, list[dict]]:
+    by_seed: dict[int, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        by_seed.setdefault(run["seed"], []).append(run)
+    return {s: rs for s, rs in by_seed.items() if {r["task"] for r in rs} >= set(tasks)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregates over tasks and seeds (rliable's estimators, stratified bootstrap)
+# ----------------------------------------------------------------------------------------------------------------
+def _matrix_tasks(runs: list[dict], agents: Sequence[str], tasks: Sequence[str]) -> list[str]:
+    """Tasks every agent has runs on."""
+    return [t for t in tasks if all(any(r["task"] == t and r["agent"] == a for r in runs) for a in agents)]
+
+
+def score_matrices(runs: list[dict], agents: Sequence[str], tasks: Sequence[str], key: str,
+                   scale: str = "normalized") -> dict[str, np.ndarray]:
+    """agent -> (seeds × tasks) array of `key` on `scale`, over the tasks every agent ran and the seeds every agent
+    ran on all of them (rliable's layout: one row per run, one column per task)."""
+    used = _matrix_tasks(runs, agents, tasks)
+    if not used:
+        return {}
+    seed_sets = [set(_complete_seeds([r for r in runs if r["agent"] == a and r["task"] in used], used))
+                 for a in agents]
+    seeds = sorted(set.intersection(*seed_sets)) if seed_sets else []
+    if not seeds:
+        return {}
+    cell = {(r["agent"], r["task"], r["seed"]): metric(r, key, scale) for r in runs}
+    if any(cell[(a, t, s)] is None for a in agents for t in used for s in seeds):
+        return {}  # no normalized scores on some task: aggregate on scale "score"
+    return {a: np.array([[cell[(a, t, s)] for t in used] for s in seeds], dtype=float) for a in agents}
+
+
+def stratified_bootstrap(matrix: np.ndarray, statistic: Callable[[np.ndarray], float], reps: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """`statistic` of `reps` resamples of a (runs × tasks) matrix, runs drawn with replacement within each task."""
+    runs, tasks = matrix.shape
+    rows = rng.integers(0, runs, size=(reps, runs, tasks))
+    return np.array([statistic(matrix[r, np.arange(tasks)]) for r in rows])
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    low, high = np.percentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return float(low), float(high)
+
+
+def aggregate_estimates(matrices: Mapping[str, np.ndarray], reps: int = BOOTSTRAP_REPS,
+                        seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, Any]]:
+    """agent -> {"iqm": (value, low, high), "mean": ..., "n_runs", "n_tasks"}: interquartile mean and mean over all
+    runs and tasks with 95% stratified-bootstrap percentile intervals (every agent resampled with the same seed)."""
+    from rliable import metrics
+
+    estimators = {"iqm": metrics.aggregate_iqm, "mean": metrics.aggregate_mean}
+    found: dict[str, dict[str, Any]] = {}
+    for agent, matrix in matrices.items():
+        row: dict[str, Any] = {"n_runs": int(matrix.shape[0]), "n_tasks": int(matrix.shape[1])}
+        for name, estimator in estimators.items():
+            samples = stratified_bootstrap(matrix, estimator, reps, np.random.default_rng(seed))
+            row[name] = (float(estimator(matrix)), *percentile_interval(samples))
+        found[agent] = row
+    return found
+
+
+def probability_of_improvement_estimates(matrices: Mapping[str, np.ndarray], reference: str,
+                                         reps: int = BOOTSTRAP_REPS,
+                                         seed: int = BOOTSTRAP_SEED) -> dict[str, tuple[float, float, float]]:
+    """other agent -> P(reference > other) (rliable: Mann-Whitney per task, averaged over tasks) with a 95% interval
+    from resampling both agents' runs independently within each task."""
+    from rliable import metrics
+
+    if reference not in matrices:
+        return {}
+    mine = matrices[reference]
+    found = {}
+    for other, theirs in matrices.items():
+        if other == reference:
             continue
-        by_seed = {s: [r for r in mine if r["seed"] == s] for s in complete}
-        score = mean_ci([_mean([r["score"] for r in rs]) for rs in by_seed.values()])
-        normalized = mean_ci([_mean(_known([r["normalized"] for r in rs])) for rs in by_seed.values()])
-        used = [r for rs in by_seed.values() for r in rs]
-        overall.append({
-            "task": "overall", "agent": agent, "n": len(complete),
-            "score": score[0], "score_ci": score[1], "normalized": normalized[0], "normalized_ci": normalized[1],
-            "success_rate": _mean([float(r["success"]) for r in used]),
-            "env_steps": _mean([sum(r["env_steps"] for r in rs) for rs in by_seed.values()]),
-            "wall_time_s": _mean([sum(r["wall_time_s"] for r in rs) for rs in by_seed.values()]),
-        })
-    return {"per_task": per_task, "overall": overall}
+        rng = np.random.default_rng(seed)
+        samples = [metrics.probability_of_improvement(_resample(mine, rng), _resample(theirs, rng))
+                   for _ in range(reps)]
+        found[other] = (float(metrics.probability_of_improvement(mine, theirs)),
+                        *percentile_interval(np.array(samples)))
+    return found
+
+
+def _resample(matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    runs, tasks = matrix.shape
+    return matrix[rng.integers(0, runs, size=(runs, tasks)), np.arange(tasks)]
+
+
+def performance_profile(matrices: Mapping[str, np.ndarray], taus: np.ndarray, reps: int = BOOTSTRAP_REPS,
+                        seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, np.ndarray]]:
+    """agent -> {"profile", "low", "high"}: the share of (run, task) scores above each τ (rliable's score
+    distribution) with a 95% stratified-bootstrap band."""
+    found = {}
+    for agent, matrix in matrices.items():
+        def profile(m: np.ndarray) -> np.ndarray:
+            return (m.reshape(-1, 1) > taus.reshape(1, -1)).mean(axis=0)
+
+        samples = stratified_bootstrap(matrix, profile, reps, np.random.default_rng(seed))
+        low, high = np.percentile(samples, [2.5, 97.5], axis=0)
+        found[agent] = {"profile": profile(matrix), "low": low, "high": high}
+    return found
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _known(values: Iterable[float | None]) -> list[float]:
-    """Normalized scores exist only for tasks with stored reference scores; the others are left out."""
-    return [v for v in values if v is not None and not math.isnan(v)]
-
-
-def _summary_row(cell: list[dict], *, task: str, agent: str) -> dict[str, Any]:
-    score = mean_ci([r["score"] for r in cell])
-    normalized = mean_ci(_known(r["normalized"] for r in cell))
-    return {
-        "task": task, "agent": agent, "n": len(cell),
-        "score": score[0], "score_ci": score[1], "normalized": normalized[0], "normalized_ci": normalized[1],
-        "success_rate": _mean([float(r["success"]) for r in cell]),
-        "env_steps": _mean([r["env_steps"] for r in cell]),
-        "wall_time_s": _mean([r["wall_time_s"] for r in cell]),
-    }
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean, or None where any value is missing (a task without reference scores has no normalized value)."""
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)

@@ -1,0 +1,195 @@
+"""The benchmark protocol with model-free agents on a real task and the local sandbox: the policy is evaluated at
+fixed points on fresh episodes that cost no budget, learners train in cumulative chunks, agents of known quality are
+ranked, a learner's rise is seen, old result folders are refused, and `etpo bench` runs end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tasks
+from agents import bench
+from agents.base import play
+
+pytestmark = pytest.mark.sandbox
+
+TASK = "breast_cancer"
+ROWS = 300  # small task: each env step fits and scores 5 dev splits quickly
+BUDGET, EVERY, EPISODES = 4, 2, 2
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+def build_model(X, y):
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    X = pd.DataFrame(X).select_dtypes("number").fillna(0)
+    columns = list(X.columns)
+    inner = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X, y)
+
+    class Model:
+        def predict_proba(self, X_new):
+            return inner.predict_proba(pd.DataFrame(X_new)[columns].fillna(0))
+
+    return Model()
+"""
+# One feature only: runs, but clearly worse than the full model.
+WEAK = GOOD.replace('select_dtypes("number").fillna(0)', 'select_dtypes("number").fillna(0).iloc[:, [1]]')
+BROKEN = "def build_model(X, y):\n    raise ValueError('not yet')\n"
+
+LEARN_CALLS: dict[int, list[tuple[int, int]]] = {}  # seed -> (budget asked, env steps consumed before the call)
+
+
+class GoodAgent:
+    """Always submits a sound full-feature model."""
+
+    def reset(self):
+        pass
+
+    def act(self, obs, info):
+        return GOOD
+
+
+class WeakAgent:
+    """Submits a broken program first in every episode, then a one-feature model."""
+
+    def reset(self):
+        self.attempt = 0
+
+    def act(self, obs, info):
+        self.attempt += 1
+        return BROKEN if self.attempt == 1 else WEAK
+
+
+class LearningAgent:
+    """Gets better as its consumed budget grows: broken, then the weak model, then the good one. `learn` spends its
+    budget in the env it is given (counting steps over its life, as the protocol says)."""
+
+    def __init__(self, seed=0):
+        self.seed, self.consumed = seed, 0
+
+    def reset(self):
+        pass
+
+    def act(self, obs, info):
+        return BROKEN if self.consumed < BUDGET // 2 else WEAK if self.consumed < BUDGET else GOOD
+
+    def learn(self, env, budget):
+        LEARN_CALLS.setdefault(self.seed, []).append((budget, self.consumed))
+        result = play(env, self, budget - self.consumed, seed=self.seed)
+        self.consumed += result.steps
+        return {}
+
+
+AGENTS = [f"{__name__}:{name}" for name in ("GoodAgent", "WeakAgent", "LearningAgent")]
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory, local_sandbox):
+    LEARN_CALLS.clear()
+    out = tmp_path_factory.mktemp("protocol")
+    result = bench.run_benchmark(AGENTS, [TASK], seeds=3, budget=BUDGET, eval_every=EVERY, eval_episodes=EPISODES,
+                                 sandbox=local_sandbox, out=out, progress=False, max_rows=ROWS, max_attempts=2)
+    return result, {(r["agent"], r["seed"]): r for r in result["runs"]}
+
+
+def test_fixed_agents_are_ranked_with_separate_intervals(protocol_run):
+    result, _ = protocol_run
+    rows = {row["agent"]: row for row in result["summary"]["per_task"]}
+    good, weak = rows["GoodAgent"], rows["WeakAgent"]
+    assert good["n"] == weak["n"] == 3
+    assert good["final"] - good["final_ci"] > weak["final"] + weak["final_ci"]
+    assert good["success_rate"] == weak["success_rate"] == 1.0
+    assert good["attempts_to_success"] == 1.0 and weak["attempts_to_success"] == 2.0  # the broken first attempt
+    assert good["gain"] == weak["gain"] == 0.0  # they cannot change: step 0 stands for every point
+
+
+def test_the_learner_rises_from_its_step_zero_evaluation(protocol_run):
+    result, runs = protocol_run
+    for seed in range(3):
+        curve = runs[("LearningAgent", seed)]["curve"]
+        assert [p["point"] for p in curve] == [0, 2, 4] and all(p["measured"] for p in curve)
+        assert curve[0]["success_rate"] == 0.0 and curve[0]["score"] == bench.CHANCE_SCORE  # nothing ran
+        assert curve[0]["score"] < curve[1]["score"] < curve[2]["score"]
+    final = {run["agent"]: run["final_score"] for run in result["runs"] if run["seed"] == 0}
+    assert final["LearningAgent"] == pytest.approx(final["GoodAgent"])  # it ends as the good agent
+    row = next(r for r in result["summary"]["per_task"] if r["agent"] == "LearningAgent")
+    assert row["gain"] - row["gain_ci"] > 0  # a rise whose 95% interval excludes zero
+
+
+def test_learn_gets_cumulative_budgets_and_evaluation_costs_none(protocol_run):
+    _, runs = protocol_run
+    for seed in range(3):
+        assert LEARN_CALLS[seed] == [(2, 0), (4, 2)]  # budgets E, 2E = B over the agent's life
+        run = runs[("LearningAgent", seed)]
+        assert run["learn_budgets"] == [2, 4] and run["env_steps"] == BUDGET
+        assert [p["env_steps"] for p in run["evaluations"]] == [0, 2, 4]  # evaluation spent no training steps
+        assert sum(e["attempts"] for p in run["evaluations"] for e in p["episodes"]) > 0
+    assert runs[("GoodAgent", 0)]["env_steps"] == 0 and runs[("GoodAgent", 0)]["learn_budgets"] == []
+
+
+def test_every_agent_meets_the_same_evaluation_episodes(protocol_run):
+    _, runs = protocol_run
+    for seed in range(3):
+        seeds = {agent: [e["seed"] for e in runs[(agent, seed)]["evaluations"][0]["episodes"]]
+                 for agent in ("GoodAgent", "WeakAgent", "LearningAgent")}
+        assert seeds["GoodAgent"] == seeds["WeakAgent"] == seeds["LearningAgent"]
+        assert seeds["GoodAgent"] == [bench.eval_seed(TASK, seed, 0, k) for k in range(EPISODES)]
+    later = [e["seed"] for e in runs[("LearningAgent", 0)]["evaluations"][1]["episodes"]]
+    assert later == [bench.eval_seed(TASK, 0, 1, k) for k in range(EPISODES)]
+
+
+def test_final_programs_are_scored_on_the_test_part(protocol_run, local_sandbox):
+    _, runs = protocol_run
+    episode = runs[("GoodAgent", 1)]["evaluations"][0]["episodes"][0]
+    direct = tasks.evaluate(tasks.get(TASK, max_rows=ROWS), GOOD, local_sandbox, part="test", seed=1)
+    assert episode["program"].strip() == GOOD.strip() and episode["test_score"] == pytest.approx(direct.score)
+    search = runs[("LearningAgent", 0)]["search_result"]
+    assert search["program"].strip() == WEAK.strip()  # the best-on-dev program of its training steps
+    fixed = runs[("WeakAgent", 0)]["search_result"]  # no training: the best of its step-0 evaluation episodes
+    assert fixed["program"].strip() == WEAK.strip() and fixed["dev_score"] is not None
+
+
+def test_results_files_carry_the_schema(protocol_run):
+    result, _ = protocol_run
+    out = Path(result["out"])
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == bench.SCHEMA == 2
+    assert json.loads((out / "config.json").read_text())["schema"] == 2
+    assert all(json.loads(p.read_text())["schema"] == 2 for p in (out / "runs").iterdir())
+    assert data["config"]["eval_points"] == [0, 2, 4]
+    for name in bench.PLOTS:
+        assert (out / name).stat().st_size > 0, name
+    assert set(data["summary"]["aggregates"]["final"]) == {"GoodAgent", "WeakAgent", "LearningAgent"}
+
+
+def test_a_folder_of_the_old_protocol_is_refused(tmp_path, local_sandbox):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / f"scripted__{TASK}__seed0.json").write_text(json.dumps({"agent": "scripted", "score": 0.9}))
+    kwargs = dict(seeds=1, budget=1, sandbox=local_sandbox, out=tmp_path, progress=False, max_rows=ROWS)
+    with pytest.raises(ValueError, match="another benchmark protocol.*no schema field"):
+        bench.run_benchmark(["scripted"], [TASK], **kwargs)
+    (tmp_path / "runs" / f"scripted__{TASK}__seed0.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"schema": 1, "comparable": {}}))
+    with pytest.raises(ValueError, match="schema 1"):
+        bench.run_benchmark(["scripted"], [TASK], **kwargs)
+
+
+def test_cli_runs_module_class_agents_end_to_end(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "agents.cli", "bench", "--agents", ",".join(AGENTS[:2]), "--tasks", TASK,
+         "--seeds", "2", "--budget", "2", "--eval-every", "1", "--eval-episodes", "1", "--sandbox", "local",
+         "--max-rows", str(ROWS), "--max-attempts", "2", "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "warn" not in proc.stdout.lower(), proc.stderr[-3000:]
+    assert "GoodAgent" in proc.stdout and "summary.md" in proc.stdout
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80  # readable in an 80-column terminal
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == 2 and len(data["runs"]) == 4
+    assert {r["agent"] for r in data["runs"]} == {"GoodAgent", "WeakAgent"}
