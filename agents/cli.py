@@ -203,7 +203,10 @@ def _register_train(subparsers: Any) -> None:
     train.add_argument("--out", required=True, help="run directory: logs, TensorBoard, checkpoints, summary")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
     add_set_argument(train, "set a learner config field (repeatable); an unknown key is a usage error")
-    train.add_argument("--num-envs", type=int, default=1, help="vectorised envs (gymnasium sync vector env)")
+    train.add_argument("--num-envs", type=int, default=None,
+                       help="envs collected from at once (default: the learner config's num_envs, 8 for etpo, ppo "
+                            "and sft, which spawn them from the one env; a learner without that field gets a "
+                            "gymnasium sync vector env of this many)")
     add_env_arguments(train)
     train.set_defaults(func=_train_command, prepare=_prepare_train, command_parser=train, config_class=None)
 
@@ -223,6 +226,11 @@ def _prepare_train(args: argparse.Namespace) -> None:
         raise ValueError(f"agent {args.agent!r} does not learn (it has no learn method); benchmark it with etpo bench")
     args.config_class = args.config_class or config_class_for(args.agent_class)
     args.config = build_learner_config(args.config_class, args)
+    if args.num_envs is not None and args.num_envs < 1:
+        raise ValueError(f"--num-envs must be at least 1, got {args.num_envs}")
+    args.spawns_envs = args.config is not None and "num_envs" in {f.name for f in dataclasses.fields(args.config)}
+    if args.spawns_envs and args.num_envs is not None:
+        args.config = dataclasses.replace(args.config, num_envs=args.num_envs)
     args.env_config = env_config_from_args(args, task=args.task)
 
 
@@ -231,11 +239,12 @@ def _train_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint"
     if args.resume and checkpoint.exists():
-        agent = args.agent_class.load(checkpoint)
+        agent = args.agent_class.load(checkpoint, **({"num_envs": args.num_envs} if args.spawns_envs and
+                                                    args.num_envs is not None else {}))
         print(f"resumed from {checkpoint}", file=sys.stderr)
     else:
         agent = build_agent(args.agent_class, model=args.model, config=args.config)
-    if args.num_envs > 1:
+    if not args.spawns_envs and (args.num_envs or 1) > 1:  # the learner cannot batch one env itself
         env = gym.make_vec("DataSciCode-v0", num_envs=args.num_envs, vectorization_mode="sync",
                            config=args.env_config)
     else:

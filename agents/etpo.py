@@ -525,6 +525,10 @@ class ETPOConfig:
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     # rollouts
     rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) per update."})
+    num_envs: int = field(default=8, metadata={
+        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
+                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
+                "batched call. 1 = the env alone; a vector env is used as it is."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled (temperature 1, no top-k/top-p: on-policy samples of π)."})
     # model
@@ -548,10 +552,10 @@ class ETPOConfig:
                              f"{self.critic_loss!r}")
         if self.optimizer not in ("adamw", "lion"):
             raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
-        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.chunk_size, self.critic_rank,
-               self.generation.max_new_tokens) < 1:
-            raise ValueError("epochs, minibatch_size, rollout_steps, chunk_size, critic_rank and max_new_tokens must "
-                             "be >= 1")
+        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.num_envs, self.chunk_size,
+               self.critic_rank, self.generation.max_new_tokens) < 1:
+            raise ValueError("epochs, minibatch_size, rollout_steps, num_envs, chunk_size, critic_rank and "
+                             "max_new_tokens must be >= 1")
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
         return UpdateSettings(beta=self.beta, gamma=self.gamma, epochs=self.epochs, minibatch_size=self.minibatch_size,

@@ -14,7 +14,9 @@ What the shell owns:
   tiny model), device, seeding, the `LMPolicy` with the learner's adapters;
 - one set of counters: `updates`, `env_steps`, `tokens`, `episodes` (over the learner's life, across resumes);
 - `learn(env, budget, callbacks, out_dir)`: until `budget` env steps in total, `collect` `rollout_steps` env steps
-  with the shared `RolloutCollector`, then `train(buffer)`; logs every update (console, progress bar, TensorBoard,
+  with the shared `RolloutCollector`, then `train(buffer)`; handed a single env, the collector steps the config's
+  `num_envs` envs at once (the env and siblings spawned from it, its wrappers shared: a budget wrapper still
+  counts every step, exactly) and generates each round's actions in one batched call; logs every update (console, progress bar, TensorBoard,
   metrics.jsonl through `RunLogger`), runs callbacks (one returning `False` stops training), checkpoints every
   `checkpoint_every` updates and at the end;
 - `save`/`load`: atomic (written beside, then swapped in), with a format check, the config, the policy's adapters,
@@ -147,10 +149,18 @@ class Learner:
         from agents.rollout import RolloutCollector
 
         if self._collector is None or self._collector.env is not env:
+            if self._collector is not None:
+                self._collector.close()
             self._collector = RolloutCollector(self.policy, env, self.generation,
                                                seed=self.config.seed + self.counters["env_steps"],
-                                               compute_ref_logp=self.needs_reference_logprobs)
+                                               compute_ref_logp=self.needs_reference_logprobs,
+                                               num_envs=self.num_envs)
         return self._collector
+
+    @property
+    def num_envs(self) -> int:
+        """Envs collected from at once when `learn` is handed a single env (the config's `num_envs`)."""
+        return int(getattr(self.config, "num_envs", 1))
 
     def learn(self, env: Any, budget: int, callbacks: Callback | Iterable[Callback] | None = None,
               out_dir: str | Path | None = None) -> dict[str, float]:

@@ -321,6 +321,10 @@ class PPOConfig:
 
     # rollouts
     rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
+    num_envs: int = field(default=8, metadata={
+        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
+                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
+                "batched call. 1 = the env alone; a vector env is used as it is."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. PPO trains the sampled distribution softmax(logits/temperature) (any "
                 "temperature > 0); top_k/top_p are refused (training does not reproduce them)."})
@@ -382,8 +386,8 @@ class PPOConfig:
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.value_model not in ("shared", "adapter"):
             raise ValueError(f"value_model must be 'shared' or 'adapter', got {self.value_model!r}")
-        if self.epochs < 1 or self.minibatch_size < 1 or self.rollout_steps < 1:
-            raise ValueError("epochs, minibatch_size and rollout_steps must be at least 1")
+        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.num_envs) < 1:
+            raise ValueError("epochs, minibatch_size, rollout_steps and num_envs must be at least 1")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
             raise ValueError("gamma and lam must lie in [0, 1]")
         gen = self.generation

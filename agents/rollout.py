@@ -123,10 +123,22 @@ class RolloutCollector:
 
     Episodes carry over between `collect` calls: a call that stops mid-episode resumes it next time (the same
     episode id; `next_obs_ids` of the buffer's last transition holds the observation to bootstrap from).
+
+    Batched collection from one env: with `num_envs` > 1 and a single (non-vector) env, the collector adds
+    `num_envs − 1` siblings made by `etpo_env.wrappers.spawn_siblings` — fresh base envs from the env's own config,
+    sharing its sandbox, under the same wrapper chain, whose stateful wrappers share their state (an `EnvStepBudget`
+    counts every sibling's steps against one budget, an `EpisodeRecorder` writes them to one file). Each round
+    generates the actions of all envs it steps in one batched call, then steps those envs one after another in
+    index order (deterministic records; the sandbox share of a round is small next to generation). A round steps
+    only as many envs as the `collect` call has steps left, so a collection never takes more env steps than asked,
+    and a finished episode's env is reset only when it is next stepped, so no episode is begun that is not played.
+    An env whose wrappers cannot be spawned faithfully (see `spawn_siblings`) is collected from alone. A vector
+    env is used as it is.
     """
 
     def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
-                 compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None):
+                 compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None,
+                 num_envs: int = 1):
         from agents.policy import GenerationSettings
 
         self.policy = policy
@@ -136,7 +148,9 @@ class RolloutCollector:
         self.compute_ref_logp = compute_ref_logp
         self.use_chat_template = use_chat_template
         self.is_vector = hasattr(env, "num_envs") and hasattr(env, "single_observation_space")
-        self.num_envs = int(env.num_envs) if self.is_vector else 1
+        self.num_envs = int(env.num_envs) if self.is_vector else 1  # single env: grows when siblings are made
+        self.requested_envs = max(1, int(num_envs))
+        self.envs: list[Any] = [] if self.is_vector else [env]  # the single env and its siblings
         self._seed = seed
         self._obs: list[str] | None = None
         self._infos: list[dict] = []
@@ -144,29 +158,78 @@ class RolloutCollector:
         self._steps: list[int] = []
         self._next_episode = 0
         self._awaiting_autoreset = [False] * self.num_envs
+        self._pending_reset: list[bool] = []  # single envs whose next episode begins when they are next stepped
         self.totals = {"env_steps": 0, "episodes": 0, "tokens": 0}
 
     # -- env plumbing --------------------------------------------------------------------------------------------
     def _reset_all(self) -> None:
+        if not self.is_vector:
+            self._start_single_envs()
+            return
         obs, info = self.env.reset(seed=self._seed)
-        if self.is_vector:
-            self._obs = [str(o) for o in obs]
-            self._infos = [_sub_info(info, i) for i in range(self.num_envs)]
-        else:
-            self._obs, self._infos = [obs], [info]
+        self._obs = [str(o) for o in obs]
+        self._infos = [_sub_info(info, i) for i in range(self.num_envs)]
         self._episode_ids = [self._new_episode() for _ in range(self.num_envs)]
         self._steps = [0] * self.num_envs
+
+    def _start_single_envs(self) -> None:
+        """Reset the given env, then make its siblings (after the reset, so they share the sandbox it started)."""
+        self._obs, self._infos, self._episode_ids, self._steps = [""], [{}], [0], [0]
+        self._seeded, self._pending_reset = [False], [True]
+        self._reset_single(0)
+        if self.requested_envs > 1:
+            from etpo_env.wrappers import spawn_siblings
+
+            self.envs += spawn_siblings(self.env, self.requested_envs - 1) or []
+        self.num_envs = len(self.envs)
+        extra = self.num_envs - 1
+        self._obs += [""] * extra
+        self._infos += [{}] * extra
+        self._episode_ids += [-1] * extra  # no episode until first reset
+        self._steps += [0] * extra
+        self._seeded += [False] * extra
+        self._pending_reset += [True] * extra
+        self._awaiting_autoreset = [False] * self.num_envs
+
+    def _reset_single(self, i: int) -> None:
+        """Begin env i's next episode; its first reset takes the collector's seed + i (as gymnasium's vector envs
+        seed their sub-envs)."""
+        seed = None
+        if not self._seeded[i]:
+            self._seeded[i] = True
+            seed = None if self._seed is None else self._seed + i
+        self._obs[i], self._infos[i] = self.envs[i].reset(seed=seed)
+        self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+        self._pending_reset[i] = False
+
+    def close(self) -> None:
+        """Close the siblings this collector made (the env it was given stays its owner's)."""
+        siblings, self.envs = self.envs[1:], self.envs[:1]
+        for sibling in siblings:
+            sibling.close()
 
     def _new_episode(self) -> int:
         self._next_episode += 1
         return self._next_episode - 1
 
-    def _step_env(self, actions: list[str]) -> list[tuple[str, float, bool, bool, dict]]:
+    def _round_envs(self, steps_left: int) -> list[int]:
+        """The envs that act this round: a vector env's sub-envs not awaiting autoreset; of single envs, as many
+        as steps are left (in index order), each reset first if its last episode ended."""
+        if self.is_vector:
+            return [i for i in range(self.num_envs) if not self._awaiting_autoreset[i]]
+        chosen = list(range(min(self.num_envs, steps_left)))
+        for i in chosen:
+            if self._pending_reset[i]:
+                self._reset_single(i)
+        return chosen
+
+    def _step_env(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
+        """Step the envs named in `actions` (a vector env: all sub-envs, "" for those awaiting autoreset)."""
         if not self.is_vector:
-            return [self.env.step(actions[0])]
-        obs, rewards, terms, truncs, infos = self.env.step(tuple(actions))
-        return [(str(obs[i]), float(rewards[i]), bool(terms[i]), bool(truncs[i]), _sub_info(infos, i))
-                for i in range(self.num_envs)]
+            return {i: self.envs[i].step(action) for i, action in actions.items()}
+        obs, rewards, terms, truncs, infos = self.env.step(tuple(actions.get(i, "") for i in range(self.num_envs)))
+        return {i: (str(obs[i]), float(rewards[i]), bool(terms[i]), bool(truncs[i]), _sub_info(infos, i))
+                for i in range(self.num_envs)}
 
     def _autoreset_mode(self) -> str:
         mode = getattr(self.env, "metadata", {}).get("autoreset_mode")
@@ -178,8 +241,9 @@ class RolloutCollector:
                                               use_chat_template=self.use_chat_template)
 
     def collect(self, n_env_steps: int) -> tuple[RolloutBuffer, dict[str, float]]:
-        """Collect at least `n_env_steps` env steps (exactly that many on a single env; a vector env steps all
-        sub-envs together, so up to num_envs − 1 more). Returns the buffer and timing/reward statistics."""
+        """Collect at least `n_env_steps` env steps (exactly that many from a single env and its siblings; a
+        vector env steps all sub-envs together, so up to num_envs − 1 more). Returns the buffer and timing/reward
+        statistics."""
         import torch
 
         if n_env_steps < 1:
@@ -193,7 +257,7 @@ class RolloutCollector:
         returns: list[float] = []
         started = time.perf_counter()
         while len(buffer) < n_env_steps:
-            active = [i for i in range(self.num_envs) if not self._awaiting_autoreset[i]]
+            active = self._round_envs(n_env_steps - len(buffer))
             prompts = {i: self.encode(self._obs[i], self._infos[i]) for i in active}
             tick = time.perf_counter()
             generations = dict(zip(active, self.policy.generate([prompts[i] for i in active], self.gen,
@@ -209,12 +273,12 @@ class RolloutCollector:
                 ref = {i: lp.float().cpu().numpy() for i, lp in zip(active, lps)}
             ref_time += time.perf_counter() - tick
 
-            actions = [generations[i].text if i in generations else "" for i in range(self.num_envs)]
+            actions = {i: generations[i].text for i in active}
             tick = time.perf_counter()
             results = self._step_env(actions)
             env_time += time.perf_counter() - tick
 
-            for i, (obs, reward, terminated, truncated, info) in enumerate(results):
+            for i, (obs, reward, terminated, truncated, info) in results.items():
                 if self._awaiting_autoreset[i]:  # this sub-env was reset by the step; the action was ignored
                     self._awaiting_autoreset[i] = False
                     self._obs[i], self._infos[i] = obs, info
@@ -246,6 +310,8 @@ class RolloutCollector:
                     self._obs[i], self._infos[i] = obs, info
         # chains cut by the end of this collect: the env goes on, so give learners the state to bootstrap from
         for i in range(self.num_envs):
+            if self._pending_reset and self._pending_reset[i]:
+                continue  # its episode ended (or never began): nothing to bootstrap
             index = last_index.get(self._episode_ids[i])
             if index is not None and not (buffer[index].terminated or buffer[index].truncated):
                 buffer[index].next_obs_ids = np.asarray(self.encode(self._obs[i], self._infos[i]), dtype=np.int32)
@@ -262,8 +328,7 @@ class RolloutCollector:
 
     def _begin_next_episode(self, i: int, obs: str, info: dict) -> None:
         if not self.is_vector:
-            self._obs[i], self._infos[i] = self.env.reset()
-            self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+            self._pending_reset[i] = True  # reset when next stepped: no episode is begun that is not played
         elif self._autoreset_mode().lower().startswith("same"):
             self._obs[i], self._infos[i] = obs, info  # already the next episode's first observation
             self._episode_ids[i], self._steps[i] = self._new_episode(), 0

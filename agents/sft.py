@@ -50,6 +50,10 @@ class SFTConfig:
     max_seq_len: int = field(default=1024, metadata={"help": "Tokens per sequence (prompt truncated from the left)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     samples_per_round: int = field(default=8, metadata={"help": "Self-improve: env steps sampled per round."})
+    num_envs: int = field(default=8, metadata={
+        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
+                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
+                "batched call. 1 = the env alone; a vector env is used as it is."})
     keep_fraction: float = field(default=0.25, metadata={
         "help": "Self-improve: share of each round's valid programs kept (best rewards first)."})
     pool_size: int = field(default=64, metadata={"help": "Self-improve: most kept programs trained on."})

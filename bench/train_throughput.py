@@ -1,13 +1,16 @@
-"""ETPO training throughput: one env with one action generated per call (the path every learner had before) against
-a pooled vector env whose whole rollout is generated in one batched call, side by side in one process.
+"""ETPO training throughput: the learners' old collection path (one env, one action generated per call, the adapter
+applied unmerged) against the new defaults (handed the same single env, the learner steps `num_envs` envs spawned
+from it and generates each round's actions in one batched call, the adapter merged into the base weights for it),
+side by side in one process.
 
-    .venv/bin/python bench/train_throughput.py                  # tiny model, breast_cancer, 1 attempt, seed 0
-    .venv/bin/python bench/train_throughput.py --budget 32 --num-envs 8 --pool-size 2
+    .venv/bin/python bench/train_throughput.py --model /tmp/tiny-ref     # tiny model, breast_cancer, 1 attempt, seed 0
+    .venv/bin/python bench/train_throughput.py --model /tmp/tiny-ref --budget 32 --num-envs 16
 
-Both runs train the same ETPO config for the same env-step budget on the same task and seed; only the env (1 env,
-or `num_envs` envs sharing `pool_size` sandboxes) differs. Printed per run: tokens/s of generation, env steps/s of
-the whole run, and the phase breakdown (generation, sandbox, update, other) from the learner's own timers. The last
-line is `speed-up: env_steps_per_s N.NNx, tokens_per_s N.NNx`.
+Both runs train the same ETPO config for the same env-step budget on the same task and seed, each handed one env
+under an `EnvStepBudget` (as a benchmark cell hands it); only `num_envs` and `runtime.merge_for_generation` differ.
+Printed per run: tokens/s of generation, env steps/s of the whole run, the phase breakdown (generation, sandbox,
+update, other) from the learner's own timers, and that the budget wrapper counted every step. The last line is
+`speed-up: env_steps_per_s N.NNx, tokens_per_s N.NNx`.
 """
 
 from __future__ import annotations
@@ -19,20 +22,16 @@ import time
 import gymnasium as gym
 
 
-def run(model: str, task: str, budget: int, seed: int, num_envs: int, pool_size: int, sandbox: str) -> dict:
+def run(model: str, task: str, budget: int, seed: int, sandbox: str, **learner_options) -> dict:
     import torch
 
     import etpo_env  # noqa: F401  (registers DataSciCode-v0)
     from agents.etpo import ETPOAgent
+    from etpo_env.wrappers import EnvStepBudget
 
     torch.manual_seed(seed)
-    env_options = dict(task=task, max_attempts=1, sandbox=sandbox)
-    if num_envs == 1:
-        env = gym.make("DataSciCode-v0", **env_options)
-    else:
-        env = gym.make_vec("DataSciCode-v0", num_envs=num_envs, vectorization_mode="vector_entry_point",
-                           pool_size=pool_size, **env_options)
-    agent = ETPOAgent(model=model, seed=seed, rollout_steps=max(8, num_envs))
+    env = EnvStepBudget(gym.make("DataSciCode-v0", task=task, max_attempts=1, sandbox=sandbox), budget)
+    agent = ETPOAgent(model=model, seed=seed, **learner_options)
     phases = {"generation": 0.0, "sandbox": 0.0, "update": 0.0}
     tokens = 0
 
@@ -50,32 +49,40 @@ def run(model: str, task: str, budget: int, seed: int, num_envs: int, pool_size:
     finally:
         env.close()
     phases["other"] = max(0.0, wall - sum(phases.values()))
-    return {"env_steps": summary["env_steps"], "wall_s": wall, "tokens": tokens,
+    return {"env_steps": summary["env_steps"], "wrapper_steps": env.steps, "statuses": len(env.statuses),
+            "wall_s": wall, "tokens": tokens,
             "tokens_per_s": tokens / phases["generation"] if phases["generation"] else 0.0,
             "env_steps_per_s": summary["env_steps"] / wall, **{f"{k}_s": v for k, v in phases.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agents.etpo import ETPOConfig
+
+    defaults = ETPOConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="'tiny' (built if missing) or a model path")
     parser.add_argument("--task", default="breast_cancer")
     parser.add_argument("--budget", type=int, default=16, help="env steps per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-envs", type=int, default=8, help="envs of the batched run")
-    parser.add_argument("--pool-size", type=int, default=2, help="sandboxes shared by the batched run's envs")
+    parser.add_argument("--num-envs", type=int, default=defaults.num_envs,
+                        help="envs of the batched run (default: the learner's default)")
     parser.add_argument("--sandbox", default="local")
     args = parser.parse_args(argv)
 
-    rows = {}
-    for name, num_envs in (("one env, unbatched", 1), (f"{args.num_envs} envs, batched", args.num_envs)):
-        rows[name] = run(args.model, args.task, args.budget, args.seed, num_envs, args.pool_size, args.sandbox)
-    header = f"{'run':<22} {'env steps':>9} {'wall s':>7} {'steps/s':>8} {'tokens/s':>9} " \
-             f"{'gen s':>7} {'sandbox s':>9} {'update s':>8} {'other s':>7}"
+    runs = {
+        "one env, unbatched": {"num_envs": 1, "merge_for_generation": False},
+        f"{args.num_envs} envs, batched": {"num_envs": args.num_envs,
+                                           "rollout_steps": max(defaults.rollout_steps, args.num_envs)},
+    }
+    rows = {name: run(args.model, args.task, args.budget, args.seed, args.sandbox, **options)
+            for name, options in runs.items()}
+    header = f"{'run':<22} {'env steps':>9} {'counted':>7} {'wall s':>7} {'steps/s':>8} {'tokens':>7} " \
+             f"{'tokens/s':>9} {'gen s':>7} {'sandbox s':>9} {'update s':>8} {'other s':>7}"
     print(header)
     for name, r in rows.items():
-        print(f"{name:<22} {r['env_steps']:>9.0f} {r['wall_s']:>7.1f} {r['env_steps_per_s']:>8.2f} "
-              f"{r['tokens_per_s']:>9.0f} {r['generation_s']:>7.1f} {r['sandbox_s']:>9.1f} {r['update_s']:>8.1f} "
-              f"{r['other_s']:>7.1f}")
+        print(f"{name:<22} {r['env_steps']:>9.0f} {r['wrapper_steps']:>7d} {r['wall_s']:>7.1f} "
+              f"{r['env_steps_per_s']:>8.2f} {r['tokens']:>7d} {r['tokens_per_s']:>9.0f} {r['generation_s']:>7.1f} "
+              f"{r['sandbox_s']:>9.1f} {r['update_s']:>8.1f} {r['other_s']:>7.1f}")
     base, new = rows.values()
     print(f"speed-up: env_steps_per_s {new['env_steps_per_s'] / base['env_steps_per_s']:.2f}x, "
           f"tokens_per_s {new['tokens_per_s'] / base['tokens_per_s']:.2f}x")

@@ -150,3 +150,149 @@ def test_pooled_kwargs_errors(task):
         make_pooled_vec_env(num_envs=2, sandbox=SleepySandbox(), limits=object(), task=task)
     with pytest.raises(ValueError, match="size"):
         SandboxPool(size=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Siblings of one env: a shared budget ledger, a shared recorder, the wrapper chain rebuilt
+# ----------------------------------------------------------------------------------------------------------------
+class ProgramEnv(gym.Env):
+    """Two-step episodes; the action "pN" is an ok program scoring N/10, anything else a runtime error."""
+
+    metadata = {"render_modes": []}
+    observation_space = gym.spaces.Text(max_length=100)
+    action_space = gym.spaces.Text(max_length=100)
+
+    def __init__(self, calls: list | None = None):
+        self.calls = [] if calls is None else calls  # shared by spawned envs: every step any of them took
+
+    def spawn(self):
+        return ProgramEnv(self.calls)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return "prompt", {}
+
+    def step(self, action):
+        self.calls.append(action)
+        self.t += 1
+        ok = action.startswith("p")
+        info = {"status": "ok" if ok else "runtime_error", "score": int(action[1:]) / 10 if ok else None,
+                "program": action}
+        return "feedback", float(ok), self.t >= 2, False, info
+
+
+def test_spawned_budgets_share_one_exact_ledger():
+    from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
+
+    first = EnvStepBudget(ProgramEnv(), budget=5)
+    second = first.spawn(first.env.spawn())
+    for env in (first, second):
+        env.reset(seed=0)
+    outcomes = [env.step(action) for env, action in zip((first, second, first, second), ("p3", "bad", "p7", "p9"))]
+    first.reset()
+    outcomes.append(first.step("p5"))
+    assert [o[2] for o in outcomes] == [False, False, True, True, False]
+    assert [o[3] for o in outcomes] == [False, False, False, False, True]  # the last unit truncates, whoever spends it
+    for env in (first, second):
+        with pytest.raises(BudgetExceeded):
+            env.step("p1")
+        assert env.exhausted and env.remaining == 0
+    assert first.env.calls == ["p3", "bad", "p7", "p9", "p5"]
+    for env in (first, second):  # both read the one ledger
+        assert env.steps == 5 and env.episodes == 3
+        assert env.statuses == ["ok", "runtime_error", "ok", "ok", "ok"]
+        assert env.rewards == [1.0, 0.0, 1.0, 1.0, 1.0] and env.dev_scores == [0.3, None, 0.7, 0.9, 0.5]
+        assert (env.best_program, env.best_dev_score) == ("p9", 0.9)
+        assert (env.final_program, env.final_dev_score) == ("p5", 0.5)
+
+
+def test_concurrent_siblings_never_overshoot_the_budget():
+    from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
+
+    class SlowEnv(ProgramEnv):
+        def step(self, action):
+            time.sleep(0.01)  # many steps in flight at once
+            self.t = 0  # never ends its episode
+            return super().step(action)
+
+    first = EnvStepBudget(SlowEnv(), budget=7)
+    envs = [first] + [first.spawn(SlowEnv(first.env.calls)) for _ in range(3)]
+
+    def spend(env):
+        env.reset()
+        try:
+            while True:
+                env.step("p1")
+        except BudgetExceeded:
+            pass
+
+    threads = [threading.Thread(target=spend, args=(env,)) for env in envs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(first.env.calls) == 7 and first.steps == 7 and len(first.statuses) == 7
+
+
+def test_spawn_siblings_rebuilds_the_wrapper_chain_and_shares_stateful_wrappers():
+    from gymnasium.wrappers import NormalizeReward, OrderEnforcing, PassiveEnvChecker, TimeLimit
+
+    from etpo_env.wrappers import EnvStepBudget, spawn_siblings
+
+    env = EnvStepBudget(TimeLimit(OrderEnforcing(PassiveEnvChecker(ProgramEnv())), max_episode_steps=3), budget=9)
+    siblings = spawn_siblings(env, 2)
+    assert len(siblings) == 2
+    for sibling in siblings:
+        chain = [sibling]
+        while isinstance(chain[-1], gym.Wrapper):
+            chain.append(chain[-1].env)
+        assert [type(layer) for layer in chain] == [EnvStepBudget, TimeLimit, OrderEnforcing, ProgramEnv]
+        assert sibling.ledger is env.ledger and chain[1]._max_episode_steps == 3
+        assert chain[-1] is not env.unwrapped and chain[-1].calls is env.unwrapped.calls
+    siblings[0].reset()
+    siblings[0].step("p4")
+    assert env.steps == 1 and env.best_program == "p4"  # the given env's budget saw the sibling's step
+    # running statistics belong to one stream of steps; a base env that cannot be rebuilt: no siblings
+    assert spawn_siblings(NormalizeReward(ProgramEnv()), 2) is None
+    assert spawn_siblings(EnvStepBudget(gym.make("CartPole-v1"), budget=3), 1) is None
+
+
+def test_spawn_siblings_of_a_datascicode_env_share_its_sandbox(task, monkeypatch):
+    import sandbox as sandbox_pkg
+    from etpo_env.wrappers import EnvStepBudget, spawn_siblings
+
+    made = []
+    monkeypatch.setattr(sandbox_pkg, "make_sandbox", lambda *a, **k: made.append(SleepySandbox(0.0)) or made[-1])
+    env = EnvStepBudget(gym.make("DataSciCode-v0", task=task, sandbox="local", max_attempts=2), budget=4)
+    env.reset(seed=0)  # the env starts its own sandbox
+    siblings = spawn_siblings(env, 2)
+    for sibling in siblings:
+        sibling.reset()
+        _, _, _, _, info = sibling.step("def build_model(X, y):\n    return None")
+        assert info["status"] == "runtime_error"
+        assert sibling.unwrapped.sandbox is env.unwrapped.sandbox and sibling.unwrapped.config.max_attempts == 2
+        sibling.close()
+    assert len(made) == 1 and made[0].closed == 0  # siblings use the env's sandbox and leave it open
+    assert env.steps == 2 and env.episodes == 3
+    env.close()
+    assert made[0].closed == 1
+
+
+def test_spawned_recorders_write_one_file_with_distinct_episode_numbers(tmp_path):
+    import json
+
+    from etpo_env.wrappers import EpisodeRecorder
+
+    path = tmp_path / "episodes.jsonl"
+    first = EpisodeRecorder(ProgramEnv(), path)
+    second = first.spawn(ProgramEnv())
+    for env, action in ((first, "p1"), (second, "p2"), (first, "p3")):
+        env.reset()
+        env.step(action)
+    second.close()  # a sibling leaves the file to the recorder it was spawned from
+    first.reset()
+    first.step("p4")
+    first.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(line["episode"], line["action"]) for line in lines] == [(0, "p1"), (1, "p2"), (2, "p3"), (3, "p4")]

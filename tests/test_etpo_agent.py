@@ -269,3 +269,37 @@ def test_a_callback_returning_false_stops_training_and_every_callback_sees_the_u
     summary = agent.learn(DigitEnv(), budget=12, callbacks=[lambda stats: False, seen.append], out_dir=tmp_path)
     assert summary["updates"] == 1 and summary["env_steps"] == 4 and len(seen) == 1
     assert ETPOAgent.load(tmp_path / "checkpoint").counters == agent.counters
+
+
+class SpawnableTwoStepEnv(TwoStepEnv):
+    """TwoStepEnv that can be rebuilt as a sibling; every instance's steps land in one shared list."""
+
+    def __init__(self, steps: list | None = None):
+        self.steps = [] if steps is None else steps
+
+    def spawn(self):
+        return SpawnableTwoStepEnv(self.steps)
+
+    def step(self, action):
+        self.steps.append(action)
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, {**info, "score": reward, "program": f"program {len(self.steps)}"}
+
+
+def test_learn_on_one_budget_wrapped_env_collects_from_num_envs_at_once_within_the_exact_budget(tiny_model_dir,
+                                                                                                monkeypatch):
+    from etpo_env.wrappers import EnvStepBudget
+
+    agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "num_envs": 3, "rollout_steps": 3})
+    batches = []
+    generate = agent.policy.generate
+    monkeypatch.setattr(agent.policy, "generate", lambda prompts, *a, **k: batches.append(len(prompts)) or
+                        generate(prompts, *a, **k))
+    inner = SpawnableTwoStepEnv()
+    env = EnvStepBudget(inner, budget=5)
+    summary = agent.learn(env, budget=5)
+    assert batches == [3, 2] and summary["updates"] == 2 and summary["env_steps"] == 5
+    assert len(inner.steps) == 5 and env.steps == 5 and env.exhausted and len(env.statuses) == 5
+    first_best = env.dev_scores.index(max(env.dev_scores))
+    assert env.best_program == f"program {first_best + 1}" and env.final_program == "program 5"
+    assert env.episodes == 3  # three envs began an episode; none was begun and left unplayed

@@ -131,6 +131,65 @@ def test_generation_stops_at_a_stop_string(fresh_policy):
     assert free.action_ids[: len(stopped.action_ids)] == stopped.action_ids
 
 
+def _lora_runs(pol: LMPolicy) -> list[int]:
+    """Count forward calls of every `lora_A` module of the policy adapter (they run only when it is unmerged)."""
+    calls = [0]
+    for name, module in pol.model.named_modules():
+        if name.endswith("lora_A.policy"):
+            module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_merged_generation_records_the_training_forwards_logprobs_and_restores_the_base_exactly(fresh_policy):
+    pol = fresh_policy
+    prompts = [pol.encode(t) for t in PROMPTS]
+    gen = GenerationSettings(max_new_tokens=12, stop_at_eos=False)
+    weights = {k: v.clone() for k, v in pol.model.state_dict().items()}
+    calls = _lora_runs(pol)
+    results = {}
+    for merge in (False, True):
+        pol.merge_for_generation = merge
+        calls[0] = 0
+        results[merge] = pol.generate(prompts, gen, generator=torch.Generator().manual_seed(7))
+        assert (calls[0] > 0) == (not merge)  # merged: the decode steps never run the adapter's own layers
+    assert all(torch.equal(v, weights[k]) for k, v in pol.model.state_dict().items())  # bit for bit
+    assert [g.action_ids for g in results[True]] == [g.action_ids for g in results[False]]
+    rescored = pol.sequence_logprobs(prompts, [g.action_ids for g in results[True]])  # the update's forward
+    for merged, unmerged, lp in zip(results[True], results[False], rescored):
+        torch.testing.assert_close(torch.from_numpy(merged.logp), lp.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(merged.logp), torch.from_numpy(unmerged.logp), atol=1e-5,
+                                   rtol=1e-5)
+    # ρ is still the base: the reference scores are those of a policy that never merged
+    twin = LMPolicy.from_pretrained(pol.name_or_path, adapters={"policy": default_lora_config(r=4)})
+    ids = [g.action_ids for g in results[True]]
+    assert all(torch.equal(a, b) for a, b in zip(pol.sequence_logprobs(prompts, ids, adapter=None),
+                                                 twin.sequence_logprobs(prompts, ids, adapter=None)))
+
+
+def test_a_bfloat16_base_never_merges_the_adapter(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)},
+                                   dtype=torch.bfloat16)
+    _perturb_adapter(pol, "policy")
+    calls = _lora_runs(pol)
+    pol.generate([pol.encode(PROMPTS[0])], GenerationSettings(max_new_tokens=4, seed=0))
+    assert pol.merge_for_generation and calls[0] > 0
+
+
+def test_inverse_cdf_sampling_draws_the_categorical_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).expand(40_000, -1).contiguous()
+    draws = P.inverse_cdf_sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    # 4 standard errors of a frequency of 40k draws is at most 0.01
+    torch.testing.assert_close(freq, probs[0], atol=0.01, rtol=0)
+    assert freq[1] == 0 and freq[4] == 0  # zero mass (a top-k/top-p cut) is never drawn
+
+
+def test_inverse_cdf_sampling_at_u_equal_to_the_total_mass_takes_the_last_possible_token(monkeypatch):
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **k: torch.ones(shape, dtype=k.get("dtype")))  # u·total = total
+    assert P.inverse_cdf_sample(probs).tolist() == [1, 3]
+
+
 def test_prompt_truncation_and_empty_prompt(fresh_policy):
     pol = fresh_policy
     gen = GenerationSettings(max_new_tokens=100)

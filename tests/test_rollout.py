@@ -92,3 +92,73 @@ def test_buffer_minibatches_cover_everything_once():
     assert buffer.token_count() == 30
     # 3 + 3 int32 ids + 2 float32 arrays of 3 = 48 bytes over 3 tokens
     assert buffer.bytes_per_token() == pytest.approx(16.0)
+
+
+class SpawnableEnv(ScriptedTextEnv):
+    """A scripted env that can be rebuilt as a sibling (tags B, C, ... in spawn order); info names a program."""
+
+    spawned: list = []
+
+    def spawn(self):
+        sibling = SpawnableEnv(self.length, self.truncate, tag=chr(ord("A") + len(SpawnableEnv.spawned) + 1))
+        SpawnableEnv.spawned.append(sibling)
+        return sibling
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated, truncated, {**info, "program": f"{self.tag}:{action}"}
+
+
+def test_one_budget_wrapped_env_is_collected_with_siblings_in_batches_and_the_budget_is_exact(tiny_policy,
+                                                                                               monkeypatch):
+    from etpo_env.wrappers import EnvStepBudget
+
+    SpawnableEnv.spawned = []
+    base = SpawnableEnv(length=2)
+    env = EnvStepBudget(base, budget=10)
+    batches = []
+    generate = tiny_policy.generate
+    monkeypatch.setattr(tiny_policy, "generate", lambda prompts, *a, **k: batches.append(len(prompts)) or
+                        generate(prompts, *a, **k))
+    collector = RolloutCollector(tiny_policy, env, GEN, num_envs=4, seed=0)
+    buffers = [collector.collect(n)[0] for n in (4, 4, 2)]
+    envs = [base, *SpawnableEnv.spawned]
+    assert [len(b) for b in buffers] == [4, 4, 2] and batches == [4, 4, 2]  # one batched call per round
+    assert [e.tag for e in envs] == ["A", "B", "C", "D"] and [len(e.received) for e in envs] == [3, 3, 2, 2]
+    # the wrapper handed over counted every sibling's step, in order, and refuses more
+    assert env.steps == 10 and env.exhausted and len(env.statuses) == 10
+    steps = [t for b in buffers for t in b]
+    actions = [a for rnd in range(3) for e in envs if rnd < len(e.received) for a in e.received[rnd:rnd + 1]]
+    assert [tiny_policy.decode(t.action_ids.tolist()) for t in steps] == actions
+    assert env.rewards == [t.reward for t in steps]
+    assert env.statuses == [t.info["status"] for t in steps]
+    programs = [f"{tiny_policy.decode(t.obs_ids.tolist())[5]}:{a}" for t, a in zip(steps, actions)]  # "Task X ..."
+    scored = [(t.info["score"], -i) for i, t in enumerate(steps) if t.info["status"] == "ok"]
+    assert scored, "some sampled action has an even length"
+    assert env.best_program == programs[-max(scored)[1]]  # the first of the best scores
+    assert env.final_program == programs[max(i for i, t in enumerate(steps) if t.info["status"] == "ok")]
+    # episodes: the last step truncates; only episodes that were played were begun
+    assert steps[-1].truncated and not any(t.truncated for t in steps[:-1])
+    assert env.episodes == 6 == len({t.episode_id for t in steps})
+    assert [t.episode_id for t in steps] == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
+    assert [t.t for t in steps] == [0, 0, 0, 0, 1, 1, 1, 1, 0, 0]
+    assert all(t.terminated for t in buffers[1]) and all(t.next_obs_ids is not None for t in buffers[0])
+
+
+def test_a_collection_shorter_than_num_envs_bootstraps_each_cut_chain_from_its_own_env(tiny_policy):
+    SpawnableEnv.spawned = []
+    base = SpawnableEnv(length=2)
+    collector = RolloutCollector(tiny_policy, base, GEN, num_envs=4)
+    buffer, _ = collector.collect(2)  # envs C and D are made but never stepped (nor reset)
+    assert len(buffer) == 2 and [e.episode for e in SpawnableEnv.spawned] == [0, -1, -1]
+    for transition, env in zip(buffer, [base, SpawnableEnv.spawned[0]]):
+        assert not transition.terminated and transition.next_obs_ids.tolist() == tiny_policy.encode(env.emitted[-1])
+
+
+def test_an_env_whose_wrappers_cannot_be_spawned_is_collected_alone(tiny_policy):
+    from gymnasium.wrappers import NormalizeReward
+
+    env = NormalizeReward(ScriptedTextEnv(length=2))
+    collector = RolloutCollector(tiny_policy, env, GEN, num_envs=4)
+    buffer, _ = collector.collect(3)
+    assert len(buffer) == 3 and collector.num_envs == 1 and len(env.unwrapped.received) == 3
