@@ -284,3 +284,18 @@ def test_isolated_rng_seeds_a_block_and_restores_the_streams():
     assert (random.random(), np.random.rand()) == expected  # training's streams carry on as if nothing happened
     with bench.isolated_rng(123):
         assert (random.random(), np.random.rand()) == inside  # the same evaluation seed: the same draws
+
+
+def test_isolated_rng_restores_torch_and_turns_gradients_off():
+    import torch
+
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    weight = torch.ones(2, requires_grad=True)
+    with bench.isolated_rng(99):
+        inside = torch.rand(3)
+        assert not (weight * 2).requires_grad  # evaluation builds no graph: it cannot train anything
+    assert torch.equal(torch.rand(3), expected)
+    with bench.isolated_rng(99):
+        assert torch.equal(torch.rand(3), inside)
