@@ -193,3 +193,23 @@ def test_cli_runs_module_class_agents_end_to_end(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["schema"] == 2 and len(data["runs"]) == 4
     assert {r["agent"] for r in data["runs"]} == {"GoodAgent", "WeakAgent"}
+
+
+def test_ray_hook_runs_the_remaining_cells_through_run_cell_isolated(tmp_path, monkeypatch):
+    import agents.bench.ray_exec as ray_exec
+
+    calls = []
+
+    def fake_run_cells(address, config, cells, on_record):  # a cluster of one: this process
+        calls.append((address, list(cells)))
+        for cell in cells:
+            on_record(bench.run_cell_isolated(config, *cell))
+
+    monkeypatch.setattr(ray_exec, "run_cells", fake_run_cells)
+    kwargs = dict(seeds=2, budget=1, eval_episodes=1, sandbox="local", out=tmp_path, progress=False, max_rows=ROWS)
+    result = bench.run_benchmark(["scripted"], [TASK], ray="auto", **kwargs)
+    assert calls == [("auto", [("scripted", TASK, 0), ("scripted", TASK, 1)])]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [f"scripted__{TASK}__seed{s}.json" for s in (0, 1)]
+    assert all(r["success_rate"] == 1.0 and r["schema"] == bench.SCHEMA for r in result["runs"])
+    again = bench.run_benchmark(["scripted"], [TASK], **kwargs)  # locally: the same settings, nothing left to run
+    assert len(calls) == 1 and [r["seed"] for r in again["runs"]] == [0, 1]

@@ -88,12 +88,19 @@ def console_rows(summary: dict[str, Any]) -> list[list[str]]:
             for row in [*summary["per_task"], *summary["overall"]]]
 
 
+def aggregate_header(summary: dict[str, Any]) -> list[str]:
+    """The aggregate table's columns; the probability of improvement only where the reference agent ran."""
+    return AGGREGATE_HEADER if summary["probability_of_improvement"] else AGGREGATE_HEADER[:-1]
+
+
 def aggregate_rows(summary: dict[str, Any], key: str = "final", digits: int = 2) -> list[list[str]]:
     improvement = summary["probability_of_improvement"]
     rows = []
     for agent, found in summary["aggregates"][key].items():
-        rows.append([agent, _interval(found["iqm"], digits), _interval(found["mean"], digits),
-                     _interval(improvement[agent], digits) if agent in improvement else "—"])
+        row = [agent, _interval(found["iqm"], digits), _interval(found["mean"], digits)]
+        if improvement:
+            row.append(_interval(improvement[agent], digits) if agent in improvement else "—")
+        rows.append(row)
     return rows
 
 
@@ -204,7 +211,7 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
             "interquartile mean and mean with 95% stratified-bootstrap intervals (rliable's estimators), and the "
             f"probability that {REFERENCE_AGENT} beats each agent on a task.",
             "",
-            markdown_table(AGGREGATE_HEADER, aggregate_rows(summary, digits=3)),
+            markdown_table(aggregate_header(summary), aggregate_rows(summary, digits=3)),
             "",
         ]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
@@ -389,7 +396,7 @@ def print_table(summary: dict[str, Any], console: Any = None) -> None:
     if summary["aggregates"]["final"]:
         aggregates = Table(title="aggregates of final over tasks and seeds (95% bootstrap CI)",
                            box=box.SIMPLE_HEAD, padding=(0, 1), title_style="bold")
-        for name in AGGREGATE_HEADER:
+        for name in aggregate_header(summary):
             aggregates.add_column(name, justify="left" if name == "agent" else "right", no_wrap=True)
         for row in aggregate_rows(summary):
             aggregates.add_row(*row)
