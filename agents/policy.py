@@ -525,20 +525,28 @@ class LMPolicy:
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       adapter: str | None = "policy") -> torch.Tensor:
-        """Final-layer hidden states [B, T, H] (after the final norm), without computing T×V logits."""
-        return self._forward(input_ids, attention_mask, adapter, output_hidden_states=True,
-                             logits_to_keep=1).hidden_states[-1]
+        """Final-layer hidden states [B, T, H] (after the final norm): the decoder's `last_hidden_state`, so
+        neither T×V logits nor every layer's states (`output_hidden_states=True` keeps them all) are made. A model
+        without a separate decoder (`get_decoder`) falls back to the last of its hidden states."""
+        return self._forward(input_ids, attention_mask, adapter, decoder_only=True)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, adapter: str | None,
-                 **kwargs: Any) -> Any:
-        """One full-sequence pass under `adapter` (None = the reference), positions taken from the mask."""
+                 decoder_only: bool = False, **kwargs: Any) -> Any:
+        """One full-sequence pass under `adapter` (None = the reference), positions taken from the mask. With
+        `decoder_only`, the pass stops at the decoder and returns its final hidden states [B, T, H]."""
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions_from_mask(attention_mask), use_cache=False)
         with self.use_adapter(self._adapter_or_default(adapter)) as module:
-            return module(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=positions_from_mask(attention_mask), use_cache=False, **kwargs)
+            if not decoder_only:
+                return module(**inputs, **kwargs)
+            decoder = _decoder_of(module)
+            if decoder is None:
+                return module(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            return decoder(**inputs).last_hidden_state
 
     def head(self, adapter: str | None = "policy", transform: bool = True) -> LogitsFn:
         """hidden [c, H] -> logits [c, V] for `adapter`: the output layer (LoRA on it honoured), then the model's
@@ -805,6 +813,13 @@ def _cache_argument(model: torch.nn.Module) -> str:
     """The name under which a model takes and returns its KV cache: `cache` in recent transformers (which
     deprecated `past_key_values`), `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _decoder_of(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack inside a causal LM (inside any peft wrapper, whose LoRA layers it holds), or None."""
+    model = module.get_base_model() if hasattr(module, "get_base_model") else module
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
 
 
 def _module_slots(root: torch.nn.Module, modules: Sequence[torch.nn.Module]) -> list[tuple[torch.nn.Module, str]]:

@@ -190,6 +190,20 @@ def test_inverse_cdf_sampling_at_u_equal_to_the_total_mass_takes_the_last_possib
     assert P.inverse_cdf_sample(probs).tolist() == [1, 3]
 
 
+def test_hidden_states_come_from_the_decoder_alone(fresh_policy, monkeypatch):
+    pol = fresh_policy
+    ids, mask = P.pad_sequences([pol.encode(t) for t in PROMPTS], pol.pad_id, "right")
+    with torch.no_grad():
+        every_layer = {a: pol._forward(ids, mask, a, output_hidden_states=True).hidden_states for a in ("policy", None)}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the output layer's model ran: T×V logits or every layer's states were made")
+
+    monkeypatch.setattr(type(pol.hf_model), "forward", refuse)
+    for adapter, states in every_layer.items():
+        torch.testing.assert_close(pol.hidden_states(ids, mask, adapter), states[-1], atol=1e-6, rtol=1e-6)
+
+
 def test_prompt_truncation_and_empty_prompt(fresh_policy):
     pol = fresh_policy
     gen = GenerationSettings(max_new_tokens=100)
