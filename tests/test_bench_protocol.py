@@ -213,3 +213,31 @@ def test_ray_hook_runs_the_remaining_cells_through_run_cell_isolated(tmp_path, m
     assert all(r["success_rate"] == 1.0 and r["schema"] == bench.SCHEMA for r in result["runs"])
     again = bench.run_benchmark(["scripted"], [TASK], **kwargs)  # locally: the same settings, nothing left to run
     assert len(calls) == 1 and [r["seed"] for r in again["runs"]] == [0, 1]
+
+
+BATCHES: list[int] = []
+
+
+class BatchAgent(WeakAgent):
+    """WeakAgent's answers, given for every episode at once; one `reset` for the batch."""
+
+    def reset(self):
+        self.attempts = {}
+
+    def act(self, obs, info):
+        raise AssertionError("episodes of an agent with act_batch run through act_batch")
+
+    def act_batch(self, observations, infos):
+        BATCHES.append(len(observations))
+        return [BROKEN if info.get("attempt", 0) == 0 else WEAK for info in infos]
+
+
+def test_an_agent_with_act_batch_plays_the_episodes_in_lock_step(tmp_path, local_sandbox):
+    BATCHES.clear()
+    agents = [f"{__name__}:BatchAgent", f"{__name__}:WeakAgent"]
+    result = bench.run_benchmark(agents, [TASK], seeds=1, budget=1, eval_episodes=3, sandbox=local_sandbox,
+                                 out=tmp_path, progress=False, max_rows=ROWS, max_attempts=2)
+    assert BATCHES == [3, 3]  # two rounds (broken, then weak) of three episodes each
+    batched, sequential = ({e["program"]: e["test_score"] for e in run["evaluations"][0]["episodes"]}
+                           for run in sorted(result["runs"], key=lambda r: r["agent"] != "BatchAgent"))
+    assert batched == sequential and len(batched) == 1  # the same episodes, the same scores

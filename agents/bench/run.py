@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,14 @@ class TestScorer:
         self.task, self.sandbox, self.seed = task, sandbox, seed
         self._seen: dict[str, dict[str, Any]] = {}
 
+    def score_all(self, programs: Sequence[str | None]) -> list[dict[str, Any]]:
+        """`score` of each program; the programs not scored yet run on test concurrently."""
+        new = list(dict.fromkeys(p for p in programs if p is not None and p not in self._seen))
+        if len(new) > 1:
+            with ThreadPoolExecutor(max_workers=len(new)) as pool:
+                list(pool.map(self.score, new))
+        return [self.score(p) for p in programs]
+
     def score(self, program: str | None) -> dict[str, Any]:
         """{test_status, test_score, score, normalized}; no program, or one failing on test, scores the chance level."""
         if program is None:
@@ -180,23 +189,25 @@ def learns(agent: Any) -> bool:
 def play_eval_episodes(agent: Any, envs: list[Any], seeds: Sequence[int], mode: str,
                        on_step: Callable[[], None] | None = None) -> list[_Episode]:
     """Play one fresh episode per seed: in lock-step through `batch_actor(agent)` where there is one (one env per
-    seed), otherwise one after another through `reset`/`act` on `envs[0]` (an agent may keep per-episode state)."""
+    seed, their programs run concurrently: the sandbox serves several runs at once), otherwise one after another
+    through `reset`/`act` on `envs[0]` (an agent may keep per-episode state)."""
     actor = batch_actor(agent)
     if actor is None:
         return [_play_one(as_agent(agent), envs[0], seed, mode, on_step) for seed in seeds]
     agent.reset()
     episodes = [_Episode(seed, mode) for seed in seeds]
     current = [env.reset(seed=seed) for env, seed in zip(envs, seeds)]
-    while active := [i for i, episode in enumerate(episodes) if not episode.done]:
-        actions = actor([current[i][0] for i in active], [current[i][1] for i in active])
-        if len(actions) != len(active):
-            raise ValueError(f"act_batch returned {len(actions)} actions for {len(active)} observations")
-        for i, action in zip(active, actions):
-            obs, _, terminated, truncated, info = envs[i].step(action)
-            episodes[i].record(info, terminated, truncated)
-            current[i] = (obs, info)
-            if on_step is not None:
-                on_step()
+    with ThreadPoolExecutor(max_workers=len(envs)) as pool:
+        while active := [i for i, episode in enumerate(episodes) if not episode.done]:
+            actions = actor([current[i][0] for i in active], [current[i][1] for i in active])
+            if len(actions) != len(active):
+                raise ValueError(f"act_batch returned {len(actions)} actions for {len(active)} observations")
+            for i, (obs, _, terminated, truncated, info) in zip(
+                    active, pool.map(lambda pair: envs[pair[0]].step(pair[1]), zip(active, actions))):
+                episodes[i].record(info, terminated, truncated)
+                current[i] = (obs, info)
+                if on_step is not None:
+                    on_step()
     return episodes
 
 
@@ -218,8 +229,9 @@ def evaluate_point(agent: Any, envs: list[Any], scorer: TestScorer, config: Benc
     seeds = [eval_seed(task_name, seed, point, k) for k in range(config.eval_episodes)]
     with isolated_rng(seeds[0]):
         episodes = play_eval_episodes(agent, envs, seeds, config.env.mode, on_step)
-    return [{"seed": e.seed, "attempts": e.attempts, "success_attempt": e.first_success,
-             "dev_score": e.dev_score, "program": e.program, **scorer.score(e.program)} for e in episodes]
+    scores = scorer.score_all([e.program for e in episodes])
+    return [{"seed": e.seed, "attempts": e.attempts, "success_attempt": e.first_success, "dev_score": e.dev_score,
+             "program": e.program, **score} for e, score in zip(episodes, scores)]
 
 
 def point_summary(point: int, env_steps: int, episodes: list[dict[str, Any]]) -> dict[str, Any]:
