@@ -1,6 +1,7 @@
 """`etpo bench` and `etpo demo`.
 
-    etpo bench --agents etpo,ppo,sft,prompting,my_pkg.my_module:MyAgent --tasks bundled --seeds 3 --budget 64
+    etpo bench --agents etpo,ppo,sft,zero-shot,my_pkg.my_module:MyAgent --tasks bundled --seeds 3 --budget 64 \
+        --eval-every 16 --eval-episodes 5
     etpo demo
 
 `--set key=value` sets a learner-config field of every agent whose config has it (the others are unaffected); a key
@@ -28,7 +29,7 @@ DEMO_TASKS = ["titanic"]
 DEMO_SEEDS = 3
 DEMO_BUDGET = 16
 DEMO_EVAL_EVERY = 8
-DEMO_EVAL_EPISODES = 4
+DEMO_EVAL_EPISODES = 3
 DEMO_AGENT_OPTIONS: dict[str, str] = {"rollout_steps": "4"}
 
 
@@ -47,12 +48,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmark agents × tasks × seeds under one env-step budget",
                                   description="Benchmark any agent against ETPO and the baselines: agents × tasks "
-                                              "× seeds under one env-step budget.")
+                                              "× seeds under one env-step training budget, the policy evaluated "
+                                              "on fresh episodes at fixed points and scored on held-out test data.")
     bench.add_argument("--agents", required=True,
                        help="comma list: etpo, ppo, sft, prompting, zero-shot, scripted, random, or pkg.module:Class")
-    bench.add_argument("--tasks", default="bundled", help="comma list of task names or suites (bundled, paper, all)")
+    bench.add_argument("--tasks", default="bundled", help="comma list of task names or suites (bundled, paper, hard, all)")
     bench.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    bench.add_argument("--budget", type=int, required=True, help="env steps per (agent, task, seed)")
+    bench.add_argument("--budget", type=int, required=True, help="training env steps per (agent, task, seed)")
     bench.add_argument("--out", default="results", help="output folder; rerunning with it resumes")
     bench.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                        help="run the cells on a Ray cluster (no ADDRESS: 'auto', the cluster this host belongs to)")
