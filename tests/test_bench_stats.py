@@ -299,3 +299,12 @@ def test_isolated_rng_restores_torch_and_turns_gradients_off():
     assert torch.equal(torch.rand(3), expected)
     with bench.isolated_rng(99):
         assert torch.equal(torch.rand(3), inside)
+
+
+def test_suites_expand_to_their_tasks():
+    import tasks
+
+    for suite in tasks.SUITES:  # bundled, hard, paper, all
+        assert bench.resolve_tasks([suite]) == tasks.names(suite=suite)
+    hard = tasks.names(suite="hard")
+    assert bench.resolve_tasks(["iris", "hard", "iris"]) == ["iris", *[t for t in hard if t != "iris"]]
