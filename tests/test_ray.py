@@ -7,6 +7,8 @@ it, and an actor killed mid-job fails that step with a sandbox_error and is repl
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -41,7 +43,8 @@ def ray_runtime():
 
     from sandbox.ray_pool import connect_ray
 
-    assert connect_ray("local", num_cpus=2), "another Ray connection was already open in this process"
+    started = connect_ray("local", num_cpus=2)
+    assert started, "another Ray connection was already open in this process"
     yield ray
     ray.shutdown()
 
@@ -117,3 +120,50 @@ def test_killed_actor_fails_the_step_and_is_replaced(ray_runtime):
     assert "died" in failed["message"] and "replaced" in failed["message"]
     assert replacement._actor_id != doomed._actor_id
     assert after["status"] == "ok", after["message"]
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+GRID = dict(agents=["scripted", "random"], tasks=["iris"], seeds=2, budget=2, eval_episodes=1, sandbox="local",
+            progress=False)
+
+
+def exit_worker(obs: str) -> str:
+    """An agent that takes its whole process down (as a native crash would): on Ray, the cell's worker dies."""
+    os._exit(3)
+
+
+def without_timings(row: dict) -> dict:
+    """A cell record or summary row without its timings, which differ between any two runs."""
+    return json.loads(json.dumps({k: v for k, v in row.items() if "time" not in k}, default=str))
+
+
+def test_bench_on_ray_gives_the_local_numbers(ray_runtime, tmp_path):
+    from agents.bench.run import run_benchmark
+
+    local = run_benchmark(out=tmp_path / "local", **GRID)
+    on_ray = run_benchmark(out=tmp_path / "ray", ray="auto", **GRID)
+    assert len(local["runs"]) == 4 and not any(r["error"] for r in local["runs"])
+    assert ({(r["agent"], r["seed"]): without_timings(r) for r in on_ray["runs"]}
+            == {(r["agent"], r["seed"]): without_timings(r) for r in local["runs"]})
+    assert ([without_timings(row) for row in on_ray["summary"]["per_task"]]
+            == [without_timings(row) for row in local["summary"]["per_task"]])
+
+
+def test_lost_cell_is_retried_then_reported(ray_runtime):
+    from agents.bench.config import BenchConfig
+    from agents.bench.ray_exec import run_cells
+    from agents.bench.statistics import CHANCE_SCORE
+    from etpo_env.config import EnvConfig
+
+    config = BenchConfig(agents=["scripted"], tasks=["iris"], seeds=[0], budget=1, sandbox="local",
+                         env=EnvConfig(sandbox="local"), eval_episodes=1)
+    cells = [("tests.test_ray:exit_worker", "iris", 0), ("scripted", "iris", 0)]
+    seen = []
+    records = run_cells("auto", config, cells, seen.append, max_retries=1)
+    assert sorted(r["agent"] for r in seen) == ["exit_worker", "scripted"] and seen == records
+    lost, fine = sorted(records, key=lambda r: r["agent"] != "exit_worker")
+    assert lost["attempts"] == 2
+    assert lost["error"].startswith("the cell failed on the cluster 2 time(s); last: WorkerCrashedError")
+    assert lost["final_score"] == CHANCE_SCORE and lost["env_steps"] == 0 and lost["evaluations"] == []
+    assert set(lost) - set(fine) == {"attempts"} and set(fine) <= set(lost)
+    assert fine["error"] is None and len(fine["evaluations"]) == 1  # it does not learn: evaluated once

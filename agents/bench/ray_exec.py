@@ -1,0 +1,149 @@
+"""Benchmark cells as Ray tasks: each `(agent_spec, task_name, seed)` cell runs on some node of a cluster.
+
+A cell is `agents.bench.run.run_cell_isolated(config, agent_spec, task_name, seed)` in a Ray worker: it builds its
+own task, sandbox (the configured backend, on that node) and agent there and returns the cell record, the same
+record the local loop writes. The driver hands each record to `on_record` as its cell finishes (any order).
+
+Resources: every cell declares `num_cpus=1`; a cell whose agent options put the model on CUDA (an option named
+`device`, e.g. `--set runtime.device=cuda`, with a `cuda` value) declares `num_gpus=1` as well. Ray hides the GPUs
+from a cell that did not declare one, so an agent on `device=auto` runs on the CPU there.
+
+A cell that fails as a task (its worker crashed, its node died, or `run_cell_isolated` raised) is submitted again,
+at most `max_retries` times; after that its record carries the error and the agent's own cells keep running. An
+agent that crashes inside a cell is not a task failure: `run_cell` records it, as locally.
+
+Each node needs the project installed (the same version, in the Python the cluster runs) and its sandbox: the image
+for the Docker backend, bubblewrap for the local one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from agents.bench.config import BenchConfig
+
+Cell = tuple[str, str, int]  # (agent_spec, task_name, seed)
+WAIT_SLICE_S = 5.0  # the driver wakes this often while cells run (so Ctrl-C is handled promptly)
+
+
+def cell_resources(config: BenchConfig, agent_spec: str) -> dict[str, float]:
+    """Ray resources one cell declares: one CPU, and one GPU when its agent options put the model on CUDA."""
+    from agents.registry import options_for
+
+    try:
+        options = options_for(agent_spec, config.agent_options)
+    except (ImportError, ValueError, AttributeError):  # an agent that cannot be loaded reports it in its cell
+        options = {}
+    on_cuda = any(key.rsplit(".", 1)[-1] == "device" and str(value).startswith("cuda")
+                  for key, value in options.items())
+    return {"num_cpus": 1, "num_gpus": 1 if on_cuda else 0}
+
+
+def _run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
+    from agents.bench.run import run_cell_isolated
+
+    return run_cell_isolated(config, agent_spec, task_name, seed)
+
+
+@functools.cache
+def _remote_cell() -> Any:
+    import ray
+
+    return ray.remote(max_retries=0)(_run_cell_isolated)  # retries are counted here, for every kind of failure
+
+
+class CellNeverReturned:
+    """Stands in for the agent of a cell that never returned a record: building it fails, so `run_cell` writes the
+    harness's own record of a cell in which nothing ran (every evaluation point at the chance level)."""
+
+    def __init__(self, **_: Any):
+        raise RuntimeError("the cell never returned a record")
+
+
+LOST_AGENT_SPEC = f"{__name__}:{CellNeverReturned.__name__}"
+
+
+def lost_cell_record(config: BenchConfig, cell: Cell, error: str, attempts: int) -> dict[str, Any]:
+    """The record of a cell that failed on the cluster every time: as `run_cell` records an agent that failed
+    before its first step, under the cell's own agent, with `error` saying why and `attempts` how often it ran."""
+    from agents.bench.config import agent_label
+    from agents.bench.run import load_task, run_cell
+
+    agent_spec, task_name, seed = cell
+    record = run_cell(config, LOST_AGENT_SPEC, load_task(config, task_name), seed, config.sandbox,
+                      model=lambda: config.model)  # nothing is run: the stand-in fails to build
+    record.pop("traceback", None)
+    record.update(agent=agent_label(agent_spec), agent_spec=agent_spec, error=error, attempts=attempts)
+    return record
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a cell's `error`: the task's own exception where there is one, else Ray's reason."""
+    from ray import exceptions as rx
+
+    if isinstance(exc, rx.RayTaskError) and exc.cause is not None:
+        return f"{type(exc.cause).__name__}: {exc.cause}"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}".rstrip(": ")
+
+
+def run_cells(address: str | None, config: BenchConfig, cells: Iterable[Cell],
+              on_record: Callable[[dict[str, Any]], None], max_retries: int = 2) -> list[dict[str, Any]]:
+    """Run every cell as a Ray task; `on_record(record)` in this process as each one finishes; the records.
+
+    `address`: "auto" (or None) connects to the cluster this host belongs to, or starts a local one; any other
+    value connects to that cluster. A runtime started here is shut down at the end; a cluster is never stopped.
+    """
+    import ray
+
+    from sandbox.ray_pool import connect_ray
+
+    owns_ray = connect_ray(address)
+    try:
+        return _run_all(config, list(cells), on_record, max_retries)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _run_all(config: BenchConfig, cells: Sequence[Cell], on_record: Callable[[dict[str, Any]], None],
+             max_retries: int) -> list[dict[str, Any]]:
+    import ray
+
+    config_ref = ray.put(config)  # one copy in the object store, shared by every cell
+    attempts = {cell: 0 for cell in cells}
+    pending: dict[Any, Cell] = {}
+
+    def submit(cell: Cell) -> None:
+        attempts[cell] += 1
+        options = cell_resources(config, cell[0])
+        pending[_remote_cell().options(**options).remote(config_ref, *cell)] = cell
+
+    for cell in cells:
+        submit(cell)
+    records = []
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SLICE_S)
+            for ref in done:
+                cell = pending.pop(ref)
+                try:
+                    record = ray.get(ref, timeout=0)
+                except ray.exceptions.RayError as exc:
+                    if attempts[cell] <= max_retries:
+                        submit(cell)
+                        continue
+                    record = lost_cell_record(config, cell, f"the cell failed on the cluster {attempts[cell]} "
+                                              f"time(s); last: {describe_failure(exc)}", attempts[cell])
+                records.append(record)
+                on_record(record)
+    except BaseException:
+        for ref in pending:  # interrupted: nothing keeps running on the cluster for us
+            ray.cancel(ref, force=True)
+        raise
+    return records
+
+
+__all__ = ["cell_resources", "lost_cell_record", "run_cells"]
