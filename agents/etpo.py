@@ -299,27 +299,80 @@ def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: i
     return torch.cat(out).float()
 
 
-def _chunk_losses(models: TokenModels, beta: float, critic_kind: str, huber_delta: float,
-                  h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor, tokens: torch.Tensor,
-                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed policy and critic losses of one chunk of rows, plus detached per-row diagnostics [5, n]."""
-    pi_logits = models.head("policy", h_pi)
-    rho_logits = models.head("reference", h_rho)
-    taken = lambda rows: rows.gather(-1, tokens[:, None]).squeeze(-1)  # noqa: E731  (the sampled token's entry)
+def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The sampled token's entry of each [n, V] row."""
+    return rows.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _q_rows(models: TokenModels, h_q: torch.Tensor) -> torch.Tensor:
+    """Q_φ(u,·) [n, V] from the critic's features (V + A for a dueling critic)."""
+    split = getattr(models, "critic_split", None)
+    if split is None:
+        return models.head("critic", h_q).float()
+    value, advantage = split(h_q)
+    return value.float()[:, None] + advantage.float()
+
+
+def _critic_chunk(models: TokenModels, critic_kind: str, huber_delta: float, h_q: torch.Tensor,
+                  tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed critic loss of one chunk of rows."""
     split = getattr(models, "critic_split", None)
     if split is not None:  # Q = V + A, each part with its own regression (dueling_critic_loss_per_token)
         value, advantage = split(h_q)
-        q = value.float()[:, None] + advantage.float()
-        critic_sum = dueling_critic_loss_per_token(value, taken(advantage), targets, critic_kind, huber_delta).sum()
-    else:
-        q = models.head("critic", h_q).float()
-        critic_sum = critic_loss_per_token(taken(q), targets, critic_kind, huber_delta).sum()
-    q_taken = taken(q)
+        return dueling_critic_loss_per_token(value, _taken(advantage, tokens), targets, critic_kind,
+                                             huber_delta).sum()
+    q = models.head("critic", h_q).float()
+    return critic_loss_per_token(_taken(q, tokens), targets, critic_kind, huber_delta).sum()
+
+
+def _policy_chunk(models: TokenModels, beta: float, h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor,
+                  tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus detached per-row
+    diagnostics [5, n]."""
+    pi_logits = models.head("policy", h_pi)
+    rho_logits = models.head("reference", h_rho)
+    with torch.no_grad():
+        q = _q_rows(models, h_q)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
     with torch.no_grad():
-        diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), q_taken.detach(),
+        diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), _taken(q, tokens),
                             (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
-    return policy_sum, critic_sum, diag
+    return policy_sum, diag
+
+
+def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor) -> list[Any]:
+    """`fn` on `chunk_size` rows of every tensor at a time, under activation checkpointing when a graph is being
+    built (backward recomputes a chunk's [chunk, V] rows instead of keeping them all alive)."""
+    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    out = []
+    for s in range(0, rows[0].shape[0], chunk_size):
+        parts = [r[s: s + chunk_size] for r in rows]
+        out.append(checkpoint(fn, *parts, use_reentrant=False) if grad else fn(*parts))
+    return out
+
+
+def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chunk_size: int,
+                critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached."""
+    h_q = _rows(models, "critic", packed)
+    fn = lambda h, t, y: _critic_chunk(models, critic_kind, huber_delta, h, t, y)  # noqa: E731
+    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device))
+    return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
+
+
+def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: float, chunk_size: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q`, plus the
+    per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q, mean Q over the vocabulary)."""
+    h_pi = _rows(models, "policy", packed)
+    with torch.no_grad():
+        h_rho = _rows(models, "reference", packed)
+    fn = lambda hp, hr, hq, t: _policy_chunk(models, beta, hp, hr, hq, t)  # noqa: E731
+    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens)
+    d = torch.cat([diag for _, diag in outs], dim=1).cpu()
+    info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
+    losses = [loss for loss, _ in outs]
+    return sum(losses[1:], losses[0]) / h_pi.shape[0], info
 
 
 def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
@@ -329,26 +382,22 @@ def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta
     Each chunk runs under activation checkpointing, so backward recomputes the chunk's [chunk, V] rows instead of
     keeping all of them alive: peak memory is O(chunk × V), not O(tokens × V).
     """
-    h_pi = _rows(models, "policy", packed)
-    with torch.no_grad():
-        h_rho = _rows(models, "reference", packed)
-    h_q = _rows(models, "critic", packed)
-    n = h_pi.shape[0]
-    targets = targets.to(h_pi.device)
-    policy_total = critic_total = 0.0
-    diags = []
-    for s in range(0, n, chunk_size):
-        sl = slice(s, s + chunk_size)
-        args = (h_pi[sl], h_rho[sl], h_q[sl], packed.tokens[sl], targets[sl])
-        if torch.is_grad_enabled() and (h_pi.requires_grad or h_q.requires_grad):
-            p, c, d = checkpoint(_chunk_losses, models, beta, critic_kind, huber_delta, *args, use_reentrant=False)
-        else:
-            p, c, d = _chunk_losses(models, beta, critic_kind, huber_delta, *args)
-        policy_total, critic_total = policy_total + p, critic_total + c
-        diags.append(d)
-    d = torch.cat(diags, dim=1).cpu()
-    info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
-    return policy_total / n, critic_total / n, info
+    crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size)
+    return pol, crit, info
+
+
+def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
+                  critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[float, float, dict]:
+    """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
+    forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
+    larger one instead of their sum. Returns the two mean losses and the diagnostics."""
+    crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
+    crit.backward()
+    crit = float(crit.detach())  # drops the last reference to the critic's graph
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size)
+    pol.backward()
+    return float(pol.detach()), crit, info
 
 
 def next_state_values(models: TokenModels, transitions: Sequence[Any], values: list[torch.Tensor], beta: float,
@@ -418,7 +467,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                 ) -> dict[str, float]:
     """One ETPO update on a rollout buffer: `epochs` passes; each recomputes targets, then steps per minibatch.
 
-    Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target.
+    Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target;
+    their gradients are taken one network at a time (`etpo_backward`), so only one graph is alive at once.
     Returns scalar diagnostics averaged over the steps; `first_q_out` (if given) receives Q_φ(u¹, w¹) of each
     transition from the last pass (for the correlation of Q with realised returns).
     """
@@ -441,11 +491,10 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             t0 = time.perf_counter()
             packed = pack([(transitions[i].obs_ids, transitions[i].action_ids) for i in idx], settings.pad_id, device)
             y = torch.cat([targets[i] for i in idx])
-            pol_loss, crit_loss, diag = etpo_losses(models, packed, y, settings.beta, settings.chunk_size,
-                                                    settings.critic_loss, settings.huber_delta)
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
-            (pol_loss + crit_loss).backward()
+            pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
+                                                      settings.critic_loss, settings.huber_delta)
             record("grad_norm/policy", grad_norm(policy_params))
             record("grad_norm/critic", grad_norm(critic_params))
             if settings.max_grad_norm > 0:
@@ -458,8 +507,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                 for i, q_rows in zip(idx, torch.split(diag["q_taken"], packed.lengths), strict=True):
                     first_q_out[i] = float(q_rows[0])
             record("time/step_s", time.perf_counter() - t0)
-            record("loss/policy", pol_loss.item())
-            record("loss/critic", crit_loss.item())
+            record("loss/policy", pol_loss)
+            record("loss/critic", crit_loss)
             record("kl", diag["kl"].mean())
             record("entropy", diag["entropy"].mean())
             record("q/taken_mean", diag["q_taken"].mean())

@@ -469,8 +469,11 @@ class LMPolicy:
             yield self._reference_model
         elif self.reference == "base":
             if self.adapter_names:
-                with self.model.disable_adapter():
-                    yield self.model
+                try:
+                    with self.model.disable_adapter():
+                        yield self.model
+                finally:  # re-enabling the adapters (peft's set_adapter) froze every inactive one
+                    self._restore_requires_grad()
             else:
                 yield self.model  # no adapters and no copy: ρ is the current model (documented)
         else:
@@ -480,10 +483,15 @@ class LMPolicy:
     def _switch(self, name: str) -> None:
         if self.model.active_adapter != name:
             self.model.set_adapter(name)
-            for pname, p in self.model.named_parameters():  # undo peft's requires_grad toggling
-                want = self._trainable.get(pname, False)
-                if p.requires_grad != want:
-                    p.requires_grad_(want)
+            self._restore_requires_grad()
+
+    def _restore_requires_grad(self) -> None:
+        """Undo peft's requires_grad toggling: a graph built under one adapter must still reach its parameters
+        after a forward under another (or under ρ) ran before its backward."""
+        for pname, p in self.model.named_parameters():
+            want = self._trainable.get(pname, False)
+            if p.requires_grad != want:
+                p.requires_grad_(want)
 
     # -- tokens -------------------------------------------------------------------------------------------------------
     def encode(self, text: str, max_length: int | None = None) -> list[int]:

@@ -303,3 +303,53 @@ def test_learn_on_one_budget_wrapped_env_collects_from_num_envs_at_once_within_t
     first_best = env.dev_scores.index(max(env.dev_scores))
     assert env.best_program == f"program {first_best + 1}" and env.final_program == "program 5"
     assert env.episodes == 3  # three envs began an episode; none was begun and left unplayed
+
+
+def _peak_saved_bytes(step) -> int:
+    """Peak bytes of tensors saved for backward that are alive at once while `step()` runs."""
+    import weakref
+
+    live = {"now": 0, "peak": 0}
+
+    def release(n):
+        live["now"] -= n
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor, n = tensor, tensor.numel() * tensor.element_size()
+            live["now"] += n
+            live["peak"] = max(live["peak"], live["now"])
+            weakref.finalize(self, release, n)
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        step()
+    return live["peak"]
+
+
+def test_backward_one_network_at_a_time_gives_the_joint_gradients_at_a_lower_peak(tiny_model_dir):
+    from agents.etpo import etpo_backward, etpo_losses
+
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    packed = pack(sample_sequences(agent), agent.policy.pad_id, "cpu")
+    targets = torch.linspace(-1.0, 1.0, len(packed.tokens))
+    params = agent.models.policy_parameters() + agent.models.critic_parameters()
+
+    def joint():
+        policy, critic, _ = etpo_losses(agent.models, packed, targets, 0.1, SMALL["chunk_size"])
+        (policy + critic).backward()
+
+    def separate():
+        etpo_backward(agent.models, packed, targets, 0.1, SMALL["chunk_size"])
+
+    peaks, grads = {}, {}
+    for name, step in (("joint", joint), ("separate", separate)):
+        for p in params:
+            p.grad = None
+        peaks[name] = _peak_saved_bytes(step)
+        grads[name] = [p.grad.clone() if p.grad is not None else None for p in params]
+    assert sum(g is not None for g in grads["separate"]) > 0
+    for a, b in zip(grads["joint"], grads["separate"], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    assert peaks["separate"] < 0.8 * peaks["joint"], peaks

@@ -85,6 +85,19 @@ def test_frozen_reference_adapter_switch(tiny_model_dir, fresh_policy, tmp_path)
         LMPolicy(pol.model, pol.tokenizer, reference="adapter:nope")
 
 
+def test_a_reference_pass_leaves_every_trainable_adapter_trainable(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4),
+                                                             "critic": default_lora_config(r=4)})
+    _perturb_adapter(pol, "critic")
+    ids = [pol.encode(PROMPTS[1])]
+    critic_logp = pol.sequence_logprobs(ids, [pol.encode(" return")], adapter="critic")[0]  # graph into the critic
+    with torch.no_grad():
+        pol.sequence_logprobs(ids, [pol.encode(" return")], adapter=None)  # ρ: adapters disabled, then re-enabled
+    assert all(p.requires_grad for p in pol.trainable_parameters())
+    critic_logp.sum().backward()  # the critic's graph still reaches its parameters
+    assert all(p.grad is not None for p in pol.trainable_parameters("critic"))
+
+
 def test_copy_reference_for_full_fine_tuning(tiny_model_dir):
     pol = LMPolicy.from_pretrained(tiny_model_dir, reference="copy")
     ids = torch.tensor([pol.encode(PROMPTS[1])])
