@@ -29,7 +29,7 @@ DEMO_TASKS = ["titanic"]
 DEMO_SEEDS = 3
 DEMO_BUDGET = 16
 DEMO_EVAL_EVERY = 8
-DEMO_EVAL_EPISODES = 3
+DEMO_EVAL_EPISODES = 4
 DEMO_AGENT_OPTIONS: dict[str, str] = {"rollout_steps": "4"}
 
 

@@ -9,9 +9,10 @@ The protocol of one cell (`run_cell`), with budget B and evaluation interval E:
 - Evaluation: at env step 0, after every `learn` call and at B, `eval_episodes` fresh episodes in the configured
   episode mode are played through `agent.reset()` / `agent.act(obs, info)` (or `act_batch(observations, infos)`
   where the agent has it) on separate envs that are never counted against the budget and never train the agent.
-  Episode seeds depend only on (task, seed, point index, episode index), and the Python, numpy and torch generators
-  are seeded from them for the evaluation and restored afterwards, so every agent meets the same evaluation
-  episodes and evaluating does not change what training samples. The final program of each episode (fix mode: the
+  Episode seeds depend only on (task, seed, episode index), the same at every point (common random numbers: a
+  policy that did not change replays its evaluation exactly), and the Python, numpy and torch generators are
+  seeded from them for the evaluation and restored afterwards, so every agent meets the same evaluation episodes
+  and evaluating does not change what training samples. The final program of each episode (fix mode: the
   program that ran; refine mode: the episode's best on dev) is scored once on the task's held-out test part; an
   episode in which nothing ran scores the chance level (`CHANCE_SCORE`). An agent that cannot learn is evaluated
   once, at step 0, and that evaluation stands for every point (it cannot change); so is a prompting agent, whose
@@ -74,8 +75,11 @@ def act_for_budget(agent: Any, env: EnvStepBudget, seed: int) -> None:
 
 
 def eval_seed(task: str, seed: int, point: int, episode: int) -> int:
-    """The env seed of one evaluation episode: a function of (task, seed, point index, episode index) only."""
-    digest = hashlib.sha256(f"{task}/{seed}/{point}/{episode}".encode()).digest()
+    """The env seed of one evaluation episode, a function of (task, seed, point index, episode index) that is the
+    same at every point: common random numbers, so a policy that did not change plays its episodes again exactly
+    and the difference between two points measures the change, not a new draw of episodes."""
+    del point  # every point replays the same K episode seeds
+    digest = hashlib.sha256(f"{task}/{seed}/{episode}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
