@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,9 +39,17 @@ CLOSE_TIMEOUT_S = 10.0
 
 
 def quiet_ray_environment() -> None:
-    """Set Ray's environment defaults before it is imported (the runtime reads them at start-up)."""
+    """Set Ray's environment defaults before it is imported (it reads them then, and its runtime at start-up).
+
+    With a token at hand (Ray's own file, or RAY_AUTH_TOKEN[_PATH]), token authentication is on: a cluster started
+    with `ray start` uses it by default and refuses a driver without it.
+    """
     for name, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(name, value)
+    has_token = any(os.environ.get(name) for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")) or \
+        os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+    if has_token and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def connect_ray(address: str | None = "auto", **init_options: Any) -> bool:
