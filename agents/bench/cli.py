@@ -108,9 +108,9 @@ def _run_and_report(args: argparse.Namespace, task_items: list[str], console: An
                            ray=getattr(args, "ray", None))
     print_table(result["summary"], console)
     out = Path(result["out"])
-    console.print(f"results: {out / 'summary.md'}, {out / 'results.csv'}, {out / 'results.json'}")
-    plots = [name for name in PLOTS if (out / name).exists()]
-    console.print(f"plots:   {', '.join(plots)} in {out}")
+    console.print(f"results in {out}:", soft_wrap=True)  # a path is never broken across lines
+    console.print("  summary.md, results.csv, results.json")
+    console.print("  " + ", ".join(name for name in PLOTS if (out / name).exists()))
     failed = any(r.get("error") for r in result["runs"])
     return (1 if failed else 0), result
 
