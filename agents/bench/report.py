@@ -82,7 +82,7 @@ def table_rows(summary: dict[str, Any], digits: int = 3) -> list[list[str]]:
 
 def console_rows(summary: dict[str, Any]) -> list[list[str]]:
     """The console's narrow rows (80 columns): final and gain with their intervals, AUC, search, success."""
-    return [[row["task"][:16], row["agent"][:12], format_ci(row["final"], row["final_ci"], 2),
+    return [[row["task"][:13], row["agent"][:13], format_ci(row["final"], row["final_ci"], 2),
              format_ci(row["gain"], row["gain_ci"], 2), _number(row["auc"], 2), _number(row["search"], 2),
              _percent(row["success_rate"])]
             for row in [*summary["per_task"], *summary["overall"]]]
@@ -384,7 +384,7 @@ def print_table(summary: dict[str, Any], console: Any = None) -> None:
     console = console or make_console()
     n = max((row["n"] for row in summary["per_task"]), default=0)
     table = Table(title=f"{SCALE_LABELS[summary['scale']]} of the policy, mean ± 95% CI over seeds (n={n})",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), title_style="bold")
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, title_style="bold")
     for name in CONSOLE_HEADER:
         table.add_column(name, justify="left" if name in ("task", "agent") else "right", no_wrap=True)
     for i, row in enumerate(console_rows(summary)):
@@ -394,8 +394,8 @@ def print_table(summary: dict[str, Any], console: Any = None) -> None:
                   "points; search: best-on-dev program of training; ok: final episodes that ran.",
                   style="dim")
     if summary["aggregates"]["final"]:
-        aggregates = Table(title="aggregates of final over tasks and seeds (95% bootstrap CI)",
-                           box=box.SIMPLE_HEAD, padding=(0, 1), title_style="bold")
+        aggregates = Table(title="final over tasks and seeds (95% bootstrap CI)", box=box.SIMPLE_HEAD,
+                           padding=(0, 1), pad_edge=False, show_edge=False, title_style="bold")
         for name in aggregate_header(summary):
             aggregates.add_column(name, justify="left" if name == "agent" else "right", no_wrap=True)
         for row in aggregate_rows(summary):
