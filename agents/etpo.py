@@ -29,6 +29,9 @@ whose minimiser at every state is π(w|u) ∝ ρ(w|u)·exp(Q_φ(u,w)/β). At the
 sequence-level soft-optimal policy π*(a|s) ∝ ρ(a|s)·exp(Q*(s,a)/β), because per-token KLs add up to the sequence KL
 (the chain rule; tested).
 
+At a sampling temperature T ≠ 1, π and ρ above are the tempered distributions softmax(logits/T), π being what is
+sampled (as PPO's policy); top-k/top-p filters are refused, since every sum here runs over the whole vocabulary.
+
 How it is laid out
 ------------------
 1. Pure math on logits (`soft_value`, `soft_bellman_targets`, `critic_loss`, `policy_loss`, `token_kl`, ...).
@@ -579,7 +582,9 @@ class ETPOConfig:
                 "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
                 "batched call. 1 = the env alone; a vector env is used as it is."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
-        "help": "How actions are sampled (temperature 1, no top-k/top-p: on-policy samples of π)."})
+        "help": "How actions are sampled. ETPO trains the sampled distribution: π = softmax(logits/temperature) "
+                "and ρ at the same temperature (any temperature > 0); top_k/top_p are refused (the update sums over "
+                "the whole vocabulary, so filtered samples would be off-policy)."})
     # model
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy and critic adapters."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -601,6 +606,14 @@ class ETPOConfig:
                              f"{self.critic_loss!r}")
         if self.optimizer not in ("adamw", "lion"):
             raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
+        gen = self.generation
+        if isinstance(gen, GenerationSettings) and not gen.temperature > 0:
+            raise ValueError(f"ETPO needs generation.temperature > 0 (got {gen.temperature}): it trains the "
+                             "distribution it samples from, and greedy decoding is not one")
+        if isinstance(gen, GenerationSettings) and (gen.top_k or gen.top_p < 1.0):
+            raise ValueError(f"ETPO does not support top_k/top_p sampling (got top_k={gen.top_k}, top_p={gen.top_p}):"
+                             " its update sums over the whole vocabulary under softmax(logits/temperature); set "
+                             "generation.top_k=0 and generation.top_p=1.0 (a lower temperature is supported)")
         if min(self.epochs, self.minibatch_size, self.rollout_steps, self.num_envs, self.chunk_size,
                self.critic_rank, self.generation.max_new_tokens) < 1:
             raise ValueError("epochs, minibatch_size, rollout_steps, num_envs, chunk_size, critic_rank and "
@@ -670,6 +683,10 @@ class LMTokenModels:
             policy.check_head()
             shared = lambda h: policy.final_logits(output(h))  # noqa: E731
             self._lm_heads = {"policy": shared, "reference": shared, "critic": output}
+        temperature = float(cfg.generation.temperature)
+        if temperature != 1.0:  # π is the sampled distribution softmax(logits/T), ρ taken at the same T (as PPO)
+            for role in ("policy", "reference"):
+                self._lm_heads[role] = lambda h, head=self._lm_heads[role]: head(h).float() / temperature
         # the update regresses V and A separately for the dueling critic (TokenModels.critic_split)
         self.critic_split = self.q_head if cfg.critic == "dueling" else None
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.etpo import ETPOAgent, ETPOConfig, Lion, pack, policy_loss_per_state, soft_value, state_values
+from agents.policy import GenerationSettings
 
 SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
              seed=0, chunk_size=7)
@@ -353,3 +354,18 @@ def test_backward_one_network_at_a_time_gives_the_joint_gradients_at_a_lower_pea
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
     assert peaks["separate"] < 0.8 * peaks["joint"], peaks
+
+
+def test_a_sampling_temperature_tempers_pi_and_rho_and_leaves_the_critic(tiny_model_dir):
+    plain = ETPOAgent(model=tiny_model_dir, **SMALL)
+    hot = ETPOAgent(model=tiny_model_dir, **SMALL, temperature=0.5)
+    packed = pack(sample_sequences(plain), plain.policy.pad_id, "cpu")
+    with torch.no_grad():
+        for role, hidden_role in (("policy", "policy"), ("reference", "reference"), ("critic", "critic")):
+            h = plain.models.hidden(hidden_role, packed.input_ids, packed.attention_mask)[packed.row_batch,
+                                                                                         packed.row_pos]
+            scale = 0.5 if role in ("policy", "reference") else 1.0  # the sampled π = softmax(logits / T)
+            torch.testing.assert_close(hot.models.head(role, h).float(), plain.models.head(role, h).float() / scale)
+    for bad in (dict(temperature=0.0), dict(top_k=5), dict(top_p=0.9)):
+        with pytest.raises(ValueError, match="ETPO"):
+            ETPOConfig(generation=GenerationSettings(**bad))
