@@ -309,3 +309,21 @@ def test_suites_expand_to_their_tasks():
         assert bench.resolve_tasks([suite]) == tasks.names(suite=suite)
     hard = tasks.names(suite="hard")
     assert bench.resolve_tasks(["iris", "hard", "iris"]) == ["iris", *[t for t in hard if t != "iris"]]
+
+
+def test_demo_prints_each_learners_paired_gain_with_its_interval():
+    from rich.console import Console
+
+    from agents.bench.cli import print_gains
+
+    runs = [_run("etpo", "t", s, final) for s, final in enumerate([0.3, 0.5, 0.4])]
+    runs += [_run("zero-shot", "t", s, 0.2, step0=0.2) for s in range(3)]
+    for run in runs:
+        run["learner"] = run["agent"] == "etpo"
+    summary = bench.summarize(runs, ["etpo", "zero-shot"], ["t"], reps=100)
+    console = Console(record=True, width=100)
+    print_gains({"runs": runs, "summary": summary}, console)
+    text = console.export_text()
+    # gains 0.3, 0.5, 0.4 (step 0 = 0): mean 0.4, sd 0.1, t_{0.975, 2} · 0.1 / √3 = 0.248.
+    assert "etpo: final − step 0 = 0.400 ± 0.248" in text and "3 seeds" in text
+    assert "zero-shot" not in text  # not trained: nothing to gain
