@@ -25,7 +25,6 @@ _EXPORTS = {
     "report": ["CSV_COLUMNS", "PLOTS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown",
                "table_rows", "write_outputs", "write_plots"],
     "run": ["TestScorer", "act_for_budget", "batch_actor", "check_resumable", "eval_seed", "evaluate_point",
-            "failed_cell_record",
             "isolated_rng", "load_runs", "play_eval_episodes", "resolve_tasks", "run_benchmark", "run_cell",
             "run_cell_isolated", "seed_everything"],
     "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "mean_ci", "performance_profile",

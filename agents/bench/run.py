@@ -307,17 +307,6 @@ def _new_record(config: BenchConfig, agent_spec: str, task_name: str, seed: int)
             "evaluations": []}
 
 
-def failed_cell_record(config: BenchConfig, agent_spec: str, task: Any, seed: int, error: str) -> dict[str, Any]:
-    """The record of a cell that never ran (its worker was lost): nothing ran, every evaluation point at the chance
-    level, with `error` saying why; the same fields as `run_cell`'s records."""
-    record = _new_record(config, agent_spec, task.name, seed)
-    record.update({"error": error, "env_steps": 0, "episodes": 0, "rewards": [], "dev_scores": [], "statuses": [],
-                   "train_time_s": 0.0, "eval_time_s": 0.0, "wall_time_s": 0.0})
-    record["search_result"] = {"dev_score": None, "program": None, **TestScorer(task, None, seed).score(None)}
-    record.update(run_metrics(record, missing=_chance_point(task)))
-    return record
-
-
 def _train_and_evaluate(agent: Any, config: BenchConfig, record: dict[str, Any], train_env: EnvStepBudget,
                         eval_envs: list[Any], scorer: TestScorer, seed: int, timing: dict[str, float],
                         on_step: Callable[[], None] | None) -> None:
