@@ -40,10 +40,22 @@ def cluster():
     nodes.shutdown()
 
 
+def all_cpus_free(total: float, timeout_s: float = 30.0) -> None:
+    """Wait until the actors of an earlier pool have given their CPUs back (Ray frees them asynchronously);
+    otherwise SPREAD can only place new actors where CPUs are free."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total:
+        assert time.monotonic() < deadline, f"CPUs still held: {ray.available_resources()}"
+        time.sleep(0.2)
+
+
 def test_slots_spread_over_the_nodes(cluster):
     from sandbox.ray_pool import RaySandboxPool
 
     nodes, worker = cluster
+    all_cpus_free(3)
     with RaySandboxPool(2, backend="local", limits=LIMITS) as pool:
         where = pool.warm_up()
         results = [pool.run(Job(HONEST_PROGRAM, [tiny_fold()])) for _ in range(2)]
@@ -55,8 +67,10 @@ def test_dead_node_fails_its_job_and_the_slot_moves(cluster):
     from sandbox.ray_pool import RaySandboxPool
 
     nodes, worker = cluster
+    all_cpus_free(3)
     with RaySandboxPool(2, backend="local", limits=LIMITS) as pool:
-        pool.warm_up()
+        where = pool.warm_up()
+        assert {w["node_id"] for w in where} == {nodes.head_node.node_id, worker.node_id}
         with ThreadPoolExecutor(2) as threads:
             running = [threads.submit(pool.run, Job(sleeping_program(4), [tiny_fold()])) for _ in range(2)]
             time.sleep(1.5)  # both jobs are asleep on their nodes
