@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<24} {rate:>8.2f} {rate / base:>8.2f}x")
     one, two = rates["Ray pool, 1 actor"], rates["Ray pool, 2 actors"]
     print(f"\n{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.1f}")
-    print(f"summary: Ray adds {overhead_ms:.1f} ms per job (p50 {floor * 1e3:.1f} -> "
+    print(f"summary: a Ray slot changes a job's p50 by {overhead_ms:+.1f} ms ({floor * 1e3:.1f} -> "
           f"{(floor * 1e3 + overhead_ms):.1f} ms); 2 envs step at {two:.2f}/s on 2 Ray actors vs {one:.2f}/s on 1 "
           f"({two / one:.2f}x) and {base:.2f}/s on a local pool of 2")
     return 0
