@@ -696,11 +696,14 @@ class LMPolicy:
         self.model.eval()
         try:
             name = self._adapter_or_default(adapter)
-            with self.use_adapter(name) as module, self._merged(name):
+            with self.use_adapter(name) as module, self._merged(name) as merged:
+                module = self.hf_model if merged else module  # merged: the plain model, no peft layers around it
                 cache_key = _cache_argument(self.hf_model)
                 out = module(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
                              use_cache=True, logits_to_keep=1)
                 positions = positions_from_mask(mask)[:, -1:]
+                prompt_width = mask.shape[1]
+                mask = torch.cat([mask, mask.new_ones((batch, max_new))], 1)  # step k attends to prompt_width + k
                 for step in range(max_new):
                     logits = out.logits[:, -1, :].float()
                     token = sample_tokens(logits, gen, generator)
@@ -718,10 +721,9 @@ class LMPolicy:
                     if bool(done.all()):
                         break
                     token = torch.where(done, torch.full_like(token, self.pad_id), token)
-                    mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=self.device)], 1)
                     positions = positions + 1
-                    out = module(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                                 use_cache=True, **{cache_key: getattr(out, cache_key)})
+                    out = module(input_ids=token[:, None], attention_mask=mask[:, : prompt_width + step + 1],
+                                 position_ids=positions, use_cache=True, **{cache_key: getattr(out, cache_key)})
         finally:
             self.model.train(was_training)
         tokens, logps, lengths, reasons = (t.cpu() for t in (tokens, logps, lengths, reasons))
@@ -733,17 +735,17 @@ class LMPolicy:
         return out_generations
 
     @contextlib.contextmanager
-    def _merged(self, adapter: str | None) -> Iterator[None]:
+    def _merged(self, adapter: str | None) -> Iterator[bool]:
         """Adapter `adapter`'s LoRA deltas folded into the base weights (peft's `merge`) for the enclosed
         forward passes, then taken out again with the saved weights copied back, so the base — and with it ρ —
         is bit-identical afterwards (peft's `unmerge` alone subtracts the delta and leaves rounding residue).
         While merged, each LoRA wrapper is swapped out of the module tree for its base layer (a merged wrapper
         only forwards to it), so a decode step runs the plain model. Nothing happens unless
         `merge_for_generation` is on and every adapted base weight is float32: merging into bfloat16 would round
-        the adapter away from the weights the training forward uses."""
+        the adapter away from the weights the training forward uses. Yields whether it merged."""
         layers = self._lora_layers(adapter) if self.merge_for_generation else []
         if not layers or any(layer.get_base_layer().weight.dtype != torch.float32 for layer in layers):
-            yield
+            yield False
             return
         saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
         slots = _module_slots(self.model, layers)
@@ -752,7 +754,7 @@ class LMPolicy:
                 layer.merge(adapter_names=[adapter])
             for (parent, name), layer in zip(slots, layers):  # a merged wrapper only forwards: take it out
                 setattr(parent, name, layer.get_base_layer())
-            yield
+            yield True
         finally:
             for (parent, name), layer, weight in zip(slots, layers, saved):
                 setattr(parent, name, layer)
