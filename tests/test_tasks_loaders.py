@@ -131,7 +131,9 @@ def test_paper_suite_lists_the_ten_openml_and_four_kaggle_datasets():
     }
     assert set(KAGGLE_SOURCES) == {"kidney-stone", "pharyngitis", "health-insurance", "spaceship-titanic"}
     assert set(tasks.names("paper")) == set(OPENML_IDS) | set(KAGGLE_SOURCES)
-    assert set(tasks.names("all")) == set(tasks.names("bundled")) | set(tasks.names("paper"))
+    suites = ("bundled", "hard", "paper")
+    assert set(tasks.names("all")) == set().union(*(tasks.names(suite) for suite in suites))
+    assert sum(len(tasks.names(suite)) for suite in suites) == len(tasks.names("all"))  # each task in one suite
 
 
 def test_openml_task_loads_from_the_cache_without_network(tmp_path, no_network):
