@@ -95,6 +95,7 @@ def _list(args: argparse.Namespace) -> int:
             column,
             justify="right" if column in ("rows", "features", "classes", "missing %", "forest norm.") else "left",
         )
+    any_headroom = False
     for name in tasks.names(args.suite):
         try:
             task = tasks.get(name, **_get_kwargs(args))
@@ -104,6 +105,7 @@ def _list(args: argparse.Namespace) -> int:
         from tasks.reference import headroom, lookup
 
         entry = lookup(task) or {}
+        any_headroom = any_headroom or headroom(task) is not None
         table.add_row(
             name,
             str(task.n_rows),
@@ -117,7 +119,8 @@ def _list(args: argparse.Namespace) -> int:
             _fmt(headroom(task)),
         )
     Console().print(table)
-    print("forest norm.: normalized dev score of a default random forest (hard suite: headroom when well below 1)")
+    if any_headroom:
+        print("forest norm.: normalized dev score of a default random forest (headroom where well below 1)")
     return 0
 
 
