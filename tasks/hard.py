@@ -132,24 +132,11 @@ def iso_dates(days: pd.Series, origin: str, with_time: bool = False) -> pd.Serie
     return pd.Series(stamps.dt.strftime(fmt).where(stamps.notna()), dtype=object)
 
 
-def day_matching(rng: np.random.Generator, year: int, months: pd.Series, weekdays: pd.Series) -> pd.Series:
-    """For each row, days since 1 January `year` of a random date in that month falling on that weekday."""
-    start = pd.Timestamp(f"{year}-01-01")
-    calendar = pd.date_range(start, periods=366 if year % 4 == 0 else 365, freq="D")
-    by_key: dict[tuple[int, int], np.ndarray] = {}
-    for offset, day in enumerate(calendar):
-        by_key.setdefault((day.month, day.weekday()), []).append(offset)
-    picks = [rng.choice(by_key[(m, w)]) for m, w in zip(months, weekdays)]
-    return pd.Series(picks, dtype=float)
-
-
 def snake_case(name: str) -> str:
     """"YearsWithCurrManager" -> "years_with_curr_manager"."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-_MONTHS = {m: i + 1 for i, m in enumerate(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
-                                            "Nov", "Dec"])}
 _WEEKDAYS = {d: i for i, d in enumerate(["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"])}
 
 
