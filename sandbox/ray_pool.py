@@ -139,6 +139,7 @@ class RaySandboxPool:
         self.isolation = ""  # the nodes' sandbox backend, known once a slot has started
         self._options = options
         self._owns_ray = connect_ray(address)
+        self._check_fits()
         self._idle: queue.Queue[_Slot] = queue.Queue()
         self._slots = [_Slot(index) for index in range(size)]
         self._lock = threading.Lock()
@@ -155,6 +156,9 @@ class RaySandboxPool:
         if self._closed:
             raise RuntimeError("this sandbox is closed")
         slot = self._idle.get()
+        if self._closed:  # closed while this call waited for a slot
+            self._idle.put(slot)
+            raise RuntimeError("this sandbox is closed")
         started = time.monotonic()
         try:
             result = self._run_on(slot, job)
@@ -174,6 +178,8 @@ class RaySandboxPool:
             if self._closed:
                 return
             self._closed = True
+        if not ray.is_initialized():  # Ray was shut down under the pool: its actors are gone with it
+            return
         closing = [slot.actor.close.remote() for slot in self._slots if slot.actor is not None]
         ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for slot in self._slots:
@@ -209,6 +215,17 @@ class RaySandboxPool:
         return 2 * own + TRANSFER_GRACE_S
 
     # -- internals
+    def _check_fits(self) -> None:
+        """Refuse slots the cluster can never place: their actors would wait forever, their jobs time out."""
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if self.size * self.num_cpus > cpus:
+            if self._owns_ray:
+                ray.shutdown()
+            raise ValueError(f"{self.size} slots of {self.num_cpus} CPU each do not fit the cluster's {cpus:g} "
+                             "CPUs; use fewer slots or a smaller num_cpus")
+
     def _spawn(self, slot: _Slot) -> None:
         actor = _slot_actor_class().options(scheduling_strategy="SPREAD", num_cpus=self.num_cpus, max_restarts=0,
                                             max_task_retries=0)

@@ -72,6 +72,15 @@ def test_pool_gives_the_local_sandbox_results(ray_runtime, local_sandbox):
     assert timed_out.message == timeout_message(LIMITS, cpu=False)
 
 
+def test_pool_refuses_slots_the_cluster_cannot_place(ray_runtime):
+    from sandbox.ray_pool import RaySandboxPool
+
+    with pytest.raises(ValueError, match="do not fit the cluster's 2 CPUs"):
+        RaySandboxPool(3, backend="local")  # two slots of one CPU fit: the tests below use them
+    with pytest.raises(ValueError, match="5 slots of 0.5 CPU"):
+        RaySandboxPool(5, backend="local", num_cpus=0.5)
+
+
 def test_concurrent_runs_use_every_slot(ray_runtime):
     from sandbox.ray_pool import RaySandboxPool
 
@@ -123,7 +132,7 @@ def test_killed_actor_fails_the_step_and_is_replaced(ray_runtime):
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
-GRID = dict(agents=["scripted", "random"], tasks=["iris"], seeds=2, budget=2, eval_episodes=1, sandbox="local",
+GRID = dict(agents=["scripted", "random"], tasks=["iris"], seeds=[1], budget=2, eval_episodes=1, sandbox="local",
             progress=False)
 
 
@@ -142,7 +151,7 @@ def test_bench_on_ray_gives_the_local_numbers(ray_runtime, tmp_path):
 
     local = run_benchmark(out=tmp_path / "local", **GRID)
     on_ray = run_benchmark(out=tmp_path / "ray", ray="auto", **GRID)
-    assert len(local["runs"]) == 4 and not any(r["error"] for r in local["runs"])
+    assert len(local["runs"]) == 2 and not any(r["error"] for r in local["runs"])
     assert ({(r["agent"], r["seed"]): without_timings(r) for r in on_ray["runs"]}
             == {(r["agent"], r["seed"]): without_timings(r) for r in local["runs"]})
     assert ([without_timings(row) for row in on_ray["summary"]["per_task"]]
