@@ -699,13 +699,12 @@ class LMPolicy:
             with self.use_adapter(name) as module, self._merged(name) as merged:
                 module = self.hf_model if merged else module  # merged: the plain model, no peft layers around it
                 cache_key = _cache_argument(self.hf_model)
-                out = module(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                             use_cache=True, logits_to_keep=1)
+                logits, cache = self._prefill(module, prompt_ids, cache_key)
                 positions = positions_from_mask(mask)[:, -1:]
                 prompt_width = mask.shape[1]
                 mask = torch.cat([mask, mask.new_ones((batch, max_new))], 1)  # step k attends to prompt_width + k
                 for step in range(max_new):
-                    logits = out.logits[:, -1, :].float()
+                    logits = logits.float()
                     token = sample_tokens(logits, gen, generator)
                     active = ~done
                     tokens[:, step] = torch.where(active, token, tokens[:, step])
@@ -723,7 +722,8 @@ class LMPolicy:
                     token = torch.where(done, torch.full_like(token, self.pad_id), token)
                     positions = positions + 1
                     out = module(input_ids=token[:, None], attention_mask=mask[:, : prompt_width + step + 1],
-                                 position_ids=positions, use_cache=True, **{cache_key: getattr(out, cache_key)})
+                                 position_ids=positions, use_cache=True, **{cache_key: cache})
+                    logits, cache = out.logits[:, -1, :], getattr(out, cache_key)
         finally:
             self.model.train(was_training)
         tokens, logps, lengths, reasons = (t.cpu() for t in (tokens, logps, lengths, reasons))
@@ -733,6 +733,24 @@ class LMPolicy:
             out_generations.append(Generation(action, self.decode(action), logps[i, : len(action)].numpy().copy(),
                                               FINISH_REASONS[int(reasons[i])]))
         return out_generations
+
+    def _prefill(self, module: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], cache_key: str
+                 ) -> tuple[torch.Tensor, Any]:
+        """The prompts' pass: last-position logits [B, V] and the KV cache. Identical prompts (siblings of one env
+        start from the same first prompt) are run once and their cache rows copied (the cache's `reorder_cache`),
+        the same numbers at a fraction of the work."""
+        first: dict[tuple[int, ...], int] = {}
+        index = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
+        unique = list(first) if len(first) < len(prompt_ids) else list(prompt_ids)
+        ids, mask = pad_sequences(unique, self.pad_id, "left", self.device)  # one width: the longest prompt's
+        out = module(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+                     logits_to_keep=1)
+        logits, cache = out.logits[:, -1, :], getattr(out, cache_key)
+        if len(unique) < len(prompt_ids):
+            rows = torch.tensor(index, device=self.device)
+            cache.reorder_cache(rows)
+            logits = logits.index_select(0, rows)
+        return logits, cache
 
     @contextlib.contextmanager
     def _merged(self, adapter: str | None) -> Iterator[bool]:

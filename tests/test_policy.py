@@ -179,6 +179,23 @@ def test_merged_generation_records_the_training_forwards_logprobs_and_restores_t
                                                  twin.sequence_logprobs(prompts, ids, adapter=None)))
 
 
+def test_identical_prompts_share_one_prefill_and_still_sample_independently(fresh_policy):
+    pol = fresh_policy
+    first, second = (pol.encode(t) for t in PROMPTS)
+    prompts = [first, second, first, first]
+    rows = []
+    hook = pol.hf_model.get_input_embeddings().register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    try:
+        gens = pol.generate(prompts, GenerationSettings(max_new_tokens=10, stop_at_eos=False, seed=11))
+    finally:
+        hook.remove()
+    assert rows[0] == 2 and set(rows[1:]) == {4}  # the prompts' pass ran the two distinct prompts; decoding all rows
+    rescored = pol.sequence_logprobs(prompts, [g.action_ids for g in gens])
+    for g, lp in zip(gens, rescored):
+        torch.testing.assert_close(torch.from_numpy(g.logp), lp.detach(), atol=1e-5, rtol=1e-5)
+    assert len({tuple(g.action_ids) for g in (gens[0], gens[2], gens[3])}) > 1  # each row draws its own tokens
+
+
 def test_a_bfloat16_base_never_merges_the_adapter(tiny_model_dir):
     pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)},
                                    dtype=torch.bfloat16)
