@@ -158,6 +158,19 @@ def test_bench_on_ray_gives_the_local_numbers(ray_runtime, tmp_path):
             == [without_timings(row) for row in local["summary"]["per_task"]])
 
 
+def test_cells_on_cuda_declare_a_gpu():
+    from agents.bench.config import BenchConfig
+    from agents.bench.ray_exec import cell_resources
+
+    def resources(agent: str, **options) -> dict:
+        config = BenchConfig(agents=[agent], tasks=["iris"], seeds=[0], budget=1, agent_options=options)
+        return cell_resources(config, agent)
+
+    assert resources("etpo", device="cuda:1") == {"num_cpus": 1, "num_gpus": 1}
+    assert resources("etpo", device="auto") == resources("etpo") == {"num_cpus": 1, "num_gpus": 0}
+    assert resources("scripted") == {"num_cpus": 1, "num_gpus": 0}
+
+
 def test_lost_cell_is_retried_then_reported(ray_runtime):
     from agents.bench.config import BenchConfig
     from agents.bench.ray_exec import run_cells

@@ -5,7 +5,7 @@ own task, sandbox (the configured backend, on that node) and agent there and ret
 record the local loop writes. The driver hands each record to `on_record` as its cell finishes (any order).
 
 Resources: every cell declares `num_cpus=1`; a cell whose agent options put the model on CUDA (an option named
-`device`, e.g. `--set runtime.device=cuda`, with a `cuda` value) declares `num_gpus=1` as well. Ray hides the GPUs
+`device`, e.g. `--set device=cuda`, with a `cuda` value) declares `num_gpus=1` as well. Ray hides the GPUs
 from a cell that did not declare one, so an agent on `device=auto` runs on the CPU there.
 
 A cell that fails as a task (its worker crashed, its node died, or `run_cell_isolated` raised) is submitted again,
