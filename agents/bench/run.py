@@ -174,11 +174,17 @@ def batch_actor(agent: Any) -> Callable[[list[str], list[dict]], list[str]] | No
     if shell is None or not isinstance(agent, shell) or type(agent).act is not shell.act:
         return None
 
+    import torch
+
+    # A sampling stream of the evaluation's own, seeded from the evaluation seed (`isolated_rng`): a policy with a
+    # seeded stream of its own (`generation.seed`) keeps it for training.
+    stream = torch.Generator(device=agent.policy.device).manual_seed(torch.initial_seed())
+
     def act_batch(observations: list[str], infos: list[dict]) -> list[str]:  # Learner.act, one row per episode
         gen = agent.generation
         limit = agent.policy.max_prompt_tokens(gen)
         prompts = [agent.policy.encode_observation(o, i, max_length=limit) for o, i in zip(observations, infos)]
-        return [g.text for g in agent.policy.generate(prompts, gen)]
+        return [g.text for g in agent.policy.generate(prompts, gen, generator=stream)]
 
     return act_batch
 
