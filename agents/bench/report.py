@@ -191,7 +191,7 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
         f"{env.max_attempts} attempts, mode `{env.mode}`, reward `{env.reward}`, prompts `{env.prompt_style}`); "
         f"model `{config.model}`, sandbox `{config.sandbox}`.",
         "",
-        "Scores are normalized test scores (0 = the task's baseline pipeline, 1 = its reference pipeline) of each "
+        f"Scores are {_scale_sentence(summary['scale'])} of each "
         "evaluation episode's final program on the held-out test part; an episode in which nothing ran, or whose "
         f"program failed on test, counts as a constant predictor (ROC AUC {CHANCE_SCORE}). `final`: mean over the "
         "episodes at the full budget; `final − step 0`: its gain over the step-0 evaluation (paired by seed); "
@@ -216,6 +216,12 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
         ]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _scale_sentence(scale: str) -> str:
+    if scale == "normalized":
+        return "normalized test scores (0 = the task's baseline pipeline, 1 = its reference pipeline)"
+    return "raw test scores (ROC AUC; some task has no stored reference scores for its rows, so none is normalized)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
