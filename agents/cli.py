@@ -107,20 +107,28 @@ def _register_model(subparsers: Any) -> None:
 
 
 def _build_tiny_command(args: argparse.Namespace) -> int:
+    import time
+
     from rich.console import Console
 
     from agents.tiny import ensure_tiny_model, evaluate_samples, summary_line
 
     console = Console()
-    path = ensure_tiny_model(args.out, preset=args.preset, seed=args.seed, rebuild=args.rebuild,
-                             log=lambda msg: console.print(f"[dim]{msg}[/dim]"), sandbox=args.sandbox)
+
+    def say(msg: str) -> None:
+        console.print(f"[dim]{msg}[/dim]")
+
+    path = ensure_tiny_model(args.out, preset=args.preset, seed=args.seed, rebuild=args.rebuild, log=say,
+                             sandbox=args.sandbox)
     build = json.loads((path / "build.json").read_text())
     console.print(f"tiny model: {path}  ({build['n_params'] / 1e6:.2f}M parameters, "
                   f"loss {build['first_loss']:.2f} -> {build['final_loss']:.2f}, built in {build['build_seconds']}s)")
     if args.no_eval:
         return 0
     names = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    rows = evaluate_samples(path, names, n_samples=args.samples, seed=args.seed, sandbox=args.sandbox)
+    started = time.perf_counter()
+    rows = evaluate_samples(path, names, n_samples=args.samples, seed=args.seed, sandbox=args.sandbox, log=say)
+    say(f"evaluated in {time.perf_counter() - started:.0f}s")
     _print_sample_table(console, rows)
     (path / "samples_eval.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(summary_line(rows), flush=True)  # the last line, plain text

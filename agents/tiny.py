@@ -11,6 +11,11 @@ It learns the three prompts an episode of `DataSciCode-v0` shows, each with the 
 - the refine prompt (`mode="refine"`: the last result, the best program so far and its real dev score) -> a
   different corpus program.
 
+Every program is written in the corpus's `local` layout (`DEMO_LAYOUT`): the classifier first, each import right
+above the line that uses it. A model this small keeps a choice consistent over a line or two far more reliably than
+over a whole program (imports at the top, their use twenty lines below), so more of its samples run, and a fix
+decides the model family on its first two lines and then writes one fixed plain rest.
+
 Context: the model accepts `context_length` positions (512 by default) and is trained on sequences of at most that
 many tokens, so no position used at inference is outside the trained range. A prompt is cut the same way in
 training and at inference: its last `context_length - GENERATION_TOKENS` tokens are kept (`LMPolicy.encode` and
@@ -40,6 +45,8 @@ import os
 import random
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +55,11 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 HEADER = "def build_model(X, y):"
 BUILD_THREADS = 1  # torch threads of the build (fixed: see build_tiny_model)
-BUILD_FORMAT = 3  # bump when the build recipe changes so cached models are rebuilt
+BUILD_FORMAT = 4  # bump when the build recipe changes so cached models are rebuilt
 GENERATION_TOKENS = 256  # new tokens per action the learners and the evaluation default to (max_new_tokens)
 FEEDBACK_FORMAT = 1  # bump when the feedback cache's content changes
 EVAL_MAX_ROWS = 2000  # the env's default row cap: the prompts and feedback are those of DataSciCode-v0
+DEMO_LAYOUT = "local"  # demos with each import right above its use: nothing to remember across a program
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,8 @@ def training_pairs(n_demos: int, seed: int, buggy_fraction: float, max_tasks: in
 
     prompts = _task_prompts(tasks, max_tasks)
     rng = random.Random(seed)
-    pool = demos.corpus(n=distinct_programs or 4 * n_demos, seed=seed, buggy_fraction=buggy_fraction)
+    pool = demos.corpus(n=distinct_programs or 4 * n_demos, seed=seed, buggy_fraction=buggy_fraction,
+                        layout=DEMO_LAYOUT)
     weights = [weak_family_weight if d.family in WEAK_FAMILIES else 1.0 for d in pool]
     chosen = rng.choices(pool, weights=weights, k=n_demos)
     return [(rng.choice(prompts), completion_of(d.program)) for d in chosen]
@@ -188,12 +197,13 @@ def feedback_pairs(spec: TinyPreset, seed: int, sandbox: Any = "auto", cache_dir
 
     task_list = _load_tasks(tasks, spec.tasks_per_prompt_style)
     by_name = {t.name: t for t in task_list}
-    pool = demos.corpus(n=spec.distinct_programs or 4 * spec.n_demos, seed=seed, buggy_fraction=spec.buggy_fraction)
+    pool = demos.corpus(n=spec.distinct_programs or 4 * spec.n_demos, seed=seed, buggy_fraction=spec.buggy_fraction,
+                        layout=DEMO_LAYOUT)
     valid = [d for d in pool if d.bug is None]
     rng = random.Random(f"tiny-feedback-{seed}")
     plan = []  # (valid demo, task name, [buggy demos expected to fail there])
     for demo in valid:
-        variants = [demos.buggy_demo(demo.recipe, bug, rng) for bug in demos.BUG_KINDS]
+        variants = [demos.buggy_demo(demo.recipe, bug, rng, DEMO_LAYOUT) for bug in demos.BUG_KINDS]
         for name in rng.sample(sorted(by_name), min(spec.feedback_tasks, len(by_name))):
             plan.append((demo, name, [b for b in variants if b.fails_on(by_name[name])]))
     jobs = [(name, extract_program(d.program)) for demo, name, bugs in plan for d in (demo, *bugs)]
@@ -235,7 +245,7 @@ def fix_program(demo: Any) -> str:
     from tasks import demos
     from tasks.programs import wrap_body
 
-    return wrap_body(demos.render(demos.safe_recipe(demo.family)))
+    return wrap_body(demos.render(demos.safe_recipe(demo.family), layout=DEMO_LAYOUT))
 
 
 def step_info_of(evaluation: Any) -> dict:
@@ -270,8 +280,9 @@ def run_feedback(jobs: list[tuple[str, str]], tasks_by_name: dict[str, Any], san
 
         sandbox = make_sandbox(sandbox)
     try:
-        out = [step_info_of(tasks.evaluate(tasks_by_name[name], program, sandbox, part="dev", seed=0))
-               for name, program in jobs]
+        with ThreadPoolExecutor(max_workers=_sandbox_slots(sandbox)) as pool:
+            out = list(pool.map(lambda job: step_info_of(tasks.evaluate(tasks_by_name[job[0]], job[1], sandbox,
+                                                                        part="dev", seed=0)), jobs))
     finally:
         if own:
             sandbox.close()
@@ -280,6 +291,11 @@ def run_feedback(jobs: list[tuple[str, str]], tasks_by_name: dict[str, Any], san
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.rename(path)
     return out
+
+
+def _sandbox_slots(sandbox: Any) -> int:
+    """How many jobs the sandbox runs at once (a pooled sandbox's `parallelism`, else 1)."""
+    return max(1, int(getattr(sandbox, "parallelism", 1) or 1))
 
 
 
@@ -492,13 +508,17 @@ def resolve_model(model: str | Path) -> str | Path:
 def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samples: int = 8,
                      seed: int = 0, sandbox: Any = "auto", temperature: float = 1.0,
                      max_new_tokens: int = GENERATION_TOKENS, max_attempts: int = 5, mode: str = "fix",
-                     prompt_style: str = "paper") -> list[dict]:
+                     prompt_style: str = "paper", log: Any = None) -> list[dict]:
     """Run `n_samples` episodes of `DataSciCode-v0` per task (`max_attempts` attempts, fix mode by default) with the
-    model sampling each action, the episodes of a task in one batch; every program is scored by the env through
-    `tasks.evaluate` (the one evaluator).
+    model sampling each action; every program is scored by the env through `tasks.evaluate` (the one evaluator).
 
     `model_dir` is a model directory (or hub name) or a live `LMPolicy` (e.g. a learner's `.policy` mid-training).
     Prompts are encoded as the learners do (`encode_observation`, tail kept to fit `max_prompt_tokens`).
+
+    The episodes of all tasks run in lockstep, one batched generate call per attempt, sampled from a stream seeded
+    by `seed` afresh on each call and with torch's thread count fixed (`BUILD_THREADS`): the same model, seed,
+    task list and `n_samples` give the same figures (a different task list draws different samples). The programs
+    of an attempt run side by side on the sandbox's slots.
 
     Per task: `validity` (first attempts that ran), `fix_rate` (attempts after a failed one that ran; None when no
     episode failed), `fix_attempts`/`fixes` (their counts), `episode_success` (episodes with a program that ran),
@@ -507,57 +527,79 @@ def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samp
     `best_normalized`.
     """
     import tasks
-    from agents.policy import GenerationSettings, LMPolicy
-    from etpo_env.env import DataSciCodeEnv
+    from agents.policy import LMPolicy
 
+    names = task_names or tasks.names(suite="bundled")
     policy = model_dir if isinstance(model_dir, LMPolicy) else LMPolicy.from_pretrained(model_dir)
     own_sandbox = isinstance(sandbox, str)
     if own_sandbox:
         from sandbox import make_sandbox
 
         sandbox = make_sandbox(sandbox)
-    rows = []
     try:
-        for name in task_names or tasks.names(suite="bundled"):
-            task = tasks.get(name, max_rows=EVAL_MAX_ROWS)
-            envs = [DataSciCodeEnv(task=task, sandbox=sandbox, max_attempts=max_attempts, mode=mode,
-                                   prompt_style=prompt_style) for _ in range(n_samples)]
-            try:
-                episodes = _run_episodes(policy, envs, seed, temperature, max_new_tokens, GenerationSettings)
-            finally:
-                for env in envs:
-                    env.close()
-            rows.append(_episode_row(name, episodes))
+        episodes = sample_episodes(policy, [tasks.get(name, max_rows=EVAL_MAX_ROWS) for name in names], sandbox,
+                                   n_samples, seed, temperature, max_new_tokens, max_attempts, mode, prompt_style,
+                                   log)
     finally:
         if own_sandbox:
             sandbox.close()
-    return rows
+    return [_episode_row(name, episodes[i * n_samples:(i + 1) * n_samples]) for i, name in enumerate(names)]
 
 
-def _run_episodes(policy: Any, envs: list, seed: int, temperature: float, max_new_tokens: int,
-                  settings: Any) -> list[list[dict]]:
-    """One episode per env in lockstep (one generate call per attempt); per episode, per attempt: status, program,
-    normalized score."""
-    steps = [env.reset(seed=seed) for env in envs]
-    episodes: list[list[dict]] = [[] for _ in envs]
-    active = list(range(len(envs)))
-    attempt = 0
-    while active:
-        gen = settings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + 7919 * attempt)
-        prompts = [policy.encode_observation(steps[i][0], steps[i][1], max_length=policy.max_prompt_tokens(gen))
-                   for i in active]
-        outs = policy.generate(prompts, gen)
-        still = []
-        for i, out in zip(active, outs):
-            obs, _, terminated, truncated, info = envs[i].step(out.text)
-            steps[i] = (obs, info)
-            episodes[i].append({"status": info["status"], "program": info["program"],
-                                "normalized": info.get("normalized_score")})
-            if not (terminated or truncated):
-                still.append(i)
-        active = still
-        attempt += 1
+def sample_episodes(policy: Any, task_list: list[Any], sandbox: Any, n_samples: int = 8, seed: int = 0,
+                    temperature: float = 1.0, max_new_tokens: int = GENERATION_TOKENS, max_attempts: int = 5,
+                    mode: str = "fix", prompt_style: str = "paper", log: Any = None) -> list[list[dict]]:
+    """`n_samples` episodes per task, task by task (see `evaluate_samples`); per episode, per attempt: status,
+    program, normalized score."""
+    import torch
+
+    from agents.policy import GenerationSettings
+    from etpo_env.env import DataSciCodeEnv
+
+    say = log or (lambda msg: None)
+    envs = [DataSciCodeEnv(task=task, sandbox=sandbox, max_attempts=max_attempts, mode=mode, prompt_style=prompt_style)
+            for task in task_list for _ in range(n_samples)]
+    gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    stream = torch.Generator(device=policy.device).manual_seed(seed)
+    try:
+        with _torch_threads(BUILD_THREADS), ThreadPoolExecutor(max_workers=_sandbox_slots(sandbox)) as pool:
+            steps = [env.reset(seed=seed) for env in envs]
+            episodes: list[list[dict]] = [[] for _ in envs]
+            active = list(range(len(envs)))
+            attempt = 0
+            while active:
+                attempt += 1
+                say(f"evaluation: attempt {attempt}/{max_attempts}, {len(active)} episodes")
+                prompts = [policy.encode_observation(steps[i][0], steps[i][1],
+                                                     max_length=policy.max_prompt_tokens(gen)) for i in active]
+                outs = policy.generate(prompts, gen, generator=stream)
+                results = list(pool.map(lambda i_out: envs[i_out[0]].step(i_out[1].text), zip(active, outs)))
+                still = []
+                for i, (obs, _, terminated, truncated, info) in zip(active, results):
+                    steps[i] = (obs, info)
+                    episodes[i].append({"status": info["status"], "program": info["program"],
+                                        "normalized": info.get("normalized_score")})
+                    if not (terminated or truncated):
+                        still.append(i)
+                active = still
+    finally:
+        for env in envs:
+            env.close()
     return episodes
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op thread count set to `n` inside the block. One thread is also the fastest for a model this
+    small: on a loaded machine extra threads wait for each other (a batch of generation took 8x longer with 2)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _episode_row(name: str, episodes: list[list[dict]]) -> dict:

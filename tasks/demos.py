@@ -262,55 +262,70 @@ def _categorical_steps(recipe: Recipe) -> tuple[list[str], list[str]]:
     return [fill, encoder], ["SimpleImputer", name]
 
 
-def _imports(names: set[str], family: Family) -> list[str]:
-    modules = {
-        "SimpleImputer": "sklearn.impute",
-        "KNNImputer": "sklearn.impute",
-        "StandardScaler": "sklearn.preprocessing",
-        "MinMaxScaler": "sklearn.preprocessing",
-        "RobustScaler": "sklearn.preprocessing",
-        "OneHotEncoder": "sklearn.preprocessing",
-        "OrdinalEncoder": "sklearn.preprocessing",
-        "FunctionTransformer": "sklearn.preprocessing",
-        "ColumnTransformer": "sklearn.compose",
-        "make_column_selector": "sklearn.compose",
-        "make_pipeline": "sklearn.pipeline",
-    }
+_MODULE_OF = {
+    "SimpleImputer": "sklearn.impute",
+    "KNNImputer": "sklearn.impute",
+    "StandardScaler": "sklearn.preprocessing",
+    "MinMaxScaler": "sklearn.preprocessing",
+    "RobustScaler": "sklearn.preprocessing",
+    "OneHotEncoder": "sklearn.preprocessing",
+    "OrdinalEncoder": "sklearn.preprocessing",
+    "FunctionTransformer": "sklearn.preprocessing",
+    "ColumnTransformer": "sklearn.compose",
+    "make_column_selector": "sklearn.compose",
+    "make_pipeline": "sklearn.pipeline",
+}
+PIPELINE_NAMES = ("ColumnTransformer", "make_column_selector", "make_pipeline", "FunctionTransformer")
+
+# How a body orders its lines. "grouped": every import at the top, then the pipeline. "local": the classifier
+# first, each import right above the line that uses it, so no name has to be remembered across the body (what a
+# small model writes most reliably).
+LAYOUTS = ("grouped", "local")
+
+
+def _import_lines(names: set[str] | list[str]) -> list[str]:
+    """One `from module import a, b` line per module, modules and names sorted."""
     by_module: dict[str, list[str]] = {}
     for name in names:
-        by_module.setdefault(modules[name], []).append(name)
-    lines = ["import pandas as pd"]
-    for module in sorted(by_module):
-        lines.append(f"from {module} import {', '.join(sorted(by_module[module]))}")
-    lines.append(f"from {family.module} import {family.cls}")
-    return lines
+        by_module.setdefault(_MODULE_OF[name], []).append(name)
+    return [f"from {module} import {', '.join(sorted(set(by_module[module])))}" for module in sorted(by_module)]
 
 
-def render(recipe: Recipe, classifier_args: list[tuple[str, Any]] | None = None) -> str:
-    """The body for `recipe`. Inputs may be a DataFrame or an array: the pipeline starts by making a DataFrame,
-    so the column selectors work either way."""
+def _imports(names: set[str], family: Family) -> list[str]:
+    return ["import pandas as pd", *_import_lines(names), f"from {family.module} import {family.cls}"]
+
+
+def render(recipe: Recipe, classifier_args: list[tuple[str, Any]] | None = None, layout: str = "grouped") -> str:
+    """The body for `recipe` in `layout` (see `LAYOUTS`). Inputs may be a DataFrame or an array: the pipeline starts
+    by making a DataFrame, so the column selectors work either way."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {LAYOUTS}")
     family = FAMILIES_BY_NAME[recipe.family]
     numeric, numeric_names = _numeric_steps(recipe)
     categorical, categorical_names = _categorical_steps(recipe)
-    names = {"ColumnTransformer", "make_column_selector", "make_pipeline", "FunctionTransformer"}
-    names.update(numeric_names + categorical_names)
     if classifier_args is None:
         chosen = dict(recipe.params)
         classifier_args = [*recipe.params, *((k, v) for k, v in family.fixed if k not in chosen)]
-    args = classifier_args
-
-    lines = _imports(names, family) + [""]
+    classifier = f"classifier = {_call(family.cls, classifier_args)}"
     numeric_expr = f"make_pipeline({', '.join(numeric)})" if numeric else '"passthrough"'
-    lines.append(f"numeric = {numeric_expr}")
+    numeric_line = f"numeric = {numeric_expr}"
     columns = ['    ("numeric", numeric, make_column_selector(dtype_include="number")),']
+    categorical_line = []
     if categorical:
-        lines.append(f"categorical = make_pipeline({', '.join(categorical)})")
+        categorical_line = [f"categorical = make_pipeline({', '.join(categorical)})"]
         columns.append('    ("categorical", categorical, make_column_selector(dtype_exclude="number")),')
-    lines += ["preprocess = ColumnTransformer(["] + columns + ["])"]
-    lines.append(f"classifier = {_call(family.cls, args)}")
-    lines.append("model = make_pipeline(FunctionTransformer(pd.DataFrame), preprocess, classifier)")
-    lines.append("model.fit(X, y)")
-    lines.append("return model")
+    preprocess = ["preprocess = ColumnTransformer(["] + columns + ["])"]
+    tail = ["model = make_pipeline(FunctionTransformer(pd.DataFrame), preprocess, classifier)", "model.fit(X, y)",
+            "return model"]
+    if layout == "grouped":
+        lines = [*_imports({*PIPELINE_NAMES, *numeric_names, *categorical_names}, family), "", numeric_line,
+                 *categorical_line, *preprocess, classifier, *tail]
+    else:
+        lines = [f"from {family.module} import {family.cls}", classifier, "",
+                 "import pandas as pd", *_import_lines(PIPELINE_NAMES),
+                 *_import_lines(numeric_names), numeric_line,
+                 *(_import_lines(categorical_names) + categorical_line if categorical else []),
+                 *preprocess, *tail]
     return "\n".join(lines) + "\n"
 
 
@@ -336,15 +351,15 @@ _WRONG_MODULES = [
 NAN_INTOLERANT = ("logistic_regression", "sgd", "knn", "svm", "naive_bayes", "mlp", "lda")
 
 
-def render_bug(recipe: Recipe, bug: str, rng: random.Random) -> tuple[str, str]:
-    """(body, family) of a realistic mistake made on top of the valid `recipe`."""
+def render_bug(recipe: Recipe, bug: str, rng: random.Random, layout: str = "grouped") -> tuple[str, str]:
+    """(body, family) of a realistic mistake made on top of the valid `recipe`, rendered in `layout`."""
     family = FAMILIES_BY_NAME[recipe.family]
     if bug == "wrong_argument":
         key = rng.choice(sorted(family.wrong_arguments))
         args = [
             (family.wrong_arguments[key] if k == key else k, v) for k, v in [*recipe.params, *family.fixed]
         ]
-        return render(recipe, args), family.name
+        return render(recipe, args, layout), family.name
     if bug == "nan_intolerant":
         if recipe.family not in NAN_INTOLERANT:
             recipe = Recipe(
@@ -354,8 +369,8 @@ def render_bug(recipe: Recipe, bug: str, rng: random.Random) -> tuple[str, str]:
         intolerant = Recipe(
             recipe.family, recipe.params, "none", recipe.categorical, recipe.categorical_fill, recipe.scaler
         )
-        return render(intolerant), intolerant.family
-    body = render(recipe)
+        return render(intolerant, layout=layout), intolerant.family
+    body = render(recipe, layout=layout)
     if bug == "wrong_import":
         wrong = rng.choice([m for m in _WRONG_MODULES if m != family.module])
         body = body.replace(f"from {family.module} import {family.cls}", f"from {wrong} import {family.cls}")
@@ -375,10 +390,11 @@ def render_bug(recipe: Recipe, bug: str, rng: random.Random) -> tuple[str, str]:
 # --- the corpus ---------------------------------------------------------------------------------------------------
 
 
-def corpus(n: int = 2000, seed: int = 0, buggy_fraction: float = 0.2) -> list[Demo]:
+def corpus(n: int = 2000, seed: int = 0, buggy_fraction: float = 0.2, layout: str = "grouped") -> list[Demo]:
     """`n` distinct demonstrations (the same list for the same arguments, on every machine).
 
     `round(n * buggy_fraction)` are buggy, spread evenly over `BUG_KINDS`; the rest are distinct valid grid points.
+    `layout` orders each body's lines (`LAYOUTS`); the same arguments give the same programs in either layout.
     """
     if not 0.0 <= buggy_fraction <= 1.0:
         raise ValueError(f"buggy_fraction must be in [0, 1], got {buggy_fraction}")
@@ -389,7 +405,7 @@ def corpus(n: int = 2000, seed: int = 0, buggy_fraction: float = 0.2) -> list[De
         raise ValueError(f"at most {len(recipes)} distinct valid demos exist; asked for {n_valid}")
     rng = random.Random(seed)  # Python's Mersenne Twister: the same stream on every platform
     rng.shuffle(recipes)
-    demos = [_demo(render(r), r.family, None, r) for r in recipes[:n_valid]]
+    demos = [_demo(render(r, layout=layout), r.family, None, r) for r in recipes[:n_valid]]
     seen = {d.body for d in demos}
     attempts = 0
     while len(demos) < n:
@@ -398,7 +414,7 @@ def corpus(n: int = 2000, seed: int = 0, buggy_fraction: float = 0.2) -> list[De
             raise ValueError(f"could not draw {n_buggy} distinct buggy demos")
         bug = BUG_KINDS[(len(demos) - n_valid) % len(BUG_KINDS)]
         recipe = rng.choice(recipes)
-        body, family = render_bug(recipe, bug, rng)
+        body, family = render_bug(recipe, bug, rng, layout)
         if body not in seen:
             seen.add(body)
             demos.append(_demo(body, family, bug, recipe))
@@ -414,9 +430,9 @@ def _demo(body: str, family: str, bug: str | None, recipe: Recipe) -> Demo:
 # --- fixes --------------------------------------------------------------------------------------------------------
 
 
-def buggy_demo(recipe: Recipe, bug: str, rng: random.Random) -> Demo:
+def buggy_demo(recipe: Recipe, bug: str, rng: random.Random, layout: str = "grouped") -> Demo:
     """The demo of mistake `bug` made on top of the valid `recipe` (its `recipe` is the one it was made from)."""
-    body, family = render_bug(recipe, bug, rng)
+    body, family = render_bug(recipe, bug, rng, layout)
     return _demo(body, family, bug, recipe)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import random
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -13,6 +15,7 @@ import pytest
 import tasks
 from sandbox import Status
 from tasks import demos
+from tasks.programs import wrap_body
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +129,65 @@ def test_nan_intolerant_demo_runs_on_clean_data(corpus, local_sandbox):
     assert not demo.fails_on(clean) and demo.expected_status(clean) == "ok"
     ev = tasks.evaluate(clean, demo.program, local_sandbox)
     assert ev.status is Status.OK, ev.result.message
+
+
+# --- layouts ----------------------------------------------------------------------------------------------------
+
+
+def _statements(body):
+    """(imported (module, name) pairs, the other statements as AST dumps in order) of a body."""
+    function = ast.parse("def build_model(X, y):\n" + textwrap.indent(body, "    ")).body[0]
+    imported, others = set(), []
+    for node in function.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported.update((getattr(node, "module", None), alias.name) for alias in node.names)
+        else:
+            others.append(ast.dump(node))
+    return imported, others
+
+
+def test_local_layout_is_the_grouped_program_with_imports_moved_next_to_their_use():
+    for demo in demos.corpus(n=300, seed=3, buggy_fraction=0.0):
+        grouped, local = demos.render(demo.recipe), demos.render(demo.recipe, layout="local")
+        assert grouped == demo.body and local != grouped
+        (g_imports, g_others), (l_imports, l_others) = _statements(grouped), _statements(local)
+        assert g_imports == l_imports
+        # the same statements in the same order, but for the classifier line, which comes first
+        classifier = next(s for s in g_others if "id='classifier', ctx=Store()" in s)
+        assert l_others == [classifier] + [s for s in g_others if s != classifier]
+        family = demos.FAMILIES_BY_NAME[demo.recipe.family]
+        lines = local.splitlines()
+        assert lines[0] == f"from {family.module} import {family.cls}"
+        assert lines[1].startswith(f"classifier = {family.cls}(")
+        # every name that differs between programs is imported on the lines right above its first use
+        varying = {family.cls, *demos._numeric_steps(demo.recipe)[1], *demos._categorical_steps(demo.recipe)[1]}
+        for name in varying:
+            at = next(i for i, line in enumerate(lines) if line.startswith("from ") and f" {name}" in line)
+            use = next(i for i, line in enumerate(lines) if f"{name}(" in line and not line.startswith("from "))
+            assert at < use and all(line.startswith(("from ", "import ")) for line in lines[at:use]), (name, local)
+
+
+def test_layout_keeps_the_corpus_draw_and_the_bugs():
+    grouped = demos.corpus(n=140, seed=0, buggy_fraction=0.2)
+    local = demos.corpus(n=140, seed=0, buggy_fraction=0.2, layout="local")
+    assert [(d.recipe, d.family, d.bug) for d in grouped] == [(d.recipe, d.family, d.bug) for d in local]
+    for g, d in zip(grouped, local):
+        if d.bug == "syntax_error":
+            with pytest.raises(SyntaxError):
+                ast.parse(d.program)
+        else:
+            assert _statements(g.body)[0] == _statements(d.body)[0]  # the same imports (a wrong one included)
+    with pytest.raises(ValueError, match="layout"):
+        demos.render(grouped[0].recipe, layout="sideways")
+
+
+def test_local_layout_demos_and_their_buggy_variants_run_as_expected(corpus, messy_task, local_sandbox):
+    rng = random.Random(0)
+    for demo in _one_per_family(corpus):
+        program = wrap_body(demos.render(demo.recipe, layout="local"))
+        ev = tasks.evaluate(messy_task, program, local_sandbox)
+        assert ev.status is Status.OK, f"{demo.family}: {ev.result.message}\n{program}"
+    for bug in demos.BUG_KINDS:
+        buggy = demos.buggy_demo(corpus[0].recipe, bug, rng, layout="local")
+        ev = tasks.evaluate(messy_task, buggy.program, local_sandbox)
+        assert ev.status is Status(buggy.expected_status(messy_task)), f"{bug}: {ev.result.message}"

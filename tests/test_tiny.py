@@ -4,6 +4,7 @@ refine prompts followed by demos; evaluated on five-attempt episodes."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -106,6 +107,43 @@ def test_sample_report_runs_episodes_through_the_env(tiny_model_dir, local_sandb
         assert row["mean_normalized_valid"] is None and row["mean_normalized_all"] == 0.0
     else:
         assert row["mean_normalized_valid"] is not None
+
+
+@pytest.mark.slow
+def test_evaluation_is_deterministic_for_a_seed(tiny_model_dir, local_sandbox):
+    import tasks
+
+    policy = LMPolicy.from_pretrained(tiny_model_dir)
+    task_list = [tasks.get(name, max_rows=tiny.EVAL_MAX_ROWS) for name in ("iris", "wine")]
+
+    def programs(seed):
+        episodes = tiny.sample_episodes(policy, task_list, local_sandbox, n_samples=2, seed=seed, max_new_tokens=16,
+                                        max_attempts=2)
+        assert len(episodes) == 4 and all(1 <= len(ep) <= 2 for ep in episodes)
+        return [[a["program"] for a in ep] for ep in episodes]
+
+    first = programs(0)
+    assert programs(0) == first  # the same live policy again: its sampling does not continue an earlier stream
+    assert programs(1) != first
+
+
+def test_fix_program_keeps_the_family_and_writes_one_plain_rest():
+    from tasks import demos
+    from tasks.programs import wrap_body
+
+    rests = set()
+    for family in demos.FAMILIES:
+        recipe = demos.safe_recipe(family.name)
+        failing = demos.buggy_demo(recipe, "misspelt_class", random.Random(0), tiny.DEMO_LAYOUT)
+        program = tiny.fix_program(failing)
+        compile(program, "<fix>", "exec")
+        assert program == wrap_body(demos.render(recipe, layout="local"))
+        body = program.splitlines()[1:]
+        # the family is decided on the first two lines (its import, then the classifier); the rest never varies
+        assert body[0] == f"    from {family.module} import {family.cls}"
+        assert body[1].startswith(f"    classifier = {family.cls}(")
+        rests.add("\n".join(body[2:]))
+    assert len(rests) == 1
 
 
 def test_summary_line_is_the_exact_last_line():
