@@ -325,5 +325,7 @@ def test_demo_prints_each_learners_paired_gain_with_its_interval():
     print_gains({"runs": runs, "summary": summary}, console)
     text = console.export_text()
     # gains 0.3, 0.5, 0.4 (step 0 = 0): mean 0.4, sd 0.1, t_{0.975, 2} · 0.1 / √3 = 0.248.
-    assert "etpo: final − step 0 = 0.400 ± 0.248" in text and "3 seeds" in text
+    assert "final − step 0 per learner" in text and "paired over 3 seeds" in text
+    assert "  etpo          0.400 ± 0.248" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
     assert "zero-shot" not in text  # not trained: nothing to gain

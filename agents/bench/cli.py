@@ -150,10 +150,13 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 def print_gains(result: dict[str, Any], console: Any) -> None:
     """What each learner gained by training: final minus step-0 evaluation, paired over seeds, with its 95% CI."""
-    from agents.bench.statistics import format_ci
+    from agents.bench.statistics import SCALE_LABELS, format_ci
 
     learners = {r["agent"] for r in result["runs"] if r.get("learner")}
-    for row in result["summary"]["overall"]:
-        if row["agent"] in learners:
-            console.print(f"{row['agent']:>10}: final − step 0 = {format_ci(row['gain'], row['gain_ci'])} "
-                          f"(normalized test score, 95% CI over {row['n']} seeds)")
+    rows = [row for row in result["summary"]["overall"] if row["agent"] in learners]
+    if not rows:
+        return
+    console.print(f"final − step 0 per learner, {SCALE_LABELS[result['summary']['scale']]}:")
+    console.print(f"(mean ± 95% CI, paired over {rows[0]['n']} seeds)")
+    for row in rows:
+        console.print(f"  {row['agent']:<12} {format_ci(row['gain'], row['gain_ci']):>14}")
