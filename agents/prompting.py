@@ -155,6 +155,7 @@ class PromptingAgent:
         self._shot_pool: list[str] | None = None
         self.history: list[dict] = []
         self.api_errors = 0
+        self.env_steps = 0  # over the agent's life: `learn(env, budget)` plays up to `budget` in total
         self.last_prompt = ""
         self._last_action: str | None = None
 
@@ -189,13 +190,16 @@ class PromptingAgent:
 
     def learn(self, env: Any, budget: int, callbacks: Callable[[dict], Any] | Iterable[Callable] | None = None,
               out_dir: str | Path | None = None) -> dict:
-        """Play episodes for `budget` env steps; report the best score and the program that reached it.
-        `callbacks` (one or several) receive `{"env_steps", "reward", "info"}` after every step."""
+        """Play episodes until `budget` env steps in total over the agent's life (as every learner counts them:
+        cumulative calls continue, a repeated budget plays none); report this call's best score and the program
+        that reached it. `callbacks` (one or several) receive `{"env_steps", "reward", "info"}` after every step."""
         from agents.base import play
 
         hooks = [callbacks] if callable(callbacks) else list(callbacks or [])
         started = time.perf_counter()
-        result = play(env, self, budget, callback=lambda step: [hook(step) for hook in hooks])
+        steps = max(0, int(budget) - self.env_steps)
+        result = play(env, self, steps, callback=lambda step: [hook(step) for hook in hooks])
+        self.env_steps += result.steps
         summary = {"env_steps": float(result.steps), "episodes": float(result.episodes),
                    "api_errors": float(self.api_errors), "best_score": result.best_score,
                    "time_s": time.perf_counter() - started}

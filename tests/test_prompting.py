@@ -159,3 +159,15 @@ def test_zero_shot_agent_is_registered_and_sends_the_env_prompt_unchanged():
     agent.learn(env, budget=2)
     assert backend.prompts == env.emitted[:2]  # no demonstrations, no reflections
     assert cls(backend=backend, strategy="few-shot").config.strategy == "few-shot"  # still configurable
+
+
+def test_learn_budget_counts_env_steps_over_the_agents_life():
+    """`learn(env, budget)` means `budget` env steps in total, as for every learner: cumulative calls with budgets
+    2 then 5 play 5 steps, and a repeated budget plays none."""
+    backend = RecordingBackend()
+    agent = PromptingAgent(backend=backend)
+    env = ScriptedTextEnv(length=3)
+    assert agent.learn(env, budget=2)["env_steps"] == 2
+    assert agent.learn(env, budget=5)["env_steps"] == 3
+    assert agent.learn(env, budget=5)["env_steps"] == 0
+    assert len(backend.prompts) == 5 and agent.env_steps == 5
