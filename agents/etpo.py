@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from agents.learner import Learner
-from agents.policy import GenerationSettings, RuntimeSettings
+from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -848,7 +848,6 @@ class ETPOAgent(Learner):
         """Write π alone as a plain transformers model (policy adapter merged into the base) plus tokenizer, for
         `etpo serve`, `agents.tiny.evaluate_samples` or any `from_pretrained` user. The agent is left untouched."""
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
         directory = Path(directory)
         adapter_dir = directory / "_policy_adapter"
@@ -856,7 +855,7 @@ class ETPOAgent(Learner):
         if not (adapter_dir / "adapter_config.json").exists():
             adapter_dir = adapter_dir / "policy"  # peft puts non-default adapters in a sub-directory
         dtype = next(self.policy.hf_model.parameters()).dtype
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        base = load_causal_lm(self.model_path, dtype=dtype)
         merged = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="policy").merge_and_unload()
         merged.save_pretrained(str(directory))
         self.policy.tokenizer.save_pretrained(str(directory))

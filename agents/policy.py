@@ -314,15 +314,15 @@ class LMPolicy:
         adapter whose name is the reference one (`reference="adapter:<name>"`) is frozen; others are trainable.
         Trainable parameters are kept in fp32 whatever the base dtype.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         device = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         if "quantization_config" in model_kwargs:  # bitsandbytes places the quantised weights itself
             model_kwargs.setdefault("device_map", {"": str(device)})
-            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **model_kwargs)
+            model = load_causal_lm(name_or_path, dtype=dtype, **model_kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **model_kwargs).to(device)
+            model = load_causal_lm(name_or_path, dtype=dtype, **model_kwargs).to(device)
         if adapters:
             model = _attach_adapters(model, adapters, frozen=_reference_adapter_name(reference))
         policy = cls(model, tokenizer, reference=reference, device=device, name_or_path=str(name_or_path),
@@ -835,6 +835,26 @@ class LMPolicy:
 
 
 FINISH_REASONS = ("length", "eos", "stop")
+
+
+QUIET_LOAD_BYTES = 64 * 2**20  # local checkpoints below this load in well under a second: no progress bar
+
+
+def load_causal_lm(name_or_path: str | Path, **kwargs: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained`, with transformers' "Loading weights" bar shown only where loading takes
+    long: a small local checkpoint (the tiny model, loaded once per benchmark cell) would print a bar per load."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    local = Path(name_or_path)
+    small = local.is_dir() and sum(f.stat().st_size for f in local.glob("*.safetensors")) < QUIET_LOAD_BYTES
+    if not (small and hf_logging.is_progress_bar_enabled()):
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _cache_argument(model: torch.nn.Module) -> str:

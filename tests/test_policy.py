@@ -368,3 +368,13 @@ def test_cuda_generation_and_logprobs(tiny_model_dir):
     assert all(lp.device.type == "cuda" for lp in lps)
     for g, lp in zip(gens, lps):
         torch.testing.assert_close(lp.detach().cpu(), torch.from_numpy(g.logp), atol=1e-3, rtol=1e-3)
+
+
+def test_small_local_model_loads_without_a_progress_bar(tiny_model_dir, capfd):
+    """A benchmark loads the tiny model once per cell: no "Loading weights" bar each time, and transformers' bars
+    stay enabled for everything else."""
+    from transformers.utils import logging as hf_logging
+
+    LMPolicy.from_pretrained(tiny_model_dir)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()
