@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,21 +10,13 @@ from sklearn.metrics import roc_auc_score
 import tasks
 from tasks import metrics, splits
 from tasks.programs import ENTRY_POINT, wrap_body
+from tests.fixtures_tasks import load_suite_offline
 
 
 @pytest.fixture(scope="module")
 def bundled():
     """Every bundled task, loaded once with the network blocked (the suite must be fully offline)."""
-    real_connect = socket.socket.connect
-
-    def refuse(self, *args):
-        raise AssertionError(f"bundled tasks must load offline; tried to connect to {args}")
-
-    socket.socket.connect = refuse
-    try:
-        return {name: tasks.get(name) for name in tasks.names("bundled")}
-    finally:
-        socket.socket.connect = real_connect
+    return load_suite_offline("bundled")
 
 
 def tagged_task(n: int = 200, n_classes: int = 2, **kw) -> tasks.Task:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 
 import numpy as np
 import pandas as pd
@@ -13,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 import tasks
 from tasks import hard, reference
 from tests.fixtures_sandbox import local_sandbox  # noqa: F401
+from tests.fixtures_tasks import load_suite_offline
 
 UNIT_NUMBER = re.compile(r"^\s*[$€£]?\s*([+-]?[\d,]*\.?\d+)\s*(%|[A-Za-z][A-Za-z/ ]*)?\s*$")
 ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
@@ -30,16 +30,7 @@ IDENTIFIERS = {  # the ID-like column of each task
 @pytest.fixture(scope="module")
 def suite():
     """Every hard task, loaded once with the network blocked."""
-    real_connect = socket.socket.connect
-
-    def refuse(self, *args):
-        raise AssertionError(f"hard tasks must load offline; tried to connect to {args}")
-
-    socket.socket.connect = refuse
-    try:
-        return {name: tasks.get(name) for name in tasks.names("hard")}
-    finally:
-        socket.socket.connect = real_connect
+    return load_suite_offline("hard")
 
 
 def all_rows(task) -> pd.DataFrame:
