@@ -460,13 +460,20 @@ def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float,
 
 def _save_quietly(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """`save_pretrained` both without the library's one-shard progress bar (the build has its own)."""
+    with _no_library_progress_bars():
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+
+
+@contextmanager
+def _no_library_progress_bars():
+    """transformers' progress bars (saving, loading a model of one shard) off inside the block."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(str(out_dir))
-        tokenizer.save_pretrained(str(out_dir))
+        yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
@@ -530,7 +537,11 @@ def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samp
     from agents.policy import LMPolicy
 
     names = task_names or tasks.names(suite="bundled")
-    policy = model_dir if isinstance(model_dir, LMPolicy) else LMPolicy.from_pretrained(model_dir)
+    if isinstance(model_dir, LMPolicy):
+        policy = model_dir
+    else:
+        with _no_library_progress_bars():
+            policy = LMPolicy.from_pretrained(model_dir)
     own_sandbox = isinstance(sandbox, str)
     if own_sandbox:
         from sandbox import make_sandbox
