@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from agents.learner import Learner
-from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm
+from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm, peft_wrapping
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -756,7 +756,8 @@ def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16,
             model = AutoModelForCausalLM.from_config(hf_config)
     finally:
         torch.set_default_dtype(default)
-    model = get_peft_model(model, default_lora_config(r=lora_r, alpha=lora_alpha), adapter_name="policy")
+    with peft_wrapping():
+        model = get_peft_model(model, default_lora_config(r=lora_r, alpha=lora_alpha), adapter_name="policy")
     model.add_adapter("critic", default_lora_config(r=lora_r, alpha=lora_alpha))
     model.set_adapter("policy")
     for name, p in model.named_parameters():
@@ -856,7 +857,8 @@ class ETPOAgent(Learner):
             adapter_dir = adapter_dir / "policy"  # peft puts non-default adapters in a sub-directory
         dtype = next(self.policy.hf_model.parameters()).dtype
         base = load_causal_lm(self.model_path, dtype=dtype)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="policy").merge_and_unload()
+        with peft_wrapping():
+            merged = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="policy").merge_and_unload()
         merged.save_pretrained(str(directory))
         self.policy.tokenizer.save_pretrained(str(directory))
         shutil.rmtree(directory / "_policy_adapter")

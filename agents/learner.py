@@ -124,9 +124,15 @@ class Learner:
         pass
 
     def act(self, obs: str, info: dict | None = None) -> str:
+        return self.act_batch([obs], [info or {}])[0]
+
+    def act_batch(self, observations: list[str], infos: list[dict], generator: Any = None) -> list[str]:
+        """One action per observation, generated in one batched call (the benchmark's lock-step evaluation uses
+        it with a sampling `generator` of its own, leaving the policy's seeded stream to training)."""
         gen = self.generation
-        prompt = self.policy.encode_observation(obs, info, max_length=self.policy.max_prompt_tokens(gen))
-        return self.policy.generate([prompt], gen)[0].text
+        limit = self.policy.max_prompt_tokens(gen)
+        prompts = [self.policy.encode_observation(o, i, max_length=limit) for o, i in zip(observations, infos)]
+        return [g.text for g in self.policy.generate(prompts, gen, generator=generator)]
 
     def _load_policy(self, saved: Path | None) -> Any:
         from agents.policy import LMPolicy, load_options

@@ -886,6 +886,15 @@ def _reference_adapter_name(reference: str) -> str | None:
     return reference.split(":", 1)[1] if reference.startswith("adapter:") else None
 
 
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around peft calls that wrap a model: peft reads transformers' deprecated `is_gradient_checkpointing` then,
+    a FutureWarning about peft's code, not ours, printed once per wrap."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _attach_adapters(model: torch.nn.Module, adapters: dict[str, Any], frozen: str | None) -> torch.nn.Module:
     """Put every adapter on the one base model: LoraConfig -> fresh adapter, path -> saved adapter."""
     from peft import PeftModel, get_peft_model
@@ -893,9 +902,7 @@ def _attach_adapters(model: torch.nn.Module, adapters: dict[str, Any], frozen: s
     peft_model = None
     for name, spec in adapters.items():
         trainable = name != frozen
-        with warnings.catch_warnings():
-            # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; nothing of ours
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_wrapping():
             if isinstance(spec, (str, Path)):
                 if peft_model is None:
                     peft_model = PeftModel.from_pretrained(model, str(spec), adapter_name=name,

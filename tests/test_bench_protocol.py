@@ -242,3 +242,30 @@ def test_an_agent_with_act_batch_plays_the_episodes_in_lock_step(tmp_path, local
     batched, sequential = ({e["program"]: e["test_score"] for e in run["evaluations"][0]["episodes"]}
                            for run in sorted(result["runs"], key=lambda r: r["agent"] != "BatchAgent"))
     assert batched == sequential and len(batched) == 1  # the same episodes, the same scores
+
+
+def test_learners_evaluate_in_one_batch_from_a_stream_of_the_evaluation(tiny_model_dir):
+    """A package learner's K evaluation episodes are one generate call per round, sampled from a stream of the
+    evaluation's own: the policy's seeded stream is left to training. A learner that overrides `act` alone keeps
+    its own `act` (episodes one by one)."""
+    import torch
+
+    from agents.bench.run import batch_actor
+    from agents.etpo import ETPOAgent
+
+    agent = ETPOAgent(model=tiny_model_dir, seed=0, max_new_tokens=8, **{"generation.seed": 7})
+    calls = []
+    generate = agent.policy.generate
+    agent.policy.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or generate(prompts, *a, **k)
+    torch.manual_seed(3)
+    first = batch_actor(agent)(["p1", "p2", "p3"], [{}, {}, {}])
+    torch.manual_seed(3)
+    again = batch_actor(agent)(["p1", "p2", "p3"], [{}, {}, {}])
+    assert calls == [3, 3] and first == again  # one call per round; the evaluation seed fixes the samples
+    assert len(agent.act_batch(["p"], [{}])) == 1
+
+    class OwnAct(ETPOAgent):
+        def act(self, obs, info=None):
+            return "custom"
+
+    assert batch_actor(OwnAct.__new__(OwnAct)) is None

@@ -16,7 +16,8 @@ from agents.policy import GenerationSettings
 SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
              seed=0, chunk_size=7)
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")
+# Training, export and the memory/GPU benches print no library deprecation warnings (a clean console).
+pytestmark = [pytest.mark.usefixtures("single_torch_thread"), pytest.mark.filterwarnings("error::FutureWarning")]
 
 
 class DigitEnv(gym.Env):

@@ -166,27 +166,23 @@ class TestScorer:
 
 
 def batch_actor(agent: Any) -> Callable[[list[str], list[dict]], list[str]] | None:
-    """How to act on several episodes at once: the agent's own `act_batch`, or, for this package's learners whose
-    `act` is the shell's, one batched generation by their policy; None where episodes must run one by one."""
-    if callable(getattr(agent, "act_batch", None)):
-        return agent.act_batch
+    """How to act on several episodes at once: the agent's own `act_batch`; for this package's learners, the
+    shell's `act_batch` with a sampling stream of the evaluation's own; None where episodes must run one by one
+    (no `act_batch`, or a learner that overrides `act` alone)."""
     shell = getattr(sys.modules.get("agents.learner"), "Learner", None)
-    if shell is None or not isinstance(agent, shell) or type(agent).act is not shell.act:
+    if shell is None or not isinstance(agent, shell):
+        return agent.act_batch if callable(getattr(agent, "act_batch", None)) else None
+    if type(agent).act_batch is not shell.act_batch:
+        return agent.act_batch
+    if type(agent).act is not shell.act:
         return None
 
     import torch
 
-    # A sampling stream of the evaluation's own, seeded from the evaluation seed (`isolated_rng`): a policy with a
-    # seeded stream of its own (`generation.seed`) keeps it for training.
+    # Seeded from the evaluation seed (`isolated_rng`): a policy with a seeded stream of its own
+    # (`generation.seed`) keeps it for training.
     stream = torch.Generator(device=agent.policy.device).manual_seed(torch.initial_seed())
-
-    def act_batch(observations: list[str], infos: list[dict]) -> list[str]:  # Learner.act, one row per episode
-        gen = agent.generation
-        limit = agent.policy.max_prompt_tokens(gen)
-        prompts = [agent.policy.encode_observation(o, i, max_length=limit) for o, i in zip(observations, infos)]
-        return [g.text for g in agent.policy.generate(prompts, gen, generator=stream)]
-
-    return act_batch
+    return lambda observations, infos: agent.act_batch(observations, infos, generator=stream)
 
 
 def learns(agent: Any) -> bool:
