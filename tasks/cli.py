@@ -72,35 +72,26 @@ def _get_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     import tasks
     from tasks.registry import spec
 
-    table = Table(title=f"etpo-gym tasks ({args.suite} suite, {args.input_format} input)")
-    for column in (
-        "task",
-        "rows",
-        "features",
-        "classes",
-        "missing %",
-        "source",
-        "baseline",
-        "reference",
-        "best",
-        "forest norm.",
-    ):
-        table.add_column(
-            column,
-            justify="right" if column in ("rows", "features", "classes", "missing %", "forest norm.") else "left",
-        )
-    any_headroom = False
+    # Compact so that 80 columns show every row whole: the source's collection only; `etpo tasks show NAME` has
+    # the full source and the reference pipeline.
+    table = Table(title=f"etpo-gym tasks ({args.suite} suite, {args.input_format} input)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    for column in ("task", "rows", "feat.", "cls", "miss %", "source", "base", "ref.", "forest"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("task", "source") else "right")
+    any_headroom = any_missing = False
     for name in tasks.names(args.suite):
         try:
             task = tasks.get(name, **_get_kwargs(args))
         except tasks.TaskDataMissing:
-            table.add_row(name, "-", "-", "-", "-", spec(name).origin + " (not downloaded)", "-", "-", "-", "-")
+            table.add_row(name, "-", "-", "-", "-", spec(name).origin.split()[0], "-", "-", "-")
+            any_missing = True
             continue
         from tasks.reference import headroom, lookup
 
@@ -112,15 +103,16 @@ def _list(args: argparse.Namespace) -> int:
             str(task.n_features),
             str(task.n_classes),
             _percent(task.missing_fraction),
-            spec(name).origin,
+            spec(name).origin.split()[0],
             _fmt(entry.get("baseline")),
             _fmt(entry.get("reference")),
-            entry.get("best", "-"),
             _fmt(headroom(task)),
         )
     Console().print(table)
+    if any_missing:
+        print("-: not downloaded yet (etpo tasks download NAME)")
     if any_headroom:
-        print("forest norm.: normalized dev score of a default random forest (headroom where well below 1)")
+        print("forest: default random forest, normalized dev score (headroom if well below 1)")
     return 0
 
 

@@ -223,8 +223,10 @@ def test_cli_list_marks_paper_tasks_that_are_not_downloaded(capsys, monkeypatch,
     monkeypatch.setenv("ETPO_DATA_DIR", str(tmp_path / "data"))
     assert etpo_main(["tasks", "list", "--suite", "paper"]) == 0
     out = capsys.readouterr().out
-    assert out.count("not downloaded") == len(tasks.names("paper"))
-    assert "OpenML 31" in out and "Kaggle spaceship-titanic" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()}
+    assert all(rows[name][:4] == ["-"] * 4 for name in tasks.names("paper"))  # no rows, features, classes, missing
+    assert "not downloaded yet" in out
+    assert rows["credit-g"][4] == "OpenML" and rows["spaceship-titanic"][4] == "Kaggle"
 
 
 def test_cli_download_explains_kaggle_data(capsys, monkeypatch, tmp_path):

@@ -254,7 +254,19 @@ def test_cli_lists_the_hard_suite_with_its_headroom(suite, capsys, monkeypatch):
     assert etpo_main(["tasks", "list", "--suite", "hard"]) == 0
     out = capsys.readouterr().out
     for name, task in suite.items():
-        row = next(line for line in out.splitlines() if f" {name} " in line)
+        row = next(line for line in out.splitlines() if line.split()[:1] == [name])
         assert f"{task.reference_score:.3f}" in row and f"{reference.headroom(task):.3f}" in row
     assert etpo_main(["tasks", "reference"]) == 0
     assert "default forest normalized" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suite_name", ["bundled", "hard", "paper"])
+def test_cli_task_list_fits_80_columns(suite_name, capsys, monkeypatch):
+    from agents.cli import main as etpo_main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert etpo_main(["tasks", "list", "--suite", suite_name]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "…" not in "\n".join(lines) and max(len(line) for line in lines) <= 80
+    firsts = {line.split()[0] for line in lines if line.split()}
+    assert set(tasks.names(suite_name)) <= firsts
