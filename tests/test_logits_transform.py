@@ -71,8 +71,10 @@ def test_sampling_and_training_log_probs_agree_with_adapters(model):
     from peft import get_peft_model
 
     from agents.etpo import ETPOConfig, LMTokenModels
+    from agents.policy import peft_wrapping
 
-    peft_model = get_peft_model(model, default_lora_config(r=2), adapter_name="policy")
+    with peft_wrapping():
+        peft_model = get_peft_model(model, default_lora_config(r=2), adapter_name="policy")
     peft_model.add_adapter("critic", default_lora_config(r=2))
     peft_model.set_adapter("policy")
     with torch.no_grad():
