@@ -124,11 +124,11 @@ def test_budget_wrapper_counts_truncates_and_refuses_overspending():
 
 
 def test_plain_agent_loop_spends_exactly_the_budget():
-    from agents.base import ScriptedAgent
+    from agents.base import ScriptedAgent, play
 
     inner = CountingEnv()
     env = EnvStepBudget(inner, budget=7)
-    bench.act_for_budget(ScriptedAgent("p1"), env, seed=0)
+    play(env, ScriptedAgent("p1"), seed=0, stop=lambda: env.exhausted)
     assert inner.calls == 7 and env.episodes == 3  # 3 + 3 + 1 steps
 
 

@@ -24,7 +24,7 @@ _EXPORTS = {
     "config": ["SCHEMA", "BenchConfig", "agent_label", "run_file_name"],
     "report": ["CSV_COLUMNS", "PLOTS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown",
                "table_rows", "write_outputs", "write_plots"],
-    "run": ["TestScorer", "act_for_budget", "batch_actor", "check_resumable", "eval_seed", "evaluate_point",
+    "run": ["TestScorer", "batch_actor", "check_resumable", "eval_seed", "evaluate_point",
             "isolated_rng", "load_runs", "play_eval_episodes", "resolve_tasks", "run_benchmark", "run_cell",
             "run_cell_isolated", "seed_everything"],
     "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "mean_ci", "performance_profile",

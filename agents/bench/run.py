@@ -45,7 +45,7 @@ import gymnasium as gym
 
 import etpo_env  # noqa: F401  (registers DataSciCode-v0)
 import tasks as tasks_pkg
-from agents.base import as_agent, play
+from agents.base import as_agent
 from agents.bench.config import SCHEMA, BenchConfig, agent_label, run_file_name, split_options
 from agents.bench.report import json_default, make_console, write_json_atomic, write_outputs
 from agents.bench.statistics import CHANCE_SCORE, run_metrics
@@ -67,11 +67,6 @@ def seed_everything(seed: int, torch_too: bool = True) -> None:
         import torch
 
         torch.manual_seed(seed)
-
-
-def act_for_budget(agent: Any, env: EnvStepBudget, seed: int) -> None:
-    """Drive a plain agent (reset/act) until the budget wrapper says the budget is spent."""
-    play(env, agent, seed=seed, stop=lambda: env.exhausted)
 
 
 def eval_seed(task: str, seed: int, point: int, episode: int) -> int:
