@@ -128,8 +128,9 @@ class RolloutCollector:
     `num_envs − 1` siblings made by `etpo_env.wrappers.spawn_siblings` — fresh base envs from the env's own config,
     sharing its sandbox, under the same wrapper chain, whose stateful wrappers share their state (an `EnvStepBudget`
     counts every sibling's steps against one budget, an `EpisodeRecorder` writes them to one file). Each round
-    generates the actions of all envs it steps in one batched call, then steps those envs one after another in
-    index order (deterministic records; the sandbox share of a round is small next to generation). A round steps
+    generates the actions of all envs it steps in one batched call, starts all their programs at once on the shared
+    sandbox's slots (the env's `prefetch`, where it has one), then steps those envs one after another in index
+    order, each step taking its program's result: the runs overlap, the records stay deterministic. A round steps
     only as many envs as the `collect` call has steps left, so a collection never takes more env steps than asked,
     and a finished episode's env is reset only when it is next stepped, so no episode is begun that is not played.
     An env whose wrappers cannot be spawned faithfully (see `spawn_siblings`) is collected from alone. A vector
@@ -226,6 +227,11 @@ class RolloutCollector:
     def _step_env(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
         """Step the envs named in `actions` (a vector env: all sub-envs, "" for those awaiting autoreset)."""
         if not self.is_vector:
+            if len(actions) > 1:
+                for i, action in actions.items():
+                    prefetch = getattr(self.envs[i].unwrapped, "prefetch", None)
+                    if callable(prefetch):
+                        prefetch(action)
             return {i: self.envs[i].step(action) for i, action in actions.items()}
         obs, rewards, terms, truncs, infos = self.env.step(tuple(actions.get(i, "") for i in range(self.num_envs)))
         return {i: (str(obs[i]), float(rewards[i]), bool(terms[i]), bool(truncs[i]), _sub_info(infos, i))

@@ -9,6 +9,7 @@ best program so far with a request to improve it.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import gymnasium as gym
@@ -68,6 +69,10 @@ class DataSciCodeEnv(gym.Env[str, str]):
         owns = isinstance(config.sandbox, str)
         self._sandbox: Any = None if owns else config.sandbox
         self._owns_sandbox = owns
+        self._prefetch_thread: ThreadPoolExecutor | None = None
+        # (program, its running evaluation): begun by prefetch() for the next step of this episode; every step takes
+        # it and every reset drops it, so what is found at a step was begun for that step
+        self._prefetched: tuple[str, Future] | None = None
         self._reset_episode()
         self._episode_seed = config.split_seed
 
@@ -98,12 +103,9 @@ class DataSciCodeEnv(gym.Env[str, str]):
         if self._done:
             raise RuntimeError("the episode has ended; call reset() before step()")
         self._attempt += 1
-        if problem is None:
-            program = extract_program(action)
-            step_info = self._run(program)
-        else:
-            program = ""
-            step_info = _invalid_action_info(problem)
+        program = extract_program(action) if problem is None else ""
+        prefetched = self._take_prefetched(program if problem is None else None)
+        step_info = self._run(program, prefetched) if problem is None else _invalid_action_info(problem)
 
         reward = self._reward(step_info)
         if step_info["status"] == "ok" and (self._best_score is None or step_info["score"] > self._best_score):
@@ -124,6 +126,25 @@ class DataSciCodeEnv(gym.Env[str, str]):
         )
         return self._observation, reward, terminated, False, info
 
+    def prefetch(self, action: str) -> None:
+        """Begin running `action`'s program in the background, for a `step(action)` that follows.
+
+        A batch of envs sharing one sandbox (a learner's siblings) can then run their programs side by side on the
+        sandbox's slots while each env is still stepped one after another, so everything a step changes — the
+        episode, its wrappers' counts and records — happens in the same order as without it. `step` uses the
+        result only for the same program in the same episode, and runs the program itself otherwise; the job is
+        exactly the one `step` would run (same program, splits and seed), so a prefetched run that is never used
+        changes nothing. Not part of the Gymnasium API: an optional speed-up for batched collectors.
+        """
+        if (not isinstance(action, str) or check_action(action, self.max_action_chars) is not None
+                or self._observation is None or self._done):
+            return  # step() will not run a program for it (or will raise)
+        program = extract_program(action)
+        self._drop_prefetched()
+        if self._prefetch_thread is None:
+            self._prefetch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="etpo-env-prefetch")
+        self._prefetched = (program, self._prefetch_thread.submit(self._evaluate, program, self._episode_seed))
+
     def render(self) -> str | None:
         if self.render_mode != "ansi":
             return None
@@ -143,6 +164,10 @@ class DataSciCodeEnv(gym.Env[str, str]):
         )
 
     def close(self) -> None:
+        self._drop_prefetched()
+        if self._prefetch_thread is not None:
+            self._prefetch_thread.shutdown(wait=True)  # a running job ends within the sandbox's own time limit
+            self._prefetch_thread = None
         sandbox, self._sandbox = self._sandbox, None
         if self._owns_sandbox and sandbox is not None:
             sandbox.close()
@@ -168,6 +193,7 @@ class DataSciCodeEnv(gym.Env[str, str]):
 
     # ------------------------------------------------------------------ internals
     def _reset_episode(self) -> None:
+        self._drop_prefetched()
         self._attempt = 0
         self._done = False
         self._best_score: float | None = None
@@ -181,12 +207,29 @@ class DataSciCodeEnv(gym.Env[str, str]):
 
             self._sandbox = make_sandbox(self.config.sandbox, limits=self.config.limits)
 
-    def _run(self, program: str) -> StepInfo:
-        """Score `program` on the dev splits. `tasks.evaluate` reports whatever the program does as a status;
-        an exception from it is a bug or a misconfiguration on the host and is not hidden."""
+    def _evaluate(self, program: str, seed: Any) -> Any:
         import tasks
 
-        evaluation = tasks.evaluate(self.task, program, self._sandbox, part="dev", seed=self._episode_seed)
+        return tasks.evaluate(self.task, program, self._sandbox, part="dev", seed=seed)
+
+    def _take_prefetched(self, program: str | None) -> Future | None:
+        """The evaluation prefetched for this step if it runs `program` (None otherwise; it is dropped)."""
+        if self._prefetched is not None and self._prefetched[0] == program:
+            future, self._prefetched = self._prefetched[1], None
+            return future
+        self._drop_prefetched()
+        return None
+
+    def _drop_prefetched(self) -> None:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            prefetched[1].cancel()  # a job already running finishes on its own; its result is never read
+
+    def _run(self, program: str, prefetched: Future | None = None) -> StepInfo:
+        """Score `program` on the dev splits (or take the prefetched evaluation of it). `tasks.evaluate` reports
+        whatever the program does as a status; an exception from it is a bug or a misconfiguration on the host and
+        is not hidden."""
+        evaluation = prefetched.result() if prefetched is not None else self._evaluate(program, self._episode_seed)
         result = evaluation.result
         status = status_name(evaluation.status)
         score = evaluation.score

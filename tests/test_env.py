@@ -16,6 +16,7 @@ import etpo_env
 import tasks
 from etpo_env import prompts
 from etpo_env.env import DataSciCodeEnv
+from etpo_env.program import extract_program
 from etpo_env.spaces import MAX_ACTION_CHARS
 from etpo_env.wrappers import EpisodeRecorder, NormalizeReward
 from sandbox import Job, Limits
@@ -354,3 +355,92 @@ def test_pooled_vector_env_shares_a_sandbox(local_sandbox, honest_score):
     finally:
         envs.close()
     assert not local_sandbox._closed
+
+
+class _MeteredSandbox:
+    """A sandbox proxy that counts jobs, makes each last at least `delay` seconds and records how many overlap."""
+
+    def __init__(self, inner, delay: float = 0.0):
+        import threading
+
+        self.inner, self.delay = inner, delay
+        self.jobs: list[str] = []
+        self.running = self.most_running = 0
+        self._lock = threading.Lock()
+
+    def run(self, job):
+        import time
+
+        with self._lock:
+            self.jobs.append(job.program)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            started = time.perf_counter()
+            result = self.inner.run(job)
+            time.sleep(max(0.0, self.delay - (time.perf_counter() - started)))
+            return result
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def close(self):
+        pass
+
+
+def _fenced(body: str) -> str:
+    return "def build_model(X, y):\n" + "\n".join("    " + line for line in body.splitlines()) + "\n"
+
+
+def test_a_prefetched_step_runs_its_program_once_and_equals_a_plain_step(local_sandbox):
+    metered = _MeteredSandbox(local_sandbox)
+    plain_env, env = (DataSciCodeEnv(task=TASK, sandbox=metered, max_attempts=3, mode="refine") for _ in range(2))
+    plain_env.reset(seed=0)
+    env.reset(seed=0)
+    plain = plain_env.step(_fenced(HONEST))
+    metered.jobs.clear()
+    env.prefetch(_fenced(HONEST))
+    prefetched = env.step(_fenced(HONEST))
+    assert len(metered.jobs) == 1  # the step took the prefetched run instead of running the program again
+    assert prefetched[:4] == plain[:4] and prefetched[4]["split_scores"] == plain[4]["split_scores"]
+    # a prefetch for another action is never used: the step runs its own program
+    env.prefetch(_fenced(HONEST))
+    info = env.step(_fenced(FAILING))[4]
+    assert info["status"] == "runtime_error" and "bad hyperparameter 42" in info["message"]
+    assert metered.jobs[-1] == extract_program(_fenced(FAILING))
+    # prefetching a non-string is ignored (step is the one that refuses it)
+    env.prefetch(None)
+    with pytest.raises(TypeError):
+        env.step(None)
+    env.close()
+    plain_env.close()
+
+
+def test_a_reset_drops_the_run_prefetched_in_the_episode_before(local_sandbox):
+    """With episode-seeded splits, a run begun before a reset scored other splits: the new episode never takes it."""
+    env, fresh = (DataSciCodeEnv(task=TASK, sandbox=local_sandbox, split_seed=None) for _ in range(2))
+    env.reset(seed=0)
+    before = env.step(_fenced(HONEST))[4]["split_scores"]
+    env.reset(seed=0)
+    env.prefetch(_fenced(HONEST))
+    env.reset(seed=1)
+    fresh.reset(seed=1)
+    expected = fresh.step(_fenced(HONEST))[4]["split_scores"]
+    assert expected != before  # the two episodes score on different splits
+    assert env.step(_fenced(HONEST))[4]["split_scores"] == expected
+    env.close()
+    fresh.close()
+
+
+def test_prefetched_envs_run_their_programs_side_by_side(local_sandbox):
+    metered = _MeteredSandbox(local_sandbox, delay=0.4)
+    envs = [DataSciCodeEnv(task=TASK, sandbox=metered, max_attempts=1) for _ in range(4)]
+    for env in envs:
+        env.reset(seed=0)
+    for env in envs:
+        env.prefetch(_fenced(WEAK))
+    results = [env.step(_fenced(WEAK)) for env in envs]
+    assert all(r[4]["status"] == "ok" for r in results) and len(metered.jobs) == 4
+    assert metered.most_running >= 2
+    for env in envs:
+        env.close()

@@ -162,3 +162,34 @@ def test_an_env_whose_wrappers_cannot_be_spawned_is_collected_alone(tiny_policy)
     collector = RolloutCollector(tiny_policy, env, GEN, num_envs=4)
     buffer, _ = collector.collect(3)
     assert len(buffer) == 3 and collector.num_envs == 1 and len(env.unwrapped.received) == 3
+
+
+class PrefetchingEnv(SpawnableEnv):
+    """A spawnable scripted env that logs its `prefetch` and `step` calls into one shared list."""
+
+    events: list = []
+
+    def spawn(self):
+        sibling = PrefetchingEnv(self.length, self.truncate, tag=chr(ord("A") + len(SpawnableEnv.spawned) + 1))
+        SpawnableEnv.spawned.append(sibling)
+        return sibling
+
+    def prefetch(self, action):
+        PrefetchingEnv.events.append(("prefetch", self.tag, action))
+
+    def step(self, action):
+        PrefetchingEnv.events.append(("step", self.tag, action))
+        return super().step(action)
+
+
+def test_a_round_starts_every_program_before_stepping_the_envs_in_order(tiny_policy):
+    from etpo_env.wrappers import EnvStepBudget
+
+    SpawnableEnv.spawned, PrefetchingEnv.events = [], []
+    env = EnvStepBudget(PrefetchingEnv(length=2), budget=8)
+    buffer, _ = RolloutCollector(tiny_policy, env, GEN, num_envs=4, seed=0).collect(4)
+    events = PrefetchingEnv.events
+    assert [kind for kind, *_ in events] == ["prefetch"] * 4 + ["step"] * 4
+    assert [tag for _, tag, _ in events] == list("ABCD") * 2  # steps (and so every record) in index order
+    assert [a for *_, a in events[:4]] == [a for *_, a in events[4:]]  # each env prefetched the action it steps
+    assert env.steps == 4 and [t.info["status"] for t in buffer] == env.statuses
