@@ -291,9 +291,24 @@ def _rows(models: TokenModels, role: Role, packed: Packed) -> torch.Tensor:
 
 
 @torch.no_grad()
-def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int) -> torch.Tensor:
-    """V(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V at a time."""
-    h_pi, h_rho, h_tgt = (_rows(models, role, packed) for role in ("policy", "reference", "target"))
+def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: int, pad_id: int,
+                   device: Any) -> list[torch.Tensor]:
+    """ρ's features at every action token state of `transitions` ([n_i, H] each). ρ never changes during an update,
+    so one pass serves every epoch's targets and policy steps (its [N, H] rows are kept, never [N, V] logits)."""
+    rows: list[torch.Tensor] = []
+    for s in range(0, len(transitions), batch_size):
+        packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
+        rows += list(torch.split(_rows(models, "reference", packed), packed.lengths))
+    return rows
+
+
+@torch.no_grad()
+def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int,
+                 h_rho: torch.Tensor | None = None) -> torch.Tensor:
+    """V(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V at a time
+    (`h_rho`: ρ's features of these rows when already known, see `reference_rows`)."""
+    h_pi, h_tgt = (_rows(models, role, packed) for role in ("policy", "target"))
+    h_rho = _rows(models, "reference", packed) if h_rho is None else h_rho
     out = []
     for s in range(0, h_pi.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
@@ -363,13 +378,15 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
 
-def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: float, chunk_size: int
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q`, plus the
-    per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q, mean Q over the vocabulary)."""
+def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: float, chunk_size: int,
+                h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
+    `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
+    mean Q over the vocabulary)."""
     h_pi = _rows(models, "policy", packed)
-    with torch.no_grad():
-        h_rho = _rows(models, "reference", packed)
+    if h_rho is None:
+        with torch.no_grad():
+            h_rho = _rows(models, "reference", packed)
     fn = lambda hp, hr, hq, t: _policy_chunk(models, beta, hp, hr, hq, t)  # noqa: E731
     outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
@@ -391,14 +408,15 @@ def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta
 
 
 def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
-                  critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[float, float, dict]:
+                  critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None
+                  ) -> tuple[float, float, dict]:
     """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
     forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
     larger one instead of their sum. Returns the two mean losses and the diagnostics."""
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
     crit.backward()
     crit = float(crit.detach())  # drops the last reference to the critic's graph
-    pol, info = policy_pass(models, packed, h_q, beta, chunk_size)
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, h_rho)
     pol.backward()
     return float(pol.detach()), crit, info
 
@@ -431,13 +449,16 @@ def next_state_values(models: TokenModels, transitions: Sequence[Any], values: l
 
 
 def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float, gamma: float, chunk_size: int,
-                    batch_size: int, pad_id: int, device: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """The target pass over a whole rollout buffer: V(uʲ) of every token state, then the soft Bellman targets."""
+                    batch_size: int, pad_id: int, device: Any, ref_rows: Sequence[torch.Tensor] | None = None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The target pass over a whole rollout buffer: V(uʲ) of every token state, then the soft Bellman targets
+    (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known)."""
     values: list[torch.Tensor] = []
     for s in range(0, len(transitions), batch_size):
         chunk = transitions[s: s + batch_size]
         packed = pack([(t.obs_ids, t.action_ids) for t in chunk], pad_id, device)
-        values += list(torch.split(state_values(models, packed, beta, chunk_size).cpu(), packed.lengths))
+        h_rho = None if ref_rows is None else torch.cat(list(ref_rows[s: s + batch_size]))
+        values += list(torch.split(state_values(models, packed, beta, chunk_size, h_rho).cpu(), packed.lengths))
     next_values, dones, missing = next_state_values(models, transitions, values, beta, chunk_size, pad_id, device)
     targets = soft_bellman_targets(values, [float(t.reward) for t in transitions], next_values, dones, gamma)
     return values, targets, missing
@@ -468,7 +489,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                 policy_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
                 rng: random.Random, device: Any = "cpu", first_q_out: dict[int, float] | None = None
                 ) -> dict[str, float]:
-    """One ETPO update on a rollout buffer: `epochs` passes; each recomputes targets, then steps per minibatch.
+    """One ETPO update on a rollout buffer: ρ's features once (`reference_rows`), then `epochs` passes; each
+    recomputes targets, then steps per minibatch.
 
     Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target;
     their gradients are taken one network at a time (`etpo_backward`), so only one graph is alive at once.
@@ -481,10 +503,13 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
     def record(key: str, value: float) -> None:
         stats.setdefault(key, []).append(float(value))
 
+    t0 = time.perf_counter()
+    ref_rows = reference_rows(models, transitions, settings.minibatch_size, settings.pad_id, device)
+    record("time/reference_s", time.perf_counter() - t0)
     for _ in range(settings.epochs):
         t0 = time.perf_counter()
         _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
-                                              settings.minibatch_size, settings.pad_id, device)
+                                              settings.minibatch_size, settings.pad_id, device, ref_rows)
         record("time/targets_s", time.perf_counter() - t0)
         record("targets/unbootstrapped", missing)
         order = list(range(len(transitions)))
@@ -497,7 +522,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
-                                                      settings.critic_loss, settings.huber_delta)
+                                                      settings.critic_loss, settings.huber_delta,
+                                                      torch.cat([ref_rows[i] for i in idx]))
             record("grad_norm/policy", grad_norm(policy_params))
             record("grad_norm/critic", grad_norm(critic_params))
             if settings.max_grad_norm > 0:

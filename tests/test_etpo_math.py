@@ -437,3 +437,16 @@ def test_targets_are_recomputed_every_epoch():
     for name in ("policy_delta", "q", "q_target"):
         torch.testing.assert_close(getattr(epochs2, name).detach(), getattr(twice, name).detach(), rtol=0,
                                    atol=1e-6, msg=name)
+
+
+def test_reference_features_are_computed_once_per_update():
+    """ρ is fixed during an update: one reference pass over the buffer serves every epoch's targets and policy
+    steps (before: epochs × (target pass + every minibatch)). The hand-computed and convergence tests above pin
+    that the update's numbers are unchanged."""
+    m, buffer = hand_example()
+    calls = []
+    hidden = m.hidden
+    m.hidden = lambda role, ids, mask: calls.append(role) or hidden(role, ids, mask)
+    sgd_update(m, buffer, epochs=3, minibatch_size=1)
+    assert calls.count("reference") == len(buffer)  # one pass, one transition at a time
+    assert calls.count("target") == 3 * len(buffer)  # the target critic is still evaluated anew every epoch
