@@ -699,9 +699,9 @@ class LMPolicy:
             with self.use_adapter(name) as module, self._merged(name) as merged:
                 module = self.hf_model if merged else module  # merged: the plain model, no peft layers around it
                 cache_key = _cache_argument(self.hf_model)
-                logits, cache = self._prefill(module, prompt_ids, cache_key)
-                positions = positions_from_mask(mask)[:, -1:]
                 prompt_width = mask.shape[1]
+                logits, cache = self._prefill(module, prompt_ids, cache_key, prompt_width + max_new)
+                positions = positions_from_mask(mask)[:, -1:]
                 mask = torch.cat([mask, mask.new_ones((batch, max_new))], 1)  # step k attends to prompt_width + k
                 for step in range(max_new):
                     logits = logits.float()
@@ -717,8 +717,8 @@ class LMPolicy:
                         reasons[stopped] = FINISH_REASONS.index("stop")
                         ended |= stopped
                     done |= ended
-                    if bool(done.all()):
-                        break
+                    if step + 1 == max_new or bool(done.all()):
+                        break  # no further token is sampled: its forward would be wasted
                     token = torch.where(done, torch.full_like(token, self.pad_id), token)
                     positions = positions + 1
                     out = module(input_ids=token[:, None], attention_mask=mask[:, : prompt_width + step + 1],
@@ -734,23 +734,34 @@ class LMPolicy:
                                               FINISH_REASONS[int(reasons[i])]))
         return out_generations
 
-    def _prefill(self, module: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], cache_key: str
-                 ) -> tuple[torch.Tensor, Any]:
-        """The prompts' pass: last-position logits [B, V] and the KV cache. Identical prompts (siblings of one env
-        start from the same first prompt) are run once and their cache rows copied (the cache's `reorder_cache`),
-        the same numbers at a fraction of the work."""
+    def _prefill(self, module: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], cache_key: str,
+                 length: int) -> tuple[torch.Tensor, Any]:
+        """The prompts' pass: last-position logits [B, V] and the KV cache, preallocated for `length` positions
+        (transformers' `StaticCache`: each decode step writes its keys and values in place, where the default
+        cache copies the whole cache at every step). Identical prompts (siblings of one env start from the same
+        first prompt) are run once and their cache rows copied (the cache's `reorder_cache`), the same numbers at a
+        fraction of the work."""
         first: dict[tuple[int, ...], int] = {}
         index = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
         unique = list(first) if len(first) < len(prompt_ids) else list(prompt_ids)
         ids, mask = pad_sequences(unique, self.pad_id, "left", self.device)  # one width: the longest prompt's
         out = module(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
-                     logits_to_keep=1)
+                     logits_to_keep=1, **{cache_key: self._preallocated_cache(length)})
         logits, cache = out.logits[:, -1, :], getattr(out, cache_key)
         if len(unique) < len(prompt_ids):
             rows = torch.tensor(index, device=self.device)
             cache.reorder_cache(rows)
             logits = logits.index_select(0, rows)
         return logits, cache
+
+    def _preallocated_cache(self, length: int) -> Any:
+        """A `StaticCache` of `length` positions for this model, or None (the model's default cache) where the
+        model cannot take one."""
+        from transformers import StaticCache
+
+        if not getattr(self.hf_model, "_can_compile_fullgraph", False):
+            return None
+        return StaticCache(config=self.hf_model.config, max_cache_len=length)
 
     @contextlib.contextmanager
     def _merged(self, adapter: str | None) -> Iterator[bool]:
