@@ -212,9 +212,9 @@ def _register_train(subparsers: Any) -> None:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
     add_set_argument(train, "set a learner config field (repeatable); an unknown key is a usage error")
     train.add_argument("--num-envs", type=int, default=None,
-                       help="envs collected from at once (default: the learner config's num_envs, 8 for etpo, ppo "
-                            "and sft, which spawn them from the one env; a learner without that field gets a "
-                            "gymnasium sync vector env of this many)")
+                       help="envs collected from at once (default: the learner config's num_envs, 16 for etpo and "
+                            "ppo, 8 for sft, which spawn them from the one env; a learner without that field gets "
+                            "a gymnasium sync vector env of this many)")
     add_env_arguments(train)
     train.set_defaults(func=_train_command, prepare=_prepare_train, command_parser=train, config_class=None)
 

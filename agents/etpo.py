@@ -602,11 +602,13 @@ class ETPOConfig:
     minibatch_size: int = field(default=4, metadata={"help": "Transitions (actions) per optimiser step."})
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     # rollouts
-    rollout_steps: int = field(default=8, metadata={"help": "Env steps (sandboxed programs) per update."})
-    num_envs: int = field(default=8, metadata={
+    rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) per update."})
+    num_envs: int = field(default=16, metadata={
         "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
                 "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
-                "batched call. 1 = the env alone; a vector env is used as it is."})
+                "batched call and their programs run side by side on the sandbox's slots. 1 = the env alone; a "
+                "vector env is used as it is. Generation time per call hardly grows with its rows on a small "
+                "model, so rows are nearly free tokens."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. ETPO trains the sampled distribution: π = softmax(logits/temperature) "
                 "and ρ at the same temperature (any temperature > 0); top_k/top_p are refused (the update sums over "
