@@ -136,17 +136,21 @@ def _build_tiny_command(args: argparse.Namespace) -> int:
 
 
 def _print_sample_table(console: Any, rows: list[dict]) -> None:
+    from rich import box
     from rich.table import Table
 
     from agents.tiny import summary
 
-    table = Table(title="tiny model: five-attempt fix-mode episodes (paper-style prompt, temperature 1)")
-    for column in ("task", "first-attempt validity", "fix rate", "episode success", "distinct",
-                   "mean norm. (success)", "mean norm. (all)"):
-        table.add_column(column, justify="right" if column != "task" else "left")
+    # short headers, explained in the caption, so the table fits 80 columns without cropping a name or a number
+    table = Table(title="tiny model: five-attempt fix-mode episodes (paper prompt, temperature 1)", box=box.SIMPLE,
+                  caption="valid: first attempts that run; fix: attempts after a failure that run; success: episodes "
+                          "with a program that runs; norm: mean normalized score of successful episodes (ok) or of "
+                          "all, a failure counting 0")
+    for column in ("task", "valid", "fix", "success", "distinct", "norm ok", "norm all"):
+        table.add_column(column, justify="right" if column != "task" else "left", no_wrap=True)
 
     def fmt(v: float | None) -> str:
-        return "-" if v is None else f"{v:.3f}"
+        return "-" if v is None else f"{v:.2f}"
 
     for r in rows:
         table.add_row(r["task"], fmt(r["validity"]), fmt(r.get("fix_rate")), fmt(r.get("episode_success")),

@@ -237,3 +237,21 @@ def test_progress_prints_step_loss_and_eta_as_plain_lines_off_a_terminal(monkeyp
     silent = []
     tiny._Progress(40, silent.append, enabled=False).update(0, 1.0)
     assert silent == []
+
+
+def test_the_evaluation_table_fits_80_columns_without_cropping(capsys, monkeypatch):
+    from rich.console import Console
+
+    import tasks
+    from agents.cli import _print_sample_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    rows = [{"task": name, "validity": 0.125, "fix_rate": 0.4375, "episode_success": 1.0, "distinct": 0.875,
+             "mean_normalized_valid": 0.9938, "mean_normalized_all": 0.9938, "fixes": 7, "fix_attempts": 16}
+            for name in tasks.names(suite="bundled")]
+    _print_sample_table(Console(), rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert "…" not in "\n".join(lines) and max(len(line) for line in lines) <= 80
+    for name in tasks.names(suite="bundled"):
+        assert any(line.split() and line.split()[0] == name for line in lines), name
+    assert any(line.split()[:2] == ["mean", "0.12"] for line in lines if line.strip())
