@@ -257,6 +257,7 @@ class Packed:
     row_pos: torch.Tensor  # [N] position whose output predicts the token (state uʲ = ids[:pos + 1])
     tokens: torch.Tensor  # [N] the action token taken in that state
     lengths: list[int]  # token states per sequence, in order (sum = N)
+    pairs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # the (obs_ids, action_ids) packed
 
 
 def pack(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, device: torch.device | str) -> Packed:
@@ -281,11 +282,15 @@ def pack(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, device
         lengths.append(n)
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
     return Packed(input_ids.to(device), mask.to(device), as_long(row_batch), as_long(row_pos), as_long(tokens),
-                  lengths)
+                  lengths, list(sequences))
 
 
 def _rows(models: TokenModels, role: Role, packed: Packed) -> torch.Tensor:
-    """Features of the token states only ([N, H]): no V-sized tensor is formed here."""
+    """Features of the token states only ([N, H]): no V-sized tensor is formed here. Models with a `rows` method
+    compute them from the (obs, action) pairs themselves (the LM runs a prompt shared by several pairs once)."""
+    rows = getattr(models, "rows", None)
+    if rows is not None:
+        return rows(role, packed)
     hidden = models.hidden(role, packed.input_ids, packed.attention_mask)
     return hidden[packed.row_batch, packed.row_pos]
 
@@ -678,6 +683,9 @@ class DuelingCritic(torch.nn.Module):
         return self.value(hidden).squeeze(-1), F.linear(direction.to(embedding.dtype), embedding).float()
 
 
+_ADAPTER_OF = {"policy": "policy", "reference": None, "critic": "critic", "target": "critic"}  # role -> adapter
+
+
 class LMTokenModels:
     """`TokenModels` over one LMPolicy: π = "policy" adapter, ρ = reference, Q_φ = "critic" adapter + Q head.
 
@@ -742,8 +750,14 @@ class LMTokenModels:
             self._swap_target()
 
     def hidden(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        adapter = {"policy": "policy", "reference": None, "critic": "critic", "target": "critic"}[role]
-        run = lambda: self.policy.hidden_states(input_ids, attention_mask, adapter)  # noqa: E731
+        run = lambda: self.policy.hidden_states(input_ids, attention_mask, _ADAPTER_OF[role])  # noqa: E731
+        return self._with_target(run) if role == "target" else run()
+
+    def rows(self, role: Role, packed: Packed) -> torch.Tensor:
+        """The features of `packed`'s token states from `LMPolicy.action_states` (a prompt that several of its
+        pairs share runs once)."""
+        prompts, actions = [list(o) for o, _ in packed.pairs], [list(a) for _, a in packed.pairs]
+        run = lambda: self.policy.action_states(prompts, actions, _ADAPTER_OF[role])  # noqa: E731
         return self._with_target(run) if role == "target" else run()
 
     def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:

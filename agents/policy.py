@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import warnings
@@ -608,28 +609,90 @@ class LMPolicy:
 
     def action_hidden(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
                       adapter: str | None = "policy") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Hidden states that predict each action token: (hidden [B, N, H], targets [B, N], mask [B, N]).
+        """Hidden states that predict each action token: (hidden [B, N, H], targets [B, N], mask [B, N]), row i
+        holding action i's states (`action_states`: a prompt shared by several pairs runs once) right-padded."""
+        states = self.action_states(prompt_ids, action_ids, adapter)
+        blocks = torch.split(states, [max(len(a), 1) for a in action_ids])
+        hidden = torch.nn.utils.rnn.pad_sequence([b[: len(a)] for b, a in zip(blocks, action_ids)], batch_first=True)
+        n_max = hidden.shape[1]
+        targets = torch.full((len(action_ids), n_max), self.pad_id, dtype=torch.long, device=self.device)
+        amask = torch.zeros((len(action_ids), n_max), dtype=torch.bool, device=self.device)
+        for i, a in enumerate(action_ids):
+            targets[i, : len(a)] = torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
+            amask[i, : len(a)] = True
+        return hidden, targets, amask
 
-        Row i holds prompt_i + action_i right-padded; the state before action token j is position len(prompt_i)+j-1.
+    def action_states(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
+                      adapter: str | None = "policy") -> torch.Tensor:
+        """Final hidden states of the token states that predict each action token, [Σ n_i, H] in pair order: n_i =
+        len(action_i) rows for pair i (row j is position len(prompt_i) − 1 + j), one row — the state right after the
+        prompt — for an empty action. Differentiable.
+
+        Pairs that share a prompt (siblings' first attempts all start from it) run that prompt once: its keys and
+        values, kept by `_prefix_cache`, serve every action of the group, and its outputs give each action's first
+        state. The states equal those of the full sequences (to float rounding) and so do their gradients, which
+        flow back through the one prompt pass — under activation checkpointing too — at a fraction of the work.
+        Pairs with a prompt of their own run together as one right-padded batch.
         """
         if len(prompt_ids) != len(action_ids):
             raise ValueError("prompt_ids and action_ids must have the same length")
-        full = [list(p) + list(a) for p, a in zip(prompt_ids, action_ids)]
-        ids, mask = pad_sequences(full, self.pad_id, "right", self.device)
-        hidden = self.hidden_states(ids, mask, adapter)
-        n_max = max((len(a) for a in action_ids), default=0)
-        index = torch.zeros((len(full), n_max), dtype=torch.long, device=self.device)
-        targets = torch.full((len(full), n_max), self.pad_id, dtype=torch.long, device=self.device)
-        amask = torch.zeros((len(full), n_max), dtype=torch.bool, device=self.device)
-        for i, (p, a) in enumerate(zip(prompt_ids, action_ids)):
-            if len(p) == 0:
-                raise ValueError("every prompt needs at least one token (the first action token needs a state)")
-            n = len(a)
-            index[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n, device=self.device)
-            targets[i, :n] = torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.device)
-            amask[i, :n] = True
-        gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        return gathered, targets, amask
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("every prompt needs at least one token (the first action token needs a state)")
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, prompt in enumerate(prompt_ids):
+            groups.setdefault(tuple(int(t) for t in prompt), []).append(i)
+        shared = [g for g in groups.values() if len(g) > 1] if self._can_share_prompts() else []
+        alone = sorted(set(range(len(prompt_ids))) - {i for g in shared for i in g})
+        rows: list[torch.Tensor | None] = [None] * len(prompt_ids)
+        if alone:
+            full = [list(prompt_ids[i]) + list(action_ids[i]) for i in alone]
+            ids, mask = pad_sequences(full, self.pad_id, "right", self.device)
+            hidden = self.hidden_states(ids, mask, adapter)
+            for b, i in enumerate(alone):
+                start = len(prompt_ids[i]) - 1
+                rows[i] = hidden[b, start: start + max(len(action_ids[i]), 1)]
+        for group in shared:
+            for i, states in zip(group, self._shared_prompt_states(prompt_ids[group[0]],
+                                                                   [action_ids[i] for i in group], adapter)):
+                rows[i] = states
+        return torch.cat(rows)
+
+    def _can_share_prompts(self) -> bool:
+        """Whether `action_states` may run a shared prompt once: a decoder that takes a cache, full attention in
+        every layer (no sliding windows or recurrent layers, whose caches differ) and an eager or sdpa kernel."""
+        config = self.hf_model.config
+        decoder = _decoder_of(self.model)
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+        return (decoder is not None and _cache_argument(decoder) in inspect.signature(decoder.forward).parameters
+                and set(layer_types) == {"full_attention"} and not getattr(config, "sliding_window", None)
+                and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+
+    def _shared_prompt_states(self, prompt: Sequence[int], actions: Sequence[Sequence[int]], adapter: str | None
+                              ) -> list[torch.Tensor]:
+        """`action_states` of one group of pairs with the same prompt: the prompt's pass (batch 1) records each
+        layer's keys and values, then one pass over the actions (all but their last token, whose output predicts
+        nothing) reads them for every row."""
+        length = len(prompt)
+        with self.use_adapter(self._adapter_or_default(adapter)) as module:
+            decoder = _decoder_of(module)
+            cache_key = _cache_argument(decoder)
+            cache = _prefix_cache(self.hf_model.config.num_hidden_layers)
+            with _cache_kept_under_checkpointing(decoder):
+                ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
+                positions = torch.arange(length, device=self.device)[None]
+                after_prompt = decoder(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
+                                       use_cache=False, **{cache_key: cache}).last_hidden_state[0, -1:]
+                tails = [list(a)[:-1] for a in actions]
+                width = max(len(t) for t in tails)
+                if width == 0:
+                    return [after_prompt for _ in actions]
+                cache = _prefix_cache(cache, rows=len(actions))  # a second cache: reads the first, keeps nothing
+                ids, mask = pad_sequences(tails, self.pad_id, "right", self.device)
+                mask = torch.cat([mask.new_ones((len(actions), length)), mask], 1)
+                positions = (length + torch.arange(width, device=self.device))[None].expand(len(actions), -1)
+                hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                 **{cache_key: cache}).last_hidden_state
+        return [torch.cat([after_prompt, hidden[b, : len(tail)]]) for b, tail in enumerate(tails)]
 
     def sequence_logprobs(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
                           adapter: str | None = "policy", padded: bool = False
@@ -872,6 +935,63 @@ def _cache_argument(model: torch.nn.Module) -> str:
     """The name under which a model takes and returns its KV cache: `cache` in recent transformers (which
     deprecated `past_key_values`), `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(source: int | Any, rows: int = 0) -> Any:
+    """A transformers `Cache` that holds one prompt's keys and values for `LMPolicy._shared_prompt_states`.
+
+    `_prefix_cache(num_layers)` records: each layer's `update` keeps what the layer computed (replacing, never
+    appending, so a checkpointed layer replayed in backward stores the same again) and returns it.
+    `_prefix_cache(recording, rows)` reads: `update` returns the recorded keys and values for `rows` rows followed
+    by the new ones and keeps nothing, so a replayed layer sees exactly what its first run saw. Written here because
+    transformers' caches append on every call, which a checkpoint replay would repeat.
+    """
+    from transformers.cache_utils import Cache
+
+    layer_class = _prefix_layer_class()
+    if isinstance(source, int):
+        return Cache(layers=[layer_class() for _ in range(source)])
+    layers = []
+    for recorded in source.layers:
+        layer = layer_class()
+        layer.keys, layer.values, layer.is_initialized, layer.rows = recorded.keys, recorded.values, True, rows
+        layer.device = recorded.device
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+@functools.cache
+def _prefix_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        rows = 0  # 0: recording; else the rows each read expands the recorded prompt to
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.rows:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states
+                return key_states, value_states
+            keys = self.keys.expand(self.rows, -1, -1, -1)
+            values = self.values.expand(self.rows, -1, -1, -1)
+            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+    return PrefixLayer
+
+
+@contextlib.contextmanager
+def _cache_kept_under_checkpointing(decoder: torch.nn.Module) -> Iterator[None]:
+    """Let checkpointed decoder layers keep the cache argument inside the block (transformers drops it under
+    checkpointing unless a layer says it only reads it; `_prefix_cache`'s layers are safe to replay)."""
+    layers = [m for m in decoder.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # the class's own setting again
 
 
 def _decoder_of(module: torch.nn.Module) -> torch.nn.Module | None:

@@ -370,3 +370,32 @@ def test_a_sampling_temperature_tempers_pi_and_rho_and_leaves_the_critic(tiny_mo
     for bad in (dict(temperature=0.0), dict(top_k=5), dict(top_p=0.9)):
         with pytest.raises(ValueError, match="ETPO"):
             ETPOConfig(generation=GenerationSettings(**bad))
+
+
+def test_the_update_on_pairs_sharing_a_prompt_equals_the_whole_sequence_update(tiny_model_dir):
+    """Siblings' first attempts share their prompt, which the LM then runs once per role (`LMPolicy.action_states`);
+    losses, every diagnostic and both networks' gradients equal those of the whole sequences."""
+    from agents.etpo import etpo_backward
+
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    obs, action = sample_sequences(agent)[0]
+    others = sample_sequences(agent)
+    packed = pack([(obs, action), (obs, action[:3]), (obs, np.zeros(0, np.int32)), *others], agent.policy.pad_id,
+                  "cpu")
+    targets = torch.linspace(-1.0, 1.0, len(packed.tokens))
+    params = agent.models.policy_parameters() + agent.models.critic_parameters()
+    out = {}
+    for shared in (True, False):
+        if not shared:
+            agent.models.rows = None  # the whole-sequence path (`hidden`) instead
+        for p in params:
+            p.grad = None
+        policy, critic, info = etpo_backward(agent.models, packed, targets, 0.1, SMALL["chunk_size"])
+        out[shared] = (policy, critic, info, [p.grad.clone() for p in params if p.grad is not None])
+    (pol_a, crit_a, info_a, grads_a), (pol_b, crit_b, info_b, grads_b) = out[True], out[False]
+    assert pol_a == pytest.approx(pol_b, abs=1e-5) and crit_a == pytest.approx(crit_b, abs=1e-5)
+    for key in info_a:
+        torch.testing.assert_close(info_a[key], info_b[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

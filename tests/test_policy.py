@@ -309,6 +309,52 @@ def test_gradient_checkpointing_switch_gives_the_same_gradients(tiny_model_dir):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+def _full_sequence_states(pol: LMPolicy, prompts, actions) -> torch.Tensor:
+    """What `action_states` must equal: each pair run as one whole sequence, the action token states gathered."""
+    ids, mask = P.pad_sequences([list(p) + list(a) for p, a in zip(prompts, actions)], pol.pad_id, "right")
+    hidden = pol.hidden_states(ids, mask, "policy")
+    return torch.cat([hidden[b, len(p) - 1: len(p) - 1 + max(len(a), 1)]
+                      for b, (p, a) in enumerate(zip(prompts, actions))])
+
+
+def test_a_shared_prompt_runs_once_with_the_states_and_gradients_of_whole_sequences(tiny_model_dir):
+    """Three pairs share a prompt (one with an empty action), one has its own: the shared prompt's tokens enter the
+    model once; states and adapter gradients equal those of the four whole sequences, with activation
+    checkpointing off and on (and the two runs are bit-identical)."""
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)},
+                                       gradient_checkpointing=checkpointing)
+        _perturb_adapter(pol, "policy")
+        pol.train_without_dropout()
+        shared, own = pol.encode(PROMPTS[0]), pol.encode(PROMPTS[1])
+        prompts = [shared, own, shared, shared]
+        actions = [pol.encode("\n    return X"), pol.encode(" y"), [], pol.encode("\n    a = 1\n    return a")]
+        params = pol.trainable_parameters("policy")
+        tokens: list[int] = []
+        hook = pol.hf_model.get_input_embeddings().register_forward_hook(
+            lambda m, a, out, seen=tokens: seen.append(a[0].numel()))
+        try:
+            states = pol.action_states(prompts, actions, "policy")
+        finally:
+            hook.remove()
+        grads = torch.autograd.grad((states * torch.linspace(-1, 1, states.shape[-1])).sum(), params)
+        expected = _full_sequence_states(pol, prompts, actions)
+        expected_grads = torch.autograd.grad((expected * torch.linspace(-1, 1, states.shape[-1])).sum(), params)
+        assert states.shape == expected.shape == (sum(max(len(a), 1) for a in actions), pol.hf_model.config.hidden_size)
+        torch.testing.assert_close(states, expected, atol=2e-5, rtol=1e-5)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)  # float32 sums in another order
+        # the pair with its own prompt ran whole; the shared prompt once, then the three actions (each but its last
+        # token) padded to the longest
+        longest = max(len(a) for a in actions) - 1
+        assert sorted(tokens) == sorted([len(own) + len(actions[1]), len(shared), 3 * longest])
+        results[checkpointing] = (states.detach(), grads)
+    assert torch.equal(results[False][0], results[True][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[False][1], results[True][1]))
+
+
 def test_save_and_load_round_trip(fresh_policy, tmp_path):
     fresh_policy.save(tmp_path / "saved")
     loaded = LMPolicy.load(tmp_path / "saved")
