@@ -722,7 +722,7 @@ class LMPolicy:
         ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
         return sorted(int(i) for i in ids if i is not None)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: ~10% per decode step on CPU
     def generate(self, prompt_ids: Sequence[Sequence[int]], gen: GenerationSettings | None = None,
                  adapter: str | None = "policy", generator: torch.Generator | None = None) -> list[Generation]:
         """Sample one action per prompt, all prompts as one batch with a KV cache, recording each sampled token's

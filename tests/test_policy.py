@@ -166,6 +166,7 @@ def test_merged_generation_records_the_training_forwards_logprobs_and_restores_t
         results[merge] = pol.generate(prompts, gen, generator=torch.Generator().manual_seed(7))
         assert (calls[0] > 0) == (not merge)  # merged: the decode steps never run the adapter's own layers
     assert all(torch.equal(v, weights[k]) for k, v in pol.model.state_dict().items())  # bit for bit
+    assert not any(v.is_inference() for v in pol.model.state_dict().values())  # still usable by autograd
     assert [g.action_ids for g in results[True]] == [g.action_ids for g in results[False]]
     rescored = pol.sequence_logprobs(prompts, [g.action_ids for g in results[True]])  # the update's forward
     for merged, unmerged, lp in zip(results[True], results[False], rescored):
