@@ -1,15 +1,16 @@
 """ETPO training throughput: the learners' old collection path (one env, one action generated per call, the adapter
 applied unmerged) against the new defaults (handed the same single env, the learner steps `num_envs` envs spawned
-from it and generates each round's actions in one batched call, the adapter merged into the base weights for it),
-side by side in one process.
+from it, generates each round's actions in one batched call with the adapter merged into the base weights, and
+runs the round's programs side by side on the sandbox's slots), side by side in one process.
 
-    .venv/bin/python bench/train_throughput.py --model /tmp/tiny-ref     # tiny model, breast_cancer, 1 attempt, seed 0
-    .venv/bin/python bench/train_throughput.py --model /tmp/tiny-ref --budget 32 --num-envs 16
+    .venv/bin/python bench/train_throughput.py --model tiny     # tiny model, breast_cancer, 1 attempt, seed 0
+    .venv/bin/python bench/train_throughput.py --model tiny --budget 64 --num-envs 8
 
 Both runs train the same ETPO config for the same env-step budget on the same task and seed, each handed one env
-under an `EnvStepBudget` (as a benchmark cell hands it); only `num_envs` and `runtime.merge_for_generation` differ.
-Printed per run: tokens/s of generation, env steps/s of the whole run, the phase breakdown (generation, sandbox,
-update, other) from the learner's own timers, and that the budget wrapper counted every step. The last line is
+under an `EnvStepBudget` (as a benchmark cell hands it); only `num_envs` and `runtime.merge_for_generation` differ,
+so the update (the same work per env step in both) is common to both runs. Printed per run: tokens/s of
+generation, env steps/s of the whole run, the phase breakdown (generation, sandbox, update, other) from the
+learner's own timers, and that the budget wrapper counted every step. The last line is
 `speed-up: env_steps_per_s N.NNx, tokens_per_s N.NNx`.
 """
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="'tiny' (built if missing) or a model path")
     parser.add_argument("--task", default="breast_cancer")
-    parser.add_argument("--budget", type=int, default=16, help="env steps per run")
+    parser.add_argument("--budget", type=int, default=32, help="env steps per run (two default updates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-envs", type=int, default=defaults.num_envs,
                         help="envs of the batched run (default: the learner's default)")
