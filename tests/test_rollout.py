@@ -100,7 +100,7 @@ class SpawnableEnv(ScriptedTextEnv):
     spawned: list = []
 
     def spawn(self):
-        sibling = SpawnableEnv(self.length, self.truncate, tag=chr(ord("A") + len(SpawnableEnv.spawned) + 1))
+        sibling = type(self)(self.length, self.truncate, tag=chr(ord("A") + len(SpawnableEnv.spawned) + 1))
         SpawnableEnv.spawned.append(sibling)
         return sibling
 
@@ -168,11 +168,6 @@ class PrefetchingEnv(SpawnableEnv):
     """A spawnable scripted env that logs its `prefetch` and `step` calls into one shared list."""
 
     events: list = []
-
-    def spawn(self):
-        sibling = PrefetchingEnv(self.length, self.truncate, tag=chr(ord("A") + len(SpawnableEnv.spawned) + 1))
-        SpawnableEnv.spawned.append(sibling)
-        return sibling
 
     def prefetch(self, action):
         PrefetchingEnv.events.append(("prefetch", self.tag, action))
