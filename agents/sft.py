@@ -58,8 +58,9 @@ class SFTConfig:
         "help": "Self-improve: share of each round's valid programs kept (best rewards first)."})
     pool_size: int = field(default=64, metadata={"help": "Self-improve: most kept programs trained on."})
     steps_per_round: int = field(default=4, metadata={"help": "Self-improve: optimizer steps per round."})
-    generation: GenerationSettings = field(default_factory=lambda: GenerationSettings(max_new_tokens=384), metadata={
-        "help": "How programs are sampled in self-improve mode and when acting."})
+    generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
+        "help": "How programs are sampled in self-improve mode and when acting (the same defaults as ETPO and PPO, "
+                "so the three start from the same policy: equal step-0 evaluations in a benchmark)."})
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
         "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
     chunk_size: int = field(default=256, metadata={"help": "Positions per whole-vocabulary chunk."})

@@ -83,3 +83,13 @@ def test_self_improvement_counts_every_env_step_and_trains_on_the_best(tiny_mode
     assert resumed.counters == agent.counters and len(resumed.pool) == len(agent.pool)
     resumed.learn(env, budget=12)
     assert len(env.received) == 12  # the budget is the agent's lifetime count: 2 more steps
+
+
+def test_the_learners_sample_alike_by_default():
+    """ETPO, PPO and SFT start from the same model and sample it the same way, so a benchmark's step-0
+    evaluations of the three agree seed by seed (SFT once kept 384 new tokens, and so a shorter prompt tail)."""
+    from agents.etpo import ETPOConfig
+    from agents.ppo import PPOConfig
+    from agents.sft import SFTConfig
+
+    assert SFTConfig().generation == ETPOConfig().generation == PPOConfig().generation
