@@ -163,6 +163,47 @@ def test_resume_after_interruption_skips_finished_runs(tmp_path, local_sandbox, 
         bench.run_benchmark(**{**kwargs, "budget": 3})
 
 
+def test_resume_runs_again_the_cells_made_with_other_agent_defaults(tmp_path, local_sandbox, monkeypatch):
+    """Each record keeps every config field its agent was built with; after the agent's defaults change (a new
+    package version), resuming the same command runs those cells again instead of mixing old and new results."""
+    log = tmp_path / "acts.log"
+    module = """
+        import dataclasses
+
+        @dataclasses.dataclass
+        class Settings:
+            seed: int = 0
+            depth: int = {depth}
+
+        class Configured:
+            config_class = Settings
+
+            def __init__(self, model=None, config=None):
+                self.config = config
+
+            def reset(self):
+                pass
+
+            def act(self, obs, info):
+                with open({log!r}, "a") as f:
+                    f.write(f"{{self.config.depth}}\\n")
+                return {body!r}
+    """
+    monkeypatch.syspath_prepend(str(tmp_path))
+    kwargs = dict(agents=["configured_bench_agent:Configured"], tasks=[TASK], seeds=1, budget=1, eval_episodes=1,
+                  sandbox=local_sandbox, out=tmp_path / "out", progress=False, max_rows=ROWS)
+    _write_agent_module(tmp_path, "configured_bench_agent", module.format(depth=1, log=str(log), body=LOGREG_BODY))
+    first = bench.run_benchmark(**kwargs)
+    assert first["runs"][0]["agent_settings"] == {"seed": 0, "depth": 1}
+    bench.run_benchmark(**kwargs)  # the same settings: the finished cell is kept
+    assert log.read_text().split() == ["1"]
+    monkeypatch.delitem(sys.modules, "configured_bench_agent")
+    _write_agent_module(tmp_path, "configured_bench_agent", module.format(depth=2, log=str(log), body=LOGREG_BODY))
+    second = bench.run_benchmark(**kwargs)
+    assert log.read_text().split() == ["1", "2"]
+    assert second["runs"][0]["agent_settings"] == {"seed": 0, "depth": 2}
+
+
 def test_crashing_agent_is_a_failed_run_not_a_crashed_benchmark(tmp_path, local_sandbox, monkeypatch):
     _write_agent_module(tmp_path, "broken_bench_agent", '''
         class Broken:

@@ -29,6 +29,7 @@ documented in `agents.bench.report` (schema `SCHEMA`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,7 +50,16 @@ from agents.base import as_agent
 from agents.bench.config import SCHEMA, BenchConfig, agent_label, run_file_name, split_options
 from agents.bench.report import json_default, make_console, write_json_atomic, write_outputs
 from agents.bench.statistics import CHANCE_SCORE, run_metrics
-from agents.registry import AGENTS, build_agent, check_options, is_learner, options_for, resolve_agent_class
+from agents.registry import (
+    AGENTS,
+    build_agent,
+    check_options,
+    config_class_for,
+    is_learner,
+    make_config,
+    options_for,
+    resolve_agent_class,
+)
 from etpo_env.config import EnvConfig
 from etpo_env.info import status_name
 from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
@@ -260,6 +270,8 @@ def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox
     if agent_spec in AGENTS and agent_spec not in MODEL_FREE_AGENTS:
         _quiet_model_loading()
     record = _new_record(config, agent_spec, task.name, seed)
+    with contextlib.suppress(Exception):  # an agent that cannot be configured fails below, with its traceback
+        record["agent_settings"] = agent_settings(agent_spec, seed, config.agent_options)
     started = time.perf_counter()
     env_config = config.env.replace(task=task, sandbox=sandbox)
     train_env = EnvStepBudget(gym.make("DataSciCode-v0", config=env_config), config.budget, on_step=on_step)
@@ -295,6 +307,38 @@ def _quiet_model_loading() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+
+
+def agent_settings(agent_spec: str, seed: int, agent_options: dict[str, Any]) -> dict[str, Any] | None:
+    """Every config field a cell's agent is built with (defaults included; JSON form), or None for an agent without
+    a config. Stored in each run record, so a resumed benchmark can tell a finished cell made under other settings
+    (e.g. a package version whose learner defaults differ) from one it can keep."""
+    config_cls = config_class_for(agent_spec)
+    if config_cls is None:
+        return None
+    built = make_config(config_cls, seed=seed, overrides=options_for(agent_spec, agent_options))
+    return json.loads(json.dumps(dataclasses.asdict(built), default=json_default))
+
+
+def _kept_runs(out: Path, config: BenchConfig) -> tuple[set[tuple[str, str, int]], int]:
+    """The finished cells a resumed benchmark keeps — no error, and made with the agent settings it would use now
+    (a record from before settings were recorded is kept) — and how many finished ones it runs again instead."""
+    specs = {agent_label(a): a for a in config.agents}
+    kept, stale = set(), 0
+    for run in load_runs(out):
+        if run.get("error"):
+            continue
+        spec = specs.get(run["agent"])
+        if spec is not None and "agent_settings" in run:
+            try:
+                current = agent_settings(spec, int(run["seed"]), config.agent_options)
+            except Exception:  # noqa: BLE001  (the agent cannot be configured now: its cell runs and reports it)
+                current = None
+            if current != run["agent_settings"]:
+                stale += 1
+                continue
+        kept.add((run["agent"], run["task"], run["seed"]))
+    return kept, stale
 
 
 def _new_record(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
@@ -446,13 +490,16 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
     write_json_atomic(out / "config.json", {"schema": SCHEMA, "config": config.to_dict(),
                                             "comparable": config.comparable_fields()})
 
-    done = {(r["agent"], r["task"], r["seed"]) for r in load_runs(out) if not r.get("error")}
+    done, stale = _kept_runs(out, config)
     cells = [(a, t, s) for t in config.tasks for a in config.agents for s in config.seeds
              if (agent_label(a), t, s) not in done]
     console = console or make_console()
     grid = len(config.agents) * len(config.tasks) * len(config.seeds)
     if len(cells) < grid:
         console.print(f"resuming in {out}: {grid - len(cells)} finished run(s) kept, {len(cells)} to go")
+    if stale:
+        console.print(f"{stale} finished run(s) in {out} were made with other agent settings (their learner's "
+                      "defaults changed since): they run again")
 
     if ray is not None:
         _run_cells_on_ray(ray, config, cells, out, progress, console)
