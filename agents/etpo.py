@@ -245,6 +245,8 @@ class TokenModels(Protocol):
 
     # Optional: `critic_split(hidden) -> (V [N], A [N, V])` for a critic Q = V + A; the update then regresses V and A
     # as `dueling_critic_loss_per_token` says (without it, Q_φ(uʲ, wʲ) regresses on yʲ directly).
+    # Optional: `rows(role, packed) -> [N, H]`, the token states' features straight from `packed.pairs` (the LM runs a
+    # prompt that several pairs share once); without it they are gathered from `hidden` over the padded batch.
 
 
 @dataclass
