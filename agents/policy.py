@@ -301,6 +301,7 @@ class LMPolicy:
         config = getattr(self.hf_model, "config", None)
         self.logits_transform = logits_transform(config) if config is not None else None
         self._head_checked = False
+        self._prompt_sharing_failed = False  # set once a model ignored the shared prompt's cache (see action_states)
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
@@ -652,14 +653,21 @@ class LMPolicy:
                 start = len(prompt_ids[i]) - 1
                 rows[i] = hidden[b, start: start + max(len(action_ids[i]), 1)]
         for group in shared:
-            for i, states in zip(group, self._shared_prompt_states(prompt_ids[group[0]],
-                                                                   [action_ids[i] for i in group], adapter)):
-                rows[i] = states
+            states = self._shared_prompt_states(prompt_ids[group[0]], [action_ids[i] for i in group], adapter)
+            if states is None:  # the model did not read the cache: whole sequences for this group and from now on
+                self._prompt_sharing_failed = True
+                states = self.action_states([prompt_ids[i] for i in group], [action_ids[i] for i in group], adapter)
+                states = torch.split(states, [max(len(action_ids[i]), 1) for i in group])
+            for i, block in zip(group, states):
+                rows[i] = block
         return torch.cat(rows)
 
     def _can_share_prompts(self) -> bool:
         """Whether `action_states` may run a shared prompt once: a decoder that takes a cache, full attention in
-        every layer (no sliding windows or recurrent layers, whose caches differ) and an eager or sdpa kernel."""
+        every layer (no sliding windows or recurrent layers, whose caches differ) and an eager or sdpa kernel; not
+        after a model was seen to ignore the cache."""
+        if self._prompt_sharing_failed:
+            return False
         config = self.hf_model.config
         decoder = _decoder_of(self.model)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"]
@@ -668,10 +676,11 @@ class LMPolicy:
                 and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
     def _shared_prompt_states(self, prompt: Sequence[int], actions: Sequence[Sequence[int]], adapter: str | None
-                              ) -> list[torch.Tensor]:
+                              ) -> list[torch.Tensor] | None:
         """`action_states` of one group of pairs with the same prompt: the prompt's pass (batch 1) records each
         layer's keys and values, then one pass over the actions (all but their last token, whose output predicts
-        nothing) reads them for every row."""
+        nothing) reads them for every row. None when some layer did not use the cache (a model or library version
+        that drops it, e.g. under checkpointing): its states would have ignored the prompt."""
         length = len(prompt)
         with self.use_adapter(self._adapter_or_default(adapter)) as module:
             decoder = _decoder_of(module)
@@ -686,12 +695,16 @@ class LMPolicy:
                 width = max(len(t) for t in tails)
                 if width == 0:
                     return [after_prompt for _ in actions]
+                if not all(layer.is_initialized for layer in cache.layers):
+                    return None  # the prompt's pass ran without the cache: nothing recorded to share
                 cache = _prefix_cache(cache, rows=len(actions))  # a second cache: reads the first, keeps nothing
                 ids, mask = pad_sequences(tails, self.pad_id, "right", self.device)
                 mask = torch.cat([mask.new_ones((len(actions), length)), mask], 1)
                 positions = (length + torch.arange(width, device=self.device))[None].expand(len(actions), -1)
                 hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                                  **{cache_key: cache}).last_hidden_state
+        if not all(layer.reads for layer in cache.layers):
+            return None
         return [torch.cat([after_prompt, hidden[b, : len(tail)]]) for b, tail in enumerate(tails)]
 
     def sequence_logprobs(self, prompt_ids: Sequence[Sequence[int]], action_ids: Sequence[Sequence[int]],
@@ -966,6 +979,7 @@ def _prefix_layer_class() -> type:
 
     class PrefixLayer(DynamicLayer):
         rows = 0  # 0: recording; else the rows each read expands the recorded prompt to
+        reads = 0  # reads served (a layer that never read its prompt ran without it)
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -973,6 +987,7 @@ def _prefix_layer_class() -> type:
                 self.lazy_initialization(key_states, value_states)
                 self.keys, self.values = key_states, value_states
                 return key_states, value_states
+            self.reads += 1
             keys = self.keys.expand(self.rows, -1, -1, -1)
             values = self.values.expand(self.rows, -1, -1, -1)
             return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)

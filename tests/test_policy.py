@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -464,3 +466,20 @@ def test_small_local_model_loads_without_a_progress_bar(tiny_model_dir, capfd):
     LMPolicy.from_pretrained(tiny_model_dir)
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_a_model_that_drops_the_shared_prompts_cache_falls_back_to_whole_sequences(tiny_model_dir, monkeypatch):
+    """Were a model (or a transformers version) to drop the cache argument — as transformers does under
+    checkpointing unless a layer is marked safe — the actions would be run without their prompt. `action_states`
+    notices that no layer read the cache and gives the whole-sequence states instead, from then on."""
+    torch.manual_seed(0)
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)},
+                                   gradient_checkpointing=True)
+    _perturb_adapter(pol, "policy")
+    pol.train_without_dropout()
+    monkeypatch.setattr(P, "_cache_kept_under_checkpointing", lambda decoder: contextlib.nullcontext())
+    shared = pol.encode(PROMPTS[0])
+    prompts, actions = [shared, shared], [pol.encode("\n    return X"), pol.encode("\n    a = 1")]
+    states = pol.action_states(prompts, actions, "policy")
+    torch.testing.assert_close(states, _full_sequence_states(pol, prompts, actions), atol=2e-5, rtol=1e-5)
+    assert not pol._can_share_prompts()
