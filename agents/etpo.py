@@ -39,7 +39,7 @@ How it is laid out
    below, or a tabular table in the tests), packing of transitions, the target pass, and `etpo_update` which does the
    optimiser steps. Full-vocabulary tensors exist only for one chunk of token states at a time: hidden states are
    gathered at action positions, then heads are applied `chunk_size` rows at a time under activation checkpointing,
-   so the backward pass never holds (tokens × V) floats either.
+   so the backward pass never holds (tokens × V) floats either (unless they are few: `KEPT_HEAD_ELEMENTS`).
 3. `ETPOConfig` (every hyperparameter, documented) and `ETPOAgent`: the update on a language model, inside the
    shared learner shell (agents/learner.py: learn → collect → train, counters, logging, checkpoints, resume).
 
@@ -245,6 +245,8 @@ class TokenModels(Protocol):
 
     # Optional: `critic_split(hidden) -> (V [N], A [N, V])` for a critic Q = V + A; the update then regresses V and A
     # as `dueling_critic_loss_per_token` says (without it, Q_φ(uʲ, wʲ) regresses on yʲ directly).
+    # Optional: `vocab_size`, the width V of the heads' rows; with it, small updates keep the heads' graphs instead of
+    # recomputing them in backward (`_over_chunks`).
     # Optional: `rows(role, packed) -> [N, H]`, the token states' features straight from `packed.pairs` (the LM runs a
     # prompt that several pairs share once); without it they are gathered from `hidden` over the padded batch.
 
@@ -365,14 +367,21 @@ def _policy_chunk(models: TokenModels, beta: float, h_pi: torch.Tensor, h_rho: t
     return policy_sum, diag
 
 
-def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor) -> list[Any]:
-    """`fn` on `chunk_size` rows of every tensor at a time, under activation checkpointing when a graph is being
-    built (backward recomputes a chunk's [chunk, V] rows instead of keeping them all alive)."""
+KEPT_HEAD_ELEMENTS = 1 << 24  # rows × V up to which a head's graph is kept for backward (64 MB per [rows, V] fp32)
+
+
+def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor, vocab_size: int | None = None
+                 ) -> list[Any]:
+    """`fn` on `chunk_size` rows of every tensor at a time. When a graph is being built over a large vocabulary,
+    each chunk runs under activation checkpointing (backward recomputes its [chunk, V] rows instead of keeping them
+    all alive); when all rows × `vocab_size` fit in KEPT_HEAD_ELEMENTS the graphs are kept, since recomputing them
+    would cost as much again as the heads' forward (an unknown vocabulary is always checkpointed)."""
     grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    recompute = grad and (vocab_size is None or rows[0].shape[0] * vocab_size > KEPT_HEAD_ELEMENTS)
     out = []
     for s in range(0, rows[0].shape[0], chunk_size):
         parts = [r[s: s + chunk_size] for r in rows]
-        out.append(checkpoint(fn, *parts, use_reentrant=False) if grad else fn(*parts))
+        out.append(checkpoint(fn, *parts, use_reentrant=False) if recompute else fn(*parts))
     return out
 
 
@@ -381,7 +390,8 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
     """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached."""
     h_q = _rows(models, "critic", packed)
     fn = lambda h, t, y: _critic_chunk(models, critic_kind, huber_delta, h, t, y)  # noqa: E731
-    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device))
+    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device),
+                        vocab_size=getattr(models, "vocab_size", None))
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
 
@@ -395,7 +405,7 @@ def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: fl
         with torch.no_grad():
             h_rho = _rows(models, "reference", packed)
     fn = lambda hp, hr, hq, t: _policy_chunk(models, beta, hp, hr, hq, t)  # noqa: E731
-    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens)
+    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, vocab_size=getattr(models, "vocab_size", None))
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
     info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
     losses = [loss for loss, _ in outs]
@@ -479,6 +489,7 @@ class UpdateSettings:
     gamma: float
     epochs: int = 1
     minibatch_size: int = 8
+    inference_batch_size: int = 8
     chunk_size: int = 256
     critic_loss: str = "huber"
     huber_delta: float = 1.0
@@ -511,12 +522,12 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
         stats.setdefault(key, []).append(float(value))
 
     t0 = time.perf_counter()
-    ref_rows = reference_rows(models, transitions, settings.minibatch_size, settings.pad_id, device)
+    ref_rows = reference_rows(models, transitions, settings.inference_batch_size, settings.pad_id, device)
     record("time/reference_s", time.perf_counter() - t0)
     for _ in range(settings.epochs):
         t0 = time.perf_counter()
         _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
-                                              settings.minibatch_size, settings.pad_id, device, ref_rows)
+                                              settings.inference_batch_size, settings.pad_id, device, ref_rows)
         record("time/targets_s", time.perf_counter() - t0)
         record("targets/unbootstrapped", missing)
         order = list(range(len(transitions)))
@@ -607,6 +618,9 @@ class ETPOConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per optimiser (0 = off)."})
     epochs: int = field(default=2, metadata={"help": "Passes over each rollout batch; targets are recomputed per pass."})
     minibatch_size: int = field(default=4, metadata={"help": "Transitions (actions) per optimiser step."})
+    inference_batch_size: int = field(default=16, metadata={
+        "help": "Transitions per no-gradient pass (ρ's features, the target pass): larger than a minibatch, since "
+                "no graph is kept (a prompt the transitions share runs once per pass)."})
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     # rollouts
     rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) per update."})
@@ -649,13 +663,14 @@ class ETPOConfig:
             raise ValueError(f"ETPO does not support top_k/top_p sampling (got top_k={gen.top_k}, top_p={gen.top_p}):"
                              " its update sums over the whole vocabulary under softmax(logits/temperature); set "
                              "generation.top_k=0 and generation.top_p=1.0 (a lower temperature is supported)")
-        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.num_envs, self.chunk_size,
+        if min(self.epochs, self.minibatch_size, self.inference_batch_size, self.rollout_steps, self.num_envs, self.chunk_size,
                self.critic_rank, self.generation.max_new_tokens) < 1:
-            raise ValueError("epochs, minibatch_size, rollout_steps, num_envs, chunk_size, critic_rank and "
+            raise ValueError("epochs, minibatch_size, inference_batch_size, rollout_steps, num_envs, chunk_size, critic_rank and "
                              "max_new_tokens must be >= 1")
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
         return UpdateSettings(beta=self.beta, gamma=self.gamma, epochs=self.epochs, minibatch_size=self.minibatch_size,
+                              inference_batch_size=self.inference_batch_size,
                               chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,
                               ema_rate=self.ema_rate, max_grad_norm=self.max_grad_norm, pad_id=pad_id)
 
@@ -701,6 +716,7 @@ class LMTokenModels:
         hf = policy.hf_model
         output = hf.get_output_embeddings()
         base_output = getattr(output, "base_layer", output)  # the frozen weight under any LoRA on the output layer
+        self.vocab_size = int(base_output.weight.shape[0])  # the width of every head's rows
         self.q_head: torch.nn.Module | None = None
         if cfg.critic == "dueling":
             self.q_head = DuelingCritic(hf.config.hidden_size, cfg.critic_rank, base_output.weight.detach())

@@ -670,9 +670,8 @@ class LMPolicy:
             return False
         config = self.hf_model.config
         decoder = _decoder_of(self.model)
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"]
         return (decoder is not None and _cache_argument(decoder) in inspect.signature(decoder.forward).parameters
-                and set(layer_types) == {"full_attention"} and not getattr(config, "sliding_window", None)
+                and _full_attention_only(config)
                 and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
 
     def _shared_prompt_states(self, prompt: Sequence[int], actions: Sequence[Sequence[int]], adapter: str | None
@@ -768,6 +767,7 @@ class LMPolicy:
         lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         reasons = torch.zeros(batch, dtype=torch.long, device=self.device)  # index into FINISH_REASONS
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        live = torch.arange(batch, device=self.device)  # the rows still in the decode batch (finished ones leave)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -780,22 +780,33 @@ class LMPolicy:
                 positions = positions_from_mask(mask)[:, -1:]
                 mask = torch.cat([mask, mask.new_ones((batch, max_new))], 1)  # step k attends to prompt_width + k
                 for step in range(max_new):
+                    # one uniform per prompt and step, whichever rows are still decoding: a row's tokens do not
+                    # depend on when the others finished
+                    uniform = (torch.rand((batch, 1), generator=generator, device=self.device)[live]
+                               if gen.temperature > 0 else None)
                     logits = logits.float()
-                    token = sample_tokens(logits, gen, generator)
-                    active = ~done
-                    tokens[:, step] = torch.where(active, token, tokens[:, step])
-                    logps[:, step] = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
-                    lengths += active
+                    token = sample_tokens(logits, gen, uniform=uniform)
+                    active = ~done[live]
+                    tokens[live, step] = torch.where(active, token, self.pad_id)
+                    logps[live, step] = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                    lengths[live] += active
                     ended = active & torch.isin(token, eos)
-                    reasons[ended] = FINISH_REASONS.index("eos")
+                    reasons[live[ended]] = FINISH_REASONS.index("eos")
                     if gen.stop:
-                        stopped = self._stopped_rows(tokens, lengths, active & ~ended, gen.stop, stop_window)
+                        candidates = torch.zeros_like(done)
+                        candidates[live] = active & ~ended
+                        stopped = self._stopped_rows(tokens, lengths, candidates, gen.stop, stop_window)
                         reasons[stopped] = FINISH_REASONS.index("stop")
-                        ended |= stopped
-                    done |= ended
-                    if step + 1 == max_new or bool(done.all()):
+                        ended |= stopped[live]
+                    done[live[ended]] = True
+                    finished = int(done[live].sum())
+                    if step + 1 == max_new or finished == len(live):
                         break  # no further token is sampled: its forward would be wasted
-                    token = torch.where(done, torch.full_like(token, self.pad_id), token)
+                    if finished and finished >= COMPACT_FRACTION * len(live):  # they leave the batch and its cache
+                        keep = (~done[live]).nonzero().squeeze(1)
+                        live, token, positions, mask = live[keep], token[keep], positions[keep], mask[keep]
+                        cache.reorder_cache(keep)
+                    token = torch.where(done[live], torch.full_like(token, self.pad_id), token)
                     positions = positions + 1
                     out = module(input_ids=token[:, None], attention_mask=mask[:, : prompt_width + step + 1],
                                  position_ids=positions, use_cache=True, **{cache_key: cache})
@@ -813,8 +824,8 @@ class LMPolicy:
     def _prefill(self, module: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], cache_key: str,
                  length: int) -> tuple[torch.Tensor, Any]:
         """The prompts' pass: last-position logits [B, V] and the KV cache, preallocated for `length` positions
-        (transformers' `StaticCache`: each decode step writes its keys and values in place, where the default
-        cache copies the whole cache at every step). Identical prompts (siblings of one env start from the same
+        (`_preallocated_cache`: each decode step writes its keys and values in place, where the default cache
+        copies the whole cache at every step). Identical prompts (siblings of one env start from the same
         first prompt) are run once and their cache rows copied (the cache's `reorder_cache`), the same numbers at a
         fraction of the work."""
         first: dict[tuple[int, ...], int] = {}
@@ -831,10 +842,13 @@ class LMPolicy:
         return logits, cache
 
     def _preallocated_cache(self, length: int) -> Any:
-        """A `StaticCache` of `length` positions for this model, or None (the model's default cache) where the
-        model cannot take one."""
+        """A KV cache allocated once for `length` positions: `_growing_cache` where every layer attends to the
+        whole sequence, transformers' `StaticCache` for models with other layer kinds that can take one, else None
+        (the model's default cache)."""
         from transformers import StaticCache
 
+        if _full_attention_only(self.hf_model.config):
+            return _growing_cache(self.hf_model.config.num_hidden_layers, length)
         if not getattr(self.hf_model, "_can_compile_fullgraph", False):
             return None
         return StaticCache(config=self.hf_model.config, max_cache_len=length)
@@ -922,6 +936,7 @@ class LMPolicy:
 
 
 FINISH_REASONS = ("length", "eos", "stop")
+COMPACT_FRACTION = 0.25  # finished rows leave the decode batch once they are this share of it (it copies the cache)
 
 
 QUIET_LOAD_BYTES = 64 * 2**20  # local checkpoints below this load in well under a second: no progress bar
@@ -948,6 +963,74 @@ def _cache_argument(model: torch.nn.Module) -> str:
     """The name under which a model takes and returns its KV cache: `cache` in recent transformers (which
     deprecated `past_key_values`), `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _full_attention_only(config: Any) -> bool:
+    """Whether every layer of a model with this config attends to the whole sequence (no sliding windows, no
+    recurrent or linear-attention layers, whose caches work differently)."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return set(layer_types) == {"full_attention"} and not getattr(config, "sliding_window", None)
+
+
+def _growing_cache(num_layers: int, capacity: int) -> Any:
+    """A transformers `Cache` for decoding whose layers allocate their keys and values once, for `capacity`
+    positions, write each step's in place and hand attention only the filled positions. Written here because
+    transformers' default cache copies all of its keys and values at every step and its `StaticCache` hands
+    attention every allocated position (the unfilled ones masked), which at a batch of 16 rows makes attention
+    the largest cost of a decode step on CPU."""
+    from transformers.cache_utils import Cache
+
+    layer_class = _growing_layer_class()
+    return Cache(layers=[layer_class(capacity) for _ in range(num_layers)])
+
+
+@functools.cache
+def _growing_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.filled = capacity, 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.device = key_states.device
+            rows, heads = key_states.shape[:2]
+            self.key_store = key_states.new_zeros((rows, heads, self.capacity, key_states.shape[-1]))
+            self.value_store = value_states.new_zeros((rows, heads, self.capacity, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.filled + key_states.shape[-2]
+            if end > self.capacity:
+                raise ValueError(f"the decode cache holds {self.capacity} positions; {end} were written")
+            self.key_store[:, :, self.filled: end] = key_states
+            self.value_store[:, :, self.filled: end] = value_states
+            self.filled = end
+            self._expose()
+            return self.keys, self.values
+
+        def _expose(self) -> None:
+            self.keys = self.key_store[:, :, : self.filled]
+            self.values = self.value_store[:, :, : self.filled]
+
+        def get_seq_length(self) -> int:
+            return self.filled
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            """Rows `beam_idx` of the cache, in that order (duplicates for shared prompts, a subset when finished
+            rows leave)."""
+            if self.is_initialized:
+                self.key_store = self.key_store.index_select(0, beam_idx.to(self.device))
+                self.value_store = self.value_store.index_select(0, beam_idx.to(self.device))
+                self._expose()
+
+        batch_select_indices = reorder_cache
+
+    return GrowingLayer
 
 
 def _prefix_cache(source: int | Any, rows: int = 0) -> Any:
@@ -1078,9 +1161,11 @@ def default_lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.0, targe
                       task_type="CAUSAL_LM")
 
 
-def sample_tokens(logits: torch.Tensor, gen: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, gen: GenerationSettings, generator: torch.Generator | None = None,
+                  uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row from [B, V] logits with temperature, top-k and top-p (transformers' warpers), drawn by
-    inverting each row's cumulative distribution at one uniform number (`inverse_cdf_sample`)."""
+    inverting each row's cumulative distribution at one uniform number (`inverse_cdf_sample`; `uniform` [B, 1]
+    gives them, else they are drawn from `generator`)."""
     if gen.temperature <= 0:
         return logits.argmax(-1)
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
@@ -1090,17 +1175,20 @@ def sample_tokens(logits: torch.Tensor, gen: GenerationSettings, generator: torc
         scores = TopKLogitsWarper(top_k=gen.top_k)(None, scores)
     if gen.top_p < 1.0:
         scores = TopPLogitsWarper(top_p=gen.top_p)(None, scores)
-    return inverse_cdf_sample(F.softmax(scores, dim=-1), generator)
+    return inverse_cdf_sample(F.softmax(scores, dim=-1), generator, uniform)
 
 
-def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+                       uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of [B, V] probabilities: the first index whose cumulative mass exceeds u·total, u uniform
     on [0, 1). Exactly the categorical distribution, and one random number per row where `torch.multinomial` on
     CPU costs ~10x more per decode step at a batch of 8. A zero-probability index (filtered by top-k/top-p) can
     never be drawn: its cumulative mass equals its predecessor's, which is met first."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    if uniform is None:
+        uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
+    u = uniform.to(cdf.dtype) * total
     index = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     # u·total can round up to total itself: the row's last index of positive mass is the answer then
     last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)

@@ -447,6 +447,56 @@ def test_reference_features_are_computed_once_per_update():
     calls = []
     hidden = m.hidden
     m.hidden = lambda role, ids, mask: calls.append(role) or hidden(role, ids, mask)
-    sgd_update(m, buffer, epochs=3, minibatch_size=1)
+    sgd_update(m, buffer, epochs=3, minibatch_size=1, inference_batch_size=1)
     assert calls.count("reference") == len(buffer)  # one pass, one transition at a time
     assert calls.count("target") == 3 * len(buffer)  # the target critic is still evaluated anew every epoch
+
+
+def test_no_gradient_passes_take_inference_batches_and_give_the_same_update():
+    """ρ's features and the target pass run `inference_batch_size` transitions per call (no graph is kept, so more
+    than a minibatch fits), the optimiser steps `minibatch_size`; the numbers do not depend on the former."""
+    batched, buffer = hand_example()
+    calls = []
+    hidden = batched.hidden
+    batched.hidden = lambda role, ids, mask: calls.append((role, len(ids))) or hidden(role, ids, mask)
+    sgd_update(batched, buffer, epochs=2, minibatch_size=1, inference_batch_size=len(buffer))
+    assert [n for role, n in calls if role == "reference"] == [len(buffer)]
+    assert [n for role, n in calls if role == "target"] == [len(buffer)] * 2  # once per epoch, all at once
+    assert [n for role, n in calls if role == "critic"] == [1] * 2 * len(buffer)  # the steps: one at a time
+    alone, _ = hand_example()
+    sgd_update(alone, buffer, epochs=2, minibatch_size=1, inference_batch_size=1)
+    for name in ("policy_delta", "q", "q_target"):
+        torch.testing.assert_close(getattr(batched, name).detach(), getattr(alone, name).detach(), rtol=0,
+                                   atol=1e-6, msg=name)
+
+
+def test_head_graphs_are_kept_for_a_small_vocabulary_and_recomputed_for_a_large_one(monkeypatch):
+    """Under a graph, a chunk's [rows, V] head runs under activation checkpointing only when all rows × V would
+    exceed KEPT_HEAD_ELEMENTS (or V is unknown); the gradients are the same either way."""
+    import agents.etpo as etpo
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(30, 8, requires_grad=True)
+    fn = lambda h: torch.logsumexp(head(h), -1).sum()  # noqa: E731
+    recomputed = []
+    real = etpo.checkpoint
+    monkeypatch.setattr(etpo, "checkpoint", lambda f, *a, **k: recomputed.append(f) or real(f, *a, **k))
+    seen = {}
+    for budget in (30 * 50 - 1, 30 * 50):
+        monkeypatch.setattr(etpo, "KEPT_HEAD_ELEMENTS", budget)
+        recomputed.clear()
+        head.zero_grad()
+        hidden.grad = None
+        sum(etpo._over_chunks(fn, 8, hidden, vocab_size=50)).backward()
+        seen[budget] = (len(recomputed), hidden.grad.clone(), head.weight.grad.clone())
+    assert seen[30 * 50 - 1][0] == 4 and seen[30 * 50][0] == 0  # four chunks of ≤ 8 rows
+    for a, b in zip(seen[30 * 50 - 1][1:], seen[30 * 50][1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    recomputed.clear()
+    etpo._over_chunks(fn, 8, hidden)  # the vocabulary is not known: checkpointed
+    assert len(recomputed) == 4
+    with torch.no_grad():
+        recomputed.clear()
+        etpo._over_chunks(fn, 8, hidden, vocab_size=10**9)  # no graph: nothing to recompute
+        assert not recomputed

@@ -200,13 +200,16 @@ def test_identical_prompts_share_one_prefill_and_still_sample_independently(fres
 
 
 def _caches_seen(pol: LMPolicy, fn):
-    """The type and key storage of the KV cache every decode step of `fn()` was handed."""
+    """Per decode step of `fn()`: the KV cache's type, its first layer's key storage and batch rows, and the
+    positions attention reads after the step writes its own."""
     seen = []
 
     def hook(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if kwargs["input_ids"].shape[1] == 1 and cache is not None:
-            seen.append((type(cache).__name__, cache.layers[0].keys.data_ptr()))
+            keys = cache.layers[0].keys
+            seen.append((type(cache).__name__, keys.untyped_storage().data_ptr(), len(kwargs["input_ids"]),
+                         cache.get_mask_sizes(1, 0)[0]))
 
     handle = pol.hf_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -216,24 +219,54 @@ def _caches_seen(pol: LMPolicy, fn):
     return seen, result
 
 
-def test_decoding_writes_into_one_preallocated_cache(fresh_policy, monkeypatch):
+def test_decoding_writes_into_one_preallocated_cache_and_attends_to_the_filled_part(fresh_policy, monkeypatch):
     """Each decode step writes its keys and values in place into a cache sized for prompt + max_new_tokens (the
-    default cache copied all of it at every step); the sampled tokens are still scored as the training forward
-    scores them. A model that cannot take a static cache decodes with its default one."""
+    default cache copied all of it at every step) and attention reads only the positions written so far
+    (transformers' StaticCache hands it all of them); the sampled tokens are still scored as the training forward
+    scores them. Models with other layer kinds take a StaticCache, or their default cache."""
     pol = fresh_policy
     prompts = [pol.encode(t) for t in PROMPTS]
+    width = max(len(p) for p in prompts)
     gen = GenerationSettings(max_new_tokens=12, stop_at_eos=False)
     sample = lambda: pol.generate(prompts, gen, generator=torch.Generator().manual_seed(5))  # noqa: E731
     seen, gens = _caches_seen(pol, sample)
-    assert len(seen) == 11 and {kind for kind, _ in seen} == {"StaticCache"}
-    assert len({ptr for _, ptr in seen}) == 1  # one storage for every step: nothing reallocated or copied
+    assert len(seen) == 11 and {kind for kind, *_ in seen} == {"Cache"}
+    assert len({ptr for _, ptr, *_ in seen}) == 1  # one storage for every step: nothing reallocated or copied
+    assert [read for *_, read in seen] == [width + 1 + k for k in range(11)]  # the prompt and the tokens so far
     rescored = pol.sequence_logprobs(prompts, [g.action_ids for g in gens])
     for g, lp in zip(gens, rescored):
         torch.testing.assert_close(torch.from_numpy(g.logp), lp.detach(), atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(type(pol.hf_model), "_can_compile_fullgraph", False)
-    seen, fallback = _caches_seen(pol, sample)
-    assert {kind for kind, _ in seen} == {"DynamicCache"}
-    for a, b in zip(gens, fallback):
+    monkeypatch.setattr(P, "_full_attention_only", lambda config: False)
+    for fallback_kind in ("StaticCache", "DynamicCache"):
+        seen, fallback = _caches_seen(pol, sample)
+        assert {kind for kind, *_ in seen} == {fallback_kind}
+        for a, b in zip(gens, fallback):
+            assert a.action_ids == b.action_ids
+            torch.testing.assert_close(torch.from_numpy(a.logp), torch.from_numpy(b.logp), atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(type(pol.hf_model), "_can_compile_fullgraph", False)
+
+
+def test_finished_rows_leave_the_decode_batch_without_changing_any_row(fresh_policy, monkeypatch):
+    """Rows that ended (EOS or a stop string) stop being decoded once they are a quarter of the batch; every row's
+    tokens and log-probs are those of decoding the whole batch to the end (each row draws its own uniforms)."""
+    pol = fresh_policy
+    prompts = [pol.encode(t) for t in PROMPTS] * 4
+    gen = GenerationSettings(max_new_tokens=24, stop_at_eos=False, seed=3)
+    texts = [g.text for g in pol.generate(prompts, gen)]
+    stops = tuple(dict.fromkeys(t[3:5] for t in texts if t[3:5].isprintable() and len(t[3:5]) == 2))[:3]
+    gen = GenerationSettings(max_new_tokens=24, stop_at_eos=False, stop=stops, seed=3)  # those rows end early
+    runs = {}
+    for compact in (P.COMPACT_FRACTION, 2.0):  # 2.0: never (the call ends when all rows are done)
+        monkeypatch.setattr(P, "COMPACT_FRACTION", compact)
+        pol._streams.clear()
+        runs[compact] = _caches_seen(pol, lambda: pol.generate(prompts, gen))
+    (seen, gens), (seen_whole, gens_whole) = runs.values()
+    assert {rows for _, _, rows, _ in seen_whole} == {len(prompts)}
+    rows = [r for _, _, r, _ in seen]
+    assert rows == sorted(rows, reverse=True) and rows[-1] < len(prompts)  # the batch shrank as rows finished
+    assert sum(g.finish_reason != "length" for g in gens) >= len(prompts) // 4
+    for a, b in zip(gens, gens_whole):
+        assert (a.action_ids, a.finish_reason) == (b.action_ids, b.finish_reason)
         torch.testing.assert_close(torch.from_numpy(a.logp), torch.from_numpy(b.logp), atol=1e-5, rtol=1e-5)
 
 
