@@ -727,6 +727,11 @@ class LMTokenModels:
             torch.nn.init.zeros_(self.q_head.bias)
         if self.q_head is not None:
             self.q_head.to(policy.device, torch.float32)
+        # listed once: the target critic is swapped in for every target head chunk, and a walk over the model's
+        # parameters each time cost more than the swap
+        self._policy_params = policy.trainable_parameters("policy")
+        self._critic_params = policy.trainable_parameters("critic") + (
+            list(self.q_head.parameters()) if self.q_head is not None else [])
         self.target = [p.detach().clone() for p in self.critic_parameters()]
         # π and ρ score with the model's own logits (its final transform, e.g. softcapping, as generation does);
         # the critic that reuses the output layer takes its raw result
@@ -745,11 +750,10 @@ class LMTokenModels:
         self.critic_split = self.q_head if cfg.critic == "dueling" else None
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
-        return self.policy.trainable_parameters("policy")
+        return list(self._policy_params)
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
-        head = list(self.q_head.parameters()) if self.q_head is not None else []
-        return self.policy.trainable_parameters("critic") + head
+        return list(self._critic_params)
 
     def target_parameters(self) -> list[torch.Tensor]:
         return self.target

@@ -297,6 +297,8 @@ class LMPolicy:
             self._reference_model.requires_grad_(False)
         # requires_grad per parameter, fixed here: peft's set_adapter would otherwise toggle it on every switch.
         self._trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+        # (parameter, trainable) once: re-enabling adapters happens several times per update step
+        self._grad_flags = [(p, self._trainable[name]) for name, p in model.named_parameters()]
         self.pad_id = self._pick_pad_id()
         config = getattr(self.hf_model, "config", None)
         self.logits_transform = logits_transform(config) if config is not None else None
@@ -490,8 +492,7 @@ class LMPolicy:
     def _restore_requires_grad(self) -> None:
         """Undo peft's requires_grad toggling: a graph built under one adapter must still reach its parameters
         after a forward under another (or under ρ) ran before its backward."""
-        for pname, p in self.model.named_parameters():
-            want = self._trainable.get(pname, False)
+        for p, want in self._grad_flags:
             if p.requires_grad != want:
                 p.requires_grad_(want)
 
