@@ -152,6 +152,7 @@ class Learner:
     def collector_for(self, env: Any) -> Any:
         """The shared collector, kept across `learn` calls on the same env (episodes carry over). A new env gets a
         new collector seeded by the env steps done, so a resumed run sees new episodes instead of replaying."""
+        from agents.policy import overlaps_generation
         from agents.rollout import RolloutCollector
 
         if self._collector is None or self._collector.env is not env:
@@ -160,7 +161,8 @@ class Learner:
             self._collector = RolloutCollector(self.policy, env, self.generation,
                                                seed=self.config.seed + self.counters["env_steps"],
                                                compute_ref_logp=self.needs_reference_logprobs,
-                                               num_envs=self.num_envs)
+                                               num_envs=self.num_envs,
+                                               overlap=overlaps_generation(self.config.runtime, self.policy.device))
         return self._collector
 
     @property

@@ -74,10 +74,16 @@ class RuntimeSettings:
                 "bit for bit afterwards): the adapter's per-layer work and call overhead leave each decode step, "
                 "and the recorded log-probs equal the training forward's to float32 rounding. Costs one copy of "
                 "the adapted base weights during generation; bfloat16/float16/4-bit bases never merge."})
+    overlap_generation: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "Collect from two halves of the envs in turn, generating one half's actions while the other "
+                "half's programs run. auto = on when the model runs on CUDA (generation on the GPU, programs on "
+                "the CPU); off on CPU, where both compete for the same cores (measured slower there)."})
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.overlap_generation not in ("auto", "on", "off"):
+            raise ValueError(f"overlap_generation must be auto, on or off, got {self.overlap_generation!r}")
         if self.quantization not in ("none", "4bit"):
             raise ValueError(f"quantization must be none or 4bit, got {self.quantization!r}")
 
@@ -91,6 +97,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def overlaps_generation(runtime: RuntimeSettings, device: torch.device) -> bool:
+    """Whether collection overlaps generation with the sandbox runs (`RuntimeSettings.overlap_generation`)."""
+    if runtime.overlap_generation == "auto":
+        return torch.device(device).type == "cuda"
+    return runtime.overlap_generation == "on"
 
 
 def load_options(runtime: RuntimeSettings) -> dict[str, Any]:

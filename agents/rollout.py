@@ -118,6 +118,43 @@ def _sub_info(infos: dict, i: int) -> dict:
     return out
 
 
+@dataclass
+class _Round:
+    """The envs of one round with their prompts, sampled actions and (optionally) log ρ per action token."""
+
+    active: list[int]
+    prompts: dict[int, list[int]]
+    generations: dict[int, Any]
+    ref: dict[int, np.ndarray]
+
+    @property
+    def actions(self) -> dict[int, str]:
+        return {i: self.generations[i].text for i in self.active}
+
+
+@dataclass
+class _Collection:
+    """What one `collect` call accumulates: the buffer, episode links, counts and phase timers."""
+
+    started: float
+    buffer: RolloutBuffer = field(default_factory=RolloutBuffer)
+    last_index: dict[int, int] = field(default_factory=dict)  # episode id -> buffer index of its latest transition
+    gen_time: float = 0.0
+    ref_time: float = 0.0
+    env_time: float = 0.0
+    tokens: int = 0
+    episodes: int = 0
+    returns: list[float] = field(default_factory=list)
+
+    def timed(self, step: Any, actions: dict[int, str]) -> Any:
+        """`step(actions)`, its wall time added to the sandbox phase."""
+        tick = time.perf_counter()
+        try:
+            return step(actions)
+        finally:
+            self.env_time += time.perf_counter() - tick
+
+
 class RolloutCollector:
     """Runs `policy` in `env` (a gymnasium Env or VectorEnv) and returns filled `RolloutBuffer`s.
 
@@ -133,13 +170,16 @@ class RolloutCollector:
     order, each step taking its program's result: the runs overlap, the records stay deterministic. A round steps
     only as many envs as the `collect` call has steps left, so a collection never takes more env steps than asked,
     and a finished episode's env is reset only when it is next stepped, so no episode is begun that is not played.
+    With `overlap`, the envs form two halves that take turns, so one half's actions are generated while the other
+    half's programs run (`_collect_overlapped`): it pays where generation and the sandbox use different hardware
+    (a GPU policy), not on a CPU they share.
     An env whose wrappers cannot be spawned faithfully (see `spawn_siblings`) is collected from alone. A vector
     env is used as it is.
     """
 
     def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
                  compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None,
-                 num_envs: int = 1):
+                 num_envs: int = 1, overlap: bool = False):
         from agents.policy import GenerationSettings
 
         self.policy = policy
@@ -151,6 +191,7 @@ class RolloutCollector:
         self.is_vector = hasattr(env, "num_envs") and hasattr(env, "single_observation_space")
         self.num_envs = int(env.num_envs) if self.is_vector else 1  # single env: grows when siblings are made
         self.requested_envs = max(1, int(num_envs))
+        self.overlap = overlap
         self.envs: list[Any] = [] if self.is_vector else [env]  # the single env and its siblings
         self._seed = seed
         self._obs: list[str] | None = None
@@ -213,12 +254,12 @@ class RolloutCollector:
         self._next_episode += 1
         return self._next_episode - 1
 
-    def _round_envs(self, steps_left: int) -> list[int]:
-        """The envs that act this round: a vector env's sub-envs not awaiting autoreset; of single envs, as many
-        as steps are left (in index order), each reset first if its last episode ended."""
+    def _round_envs(self, steps_left: int, candidates: list[int] | None = None) -> list[int]:
+        """The envs that act this round: a vector env's sub-envs not awaiting autoreset; of single envs (or of
+        `candidates`), as many as steps are left (in index order), each reset first if its last episode ended."""
         if self.is_vector:
             return [i for i in range(self.num_envs) if not self._awaiting_autoreset[i]]
-        chosen = list(range(min(self.num_envs, steps_left)))
+        chosen = (list(range(self.num_envs)) if candidates is None else candidates)[:steps_left]
         for i in chosen:
             if self._pending_reset[i]:
                 self._reset_single(i)
@@ -228,14 +269,22 @@ class RolloutCollector:
         """Step the envs named in `actions` (a vector env: all sub-envs, "" for those awaiting autoreset)."""
         if not self.is_vector:
             if len(actions) > 1:
-                for i, action in actions.items():
-                    prefetch = getattr(self.envs[i].unwrapped, "prefetch", None)
-                    if callable(prefetch):
-                        prefetch(action)
-            return {i: self.envs[i].step(action) for i, action in actions.items()}
+                self._start_programs(actions)
+            return self._finish_programs(actions)
         obs, rewards, terms, truncs, infos = self.env.step(tuple(actions.get(i, "") for i in range(self.num_envs)))
         return {i: (str(obs[i]), float(rewards[i]), bool(terms[i]), bool(truncs[i]), _sub_info(infos, i))
                 for i in range(self.num_envs)}
+
+    def _start_programs(self, actions: dict[int, str]) -> None:
+        """Start each single env's program on the shared sandbox (the env's `prefetch`, where it has one)."""
+        for i, action in actions.items():
+            prefetch = getattr(self.envs[i].unwrapped, "prefetch", None)
+            if callable(prefetch):
+                prefetch(action)
+
+    def _finish_programs(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
+        """Step the single envs named in `actions` one after another, in index order, timing the wait."""
+        return {i: self.envs[i].step(action) for i, action in actions.items()}
 
     def _autoreset_mode(self) -> str:
         mode = getattr(self.env, "metadata", {}).get("autoreset_mode")
@@ -250,82 +299,109 @@ class RolloutCollector:
         """Collect at least `n_env_steps` env steps (exactly that many from a single env and its siblings; a
         vector env steps all sub-envs together, so up to num_envs − 1 more). Returns the buffer and timing/reward
         statistics."""
-        import torch
-
         if n_env_steps < 1:
             raise ValueError("n_env_steps must be >= 1")
         if self._obs is None:
             self._reset_all()
-        buffer = RolloutBuffer()
-        last_index: dict[int, int] = {}  # episode id -> buffer index of its latest transition
-        gen_time = ref_time = env_time = 0.0
-        gen_tokens = episodes_done = 0
-        returns: list[float] = []
-        started = time.perf_counter()
-        while len(buffer) < n_env_steps:
-            active = self._round_envs(n_env_steps - len(buffer))
-            prompts = {i: self.encode(self._obs[i], self._infos[i]) for i in active}
-            tick = time.perf_counter()
-            generations = dict(zip(active, self.policy.generate([prompts[i] for i in active], self.gen,
-                                                                 adapter=self.adapter)))
-            gen_time += time.perf_counter() - tick
-            gen_tokens += sum(len(g.action_ids) for g in generations.values())
-            tick = time.perf_counter()
-            ref = {}
-            if self.compute_ref_logp and active:
-                with torch.no_grad():
-                    lps = self.policy.sequence_logprobs([prompts[i] for i in active],
-                                                        [generations[i].action_ids for i in active], adapter=None)
-                ref = {i: lp.float().cpu().numpy() for i, lp in zip(active, lps)}
-            ref_time += time.perf_counter() - tick
-
-            actions = {i: generations[i].text for i in active}
-            tick = time.perf_counter()
-            results = self._step_env(actions)
-            env_time += time.perf_counter() - tick
-
-            for i, (obs, reward, terminated, truncated, info) in results.items():
-                if self._awaiting_autoreset[i]:  # this sub-env was reset by the step; the action was ignored
-                    self._awaiting_autoreset[i] = False
-                    self._obs[i], self._infos[i] = obs, info
-                    self._episode_ids[i], self._steps[i] = self._new_episode(), 0
-                    continue
-                g = generations[i]
-                episode = self._episode_ids[i]
-                transition = Transition(
-                    obs_ids=np.asarray(prompts[i], dtype=np.int32),
-                    action_ids=np.asarray(g.action_ids, dtype=np.int32),
-                    logp=np.asarray(g.logp, dtype=np.float32),
-                    ref_logp=ref.get(i, np.zeros(len(g.action_ids), np.float32)).astype(np.float32),
-                    reward=float(reward), terminated=bool(terminated), truncated=bool(truncated),
-                    episode_id=episode, t=self._steps[i], info=_small_info(info),
-                )
-                if episode in last_index:
-                    buffer[last_index[episode]].next_index = len(buffer)
-                last_index[episode] = len(buffer)
-                buffer.append(transition)
-                self._steps[i] += 1
-                if terminated or truncated:
-                    episodes_done += 1
-                    returns.append(self._episode_return(buffer, episode))
-                    if truncated:
-                        transition.next_obs_ids = np.asarray(self.encode(*self._final_obs(obs, info)),
-                                                             dtype=np.int32)
-                    self._begin_next_episode(i, obs, info)
-                else:
-                    self._obs[i], self._infos[i] = obs, info
+        run = _Collection(started=time.perf_counter())
+        if self._overlaps():
+            self._collect_overlapped(n_env_steps, run)
+        else:
+            while len(run.buffer) < n_env_steps:
+                batch = self._generate(self._round_envs(n_env_steps - len(run.buffer)), run)
+                self._record(batch, run.timed(self._step_env, batch.actions), run)
+        buffer = run.buffer
         # chains cut by the end of this collect: the env goes on, so give learners the state to bootstrap from
         for i in range(self.num_envs):
             if self._pending_reset and self._pending_reset[i]:
                 continue  # its episode ended (or never began): nothing to bootstrap
-            index = last_index.get(self._episode_ids[i])
+            index = run.last_index.get(self._episode_ids[i])
             if index is not None and not (buffer[index].terminated or buffer[index].truncated):
                 buffer[index].next_obs_ids = np.asarray(self.encode(self._obs[i], self._infos[i]), dtype=np.int32)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - run.started
         self.totals["env_steps"] += len(buffer)
-        self.totals["episodes"] += episodes_done
-        self.totals["tokens"] += gen_tokens
-        return buffer, self._stats(buffer, elapsed, gen_time, ref_time, env_time, gen_tokens, episodes_done, returns)
+        self.totals["episodes"] += run.episodes
+        self.totals["tokens"] += run.tokens
+        return buffer, self._stats(buffer, elapsed, run.gen_time, run.ref_time, run.env_time, run.tokens,
+                                   run.episodes, run.returns)
+
+    def _overlaps(self) -> bool:
+        return bool(self.overlap) and not self.is_vector and self.num_envs >= 2
+
+    def _collect_overlapped(self, n_env_steps: int, run: _Collection) -> None:
+        """Two halves of the envs take turns: while one half's programs run on the sandbox, the other half's
+        actions are generated and its programs started; then the first half is stepped (taking its results) and
+        generates again. Envs are still stepped one after another in a fixed order, and a half starts only as
+        many envs as steps are left after those already started."""
+        half = self.num_envs // 2
+        halves = [list(range(half)), list(range(half, self.num_envs))]
+        started: list[_Round | None] = [None, None]
+        turn = 0
+        while len(run.buffer) < n_env_steps or any(started):
+            batch = started[turn]
+            if batch is not None:
+                started[turn] = None
+                self._record(batch, run.timed(self._finish_programs, batch.actions), run)
+            left = n_env_steps - len(run.buffer) - sum(len(b.active) for b in started if b is not None)
+            if left > 0:
+                batch = self._generate(self._round_envs(left, halves[turn]), run)
+                self._start_programs(batch.actions)
+                started[turn] = batch
+            turn = 1 - turn
+
+    def _generate(self, active: list[int], run: _Collection) -> _Round:
+        """The actions of envs `active`, generated as one batch (and their log ρ, when asked for)."""
+        import torch
+
+        prompts = {i: self.encode(self._obs[i], self._infos[i]) for i in active}
+        tick = time.perf_counter()
+        generations = dict(zip(active, self.policy.generate([prompts[i] for i in active], self.gen,
+                                                            adapter=self.adapter)))
+        run.gen_time += time.perf_counter() - tick
+        run.tokens += sum(len(g.action_ids) for g in generations.values())
+        tick = time.perf_counter()
+        ref = {}
+        if self.compute_ref_logp and active:
+            with torch.no_grad():
+                lps = self.policy.sequence_logprobs([prompts[i] for i in active],
+                                                    [generations[i].action_ids for i in active], adapter=None)
+            ref = {i: lp.float().cpu().numpy() for i, lp in zip(active, lps)}
+        run.ref_time += time.perf_counter() - tick
+        return _Round(active, prompts, generations, ref)
+
+    def _record(self, batch: _Round, results: dict[int, tuple[str, float, bool, bool, dict]],
+                run: _Collection) -> None:
+        """Append the transitions of one stepped round to `run.buffer`, in env order."""
+        buffer = run.buffer
+        for i, (obs, reward, terminated, truncated, info) in results.items():
+            if self._awaiting_autoreset[i]:  # this sub-env was reset by the step; the action was ignored
+                self._awaiting_autoreset[i] = False
+                self._obs[i], self._infos[i] = obs, info
+                self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+                continue
+            g = batch.generations[i]
+            episode = self._episode_ids[i]
+            transition = Transition(
+                obs_ids=np.asarray(batch.prompts[i], dtype=np.int32),
+                action_ids=np.asarray(g.action_ids, dtype=np.int32),
+                logp=np.asarray(g.logp, dtype=np.float32),
+                ref_logp=batch.ref.get(i, np.zeros(len(g.action_ids), np.float32)).astype(np.float32),
+                reward=float(reward), terminated=bool(terminated), truncated=bool(truncated),
+                episode_id=episode, t=self._steps[i], info=_small_info(info),
+            )
+            if episode in run.last_index:
+                buffer[run.last_index[episode]].next_index = len(buffer)
+            run.last_index[episode] = len(buffer)
+            buffer.append(transition)
+            self._steps[i] += 1
+            if terminated or truncated:
+                run.episodes += 1
+                run.returns.append(self._episode_return(buffer, episode))
+                if truncated:
+                    transition.next_obs_ids = np.asarray(self.encode(*self._final_obs(obs, info)), dtype=np.int32)
+                self._begin_next_episode(i, obs, info)
+            else:
+                self._obs[i], self._infos[i] = obs, info
 
     def _final_obs(self, obs: str, info: dict) -> tuple[str, dict]:
         if self.is_vector and self._autoreset_mode().lower().startswith("same") and "final_obs" in info:

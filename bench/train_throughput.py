@@ -1,10 +1,13 @@
 """ETPO training throughput: the learners' old collection path (one env, one action generated per call, the adapter
 applied unmerged) against the new defaults (handed the same single env, the learner steps `num_envs` envs spawned
 from it, generates each round's actions in one batched call with the adapter merged into the base weights, and
-runs the round's programs side by side on the sandbox's slots), side by side in one process.
+runs the round's programs side by side on the sandbox's slots), side by side in one process. With `--overlapped`, a
+third run adds `overlap_generation=on` (half the envs generate while the other half's programs run; the default
+turns it on on CUDA only).
 
     .venv/bin/python bench/train_throughput.py --model tiny     # tiny model, breast_cancer, 1 attempt, seed 0
     .venv/bin/python bench/train_throughput.py --model tiny --budget 64 --num-envs 8
+    .venv/bin/python bench/train_throughput.py --overlapped
 
 Both runs train the same ETPO config for the same env-step budget on the same task and seed, each handed one env
 under an `EnvStepBudget` (as a benchmark cell hands it); only `num_envs` and `runtime.merge_for_generation` differ,
@@ -68,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-envs", type=int, default=defaults.num_envs,
                         help="envs of the batched run (default: the learner's default)")
     parser.add_argument("--sandbox", default="local")
+    parser.add_argument("--overlapped", action="store_true",
+                        help="also run the new defaults with overlap_generation=on (auto turns it on on CUDA only)")
     args = parser.parse_args(argv)
 
+    batched = {"num_envs": args.num_envs, "rollout_steps": max(defaults.rollout_steps, args.num_envs)}
     runs = {
-        "one env, unbatched": {"num_envs": 1, "merge_for_generation": False},
-        f"{args.num_envs} envs, batched": {"num_envs": args.num_envs,
-                                           "rollout_steps": max(defaults.rollout_steps, args.num_envs)},
+        "one env, unbatched": {"num_envs": 1, "merge_for_generation": False, "overlap_generation": "off"},
+        f"{args.num_envs} envs, batched": batched,
     }
+    if args.overlapped:
+        runs[f"{args.num_envs} envs, overlapped"] = {**batched, "overlap_generation": "on"}
     rows = {name: run(args.model, args.task, args.budget, args.seed, args.sandbox, **options)
             for name, options in runs.items()}
     header = f"{'run':<22} {'env steps':>9} {'counted':>7} {'wall s':>7} {'steps/s':>8} {'tokens':>7} " \
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<22} {r['env_steps']:>9.0f} {r['wrapper_steps']:>7d} {r['wall_s']:>7.1f} "
               f"{r['env_steps_per_s']:>8.2f} {r['tokens']:>7d} {r['tokens_per_s']:>9.0f} {r['generation_s']:>7.1f} "
               f"{r['sandbox_s']:>9.1f} {r['update_s']:>8.1f} {r['other_s']:>7.1f}")
-    base, new = rows.values()
+    base, new = list(rows.values())[:2]
     print(f"speed-up: env_steps_per_s {new['env_steps_per_s'] / base['env_steps_per_s']:.2f}x, "
           f"tokens_per_s {new['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     return 0

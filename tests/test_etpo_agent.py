@@ -218,6 +218,26 @@ def test_etpo_runs_end_to_end_on_a_bundled_task(tiny_model_dir, local_sandbox, t
     assert reloaded.counters == agent.counters
 
 
+def test_overlapped_collection_trains_on_the_sandboxed_env_within_the_exact_budget(tiny_model_dir, local_sandbox):
+    """`overlap_generation="on"` on DataSciCode-v0: half the envs generate while the other half's programs run on
+    the shared sandbox; every step is counted once and the update runs on exactly the budgeted steps."""
+    import etpo_env  # noqa: F401  (registers DataSciCode-v0)
+    from etpo_env.wrappers import EnvStepBudget
+
+    env = EnvStepBudget(gym.make("DataSciCode-v0", task="breast_cancer", sandbox=local_sandbox, max_attempts=2,
+                                 max_rows=300), budget=6)
+    agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "rollout_steps": 6, "num_envs": 4},
+                      overlap_generation="on")
+    try:
+        assert agent.config.runtime.overlap_generation == "on"
+        summary = agent.learn(env, budget=6)
+        assert agent.collector_for(env).overlap
+    finally:
+        env.close()
+    assert summary["env_steps"] == 6 and summary["updates"] == 1 and env.steps == 6 and len(env.statuses) == 6
+    assert np.isfinite(summary["loss/critic"]) and summary["time_sandbox_s"] > 0
+
+
 def _bench_module(name: str):
     import importlib.util
     from pathlib import Path

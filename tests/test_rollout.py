@@ -188,3 +188,45 @@ def test_a_round_starts_every_program_before_stepping_the_envs_in_order(tiny_pol
     assert [tag for _, tag, _ in events] == list("ABCD") * 2  # steps (and so every record) in index order
     assert [a for *_, a in events[:4]] == [a for *_, a in events[4:]]  # each env prefetched the action it steps
     assert env.steps == 4 and [t.info["status"] for t in buffer] == env.statuses
+
+
+def test_overlapped_collection_generates_one_half_while_the_other_halfs_programs_run(tiny_policy, monkeypatch):
+    """With `overlap`, halves A B | C D take turns: C D's actions are generated after A B's programs started and
+    before A B are stepped, and so on; steps stay in a fixed order, the budget is exact, every prefetched program
+    is the one stepped, and no half starts more envs than steps are left."""
+    from etpo_env.wrappers import EnvStepBudget
+
+    SpawnableEnv.spawned, PrefetchingEnv.events = [], []
+    generate = tiny_policy.generate
+
+    def logged(prompts, *args, **kwargs):
+        PrefetchingEnv.events.append(("generate", len(prompts), None))
+        return generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_policy, "generate", logged)
+    env = EnvStepBudget(PrefetchingEnv(length=2), budget=7)
+    collector = RolloutCollector(tiny_policy, env, GEN, num_envs=4, seed=0, overlap=True)
+    buffer, stats = collector.collect(7)
+    order = [f"{kind[0]}{tag}" for kind, tag, _ in PrefetchingEnv.events]
+    assert order == ["g2", "pA", "pB", "g2", "pC", "pD", "sA", "sB", "g2", "pA", "pB", "sC", "sD", "g1", "pC",
+                     "sA", "sB", "sC"]
+    starts = [e for e in PrefetchingEnv.events if e[0] == "prefetch"]
+    steps = [e for e in PrefetchingEnv.events if e[0] == "step"]
+    assert [e[1:] for e in starts] == [e[1:] for e in steps]  # each env stepped the program it started
+    assert len(buffer) == 7 and env.steps == 7 and [t.info["status"] for t in buffer] == env.statuses
+    assert [t.episode_id for t in buffer] == [0, 1, 2, 3, 0, 1, 2]  # A B C D, then A B C's second steps
+    assert [t.t for t in buffer] == [0, 0, 0, 0, 1, 1, 1] and all(t.terminated for t in buffer[4:])
+    assert stats["generated_tokens"] == sum(t.n_tokens for t in buffer)
+    # D's first episode is cut by the end of the collection: it bootstraps from D's own next observation
+    assert not buffer[3].terminated and buffer[3].next_obs_ids is not None
+
+
+def test_overlap_follows_the_runtime_setting(tiny_policy):
+    from agents.policy import RuntimeSettings, overlaps_generation
+
+    assert overlaps_generation(RuntimeSettings(), torch.device("cuda")) is True
+    assert overlaps_generation(RuntimeSettings(), torch.device("cpu")) is False
+    assert overlaps_generation(RuntimeSettings(overlap_generation="on"), torch.device("cpu")) is True
+    assert overlaps_generation(RuntimeSettings(overlap_generation="off"), torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="overlap_generation"):
+        RuntimeSettings(overlap_generation="yes")
