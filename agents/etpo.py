@@ -245,6 +245,8 @@ class TokenModels(Protocol):
 
     # Optional: `critic_split(hidden) -> (V [N], A [N, V])` for a critic Q = V + A; the update then regresses V and A
     # as `dueling_critic_loss_per_token` says (without it, Q_φ(uʲ, wʲ) regresses on yʲ directly).
+    # Optional: `critic_taken(hidden, tokens) -> (V [N], A [N])` for such a critic: V and A at the taken tokens only,
+    # which is all the critic loss reads (no [N, V] rows in the critic's pass).
     # Optional: `vocab_size`, the width V of the heads' rows; with it, small updates keep the heads' graphs instead of
     # recomputing them in backward (`_over_chunks`).
     # Optional: `rows(role, packed) -> [N, H]`, the token states' features straight from `packed.pairs` (the LM runs a
@@ -343,6 +345,10 @@ def _q_rows(models: TokenModels, h_q: torch.Tensor) -> torch.Tensor:
 def _critic_chunk(models: TokenModels, critic_kind: str, huber_delta: float, h_q: torch.Tensor,
                   tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed critic loss of one chunk of rows."""
+    taken = getattr(models, "critic_taken", None)
+    if taken is not None:  # V and A at the taken tokens straight away
+        value, advantage = taken(h_q, tokens)
+        return dueling_critic_loss_per_token(value, advantage, targets, critic_kind, huber_delta).sum()
     split = getattr(models, "critic_split", None)
     if split is not None:  # Q = V + A, each part with its own regression (dueling_critic_loss_per_token)
         value, advantage = split(h_q)
@@ -390,8 +396,8 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
     """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached."""
     h_q = _rows(models, "critic", packed)
     fn = lambda h, t, y: _critic_chunk(models, critic_kind, huber_delta, h, t, y)  # noqa: E731
-    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device),
-                        vocab_size=getattr(models, "vocab_size", None))
+    width = 1 if getattr(models, "critic_taken", None) is not None else getattr(models, "vocab_size", None)
+    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device), vocab_size=width)
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
 
@@ -699,6 +705,15 @@ class DuelingCritic(torch.nn.Module):
         direction = self.up(self.down(hidden))
         return self.value(hidden).squeeze(-1), F.linear(direction.to(embedding.dtype), embedding).float()
 
+    def taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """V(u) and A(u, w) at the taken tokens only ([N] each): each row's direction dotted with its token's
+        output embedding, the entry `forward` would give, without forming [N, V] rows (the critic loss reads
+        nothing else, so its cost no longer grows with the vocabulary)."""
+        hidden = hidden.float()
+        (embedding,) = self._readout
+        direction = self.up(self.down(hidden)).to(embedding.dtype).float()
+        return self.value(hidden).squeeze(-1), (direction * embedding[tokens].float()).sum(-1)
+
 
 _ADAPTER_OF = {"policy": "policy", "reference": None, "critic": "critic", "target": "critic"}  # role -> adapter
 
@@ -748,6 +763,7 @@ class LMTokenModels:
                 self._lm_heads[role] = lambda h, head=self._lm_heads[role]: head(h).float() / temperature
         # the update regresses V and A separately for the dueling critic (TokenModels.critic_split)
         self.critic_split = self.q_head if cfg.critic == "dueling" else None
+        self.critic_taken = self.q_head.taken if cfg.critic == "dueling" else None
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._policy_params)
