@@ -283,7 +283,7 @@ class RolloutCollector:
                 prefetch(action)
 
     def _finish_programs(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
-        """Step the single envs named in `actions` one after another, in index order, timing the wait."""
+        """Step the single envs named in `actions` one after another, in index order, each taking its result."""
         return {i: self.envs[i].step(action) for i, action in actions.items()}
 
     def _autoreset_mode(self) -> str:
