@@ -268,6 +268,31 @@ def test_gpu_bench_runs_its_code_on_cpu_and_exits_cleanly_without_cuda(capsys):
         assert "no CUDA device" in capsys.readouterr().out
 
 
+def test_throughput_speed_up_is_the_ratio_of_the_medians_and_each_repeat_has_its_own():
+    bench = _bench_module("train_throughput")
+    base = [{"steps": 1.0}, {"steps": 3.0}, {"steps": 2.0}]
+    new = [{"steps": 4.0}, {"steps": 9.0}, {"steps": 8.0}]
+    assert bench.speed_up(base, new, "steps") == (4.0, [4.0, 3.0, 4.0])  # medians 8 / 2; 4/1, 9/3, 8/2
+    assert bench.cpu_busy((10.0, 100.0), (16.0, 110.0)) == pytest.approx(0.6)  # 6 busy of 10 core-seconds
+    assert np.isnan(bench.cpu_busy(None, (16.0, 110.0)))
+
+
+def test_throughput_bench_interleaves_repeats_counts_every_step_and_ends_with_the_speed_up_line(
+        tiny_model_dir, capsys):
+    import re
+
+    bench = _bench_module("train_throughput")
+    assert bench.main(["--model", str(tiny_model_dir), "--budget", "2", "--num-envs", "2", "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    runs = [line for line in lines if re.match(r"(one env, unbatched|2 envs, batched) #[12] ", line)]
+    assert len(runs) == 4
+    for line in runs:
+        steps, counted = line.split("#")[1].split()[1:3]
+        assert float(steps) == int(counted) == 2  # the budget wrapper saw every step of every run
+    assert lines[-2].startswith("per repeat: env_steps_per_s ")
+    assert re.fullmatch(r"speed-up: env_steps_per_s \d+\.\d\dx, tokens_per_s \d+\.\d\dx", lines[-1])
+
+
 def test_exported_policy_is_the_trained_policy(tiny_model_dir, tmp_path):
     from agents.policy import LMPolicy
 
