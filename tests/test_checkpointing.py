@@ -1,9 +1,11 @@
 """Gradient checkpointing changes memory, never gradients: for every network of ETPO (policy and critic adapters on
 one base) and PPO (policy and value adapters), gradients with checkpointing on equal those with it off, and the
-layers really are recomputed (PPO used to run in eval mode, where transformers does not checkpoint)."""
+layers really are recomputed (PPO used to run in eval mode, where transformers does not checkpoint); and whole
+training runs that differ only in checkpointing save the same tensors (adapters, heads, EMA target, optimisers)."""
 
 from __future__ import annotations
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,70 @@ def test_checkpointing_leaves_every_gradient_unchanged(tiny_model_dir, gradients
                 networks[network] += 1
     # both networks of each learner had real gradients to compare
     assert sum(count > 0 for count in networks.values()) == 2, networks
+
+
+class ScoredEnv(gym.Env):
+    """Two-step episodes rewarded by the share of digits in the action: deterministic and sandbox-free, with
+    rewards that differ between actions (so every network of a learner gets gradients)."""
+
+    observation_space = gym.spaces.Text(max_length=200)
+    action_space = gym.spaces.Text(max_length=2000)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return "def build_model(X, y):\n", {}
+
+    def step(self, action):
+        self.t += 1
+        reward = sum(c.isdigit() for c in action) / max(len(action), 1) - 0.1
+        return "again:\n", float(reward), self.t >= 2, False, {"status": "ok"}
+
+
+def saved_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a learner's checkpoint: each adapter's weights and the trainer state (heads, EMA target,
+    optimiser moments, RNG states), by path."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for path in sorted(directory.rglob("*.safetensors")):
+        for name, tensor in load_file(path).items():
+            found[f"{path.relative_to(directory)}:{name}"] = tensor
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            found[prefix] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(f"{prefix}[{i}]", item)
+
+    walk("trainer", torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False))
+    return found
+
+
+@pytest.mark.parametrize("agent_class,options", [
+    (ETPOAgent, dict(minibatch_size=2, epochs=2, rollout_steps=4, chunk_size=7)),
+    (PPOAgent, dict(minibatch_size=2, epochs=2, rollout_steps=4, value_model="adapter")),
+], ids=["etpo", "ppo"])
+def test_learners_that_differ_only_in_checkpointing_save_the_same_tensors(tiny_model_dir, tmp_path, agent_class,
+                                                                          options):
+    saved = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        agent = agent_class(model=tiny_model_dir, device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, seed=0,
+                            num_envs=2, gradient_checkpointing=checkpointing, **options)
+        assert agent.policy.gradient_checkpointing == checkpointing
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        agent.learn(ScoredEnv(), 8, out_dir=out)
+        saved[checkpointing] = saved_tensors(out / "checkpoint")
+    plain, checkpointed = saved[False], saved[True]
+    assert plain.keys() == checkpointed.keys()
+    assert sum("lora_" in name for name in plain) >= 4  # both adapters' weights are among the compared tensors
+    moved = 0
+    for name, tensor in plain.items():
+        torch.testing.assert_close(checkpointed[name], tensor, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+        moved += "lora_B" in name and bool(tensor.abs().sum() > 0)  # LoRA B starts at zero: nonzero = trained
+    assert moved >= 2, "both networks' adapters were trained"
