@@ -1,11 +1,14 @@
-"""Peak GPU memory and tokens/s of one ETPO update for Llama-shaped models built from a config (no download).
+"""Peak GPU memory and tokens/s of one ETPO update for model shapes built from a config (no download), and the
+critic's training state at those shapes counted on the meta device (no memory allocated; printed with or without a
+GPU).
 
-Shapes: "0.5b" (Qwen2.5-0.5B-like: hidden 896, 24 layers, vocabulary 151,936) and "7b" (Llama-2-7B: hidden 4096,
-32 layers, vocabulary 32,000); base weights in bf16, LoRA adapters, Q head, EMA target and optimiser state in fp32,
-gradient checkpointing on. One update = the target pass (π, ρ, Q_φ̄ forwards) + the gradient pass (π, ρ, Q_φ
+Shapes: "0.5b" (Qwen2.5-0.5B: hidden 896, 24 layers, vocabulary 151,936) and "7b" (Qwen2.5-7B: hidden 3584,
+28 layers, vocabulary 152,064); base weights in bf16, LoRA adapters, critic head, EMA target and optimiser state in
+fp32, gradient checkpointing on. One update = the target pass (π, ρ, Q_φ̄ forwards) + the gradient pass (π, ρ, Q_φ
 forwards, backward, two optimiser steps, EMA) over `--actions` actions of `--new-tokens` tokens after a
-`--prompt-tokens` prompt. Prints whether the 7B update fits on one 80 GB GPU. Needs CUDA; exits with a message
-(status 0) when no GPU is present.
+`--prompt-tokens` prompt. The critic table gives, per shape and critic kind, its trainable parameters (fp32, with
+gradients and AdamW's two moments) plus its EMA target, against the 1 GiB budget. Prints whether the 7B update fits
+on one 80 GB GPU. The update needs CUDA; without one it says so after the critic table (status 0).
 
     .venv/bin/python bench/etpo_gpu.py                          # both shapes
     .venv/bin/python bench/etpo_gpu.py --shapes 7b --actions 8 --new-tokens 256 --prompt-tokens 512
@@ -22,15 +25,17 @@ import time
 import numpy as np
 import torch
 
-SHAPES = {
-    "0.5b": dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
-    "7b": dict(vocab_size=32_000, hidden_size=4096, intermediate_size=11_008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+SHAPES = {  # transformers config fields by model type (AutoConfig.for_model)
+    "0.5b": dict(model_type="qwen2", vocab_size=151_936, hidden_size=896, intermediate_size=4864,
+                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "7b": dict(model_type="qwen2", vocab_size=152_064, hidden_size=3584, intermediate_size=18_944,
+               num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
     # a few-MB shape that runs the same code on CPU (--device cpu): a smoke test of this script, not a figure
-    "smoke": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "smoke": dict(model_type="llama", vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
 }
+CRITICS = ("dueling", "head", "lm_head")
+CRITIC_BUDGET_MIB = 1024  # the critic's trainable state plus its target must fit in 1 GiB at the 7B shape
 GPU_80GB_MIB = 80 * 1000**3 / 2**20  # an "80 GB" card, in MiB
 
 
@@ -48,15 +53,40 @@ def buffer_for(vocab: int, actions: int, prompt_tokens: int, new_tokens: int):
     return buffer
 
 
-def measure(shape: str, args: argparse.Namespace) -> dict:
-    from transformers import LlamaConfig
+def shape_config(shape: str):
+    from transformers import AutoConfig
 
+    fields = dict(SHAPES[shape])
+    return AutoConfig.for_model(fields.pop("model_type"), max_position_embeddings=4096, **fields)
+
+
+def critic_mib_on_meta(shape: str, lora_r: int) -> dict[str, float]:
+    """The critic's training state (`critic_state_bytes`) at `shape` for each critic kind, counted on the meta
+    device: the model's parameters exist as shapes only, so a 7B count allocates nothing."""
+    from agents.etpo import ETPOConfig, LMTokenModels, critic_state_bytes, lm_policy_from_config
+
+    policy = lm_policy_from_config(shape_config(shape), lora_r=lora_r, device="meta", dtype=torch.bfloat16)
+    return {critic: critic_state_bytes(LMTokenModels(policy, ETPOConfig(critic=critic, lora_r=lora_r))) / 2**20
+            for critic in CRITICS}
+
+
+def print_critic_table(shapes: list[str], lora_r: int) -> None:
+    print(f"critic state (trainable fp32 x4 + EMA target), meta device, LoRA r={lora_r}, budget "
+          f"{CRITIC_BUDGET_MIB} MiB:")
+    print(f"{'shape':>5} " + " ".join(f"{critic + ' MiB':>14}" for critic in CRITICS))
+    for shape in shapes:
+        counts = critic_mib_on_meta(shape, lora_r)
+        print(f"{shape:>5} " + " ".join(f"{mib:>10.1f} {'ok' if mib <= CRITIC_BUDGET_MIB else 'over':>3}"
+                                        for mib in counts.values()), flush=True)
+
+
+def measure(shape: str, args: argparse.Namespace) -> dict:
     from agents.etpo import ETPOAgent, ETPOConfig, critic_state_bytes, etpo_update, lm_policy_from_config
     from agents.policy import RuntimeSettings
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    hf_config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+    hf_config = shape_config(shape)
     policy = lm_policy_from_config(hf_config, lora_r=args.lora_r, device=str(device), dtype=torch.bfloat16)
     policy.set_gradient_checkpointing(True)
     cfg = ETPOConfig(epochs=1, minibatch_size=args.minibatch_size, chunk_size=args.chunk_size, lora_r=args.lora_r,
@@ -102,9 +132,16 @@ def main(argv=None) -> int:
     parser.add_argument("--critic", default="dueling", choices=["dueling", "head", "lm_head"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (only with --shapes smoke)")
+    parser.add_argument("--critic-table", default="auto", choices=["auto", "on", "off", "only"],
+                        help="print the meta-device critic table (auto: for every shape but smoke; only: then stop)")
     args = parser.parse_args(argv)
+    counted = {"auto": [s for s in args.shapes if s != "smoke"], "off": []}.get(args.critic_table, args.shapes)
+    if counted:
+        print_critic_table(counted, args.lora_r)
+    if args.critic_table == "only":
+        return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("etpo_gpu: no CUDA device here; this benchmark needs a GPU (run it on a GPU machine).")
+        print("etpo_gpu: no CUDA device here; the update needs a GPU (run it on a GPU machine).")
         return 0
     if args.device == "cpu":
         name, total_mib = "cpu", float("nan")

@@ -265,7 +265,19 @@ def test_gpu_bench_runs_its_code_on_cpu_and_exits_cleanly_without_cuda(capsys):
     assert "smoke" in capsys.readouterr().out
     if not torch.cuda.is_available():
         assert bench.main([]) == 0
-        assert "no CUDA device" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "no CUDA device" in out and "critic state" in out  # the meta-device count comes first
+
+
+def test_gpu_bench_counts_the_critic_of_the_7b_152k_shape_on_the_meta_device_with_or_without_a_gpu(capsys):
+    bench = _bench_module("etpo_gpu")
+    assert bench.SHAPES["7b"]["vocab_size"] >= 150_000
+    assert bench.main(["--shapes", "7b", "--critic-table", "only"]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["7b"])
+    dueling, head, lm_head = (float(row[i]) for i in (1, 3, 5))
+    assert dueling <= 1024 and row[2] == "ok"  # the default critic fits the 1 GiB budget
+    assert head > 1024 and row[4] == "over"  # a V×H head would not (≈ 11 GB at 152k × 3584)
+    assert 0 < lm_head <= 1024
 
 
 def test_throughput_speed_up_is_the_ratio_of_the_medians_and_each_repeat_has_its_own():
