@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from agents.learner import Learner
+from agents.learner import CheckpointSettings, Learner
 from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm, peft_wrapping
 from agents.rollout import episode_chains
 
@@ -648,8 +648,8 @@ class ETPOConfig:
         "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
-    checkpoint_every: int = field(default=1, metadata={"help": "Checkpoint every N updates when an output directory "
-                                                                "is set (0 = only at the end)."})
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
+        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
     def __post_init__(self):
         if self.beta <= 0:

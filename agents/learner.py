@@ -17,8 +17,9 @@ What the shell owns:
   with the shared `RolloutCollector`, then `train(buffer)`; handed a single env, the collector steps the config's
   `num_envs` envs at once (the env and siblings spawned from it, its wrappers shared: a budget wrapper still
   counts every step, exactly) and generates each round's actions in one batched call; logs every update (console, progress bar, TensorBoard,
-  metrics.jsonl through `RunLogger`), runs callbacks (one returning `False` stops training), checkpoints every
-  `checkpoint_every` updates and at the end;
+  metrics.jsonl through `RunLogger`), runs callbacks (one returning `False` stops training), checkpoints on the
+  config's `checkpoints` schedule (every `checkpoint_every` updates and/or `checkpoint_minutes`, always at the end),
+  keeping the latest `keep_checkpoints`;
 - `save`/`load`: atomic (written beside, then swapped in), with a format check, the config, the policy's adapters,
   the learner's state and every RNG (Python, numpy, torch CPU and CUDA); `load` + `learn` resumes exactly.
 - `reset`/`act`: sampling from the policy with the config's `generation` settings.
@@ -26,10 +27,13 @@ What the shell owns:
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +47,32 @@ Callback = Callable[[dict[str, float]], Any]
 
 CHECKPOINT_FORMAT = 2  # bump when the checkpoint layout changes; `load` refuses other formats
 COUNTERS = ("updates", "env_steps", "tokens", "episodes")
+LATEST = "checkpoint"  # <out_dir>/checkpoint is the latest checkpoint; older kept ones are checkpoint-<updates>
+
+
+@dataclass
+class CheckpointSettings:
+    """When `learn` with an output directory writes checkpoints and how many it keeps (the `checkpoints` section
+    of every learner config). The defaults suit large models, whose checkpoint (adapters, critic or value head,
+    EMA target, both optimisers' moments) is large and slow to write: by time, not after every update."""
+
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "Checkpoint every N updates (SFT: rounds); 0 = by time only. Always at the end of `learn`."})
+    checkpoint_minutes: float = field(default=30.0, metadata={
+        "help": "Also checkpoint when this many minutes have passed since the last checkpoint (0 = never by time)."})
+    keep_checkpoints: int = field(default=1, metadata={
+        "help": "Checkpoints kept: the latest in <out>/checkpoint, the ones before it as <out>/checkpoint-<updates> "
+                "(1 = the latest only; older ones beyond the count are deleted)."})
+
+    def __post_init__(self):
+        if self.checkpoint_every < 0 or self.checkpoint_minutes < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"checkpoint_every and checkpoint_minutes must be >= 0 and keep_checkpoints >= 1; got "
+                             f"{self.checkpoint_every}, {self.checkpoint_minutes}, {self.keep_checkpoints}")
+
+    def due(self, updates: int, seconds_since_last: float) -> bool:
+        """Whether a checkpoint is due after update number `updates` (the end of `learn` always writes one)."""
+        by_count = self.checkpoint_every > 0 and updates % self.checkpoint_every == 0
+        return by_count or 0 < self.checkpoint_minutes * 60 <= seconds_since_last
 
 
 class Learner:
@@ -180,7 +210,9 @@ class Learner:
         """
         callbacks = [callbacks] if callable(callbacks) else list(callbacks or [])
         logger = _make_logger(out_dir, budget - self.counters["env_steps"])
+        schedule: CheckpointSettings = self.config.checkpoints
         saved_at: int | None = None  # the update count of the last checkpoint this call wrote
+        last_save = time.monotonic()
         try:
             summary = self.prepare(logger)
             if self.collects:
@@ -190,17 +222,16 @@ class Learner:
                     if logger is not None:
                         logger.log(stats, step=self.counters["env_steps"])
                     answers = [callback(stats) for callback in callbacks]  # every callback sees every update
-                    every = self.config.checkpoint_every
-                    if out_dir is not None and every and self.counters["updates"] % every == 0:
-                        self.save(Path(out_dir) / "checkpoint")
-                        saved_at = self.counters["updates"]
+                    if out_dir is not None and schedule.due(self.counters["updates"], time.monotonic() - last_save):
+                        self.save_checkpoint(out_dir)
+                        saved_at, last_save = self.counters["updates"], time.monotonic()
                     if any(answer is False for answer in answers):
                         break
         finally:
             if logger is not None:
                 logger.close()
         if out_dir is not None and saved_at != self.counters["updates"]:  # not written twice for one state
-            self.save(Path(out_dir) / "checkpoint")
+            self.save_checkpoint(out_dir)
         return {**summary, **{k: float(v) for k, v in self.counters.items()}}
 
     def update_once(self, env: Any, n_steps: int) -> dict[str, float]:
@@ -226,6 +257,23 @@ class Learner:
         }
 
     # -- persistence ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, out_dir: str | Path) -> Path:
+        """Write the latest checkpoint to `out_dir/checkpoint`; with `keep_checkpoints` > 1 the one it replaces is
+        kept as `checkpoint-<its updates>`, and kept ones beyond the count are deleted, oldest first."""
+        latest = Path(out_dir) / LATEST
+        keep = self.config.checkpoints.keep_checkpoints
+        previous = saved_updates(latest)
+        if keep > 1 and previous is not None and previous != self.counters["updates"]:
+            older = latest.with_name(f"{LATEST}-{previous}")
+            if older.exists():
+                shutil.rmtree(older)
+            latest.rename(older)
+        self.save(latest)
+        kept = kept_checkpoints(out_dir)
+        for old in kept[:len(kept) - (keep - 1)]:  # all of them when only the latest is kept
+            shutil.rmtree(old)
+        return latest
+
     def save(self, directory: str | Path) -> None:
         """Everything needed to resume, written atomically: a crash mid-save leaves the previous checkpoint."""
         from agents.config import replace_directory, save_config
@@ -245,6 +293,7 @@ class Learner:
             "learner_state": self.state_dict(),
             "rng": rng_states(),
         }, staged / "trainer.pt")
+        (staged / "progress.json").write_text(json.dumps(dict(self.counters)) + "\n")  # readable without torch
         replace_directory(staged, directory)
 
     @classmethod
@@ -274,6 +323,27 @@ class Learner:
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers (pure or nearly)
 # ----------------------------------------------------------------------------------------------------------------
+def saved_updates(directory: Path) -> int | None:
+    """The update count a checkpoint directory was written at (None when there is none)."""
+    progress = directory / "progress.json"
+    if progress.exists():
+        return int(json.loads(progress.read_text())["updates"])
+    if (directory / "trainer.pt").exists():  # written before progress.json existed
+        return int(torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)["counters"]["updates"])
+    return None
+
+
+def kept_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The older checkpoints kept beside the latest (`checkpoint-<updates>`), in the order they were written (a new
+    run in the same directory counts its updates from 0 again, so the number alone does not order them)."""
+    def written(path: Path) -> tuple[float, int]:
+        state = path / "trainer.pt"
+        return (state if state.exists() else path).stat().st_mtime, int(path.name.rsplit("-", 1)[1])
+
+    return sorted((p for p in Path(out_dir).glob(f"{LATEST}-*")
+                   if p.is_dir() and re.fullmatch(rf"{LATEST}-\d+", p.name)), key=written)
+
+
 def rng_states() -> dict[str, Any]:
     """Every global RNG a run draws from: Python, numpy, torch CPU and (when present) CUDA."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),

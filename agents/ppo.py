@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from agents.learner import Learner
+from agents.learner import CheckpointSettings, Learner
 from agents.policy import GenerationSettings, RuntimeSettings
 
 KLEstimator = Literal["k1", "k3"]
@@ -380,8 +380,8 @@ class PPOConfig:
                                                                       "reference pass per iteration)."})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
-    checkpoint_every: int = field(default=1, metadata={"help": "Checkpoint every N iterations when an output "
-                                                               "directory is set (0 = only at the end)."})
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
+        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agents.learner import Learner
+from agents.learner import CheckpointSettings, Learner
 from agents.policy import GenerationSettings, RuntimeSettings
 
 
@@ -65,8 +65,8 @@ class SFTConfig:
         "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
     chunk_size: int = field(default=256, metadata={"help": "Positions per whole-vocabulary chunk."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling, shuffling and adapter init."})
-    checkpoint_every: int = field(default=0, metadata={"help": "Checkpoint every N rounds when an output directory "
-                                                               "is set (0 = only at the end)."})
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
+        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
 
 # ----------------------------------------------------------------------------------------------------------------

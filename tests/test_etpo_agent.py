@@ -305,6 +305,34 @@ def test_throughput_bench_interleaves_repeats_counts_every_step_and_ends_with_th
     assert re.fullmatch(r"speed-up: env_steps_per_s \d+\.\d\dx, tokens_per_s \d+\.\d\dx", lines[-1])
 
 
+def test_checkpoints_follow_their_schedule_and_the_latest_n_are_kept(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    from agents.learner import CheckpointSettings, kept_checkpoints
+
+    def written(out, **options) -> list[int]:
+        agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "rollout_steps": 2, **options})
+        writes, real = [], agent.save
+        monkeypatch.setattr(agent, "save", lambda d: writes.append(agent.counters["updates"]) or real(d))
+        agent.learn(DigitEnv(), 10, out_dir=out)  # five updates of two env steps
+        return writes
+
+    assert ETPOConfig().checkpoints == CheckpointSettings(checkpoint_every=0, checkpoint_minutes=30.0,
+                                                          keep_checkpoints=1)
+    assert written(tmp_path / "default") == [5]  # large-model defaults: by time (30 min), and at the end
+    assert written(tmp_path / "timed", checkpoint_minutes=1e-9) == [1, 2, 3, 4, 5]
+    out = tmp_path / "every-2"
+    assert written(out, checkpoint_every=2, keep_checkpoints=3) == [2, 4, 5]
+    assert [p.name for p in kept_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((out / "checkpoint" / "progress.json").read_text())["updates"] == 5
+    assert ETPOAgent.load(out / "checkpoint-4").counters["updates"] == 4  # a kept one is a whole checkpoint
+    assert written(out, checkpoint_every=1, keep_checkpoints=2) == [1, 2, 3, 4, 5]  # a new run in the same dir
+    assert [p.name for p in kept_checkpoints(out)] == ["checkpoint-4"]  # the older ones beyond the count: gone
+    assert ETPOAgent.load(out / "checkpoint-4").counters["updates"] == 4  # this run's, not the previous run's
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        ETPOConfig(checkpoints=CheckpointSettings(keep_checkpoints=0))
+
+
 def test_exported_policy_is_the_trained_policy(tiny_model_dir, tmp_path):
     from agents.policy import LMPolicy
 
