@@ -4,7 +4,9 @@ does not grow with the vocabulary.
 The toy: one state, a reference ρ peaked on three tokens, one-token actions, every sampled action scored −1 (a failed
 program). With a Q table starting at 0, the improvement target ρ·exp(Q/β) pushes the whole mass of the tried tokens
 onto tokens nobody tried (Q = 0 > −1). With Q = V + A (A regressed on y − V), V absorbs the failure, untried tokens
-sit at V too, and nothing moves; a rewarded token still gains.
+sit at V too, and nothing moves; a rewarded token still gains. The same holds for the learner's own low-rank
+`DuelingCritic` module (A shared across tokens through an output embedding), whose V is what keeps the untried
+tokens in place: without it, A alone sends the tried tokens' mass to an untried one.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import random
 
 import pytest
 import torch
+from torch.func import functional_call
 
 from agents.etpo import (
+    DuelingCritic,
     ETPOConfig,
     LMTokenModels,
     UpdateSettings,
@@ -53,6 +57,45 @@ class DuelingTabular(TabularModels):
         return [self.value_target, self.q_target]
 
 
+class DuelingModuleTabular(TabularModels):
+    """The tabular toy with the learner's own `DuelingCritic` module: each state has a fixed random feature vector,
+    the "output embedding" is a fixed random V×H matrix, so A is low-rank and shared across tokens as in the LM (a
+    change made for the tried tokens moves the untried ones' A too); the target is an EMA copy of its parameters."""
+
+    def __init__(self, hidden: int = 16, rank: int = 4, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.features = torch.randn(self.capacity, hidden, generator=generator)
+        embedding = torch.randn(self.vocab, hidden, generator=generator) / hidden ** 0.5
+        torch.manual_seed(seed)
+        self.critic = DuelingCritic(hidden, rank, embedding)
+        self.names = [name for name, _ in self.critic.named_parameters()]
+        self.target = [p.detach().clone() for p in self.critic.parameters()]
+
+    def _features(self, hidden):
+        return self.features[hidden[..., 0].long()]
+
+    def critic_split(self, hidden):
+        return self.critic(self._features(hidden))
+
+    def critic_taken(self, hidden, tokens):
+        return self.critic.taken(self._features(hidden), tokens)
+
+    def head(self, role, hidden):
+        if role in ("critic", "target"):
+            weights = None if role == "critic" else dict(zip(self.names, self.target, strict=True))
+            value, advantage = (self.critic(self._features(hidden)) if weights is None else
+                                functional_call(self.critic, weights, (self._features(hidden),)))
+            return value[:, None] + advantage
+        return super().head(role, hidden)
+
+    def critic_parameters(self):
+        return list(self.critic.parameters())
+
+    def target_parameters(self):
+        return self.target
+
+
 def improved_policy(models, rewards: dict[int, float], updates: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.full((VOCAB,), -4.0)
     logits[:3] = torch.tensor([2.0, 1.5, 1.0])  # ρ puts ~97% on tokens 0..2
@@ -89,6 +132,16 @@ def test_a_rewarded_token_still_gains_with_the_dueling_critic():
     pi, rho = improved_policy(DuelingTabular(vocab=VOCAB), {0: -1.0, 1: 1.0, 2: -1.0})
     assert pi[1] > 0.9 > rho[1]
     assert pi[0] < rho[0] and pi[2] < rho[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_learners_low_rank_dueling_critic_sends_no_probability_to_untried_tokens_after_failures(seed):
+    tried = {0: -1.0, 1: -1.0, 2: -1.0}
+    pi, rho = improved_policy(DuelingModuleTabular(vocab=VOCAB, seed=seed), tried)
+    assert untried_mass(pi, tried) <= untried_mass(rho, tried) + 0.01, (pi, rho)
+    pi, rho = improved_policy(DuelingModuleTabular(vocab=VOCAB, seed=seed), {0: -1.0, 1: 1.0, 2: -1.0})
+    assert pi[1] > 0.9 > rho[1]
 
 
 @pytest.mark.parametrize("critic,fits", [("dueling", True), ("head", False)])
