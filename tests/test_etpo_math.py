@@ -413,6 +413,31 @@ def test_ema_target_follows_the_stepped_critic_at_rate_tau():
     assert m.q_target[other].tolist() == pytest.approx((0.75 * 0.0 + 0.25 * m.q[other]).tolist(), abs=1e-6)
 
 
+def test_ema_target_moves_after_every_optimiser_step_not_once_per_epoch():
+    """Two minibatches of one transition (order [0, 1]): action 1 (y = 1), then action 2 (y = 0). SGD lr ½ on
+    ½(Q − y)²: Q₁ = (0, 0.75, 2), Q₂ = (0, 0.75, 1); the EMA after each step: Q̄₁ = 0.75·0.1 + 0.25·Q₁ =
+    (0.075, 0.2625, 0.575), Q̄₂ = 0.75·Q̄₁ + 0.25·Q₂ = (0.05625, 0.384375, 0.68125). (Once per epoch:
+    0.75·0.1 + 0.25·Q₂ = (0.075, 0.2625, 0.325).)"""
+    m, buffer = one_state_toy()
+    buffer.append(transition([5], [2], 0.0, True))
+    sgd_update(m, buffer, minibatch_size=1)
+    s = m.state([5])
+    assert m.q[s].tolist() == pytest.approx([0.0, 0.75, 1.0], abs=1e-6)
+    assert m.q_target[s].tolist() == pytest.approx([0.05625, 0.384375, 0.68125], abs=1e-6)
+
+
+def test_the_learner_config_hands_every_update_setting_to_the_update():
+    from dataclasses import fields
+
+    from agents.etpo import ETPOConfig
+
+    chosen = dict(beta=0.3, gamma=0.7, epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
+                  critic_loss="mse", huber_delta=2.5, ema_rate=0.2, max_grad_norm=0.4)
+    settings = ETPOConfig(**chosen).update_settings(pad_id=9)
+    assert {f.name for f in fields(UpdateSettings)} == set(chosen) | {"pad_id"}  # nothing left at its default
+    assert {name: getattr(settings, name) for name in chosen} == chosen and settings.pad_id == 9
+
+
 def test_gradients_are_clipped_per_network():
     """Both raw gradient norms exceed the clip c; each network's step is then exactly lr·c long (clipping the two
     networks jointly would shorten both steps, by c/‖(g_π, g_Q)‖)."""
