@@ -333,6 +333,19 @@ def test_checkpoints_follow_their_schedule_and_the_latest_n_are_kept(tiny_model_
         ETPOConfig(checkpoints=CheckpointSettings(keep_checkpoints=0))
 
 
+def test_stop_strings_set_on_the_learner_config_end_every_collected_action(tiny_model_dir):
+    agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "max_new_tokens": 40, "num_envs": 2}, stop=("\n",))
+    assert agent.config.generation.stop == ("\n",)
+    collector = agent.collector_for(DigitEnv())
+    assert collector.gen.stop == ("\n",)
+    buffer, _ = collector.collect(4)
+    for transition in buffer:
+        text = agent.policy.decode(list(transition.action_ids))
+        assert "\n" not in agent.policy.decode(list(transition.action_ids[:-1]))  # nothing after the stop string
+        assert "\n" in text or len(transition.action_ids) == 40  # ended by the stop string or by the length cap
+    assert any("\n" in agent.policy.decode(list(t.action_ids)) for t in buffer)  # the stop string did occur
+
+
 def test_exported_policy_is_the_trained_policy(tiny_model_dir, tmp_path):
     from agents.policy import LMPolicy
 

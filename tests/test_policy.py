@@ -146,6 +146,25 @@ def test_generation_stops_at_a_stop_string(fresh_policy):
     assert free.action_ids[: len(stopped.action_ids)] == stopped.action_ids
 
 
+def test_generation_ends_at_any_id_of_the_models_generation_config_eos_list(fresh_policy):
+    pol = fresh_policy
+    prompt = pol.encode(PROMPTS[0])
+    free = pol.generate([prompt], GenerationSettings(max_new_tokens=30, temperature=0, stop_at_eos=False))[0]
+    position = next(i for i, t in enumerate(free.action_ids) if i >= 2 and t not in free.action_ids[:i])
+    ender = free.action_ids[position]  # greedy decoding reaches this id first at `position`
+    config = pol.hf_model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = [pol.tokenizer.eos_token_id, ender]
+    try:
+        assert ender in pol.eos_ids()
+        ended = pol.generate([prompt], GenerationSettings(max_new_tokens=30, temperature=0))[0]
+    finally:
+        config.eos_token_id = saved
+    assert ended.finish_reason == "eos"
+    assert ended.action_ids == free.action_ids[: position + 1]  # the EOS id is kept, nothing after it
+    assert ender not in pol.eos_ids()
+
+
 def _lora_runs(pol: LMPolicy) -> list[int]:
     """Count forward calls of every `lora_A` module of the policy adapter (they run only when it is unmerged)."""
     calls = [0]
