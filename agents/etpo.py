@@ -935,7 +935,7 @@ class ETPOAgent(Learner):
         self.policy.model.save_pretrained(str(adapter_dir), selected_adapters=["policy"])
         if not (adapter_dir / "adapter_config.json").exists():
             adapter_dir = adapter_dir / "policy"  # peft puts non-default adapters in a sub-directory
-        dtype = next(self.policy.hf_model.parameters()).dtype
+        dtype = self.policy.weights_dtype  # a 4-bit run exports a merged model in its compute dtype
         base = load_causal_lm(self.model_path, dtype=dtype)
         with peft_wrapping():
             merged = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="policy").merge_and_unload()

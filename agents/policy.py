@@ -362,6 +362,15 @@ class LMPolicy:
                 return int(candidate)
         return 0
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype of the base model's floating-point weights: the frozen ones, not the fp32 trainable adapters;
+        for a 4-bit base (whose packed weights are uint8) the dtype of its unquantised layers, the compute dtype."""
+        for p in self.hf_model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
     def upcast_trainable_to_fp32(self) -> None:
         for p in self.model.parameters():
             if p.requires_grad and p.dtype != torch.float32:

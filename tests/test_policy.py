@@ -165,6 +165,20 @@ def test_generation_ends_at_any_id_of_the_models_generation_config_eos_list(fres
     assert ender not in pol.eos_ids()
 
 
+def test_weights_dtype_is_the_frozen_floating_weights_not_packed_ones_or_the_fp32_adapters(tiny_model_dir):
+    pol = LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)})
+    assert pol.weights_dtype == torch.float32
+    with torch.no_grad():
+        for p in pol.hf_model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        embedding = pol.hf_model.get_input_embeddings()
+        embedding.weight = torch.nn.Parameter(torch.zeros_like(embedding.weight, dtype=torch.uint8),
+                                              requires_grad=False)  # as a quantised base's packed weights
+    assert next(pol.hf_model.parameters()).dtype == torch.uint8
+    assert pol.weights_dtype == torch.bfloat16  # the compute dtype, what an export of the merged model uses
+
+
 def _lora_runs(pol: LMPolicy) -> list[int]:
     """Count forward calls of every `lora_A` module of the policy adapter (they run only when it is unmerged)."""
     calls = [0]
