@@ -289,13 +289,16 @@ def _register_serve(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     serve.add_argument("--name", default=None, help="model name reported by /v1/models")
     serve.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     serve.set_defaults(func=_serve_command)
 
 
 def _serve_command(args: argparse.Namespace) -> int:
     from agents.serve import serve_forever
 
-    serve_forever(args.model, host=args.host, port=args.port, name=args.name, device=args.device)
+    serve_forever(args.model, host=args.host, port=args.port, name=args.name, device=args.device,
+                  dtype=args.dtype)
     return 0
 
 

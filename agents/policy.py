@@ -324,12 +324,13 @@ class LMPolicy:
                         reference: str = "base", device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
                         chunk_size: int = DEFAULT_CHUNK, merge_for_generation: bool = True,
-                        **model_kwargs: Any) -> LMPolicy:
+                        trainable: bool = True, **model_kwargs: Any) -> LMPolicy:
         """Load any causal LM by hub name or local path.
 
         `adapters` maps a name to a `peft.LoraConfig` (fresh adapter) or a path to a saved adapter (loaded). An
         adapter whose name is the reference one (`reference="adapter:<name>"`) is frozen; others are trainable.
-        Trainable parameters are kept in fp32 whatever the base dtype.
+        Trainable parameters are kept in fp32 whatever the base dtype. `trainable=False` (serving, prompting)
+        freezes every parameter, so the whole model stays in `dtype`.
         """
         from transformers import AutoTokenizer
 
@@ -344,6 +345,8 @@ class LMPolicy:
             model = _attach_adapters(model, adapters, frozen=_reference_adapter_name(reference))
         policy = cls(model, tokenizer, reference=reference, device=device, name_or_path=str(name_or_path),
                      chunk_size=chunk_size, merge_for_generation=merge_for_generation)
+        if not trainable:
+            model.requires_grad_(False)
         policy.upcast_trainable_to_fp32()
         policy.set_gradient_checkpointing(gradient_checkpointing)
         return policy

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agents.policy import RuntimeSettings
 from etpo_env.info import SUMMARY_KEYS
 
 SYSTEM_PROMPT = ("You are an expert data scientist who writes correct, efficient Python with numpy, pandas, scipy "
@@ -51,7 +52,8 @@ class PromptingConfig:
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     max_new_tokens: int = field(default=384, metadata={"help": "Most tokens per answer."})
-    device: str = field(default="auto", metadata={"help": "Local backend device: cpu, cuda or auto."})
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
+        "help": "Local backend: device, dtype (auto = bf16 on CUDA, fp32 on CPU), attention kernel, 4-bit base."})
     seed: int = field(default=0, metadata={"help": "Seed for demo choice and local sampling."})
 
 
@@ -90,10 +92,10 @@ def build_prompt(obs: str, shots: list[str], history: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 class LocalBackend:
     def __init__(self, model: str | Path, cfg: PromptingConfig):
-        from agents.policy import GenerationSettings, LMPolicy, resolve_device
+        from agents.policy import GenerationSettings, LMPolicy, load_options
         from agents.tiny import resolve_model
 
-        self.policy = LMPolicy.from_pretrained(resolve_model(model), device=resolve_device(cfg.device))
+        self.policy = LMPolicy.from_pretrained(resolve_model(model), trainable=False, **load_options(cfg.runtime))
         self.gen = GenerationSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                       top_p=cfg.top_p, seed=cfg.seed)
 

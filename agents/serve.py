@@ -29,17 +29,20 @@ class BadRequest(ValueError):
     pass
 
 
-def load_policy_for_serving(model: str, device: str = "auto") -> Any:
-    """'tiny' (built if missing), a saved LMPolicy directory (with adapters), or any causal LM path/name."""
-    from agents.policy import LMPolicy
+def load_policy_for_serving(model: str, device: str = "auto", dtype: str = "auto") -> Any:
+    """'tiny' (built if missing), a saved LMPolicy directory (with adapters), or any causal LM path/name, frozen, in
+    `dtype` (auto = bfloat16 on CUDA, float32 on CPU)."""
+    from agents.policy import LMPolicy, resolve_device, resolve_dtype
 
     if model == "tiny":
         from agents.tiny import ensure_tiny_model
 
         model = str(ensure_tiny_model())
+    where = resolve_device(device)
+    options = {"device": where, "dtype": resolve_dtype(dtype, where), "trainable": False}
     if (Path(model) / "policy.json").exists():
-        return LMPolicy.load(model, device=device)
-    return LMPolicy.from_pretrained(model, device=device)
+        return LMPolicy.load(model, **options)
+    return LMPolicy.from_pretrained(model, **options)
 
 
 class PolicyServer:
@@ -207,10 +210,10 @@ def make_server(policy: Any, host: str = "127.0.0.1", port: int = 0, name: str =
 
 
 def serve_forever(model: str, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-                  device: str = "auto") -> None:
+                  device: str = "auto", dtype: str = "auto") -> None:
     import sys
 
-    policy = load_policy_for_serving(model, device=device)
+    policy = load_policy_for_serving(model, device=device, dtype=dtype)
     server = make_server(policy, host, port, name or Path(str(model)).name or "local")
     if host not in LOOPBACK:
         print(f"warning: serving on {host}, reachable beyond this machine; the API has no authentication",

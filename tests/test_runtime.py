@@ -13,6 +13,7 @@ from agents.config import apply_overrides, leaf_fields
 from agents.etpo import ETPOAgent, ETPOConfig
 from agents.policy import RuntimeSettings, load_options, resolve_dtype
 from agents.ppo import PPOConfig
+from agents.prompting import PromptingConfig, ZeroShotConfig
 from agents.sft import SFTConfig
 
 
@@ -24,7 +25,7 @@ def test_auto_dtype_is_bf16_on_cuda_and_fp32_on_cpu():
         RuntimeSettings(dtype="fp8")
 
 
-@pytest.mark.parametrize("config_cls", [ETPOConfig, PPOConfig, SFTConfig])
+@pytest.mark.parametrize("config_cls", [ETPOConfig, PPOConfig, SFTConfig, PromptingConfig, ZeroShotConfig])
 def test_every_learner_config_exposes_the_runtime_fields_by_name(config_cls):
     names = leaf_fields(config_cls)
     assert {"device", "dtype", "attn_implementation", "quantization", "gradient_checkpointing"} <= set(names)
@@ -32,6 +33,25 @@ def test_every_learner_config_exposes_the_runtime_fields_by_name(config_cls):
     assert config.runtime == RuntimeSettings(device="cpu", dtype="bfloat16", attn_implementation="eager")
     options = load_options(config.runtime)
     assert options["dtype"] is torch.bfloat16 and options["attn_implementation"] == "eager"
+
+
+def test_the_prompting_baselines_local_model_loads_with_its_runtime(tiny_model_dir):
+    from agents.prompting import PromptingAgent
+
+    config = apply_overrides(PromptingConfig(strategy="zero-shot"), ["dtype=bfloat16", "device=cpu"])
+    agent = PromptingAgent(model=tiny_model_dir, config=config)
+    assert {p.dtype for p in agent.backend.policy.hf_model.parameters()} == {torch.bfloat16}
+
+
+def test_a_served_model_loads_frozen_in_the_dtype_asked_for(tiny_model_dir):
+    from agents.cli import build_parser
+    from agents.serve import load_policy_for_serving
+
+    policy = load_policy_for_serving(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in policy.hf_model.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in policy.hf_model.parameters())
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--dtype", "bfloat16"])
+    assert args.dtype == "bfloat16"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
