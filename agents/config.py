@@ -242,12 +242,18 @@ def load_config(cls: type[T], path: str | Path) -> T:
     return config_from_dict(cls, json.loads(Path(path).read_text()))
 
 
-def replace_directory(staged: Path, directory: Path) -> None:
+def replace_directory(staged: Path, directory: Path, keep_as: Path | None = None) -> None:
     """Move the fully written `staged` directory to `directory`, replacing what is there: a crash mid-save never
-    leaves a half-written checkpoint in place (at worst the previous one survives as `<name>.old`)."""
+    leaves a half-written checkpoint in place (at worst the previous one survives as `<name>.old`). With `keep_as`,
+    the replaced directory is moved there instead of deleted."""
     import shutil
 
-    if directory.exists():
+    if directory.exists() and keep_as is not None:
+        if keep_as.exists():
+            shutil.rmtree(keep_as)
+        directory.rename(keep_as)
+        staged.rename(directory)
+    elif directory.exists():
         old = directory.with_name(directory.name + ".old")
         if old.exists():
             shutil.rmtree(old)

@@ -263,19 +263,16 @@ class Learner:
         latest = Path(out_dir) / LATEST
         keep = self.config.checkpoints.keep_checkpoints
         previous = saved_updates(latest)
-        if keep > 1 and previous is not None and previous != self.counters["updates"]:
-            older = latest.with_name(f"{LATEST}-{previous}")
-            if older.exists():
-                shutil.rmtree(older)
-            latest.rename(older)
-        self.save(latest)
+        kept = keep > 1 and previous is not None and previous != self.counters["updates"]
+        self.save(latest, keep_previous_as=latest.with_name(f"{LATEST}-{previous}") if kept else None)
         kept = kept_checkpoints(out_dir)
         for old in kept[:len(kept) - (keep - 1)]:  # all of them when only the latest is kept
             shutil.rmtree(old)
         return latest
 
-    def save(self, directory: str | Path) -> None:
-        """Everything needed to resume, written atomically: a crash mid-save leaves the previous checkpoint."""
+    def save(self, directory: str | Path, keep_previous_as: Path | None = None) -> None:
+        """Everything needed to resume, written atomically: a crash mid-save leaves the previous checkpoint (the new
+        one is written beside it, then swapped in; with `keep_previous_as` the previous one is moved there)."""
         from agents.config import replace_directory, save_config
 
         directory = Path(directory)
@@ -294,7 +291,7 @@ class Learner:
             "rng": rng_states(),
         }, staged / "trainer.pt")
         (staged / "progress.json").write_text(json.dumps(dict(self.counters)) + "\n")  # readable without torch
-        replace_directory(staged, directory)
+        replace_directory(staged, directory, keep_as=keep_previous_as)
 
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> Learner:

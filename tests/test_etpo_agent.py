@@ -313,7 +313,7 @@ def test_checkpoints_follow_their_schedule_and_the_latest_n_are_kept(tiny_model_
     def written(out, **options) -> list[int]:
         agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "rollout_steps": 2, **options})
         writes, real = [], agent.save
-        monkeypatch.setattr(agent, "save", lambda d: writes.append(agent.counters["updates"]) or real(d))
+        monkeypatch.setattr(agent, "save", lambda d, **kw: writes.append(agent.counters["updates"]) or real(d, **kw))
         agent.learn(DigitEnv(), 10, out_dir=out)  # five updates of two env steps
         return writes
 
@@ -331,6 +331,25 @@ def test_checkpoints_follow_their_schedule_and_the_latest_n_are_kept(tiny_model_
     assert ETPOAgent.load(out / "checkpoint-4").counters["updates"] == 4  # this run's, not the previous run's
     with pytest.raises(ValueError, match="keep_checkpoints"):
         ETPOConfig(checkpoints=CheckpointSettings(keep_checkpoints=0))
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_latest_checkpoint_in_place(tiny_model_dir, tmp_path, monkeypatch):
+    import agents.learner as learner_module
+
+    agent = ETPOAgent(model=tiny_model_dir, **{**SMALL, "rollout_steps": 2}, checkpoint_every=1, keep_checkpoints=2)
+    out = tmp_path / "run"
+    agent.learn(DigitEnv(), 4, out_dir=out)  # checkpoint (2 updates) and checkpoint-1
+    agent.counters["updates"] += 1
+
+    def disk_full(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(learner_module.torch, "save", disk_full)
+    with pytest.raises(OSError, match="no space"):
+        agent.save_checkpoint(out)
+    monkeypatch.undo()
+    assert ETPOAgent.load(out / "checkpoint").counters["updates"] == 2  # still the latest, where resume looks
+    assert ETPOAgent.load(out / "checkpoint-1").counters["updates"] == 1
 
 
 def test_stop_strings_set_on_the_learner_config_end_every_collected_action(tiny_model_dir):
