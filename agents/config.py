@@ -248,17 +248,13 @@ def replace_directory(staged: Path, directory: Path, keep_as: Path | None = None
     the replaced directory is moved there instead of deleted."""
     import shutil
 
-    if directory.exists() and keep_as is not None:
-        if keep_as.exists():
-            shutil.rmtree(keep_as)
-        directory.rename(keep_as)
+    if not directory.exists():
         staged.rename(directory)
-    elif directory.exists():
-        old = directory.with_name(directory.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        directory.rename(old)
-        staged.rename(directory)
-        shutil.rmtree(old)
-    else:
-        staged.rename(directory)
+        return
+    aside = keep_as or directory.with_name(directory.name + ".old")
+    if aside.exists():
+        shutil.rmtree(aside)
+    directory.rename(aside)
+    staged.rename(directory)
+    if keep_as is None:
+        shutil.rmtree(aside)

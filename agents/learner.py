@@ -263,8 +263,8 @@ class Learner:
         latest = Path(out_dir) / LATEST
         keep = self.config.checkpoints.keep_checkpoints
         previous = saved_updates(latest)
-        kept = keep > 1 and previous is not None and previous != self.counters["updates"]
-        self.save(latest, keep_previous_as=latest.with_name(f"{LATEST}-{previous}") if kept else None)
+        keep_previous = keep > 1 and previous is not None and previous != self.counters["updates"]
+        self.save(latest, keep_previous_as=latest.with_name(f"{LATEST}-{previous}") if keep_previous else None)
         kept = kept_checkpoints(out_dir)
         for old in kept[:len(kept) - (keep - 1)]:  # all of them when only the latest is kept
             shutil.rmtree(old)

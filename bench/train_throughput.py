@@ -24,6 +24,7 @@ and prints each repeat's ratio; the ratios are then those of the per-configurati
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -123,15 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for name, options in runs.items():
             rows[name].append(run(args.model, args.task, args.budget, args.seed, args.sandbox, **options))
-    try:
-        import psutil
-
-        cores = psutil.cpu_count()
-    except ImportError:
-        cores = None
     import torch
 
-    print(f"{args.task}, {args.budget} env steps per run, seed {args.seed}, {args.sandbox} sandbox, {cores or '?'} cores, "
+    print(f"{args.task}, {args.budget} env steps per run, seed {args.seed}, {args.sandbox} sandbox, {os.cpu_count()} cores, "
           f"torch {torch.get_num_threads()} threads, {args.repeats} repeat(s)")
     header = f"{'run':<25} {'env steps':>9} {'counted':>7} {'wall s':>7} {'steps/s':>8} {'tokens':>7} " \
              f"{'tokens/s':>9} {'gen s':>7} {'sandbox s':>9} {'update s':>8} {'other s':>7} {'cpu busy':>8}"
