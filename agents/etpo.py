@@ -736,8 +736,9 @@ class LMTokenModels:
         if cfg.critic == "dueling":
             self.q_head = DuelingCritic(hf.config.hidden_size, cfg.critic_rank, base_output.weight.detach())
         elif cfg.critic == "head":
-            vocab = base_output.weight.shape[0]  # made on the policy's device: never a V×H fp32 copy on the host
-            self.q_head = torch.nn.Linear(hf.config.hidden_size, vocab, device=policy.device, dtype=torch.float32)
+            # made on the policy's device: never a V×H fp32 copy on the host
+            self.q_head = torch.nn.Linear(hf.config.hidden_size, self.vocab_size, device=policy.device,
+                                          dtype=torch.float32)
             torch.nn.init.zeros_(self.q_head.weight)
             torch.nn.init.zeros_(self.q_head.bias)
         if self.q_head is not None:

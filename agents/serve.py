@@ -32,14 +32,13 @@ class BadRequest(ValueError):
 def load_policy_for_serving(model: str, device: str = "auto", dtype: str = "auto") -> Any:
     """'tiny' (built if missing), a saved LMPolicy directory (with adapters), or any causal LM path/name, frozen, in
     `dtype` (auto = bfloat16 on CUDA, float32 on CPU)."""
-    from agents.policy import LMPolicy, resolve_device, resolve_dtype
+    from agents.policy import LMPolicy, RuntimeSettings, load_options
 
     if model == "tiny":
         from agents.tiny import ensure_tiny_model
 
         model = str(ensure_tiny_model())
-    where = resolve_device(device)
-    options = {"device": where, "dtype": resolve_dtype(dtype, where), "trainable": False}
+    options = {**load_options(RuntimeSettings(device=device, dtype=dtype)), "trainable": False}
     if (Path(model) / "policy.json").exists():
         return LMPolicy.load(model, **options)
     return LMPolicy.from_pretrained(model, **options)

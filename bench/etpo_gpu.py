@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, default=256, help="token states per vocabulary chunk")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--critic", default="dueling", choices=["dueling", "head", "lm_head"])
+    parser.add_argument("--critic", default="dueling", choices=CRITICS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda", help="cuda (the figures) or cpu (only with --shapes smoke)")
     parser.add_argument("--critic-table", default="auto", choices=["auto", "on", "off", "only"],
