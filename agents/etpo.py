@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from agents.learner import CheckpointSettings, Learner
+from agents.learner import CheckpointSettings, Learner, first_and_last_tenth
 from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm, peft_wrapping
 from agents.rollout import episode_chains
 
@@ -137,18 +137,67 @@ def soft_optimal_policy(ref_logits: torch.Tensor, q_values: torch.Tensor, beta: 
     return F.softmax(F.log_softmax(ref_logits.float(), -1) + q_values.float() / beta, dim=-1)
 
 
-def soft_bellman_targets(state_values: Sequence[torch.Tensor], rewards: Sequence[float],
-                         next_values: Sequence[float], dones: Sequence[bool], gamma: float) -> list[torch.Tensor]:
-    """Per-token targets of each transition.
+def soft_lambda_returns(values: np.ndarray, kls: np.ndarray, rewards: np.ndarray, discounts: np.ndarray,
+                        beta: float, lam: float, bootstrap_value: float = 0.0) -> np.ndarray:
+    """Soft λ-returns over one flat chain of token states (the tokens of an episode's actions, in order).
 
-    state_values[i]: V(uʲ) for the n_i token states of transition i (V at the state *before* each token);
-    next_values[i]: V(u¹_{t+1}) of the next env step (ignored when dones[i]);
-    returns y with yʲ = V(uʲ⁺¹) for j < n and yⁿ = r + γ·(1 − done)·V(u¹_{t+1}).
+    values[j] = V(uʲ) and kls[j] = KL(π‖ρ)(uʲ) at the state *before* token j; rewards[j] is paid after token j (the
+    env reward on an action's last token, 0 inside it); discounts[j] multiplies what follows token j (1 inside an
+    action, γ after its last token, 0 once the episode terminated). With V(u_N) = `bootstrap_value` after the last
+    token, the target of Q(uʲ, wʲ) is
+
+        Gʲ = rʲ + dʲ·[(1 − λ)·V(uʲ⁺¹) + λ·(Gʲ⁺¹ − β·KL(uʲ⁺¹))],   and after the last token: r + d·V(u_N).
+
+    V(u) = E_π Q(u,·) − β·KL(u) is the soft value; Gʲ⁺¹ − β·KL(uʲ⁺¹) is its one-sample estimate along the sampled
+    path (the exact per-state KL, not a sampled log-ratio: lower variance, same mean). λ = 0 is the one-step soft
+    Bellman backup of the paper (Gʲ = rʲ + dʲ·V(uʲ⁺¹)); λ = 1 the Monte-Carlo soft return (rewards minus β times the
+    KLs of the states that follow, discounted between actions). On-policy every λ has the same fixed point, the
+    soft Q of π (Peng's Q(λ) with an entropy term); λ > 0 moves an end-of-action reward to the first token in one
+    target pass instead of one token per pass. Written as a loop: the discount and the bootstrap vary per step.
     """
-    targets = []
-    for values, reward, next_value, done in zip(state_values, rewards, next_values, dones, strict=True):
-        last = torch.tensor([reward + gamma * (0.0 if done else float(next_value))], dtype=torch.float32)
-        targets.append(torch.cat([values[1:].float().cpu(), last]))
+    values, kls = np.asarray(values, np.float64), np.asarray(kls, np.float64)
+    rewards, discounts = np.asarray(rewards, np.float64), np.asarray(discounts, np.float64)
+    if not (values.shape == kls.shape == rewards.shape == discounts.shape and values.ndim == 1):
+        raise ValueError(f"shape mismatch: values {values.shape}, kls {kls.shape}, rewards {rewards.shape}, "
+                         f"discounts {discounts.shape}")
+    returns = np.empty_like(values)
+    following = float(bootstrap_value)  # the estimate of V at the state after token j, from the path onwards
+    for j in range(len(values) - 1, -1, -1):
+        returns[j] = rewards[j] + discounts[j] * following
+        following = (1.0 - lam) * values[j] + lam * (returns[j] - beta * kls[j])
+    return returns
+
+
+def soft_bellman_targets(state_values: Sequence[torch.Tensor], rewards: Sequence[float],
+                         next_values: Sequence[float], dones: Sequence[bool], gamma: float, *, lam: float = 0.0,
+                         beta: float = 0.0, state_kls: Sequence[torch.Tensor] | None = None,
+                         next_index: Sequence[int | None] | None = None) -> list[torch.Tensor]:
+    """Per-token targets of each transition: soft λ-returns (`soft_lambda_returns`) along episode chains.
+
+    state_values[i] / state_kls[i]: V(uʲ) and KL(π‖ρ)(uʲ) for the n_i token states of transition i;
+    next_values[i]: V(u¹_{t+1}) of the next env step (ignored when dones[i]); next_index[i]: the buffer index of
+    that next step when it is in the buffer (its tokens then continue the chain for λ > 0).
+    λ = 0 gives the paper's one-step targets yʲ = V(uʲ⁺¹) for j < n and yⁿ = r + γ·(1 − done)·V(u¹_{t+1}).
+    """
+    n = len(state_values)
+    next_index = list(next_index) if next_index is not None else [None] * n
+    kls = list(state_kls) if state_kls is not None else [torch.zeros_like(v) for v in state_values]
+    if lam > 0 and state_kls is None:
+        raise ValueError("λ > 0 needs the KL of every token state (state_kls)")
+    targets: list[torch.Tensor | None] = [None] * n
+    for chain in episode_chains([SimpleNamespace(next_index=k) for k in next_index]):
+        lengths = [len(state_values[i]) for i in chain]
+        token_rewards, discounts = [], []
+        for i, length in zip(chain, lengths, strict=True):
+            token_rewards.append(np.r_[np.zeros(length - 1), float(rewards[i])])
+            discounts.append(np.r_[np.ones(length - 1), 0.0 if dones[i] else gamma])
+        last = chain[-1]
+        returns = soft_lambda_returns(torch.cat([state_values[i].double().cpu() for i in chain]).numpy(),
+                                      torch.cat([kls[i].double().cpu() for i in chain]).numpy(),
+                                      np.concatenate(token_rewards), np.concatenate(discounts), beta, lam,
+                                      0.0 if dones[last] else float(next_values[last]))
+        for i, part in zip(chain, np.split(returns, np.cumsum(lengths)[:-1]), strict=True):
+            targets[i] = torch.from_numpy(part).float()
     return targets
 
 
@@ -315,17 +364,19 @@ def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: 
 
 @torch.no_grad()
 def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int,
-                 h_rho: torch.Tensor | None = None) -> torch.Tensor:
-    """V(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V at a time
-    (`h_rho`: ρ's features of these rows when already known, see `reference_rows`)."""
+                 h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V(u) and KL(π‖ρ)(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V
+    at a time (`h_rho`: ρ's features of these rows when already known, see `reference_rows`). The KL is what the
+    λ-returns subtract along the sampled path."""
     h_pi, h_tgt = (_rows(models, role, packed) for role in ("policy", "target"))
     h_rho = _rows(models, "reference", packed) if h_rho is None else h_rho
-    out = []
+    values, kls = [], []
     for s in range(0, h_pi.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
-        out.append(soft_value(models.head("policy", h_pi[sl]), models.head("reference", h_rho[sl]),
-                              models.head("target", h_tgt[sl]), beta))
-    return torch.cat(out).float()
+        pi_logits, rho_logits = models.head("policy", h_pi[sl]), models.head("reference", h_rho[sl])
+        values.append(soft_value(pi_logits, rho_logits, models.head("target", h_tgt[sl]), beta))
+        kls.append(token_kl(pi_logits, rho_logits))
+    return torch.cat(values).float(), torch.cat(kls).float()
 
 
 def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -465,25 +516,30 @@ def next_state_values(models: TokenModels, transitions: Sequence[Any], values: l
             missing += 1
     if bootstrap:
         packed = pack([(transitions[i].next_obs_ids, np.zeros(0, np.int64)) for i in bootstrap], pad_id, device)
-        boot = state_values(models, packed, beta, chunk_size)
+        boot, _ = state_values(models, packed, beta, chunk_size)
         for j, i in enumerate(bootstrap):
             next_values[i], dones[i] = float(boot[j]), False
     return next_values, dones, missing
 
 
 def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float, gamma: float, chunk_size: int,
-                    batch_size: int, pad_id: int, device: Any, ref_rows: Sequence[torch.Tensor] | None = None
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """The target pass over a whole rollout buffer: V(uʲ) of every token state, then the soft Bellman targets
-    (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known)."""
+                    batch_size: int, pad_id: int, device: Any, ref_rows: Sequence[torch.Tensor] | None = None,
+                    lam: float = 0.0) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The target pass over a whole rollout buffer: V(uʲ) and KL(uʲ) of every token state, then the soft
+    λ-return targets (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known)."""
     values: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
     for s in range(0, len(transitions), batch_size):
         chunk = transitions[s: s + batch_size]
         packed = pack([(t.obs_ids, t.action_ids) for t in chunk], pad_id, device)
         h_rho = None if ref_rows is None else torch.cat(list(ref_rows[s: s + batch_size]))
-        values += list(torch.split(state_values(models, packed, beta, chunk_size, h_rho).cpu(), packed.lengths))
+        value, kl = state_values(models, packed, beta, chunk_size, h_rho)
+        values += list(torch.split(value.cpu(), packed.lengths))
+        kls += list(torch.split(kl.cpu(), packed.lengths))
     next_values, dones, missing = next_state_values(models, transitions, values, beta, chunk_size, pad_id, device)
-    targets = soft_bellman_targets(values, [float(t.reward) for t in transitions], next_values, dones, gamma)
+    targets = soft_bellman_targets(values, [float(t.reward) for t in transitions], next_values, dones, gamma,
+                                   lam=lam, beta=beta, state_kls=kls,
+                                   next_index=[t.next_index for t in transitions])
     return values, targets, missing
 
 
@@ -493,6 +549,7 @@ class UpdateSettings:
 
     beta: float
     gamma: float
+    lam: float = 0.0
     epochs: int = 1
     minibatch_size: int = 8
     inference_batch_size: int = 8
@@ -533,7 +590,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
     for _ in range(settings.epochs):
         t0 = time.perf_counter()
         _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
-                                              settings.inference_batch_size, settings.pad_id, device, ref_rows)
+                                              settings.inference_batch_size, settings.pad_id, device, ref_rows,
+                                              settings.lam)
         record("time/targets_s", time.perf_counter() - t0)
         record("targets/unbootstrapped", missing)
         order = list(range(len(transitions)))
@@ -571,6 +629,14 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             record("targets/mean", y.mean())
             record("targets/std", y.std() if y.numel() > 1 else 0.0)
             record("q/abs_td_error", (diag["q_taken"] - y.cpu()).abs().mean())
+            # where the learning signal lands: the critic's error and the taken token's advantage under Q, on the
+            # first and the last tenth of each action's tokens
+            td = torch.split((diag["q_taken"] - y.cpu()).abs(), packed.lengths)
+            advantage = torch.split((diag["q_taken"] - diag["q_expected"]).abs(), packed.lengths)
+            for name, parts in (("td_error", td), ("advantage", advantage)):
+                first, last = first_and_last_tenth(parts)
+                record(f"signal/{name}_first_tenth", first)
+                record(f"signal/{name}_last_tenth", last)
             record("tokens_updated", len(y))
     out = {k: float(np.mean(v)) for k, v in stats.items()}
     out["tokens_updated"] = float(np.sum(stats.get("tokens_updated", [0])))
@@ -603,6 +669,11 @@ class ETPOConfig:
     # the objective
     beta: float = field(default=0.05, metadata={"help": "β: KL-to-reference weight (temperature of π ∝ ρ·exp(Q/β))."})
     gamma: float = field(default=0.9, metadata={"help": "γ: discount between env steps (none inside an action)."})
+    lam: float = field(default=1.0, metadata={
+        "help": "λ of the soft λ-return targets, over the tokens of an action and across actions (see "
+                "soft_lambda_returns). 0 = the paper's one-step backup yʲ = V(uʲ⁺¹), which moves an end-of-action "
+                "reward back one token per target refresh; 1 = the Monte-Carlo soft return, which credits every "
+                "token of an action at once."})
     # critic
     critic: Literal["dueling", "head", "lm_head"] = field(default="dueling", metadata={
         "help": "Critic Q(u,·) ∈ R^|V| on the critic adapter's features h. dueling = V(u) + A(u,·): a scalar value "
@@ -654,8 +725,8 @@ class ETPOConfig:
     def __post_init__(self):
         if self.beta <= 0:
             raise ValueError("beta must be > 0 (it is the temperature of the soft-optimal policy)")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 < self.ema_rate <= 1.0:
-            raise ValueError("gamma must lie in [0, 1] and ema_rate in (0, 1]")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0 or not 0.0 < self.ema_rate <= 1.0:
+            raise ValueError("gamma and lam must lie in [0, 1] and ema_rate in (0, 1]")
         if self.critic not in ("dueling", "head", "lm_head") or self.critic_loss not in ("huber", "mse"):
             raise ValueError(f"critic must be dueling|head|lm_head and critic_loss huber|mse; got {self.critic!r}, "
                              f"{self.critic_loss!r}")
@@ -675,7 +746,7 @@ class ETPOConfig:
                              "max_new_tokens must be >= 1")
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
-        return UpdateSettings(beta=self.beta, gamma=self.gamma, epochs=self.epochs, minibatch_size=self.minibatch_size,
+        return UpdateSettings(beta=self.beta, gamma=self.gamma, lam=self.lam, epochs=self.epochs, minibatch_size=self.minibatch_size,
                               inference_batch_size=self.inference_batch_size,
                               chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,
                               ema_rate=self.ema_rate, max_grad_norm=self.max_grad_norm, pad_id=pad_id)

@@ -75,6 +75,23 @@ class CheckpointSettings:
         return by_count or 0 < self.checkpoint_minutes * 60 <= seconds_since_last
 
 
+def first_and_last_tenth(per_action: Iterable[Any]) -> tuple[float, float]:
+    """Mean of |x| over the first and over the last tenth (at least one token) of each action's per-token values:
+    where a learner's signal (advantages, TD errors) lands by token position, the diagnostic that shows whether
+    credit reaches the start of an action."""
+    first, last = [], []
+    for values in per_action:
+        values = np.abs(np.asarray(values, dtype=np.float64)).ravel()
+        if values.size == 0:
+            continue
+        k = max(1, int(np.ceil(values.size / 10)))
+        first.append(values[:k])
+        last.append(values[-k:])
+    if not first:
+        return float("nan"), float("nan")
+    return float(np.concatenate(first).mean()), float(np.concatenate(last).mean())
+
+
 class Learner:
     """Base class of the LM learners: learn → (collect → train)*, counters, logging, checkpoints, resume."""
 

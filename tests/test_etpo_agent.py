@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents.etpo import ETPOAgent, ETPOConfig, Lion, pack, policy_loss_per_state, soft_value, state_values
+from agents.etpo import (ETPOAgent, ETPOConfig, Lion, pack, policy_loss_per_state, soft_value, state_values,
+                         token_kl)
 from agents.policy import GenerationSettings
 
 SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
@@ -95,7 +96,7 @@ def test_chunked_lm_values_equal_unchunked_logits(tiny_model_dir):
             t.add_(0.05 * torch.randn_like(t))
     seqs = sample_sequences(agent)
     packed = pack(seqs, agent.policy.pad_id, "cpu")
-    chunked = state_values(agent.models, packed, beta=0.3, chunk_size=2)
+    chunked, chunked_kl = state_values(agent.models, packed, beta=0.3, chunk_size=2)
 
     with torch.no_grad():
         ids, mask = packed.input_ids, packed.attention_mask
@@ -108,6 +109,7 @@ def test_chunked_lm_values_equal_unchunked_logits(tiny_model_dir):
         finally:
             agent.models._swap_target()
     torch.testing.assert_close(chunked, soft_value(pi, rho, q_target, 0.3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_kl, token_kl(pi, rho), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(pi, rho)
 
 

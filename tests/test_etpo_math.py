@@ -25,6 +25,7 @@ from agents.etpo import (
     pack,
     policy_loss_per_state,
     soft_bellman_targets,
+    soft_lambda_returns,
     soft_optimal_policy,
     soft_value,
     token_kl,
@@ -266,11 +267,16 @@ def sequence_prob(m, role, obs, action):
     return math.prod(float(m.probs(role, list(obs) + list(action[:j]))[w]) for j, w in enumerate(action))
 
 
-def train_toy(m, run_episode, iterations, episodes_per_iter, settings, lr, seed=0):
+def train_toy(m, run_episode, iterations, episodes_per_iter, settings, lr, seed=0, anneal=False):
+    """`iterations` updates on fresh episodes; `anneal` decays both learning rates linearly to 0 over the second
+    half (stochastic approximation: Monte-Carlo targets are noisy, and a constant Adam step keeps Q jittering)."""
     rng, py_rng = np.random.default_rng(seed), random.Random(seed)
     pol_opt = make_optimizer(m.policy_parameters(), "adamw", lr, 0.0)
     crit_opt = make_optimizer(m.critic_parameters(), "adamw", lr, 0.0)
-    for _ in range(iterations):
+    for it in range(iterations):
+        if anneal:
+            for group in pol_opt.param_groups + crit_opt.param_groups:
+                group["lr"] = lr * min(1.0, 2.0 * (1.0 - it / iterations))
         buffer = []
         for _ in range(episodes_per_iter):
             run_episode(m, rng, buffer)
@@ -431,7 +437,7 @@ def test_the_learner_config_hands_every_update_setting_to_the_update():
 
     from agents.etpo import ETPOConfig
 
-    chosen = dict(beta=0.3, gamma=0.7, epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
+    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
                   critic_loss="mse", huber_delta=2.5, ema_rate=0.2, max_grad_norm=0.4)
     settings = ETPOConfig(**chosen).update_settings(pad_id=9)
     assert {f.name for f in fields(UpdateSettings)} == set(chosen) | {"pad_id"}  # nothing left at its default
@@ -525,3 +531,120 @@ def test_head_graphs_are_kept_for_a_small_vocabulary_and_recomputed_for_a_large_
         recomputed.clear()
         etpo._over_chunks(fn, 8, hidden, vocab_size=10**9)  # no graph: nothing to recompute
         assert not recomputed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Soft λ-returns (ETPOConfig.lam). The hand example: token states u0, u1 (step 0, reward 0.2), u2 (step 1, reward 1,
+# terminal); V = (0.9705542, 0.4133566, 1), KL = (0.0588915, 0.1732868, 0), β = ½, γ = 0.9.
+#   λ = 1 (Monte Carlo): G2 = 1;  G1 = 0.2 + 0.9·(G2 − β·KL2) = 1.1;  G0 = G1 − β·KL1 = 1.1 − 0.0866434 = 1.0133566
+#   λ = ½: G2 = 1;  G1 = 0.2 + 0.9·(½·V2 + ½·(G2 − 0)) = 1.1;  G0 = ½·V1 + ½·(G1 − β·KL1) = 0.2066783 + 0.5066783
+#          = 0.7133566
+# --------------------------------------------------------------------------------------------------------------
+def old_one_step_targets(state_values, rewards, next_values, dones, gamma):
+    """The targets of main before λ existed (yʲ = V(uʲ⁺¹), yⁿ = r + γ·(1 − done)·V(u¹_{t+1})), kept verbatim."""
+    targets = []
+    for values, reward, next_value, done in zip(state_values, rewards, next_values, dones, strict=True):
+        last = torch.tensor([reward + gamma * (0.0 if done else float(next_value))], dtype=torch.float32)
+        targets.append(torch.cat([values[1:].float().cpu(), last]))
+    return targets
+
+
+@pytest.mark.parametrize("lam, expected", [(1.0, [1.0133566, 1.1, 1.0]), (0.5, [0.7133566, 1.1, 1.0])])
+def test_lambda_returns_match_hand_computation(lam, expected):
+    m, buffer = hand_example()
+    _, targets, missing = compute_targets(m, buffer, BETA, GAMMA, 256, batch_size=1, pad_id=0, device="cpu",
+                                          lam=lam)
+    assert missing == 0
+    assert torch.cat(targets).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lambda_one_is_the_monte_carlo_soft_return_of_a_chain():
+    """Five token states in two actions (3 + 2 tokens), rewards 0.5 then 2 (terminal), γ = 0.8, β = 0.1:
+    Gʲ = Σ of later rewards, discounted once per action boundary, minus β·KL of every later state on the path."""
+    values = np.array([9.0, -4.0, 7.0, 3.0, -1.0])  # λ = 1 never reads them
+    kls = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    rewards, discounts = np.array([0, 0, 0.5, 0, 2.0]), np.array([1, 1, 0.8, 1, 0.0])
+    got = soft_lambda_returns(values, kls, rewards, discounts, beta=0.1, lam=1.0)
+    g4 = 2.0
+    g3 = g4 - 0.1 * 0.5
+    g2 = 0.5 + 0.8 * (g3 - 0.1 * 0.4)
+    g1 = g2 - 0.1 * 0.3
+    g0 = g1 - 0.1 * 0.2
+    assert got.tolist() == pytest.approx([g0, g1, g2, g3, g4], abs=1e-12)
+    # a chain cut before its end bootstraps from V after the last token, whatever λ
+    cut = soft_lambda_returns(values, kls, rewards, np.array([1, 1, 0.8, 1, 0.8]), beta=0.1, lam=1.0,
+                              bootstrap_value=5.0)
+    assert cut[-1] == pytest.approx(2.0 + 0.8 * 5.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lambda_zero_reproduces_the_one_step_targets_bit_for_bit(seed):
+    """Random buffers of chained, truncated and terminal transitions: λ = 0 gives exactly today's targets."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 7, size=6)
+    values = [torch.from_numpy(rng.normal(size=n).astype(np.float32)) for n in lengths]
+    kls = [torch.from_numpy(rng.uniform(0, 1, size=n).astype(np.float32)) for n in lengths]
+    rewards = rng.normal(size=6).tolist()
+    next_index = [1, 2, None, 4, None, None]  # chains 0→1→2 (2 terminal), 3→4 (4 truncated), 5 terminal
+    dones = [False, False, True, False, False, True]
+    next_values = [float(values[1][0]), float(values[2][0]), 0.0, float(values[4][0]), float(rng.normal()), 0.0]
+    new = soft_bellman_targets(values, rewards, next_values, dones, GAMMA, lam=0.0, beta=0.3, state_kls=kls,
+                               next_index=next_index)
+    old = old_one_step_targets(values, rewards, next_values, dones, GAMMA)
+    for a, b in zip(new, old, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def reward_at_the_end_of_a_long_chain(n_tokens=200):
+    """One 200-token action (token 0 every time) with reward 1 at its end; π = ρ; Q_φ = Q̄ = 0 everywhere."""
+    m = TabularModels(vocab=2, capacity=n_tokens + 4)
+    return m, [transition([5], [0] * n_tokens, 1.0, True)]
+
+
+@pytest.mark.parametrize("lam, first_moves", [(1.0, True), (0.0, False)])
+def test_the_first_tokens_q_moves_within_one_update_only_with_lambda_one(lam, first_moves):
+    m, buffer = reward_at_the_end_of_a_long_chain()
+    sgd_update(m, buffer, lr=0.5, lam=lam)
+    first, last = m.q[m.state([5]), 0].item(), m.q[m.state([5] + [0] * 199), 0].item()
+    # SGD on the mean loss over 200 tokens: a token whose target is 1 moves by lr·1/200
+    assert last == pytest.approx(0.5 / 200)  # the last token regresses on the reward either way
+    if first_moves:
+        assert first == pytest.approx(last)  # λ = 1: the first token's target is the reward too
+    else:
+        assert first == 0.0  # λ = 0: the reward has moved one token, not two hundred
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_every_lambda_converges_to_the_same_soft_optimum(lam):
+    """The two-step toy of the DP test: 3-token vocabulary, 2-token actions, γ = 0.8: at every λ the policy ends
+    within 0.03 of the dynamic-programming soft optimum (the fixed point does not depend on λ on-policy)."""
+    beta, gamma, n_tok = 0.5, 0.8, 2
+    m = TabularModels(vocab=3, seed=7, capacity=64)
+    actions = list(itertools.product(range(3), repeat=n_tok))
+    rng_r = np.random.default_rng(8)
+    r0 = dict(zip(actions, rng_r.uniform(0, 0.5, len(actions)), strict=True))
+    r1 = {s: dict(zip(actions, rng_r.uniform(0, 1, len(actions)), strict=True)) for s in range(3)}
+
+    def episode(model, rng, buffer):
+        a0 = sample_action(model, [20], n_tok, rng)
+        a1 = sample_action(model, [30 + a0[0]], n_tok, rng)
+        i = len(buffer)
+        buffer.append(transition([20], a0, r0[tuple(a0)], False, next_index=i + 1))
+        buffer.append(transition([30 + a0[0]], a1, r1[a0[0]][tuple(a1)], True))
+
+    settings = UpdateSettings(beta=beta, gamma=gamma, lam=lam, epochs=1, minibatch_size=128, chunk_size=128,
+                              critic_loss="mse", ema_rate=0.5, max_grad_norm=0.0)
+    train_toy(m, episode, iterations=300, episodes_per_iter=32, settings=settings, lr=0.1, anneal=True)
+    v1, worst = {}, 0.0
+    for s in range(3):
+        rho = np.array([sequence_prob(m, "reference", [30 + s], a) for a in actions])
+        tilt = rho * np.exp(np.array([r1[s][a] for a in actions]) / beta)
+        v1[s] = beta * math.log(tilt.sum())
+        learned = np.array([sequence_prob(m, "policy", [30 + s], a) for a in actions])
+        worst = max(worst, np.abs(learned - tilt / tilt.sum()).max())
+    rho0 = np.array([sequence_prob(m, "reference", [20], a) for a in actions])
+    opt0 = rho0 * np.exp(np.array([r0[a] + gamma * v1[a[0]] for a in actions]) / beta)
+    learned0 = np.array([sequence_prob(m, "policy", [20], a) for a in actions])
+    worst = max(worst, np.abs(learned0 - opt0 / opt0.sum()).max())
+    assert worst < 0.03, worst
