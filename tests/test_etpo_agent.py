@@ -10,8 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents.etpo import (ETPOAgent, ETPOConfig, Lion, pack, policy_loss_per_state, soft_value, state_values,
-                         token_kl)
+from agents.etpo import (
+    ETPOAgent,
+    ETPOConfig,
+    Lion,
+    pack,
+    policy_loss_per_state,
+    soft_value,
+    state_values,
+    token_kl,
+)
 from agents.policy import GenerationSettings
 
 SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
