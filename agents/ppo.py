@@ -6,7 +6,10 @@ Every generated token is one PPO step. For an episode whose actions a_1..a_K (co
                      k = k1: log π - log ρ          k = k3: (ρ/π - 1) - log(ρ/π)   (Schulman's unbiased, ≥ 0)
   value              V(u_j), a scalar head on the LM's last hidden state at token state u_j (prompt + prefix)
   TD error           δ_j = r_j + d_j·V(u_{j+1}) - V(u_j)
-  GAE                A_j = δ_j + d_j·λ·A_{j+1},      return target  G_j = A_j + V(u_j)
+  GAE                A_j = δ_j + d_j·λ_j·A_{j+1},    return target  G_j = A_j + V(u_j)
+                     λ_j = λ_in (lam_in_action, default 1) between the tokens of an action, λ (lam) from an
+                     action's last token to the next action: the env reward then reaches an action's first token
+                     undecayed (with λ = 0.95 on every token, 0.95^190 ≈ 6e-5 of it would)
   discount d_j       naive token-level backup:  γ after every token
                      action-decomposed backup:  1 inside an action, γ only from an action's last token to the
                                                 next action's first token (no discount inside an action; the env
@@ -40,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from agents.learner import CheckpointSettings, Learner
+from agents.learner import CheckpointSettings, Learner, first_and_last_tenth
 from agents.policy import GenerationSettings, RuntimeSettings
 
 KLEstimator = Literal["k1", "k3"]
@@ -83,17 +86,19 @@ def token_discounts(n_tokens: int, gamma: float, decomposed: bool, end: float) -
     return discounts
 
 
-def gae(rewards: np.ndarray, values: np.ndarray, discounts: np.ndarray, lam: float,
+def gae(rewards: np.ndarray, values: np.ndarray, discounts: np.ndarray, lam: float | np.ndarray,
         bootstrap_value: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation over one flat token sequence (one episode chain).
 
     values[j] = V(u_j); discounts[j] multiplies V(u_{j+1}) (and the trace) after step j; the value after the last
-    step is `bootstrap_value` (ignored when the last discount is 0). Returns (advantages, return targets).
+    step is `bootstrap_value` (ignored when the last discount is 0); `lam` is one λ or λ_j per step (the trace's
+    decay from step j + 1 back to step j). Returns (advantages, return targets).
     Written as a loop because the discount varies per step (scipy's lfilter needs constant coefficients).
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
     discounts = np.asarray(discounts, dtype=np.float64)
+    lam = np.broadcast_to(np.asarray(lam, dtype=np.float64), rewards.shape)
     if not (rewards.shape == values.shape == discounts.shape and rewards.ndim == 1):
         raise ValueError(f"shape mismatch: rewards {rewards.shape}, values {values.shape}, discounts {discounts.shape}")
     next_values = np.append(values[1:], bootstrap_value)
@@ -101,28 +106,31 @@ def gae(rewards: np.ndarray, values: np.ndarray, discounts: np.ndarray, lam: flo
     advantages = np.empty_like(deltas)
     running = 0.0
     for j in range(len(deltas) - 1, -1, -1):
-        running = deltas[j] + discounts[j] * lam * running
+        running = deltas[j] + discounts[j] * lam[j] * running
         advantages[j] = running
     return advantages, advantages + values
 
 
 def episode_gae(action_lengths: Sequence[int], env_rewards: Sequence[float], kl: np.ndarray, values: np.ndarray,
                 *, kl_coef: float, gamma: float, lam: float, decomposed: bool, terminated: bool,
-                bootstrap_value: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                bootstrap_value: float = 0.0, lam_in_action: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Token rewards, advantages and returns for one episode chain (its actions' tokens concatenated).
 
     `kl`, `values` are flat over all tokens of the chain. If the chain ends without termination (truncated, or
-    cut by the end of a rollout), the value after its last token is `bootstrap_value` = V(s').
+    cut by the end of a rollout), the value after its last token is `bootstrap_value` = V(s'). The trace decays by
+    `lam_in_action` between the tokens of one action (None: `lam`) and by `lam` from an action to the next.
     """
-    rewards, discounts = [], []
+    rewards, discounts, lams = [], [], []
     for k, (n, r) in enumerate(zip(action_lengths, env_rewards, strict=True)):
         start = sum(action_lengths[:k])
         rewards.append(token_rewards(kl[start:start + n], r, kl_coef))
         last = k == len(action_lengths) - 1
         end = 0.0 if (last and terminated) else gamma
         discounts.append(token_discounts(n, gamma, decomposed, end))
+        lams.append(np.r_[np.full(n - 1, lam if lam_in_action is None else lam_in_action), lam])
     flat_rewards = np.concatenate(rewards)
-    advantages, returns = gae(flat_rewards, values, np.concatenate(discounts), lam,
+    advantages, returns = gae(flat_rewards, values, np.concatenate(discounts), np.concatenate(lams),
                               0.0 if terminated else bootstrap_value)
     return flat_rewards, advantages, returns
 
@@ -197,7 +205,8 @@ def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
 
 
 def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, float], *, kl_coef: float,
-                       gamma: float, lam: float, decomposed: bool, kl_estimator: KLEstimator) -> dict[str, float]:
+                       gamma: float, lam: float, decomposed: bool, kl_estimator: KLEstimator,
+                       lam_in_action: float | None = None) -> dict[str, float]:
     """Fill `extras["rewards" | "advantages" | "returns"]` of every transition from `extras["values"]`.
 
     `bootstrap_values[i]` is V(s') for a chain whose last transition i did not terminate (truncated, or cut by
@@ -215,7 +224,7 @@ def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, f
         rewards, advantages, returns = episode_gae(
             lengths, [float(t.reward) for t in steps], kl, values, kl_coef=kl_coef, gamma=gamma, lam=lam,
             decomposed=decomposed, terminated=bool(steps[-1].terminated),
-            bootstrap_value=float(bootstrap_values.get(chain[-1], 0.0)))
+            bootstrap_value=float(bootstrap_values.get(chain[-1], 0.0)), lam_in_action=lam_in_action)
         offsets = np.cumsum([0, *lengths])
         for t, a, b in zip(steps, offsets[:-1], offsets[1:], strict=True):
             t.extras["rewards"] = rewards[a:b].astype(np.float32)
@@ -341,7 +350,12 @@ class PPOConfig:
     # advantage estimation
     gamma: float = field(default=0.9, metadata={"help": "γ: discount between env steps with the decomposed backup "
                                                         "(ETPO's default), after every token with the naive one."})
-    lam: float = field(default=0.95, metadata={"help": "λ of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "λ of GAE from one action to the next (between env steps)."})
+    lam_in_action: float = field(default=1.0, metadata={
+        "help": "λ of GAE between the tokens of one action. The env reward sits on an action's last token, ~200 "
+                "tokens after its first: at 0.95 the trace reaching the first token is 0.95^200 ≈ 4e-5 of it, so "
+                "only the value function's (slow) backup could carry credit there; 1 gives every token of the "
+                "action the action's own return minus V (the intra-action credit of Wen et al.'s POAD/BAD)."})
     decomposed_backup: bool = field(default=True, metadata={"help": "Action-decomposed backup: no discount inside "
                                                                     "an action, γ only between actions. false = "
                                                                     "naive token-level backup (γ after every token; "
@@ -390,8 +404,8 @@ class PPOConfig:
             raise ValueError(f"value_model must be 'shared' or 'adapter', got {self.value_model!r}")
         if min(self.epochs, self.minibatch_size, self.rollout_steps, self.num_envs) < 1:
             raise ValueError("epochs, minibatch_size, rollout_steps and num_envs must be at least 1")
-        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0):
-            raise ValueError("gamma and lam must lie in [0, 1]")
+        if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0 and 0.0 <= self.lam_in_action <= 1.0):
+            raise ValueError("gamma, lam and lam_in_action must lie in [0, 1]")
         gen = self.generation
         if isinstance(gen, GenerationSettings):
             if not gen.temperature > 0:
@@ -548,8 +562,8 @@ class PPOAgent(Learner):
         bootstrap = self.annotate_values(transitions)
         kl_coef = self.kl_controller.value
         kl_estimate = compute_advantages(transitions, bootstrap, kl_coef=kl_coef, gamma=cfg.gamma, lam=cfg.lam,
-                                         decomposed=cfg.decomposed_backup,
-                                         kl_estimator=cfg.kl_estimator)["kl_estimate"]
+                                         decomposed=cfg.decomposed_backup, kl_estimator=cfg.kl_estimator,
+                                         lam_in_action=cfg.lam_in_action)["kl_estimate"]
         time_advantages = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -571,9 +585,12 @@ class PPOAgent(Learner):
         values = np.concatenate([t.extras["values"] for t in transitions])
         returns = np.concatenate([t.extras["returns"] for t in transitions])
         rewards = np.array([t.reward for t in transitions], dtype=np.float64)
+        first, last = first_and_last_tenth(t.extras["advantages"] for t in transitions)
         return {
             "reward_mean": float(rewards.mean()),
             "reward_max": float(rewards.max()),
+            "signal/advantage_first_tenth": first,  # raw |advantage| (before whitening) by token position
+            "signal/advantage_last_tenth": last,
             "kl_to_reference": kl_to_reference,
             "kl_estimate": kl_estimate,
             "kl_coef": kl_coef,

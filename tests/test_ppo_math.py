@@ -68,6 +68,27 @@ def test_lambda_one_gives_monte_carlo_returns_whatever_the_values(decomposed, ex
     assert ret[2] == pytest.approx(1.85)
 
 
+def test_lambda_in_action_sets_the_trace_between_tokens_and_lam_between_actions():
+    # decomposed backup, λ_in = 1 inside action 1 and λ = 0.8 from it to action 2: A2 = 0.35, A1 = 1.502 (action 1's
+    # last token, whose trace to action 2 decays by λ = 0.8), A0 = δ0 + 1·1·A1 = 0.45 + 1.502 = 1.952.
+    _, adv, _ = episode_gae(LENGTHS, ENV_REWARDS, KL, VALUES, kl_coef=BETA, gamma=GAMMA, lam=LAM,
+                            decomposed=True, terminated=True, lam_in_action=1.0)
+    np.testing.assert_allclose(adv, [1.952, 1.502, 0.35])
+    # λ_in = 0 cuts the trace inside an action only: A0 = δ0 = 0.45
+    _, adv, _ = episode_gae(LENGTHS, ENV_REWARDS, KL, VALUES, kl_coef=BETA, gamma=GAMMA, lam=LAM,
+                            decomposed=True, terminated=True, lam_in_action=0.0)
+    np.testing.assert_allclose(adv, [0.45, 1.502, 0.35])
+
+
+def test_a_reward_two_hundred_tokens_later_reaches_the_first_token_only_with_lambda_in_action_one():
+    n = 200
+    kl, values = np.zeros(n), np.zeros(n)
+    for lam_in, first in ((1.0, 1.0), (0.95, 0.95 ** 199)):
+        _, adv, _ = episode_gae([n], [1.0], kl, values, kl_coef=0.0, gamma=GAMMA, lam=0.95, decomposed=True,
+                                terminated=True, lam_in_action=lam_in)
+        assert adv[0] == pytest.approx(first) and adv[-1] == pytest.approx(1.0)
+
+
 def test_truncated_chain_bootstraps_from_next_state_value():
     # Not terminated: the last discount is γ and V(s') = 3 enters δ2 = 1.85 + 0.9·3 - 1.5 = 3.05.
     _, adv, _ = episode_gae(LENGTHS, ENV_REWARDS, KL, VALUES, kl_coef=BETA, gamma=GAMMA, lam=LAM,
