@@ -14,10 +14,22 @@ Soft value of a token state (entropy-regularised towards ρ):
 
     V(u) = Σ_w π(w|u)·Q_φ̄(u,w) − β·KL(π(·|u) ‖ ρ(·|u))
 
-Per-token soft Bellman targets for the tokens of action a_t (no reward and no discount inside an action):
+Per-token soft Bellman targets for the tokens of action a_t (no reward and no discount inside an action), the
+paper's one-step backup:
 
     yʲ = V(uʲ⁺¹)                                   for j < n
     yⁿ = r_t + γ·(1 − done_t)·V(u¹_{t+1})          (u¹_{t+1}: the first token state of the next env step)
+
+Deviation from the paper (ETPOConfig.lam, default 1): the targets are soft λ-returns along the sampled path, over the
+tokens of an action and across actions (`soft_lambda_returns`),
+
+    yʲ = rʲ + dʲ·[(1 − λ)·V(uʲ⁺¹) + λ·(yʲ⁺¹ − β·KL(π‖ρ)(uʲ⁺¹))]
+
+(rʲ, dʲ: the reward and discount after token j, as above). λ = 0 is the one-step backup above, bit for bit
+(`--set lam=0` reproduces the paper). Why: the env reward sits on the last of ~200 tokens, and a one-step backup
+moves it back one token per target refresh, so the tokens that decide a program (its first lines) never see it
+within any budget a user can run; at λ = 1 every token regresses on the action's soft return in the first update.
+On-policy every λ has the same fixed point (tested on an enumerable toy).
 
 Critic loss: Huber (or MSE) between Q_φ(uʲ, wʲ) and the detached yʲ, averaged over valid tokens.
 
@@ -969,6 +981,7 @@ class ETPOAgent(Learner):
             "best_reward": self.best_reward,
             "q_return_corr": pearson(torch.tensor(q_first), torch.tensor(returns)),
             "tokens_per_action": n_tokens / len(transitions),
+            "kl_to_reference": update.get("kl", float("nan")),  # the name every learner logs KL(π‖ρ) per token under
             "time_update_s": time_update,
             "update_tokens_per_s": update.get("tokens_updated", 0.0) / time_update if time_update > 0 else 0.0,
             **update,
