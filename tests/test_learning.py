@@ -1,0 +1,59 @@
+"""Learners learn: ETPO and PPO, with their default configs, raise the rate of a rewarded keyword near the start of
+the program (probe "start" of bench/learnability.py) far above the starting policy's, through `learn(env, budget)`.
+
+The model is the "test-learn" tiny preset (built in about a minute, no sandbox): it writes programs of the
+demonstrations' shape, with the model family on the first lines, so `LogisticRegression` appears in about one
+program in eight before training. Rates are measured on fresh samples of the final policy, not the training ones.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+
+import etpo_env  # noqa: F401  (registers DataSciCode-v0)
+from etpo_env.probes import KeywordReward
+
+KEYWORD, BUDGET, SAMPLES = "LogisticRegression", 192, 48
+
+pytestmark = [pytest.mark.slow, pytest.mark.sandbox]
+
+
+@pytest.fixture(scope="module")
+def learnable_model(tmp_path_factory):
+    import torch
+
+    from agents.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("tiny-learn")
+    build_tiny_model(path, preset="test-learn", seed=0)
+    return path
+
+
+def keyword_rate(agent, env, seed):
+    from agents.bench.run import batch_actor, isolated_rng
+
+    obs, info = env.reset(seed=seed)
+    with isolated_rng(seed):
+        actions = batch_actor(agent)([obs] * SAMPLES, [info] * SAMPLES)
+    return sum(env.reward_of(a) for a in actions) / SAMPLES
+
+
+@pytest.mark.parametrize("agent_name", ["etpo", "ppo"])
+def test_learner_learns_a_keyword_at_the_start_of_the_program(agent_name, learnable_model, local_sandbox):
+    from agents.registry import build_agent
+
+    env = KeywordReward(gym.make("DataSciCode-v0", task="titanic", sandbox=local_sandbox, max_attempts=1), KEYWORD)
+    try:
+        agent = build_agent(agent_name, seed=0, model=str(learnable_model))
+        before = keyword_rate(agent, env, seed=123)
+        updates = []
+        agent.learn(env, BUDGET, callbacks=updates.append)
+        after = keyword_rate(agent, env, seed=123)
+    finally:
+        env.close()
+    assert before < 0.35, f"the probe is too easy for this model: {before:.2f} before training"
+    assert after >= 0.7 and after - before >= 0.4, f"{agent_name}: {before:.2f} -> {after:.2f}"
+    first, last = updates[-1]["signal/advantage_first_tenth"], updates[-1]["signal/advantage_last_tenth"]
+    assert first > last, "the signal should land where the keyword is, at the start of the action"
