@@ -27,6 +27,7 @@ from agents.config import apply_overrides, leaf_fields, parse_value, with_fields
 AGENTS: dict[str, str] = {
     "etpo": "agents.etpo:ETPOAgent",
     "ppo": "agents.ppo:PPOAgent",
+    "grpo": "agents.grpo:GRPOAgent",
     "sft": "agents.sft:SFTAgent",
     "prompting": "agents.prompting:PromptingAgent",
     "zero-shot": "agents.prompting:ZeroShotPromptingAgent",
