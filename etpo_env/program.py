@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
+import warnings
 
 from etpo_env.spaces import MAX_ACTION_CHARS
 
@@ -108,7 +109,9 @@ def _wrap_first_parsing(bodies: list[str]) -> str:
 
 def _parses(code: str) -> bool:
     try:
-        ast.parse(code)
+        with warnings.catch_warnings():  # agent code's own SyntaxWarnings ("invalid decimal literal") are not ours
+            warnings.simplefilter("ignore")
+            ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
     return True

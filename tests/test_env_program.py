@@ -86,6 +86,18 @@ def test_unparseable_code_is_passed_through_for_the_sandbox_to_report():
     assert program.startswith(f"def {ENTRY_POINT}(X, y):") and "return (((" in program
 
 
+def test_extracting_agent_code_prints_no_python_warnings():
+    """Agent code such as `x = 1if y else 2` or `"\\d"` makes the host's parser warn (SyntaxWarning): the console of
+    a learner that samples thousands of programs stays clean, and the warning cannot escalate under `-W error`."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = extract_program('    x = 1if True else 2\n    return "\\d"\n')
+    assert "1if True" in program
+    assert [str(w.message) for w in caught] == []
+
+
 def test_fenced_program_holding_backticks_in_a_string():
     code = 'def build_model(X, y):\n    doc = "``"\n    return None\n'
     assert extract_program(f"````python\n{code}````") == code
