@@ -1,4 +1,4 @@
-"""Agents that act in DataSciCode-v0: the LM policy, ETPO, PPO, SFT, prompting, the benchmark and the `etpo` CLI.
+"""Agents that act in DataSciCode-v0: the LM policy, ETPO, PPO, GRPO, SFT, prompting, the benchmark and the `etpo` CLI.
 
 Imports here stay light (no torch) so the CLI starts fast; heavy modules load on first use. The one agent registry
 and factory live in `agents.registry` (re-exported here).

@@ -205,10 +205,10 @@ def _peek_option(args: list[str], name: str) -> str | None:
 def _register_train(subparsers: Any) -> None:
     train = subparsers.add_parser(
         "train", help="train one learner on one task",
-        description="Train a learner (etpo, ppo, sft, prompting or pkg.module:Class) in DataSciCode-v0 for a budget "
+        description="Train a learner (etpo, ppo, grpo, sft, prompting or pkg.module:Class) in DataSciCode-v0 for a budget "
                     "of env steps. `etpo train --agent NAME --help` lists that learner's options.")
     train.__class__ = _TrainParser  # subparsers build plain ArgumentParsers; this one adds learner options
-    train.add_argument("--agent", required=True, help="etpo, ppo, sft, prompting, or pkg.module:Class")
+    train.add_argument("--agent", required=True, help="etpo, ppo, grpo, sft, prompting, or pkg.module:Class")
     train.add_argument("--task", default="breast_cancer", help="task name (see `etpo tasks list`)")
     train.add_argument("--model", default="tiny", help="'tiny' (built if missing), a local path or a hub name")
     train.add_argument("--budget", type=int, required=True, help="env steps (sandboxed programs) to spend")

@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", default="etpo,ppo", help="registry names or module:Class, comma-separated")
     parser.add_argument("--probes", default=",".join(PROBES), help=f"comma list of {', '.join(PROBES)}")
+    parser.add_argument("--tasks", default=None, help="comma list: run only these of the probes' tasks")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--budget", type=int, default=256, help="env steps per keyword probe (the env probe: 2×)")
     parser.add_argument("--samples", type=int, default=64, help="fresh samples (env probe: episodes) per measurement")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     for agent in args.agents.split(","):
         for probe in probes:
-            for task in probe.tasks:
+            for task in [t for t in probe.tasks if args.tasks is None or t in args.tasks.split(",")]:
                 for seed in range(args.seeds):
                     row = run_one(agent, probe, task, seed, args.budget * probe.budget_scale, args.samples,
                                   args.sandbox, args.overrides, args.model)
