@@ -78,8 +78,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from agents.learner import CheckpointSettings, Learner, first_and_last_tenth
-from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm, peft_wrapping
+from agents.learner import (
+    NUM_ENVS_HELP,
+    CheckpointSettings,
+    Learner,
+    check_sampled_generation,
+    first_and_last_tenth,
+)
+from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm, peft_wrapping, tempered
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -713,12 +719,7 @@ class ETPOConfig:
     chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     # rollouts
     rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) per update."})
-    num_envs: int = field(default=16, metadata={
-        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
-                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
-                "batched call and their programs run side by side on the sandbox's slots. 1 = the env alone; a "
-                "vector env is used as it is. Generation time per call hardly grows with its rows on a small "
-                "model, so rows are nearly free tokens."})
+    num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. ETPO trains the sampled distribution: π = softmax(logits/temperature) "
                 "and ρ at the same temperature (any temperature > 0); top_k/top_p are refused (the update sums over "
@@ -744,14 +745,7 @@ class ETPOConfig:
                              f"{self.critic_loss!r}")
         if self.optimizer not in ("adamw", "lion"):
             raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
-        gen = self.generation
-        if isinstance(gen, GenerationSettings) and not gen.temperature > 0:
-            raise ValueError(f"ETPO needs generation.temperature > 0 (got {gen.temperature}): it trains the "
-                             "distribution it samples from, and greedy decoding is not one")
-        if isinstance(gen, GenerationSettings) and (gen.top_k or gen.top_p < 1.0):
-            raise ValueError(f"ETPO does not support top_k/top_p sampling (got top_k={gen.top_k}, top_p={gen.top_p}):"
-                             " its update sums over the whole vocabulary under softmax(logits/temperature); set "
-                             "generation.top_k=0 and generation.top_p=1.0 (a lower temperature is supported)")
+        check_sampled_generation(self.generation, "ETPO")
         if min(self.epochs, self.minibatch_size, self.inference_batch_size, self.rollout_steps, self.num_envs, self.chunk_size,
                self.critic_rank, self.generation.max_new_tokens) < 1:
             raise ValueError("epochs, minibatch_size, inference_batch_size, rollout_steps, num_envs, chunk_size, critic_rank and "
@@ -841,10 +835,8 @@ class LMTokenModels:
             policy.check_head()
             shared = lambda h: policy.final_logits(output(h))  # noqa: E731
             self._lm_heads = {"policy": shared, "reference": shared, "critic": output}
-        temperature = float(cfg.generation.temperature)
-        if temperature != 1.0:  # π is the sampled distribution softmax(logits/T), ρ taken at the same T (as PPO)
-            for role in ("policy", "reference"):
-                self._lm_heads[role] = lambda h, head=self._lm_heads[role]: head(h).float() / temperature
+        for role in ("policy", "reference"):  # π is the sampled distribution softmax(logits/T), ρ at the same T
+            self._lm_heads[role] = tempered(self._lm_heads[role], float(cfg.generation.temperature))
         # the update regresses V and A separately for the dueling critic (TokenModels.critic_split)
         self.critic_split = self.q_head if cfg.critic == "dueling" else None
         self.critic_taken = self.q_head.taken if cfg.critic == "dueling" else None

@@ -83,8 +83,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from agents.learner import CheckpointSettings, Learner, first_and_last_tenth
-from agents.policy import GenerationSettings, RuntimeSettings
+from agents.learner import (
+    NUM_ENVS_HELP,
+    CheckpointSettings,
+    Learner,
+    check_sampled_generation,
+    first_and_last_tenth,
+)
+from agents.policy import GenerationSettings, RuntimeSettings, tempered
 from agents.ppo import action_mask, clipped_policy_loss, pad_extras
 from agents.rollout import episode_chains
 
@@ -275,12 +281,8 @@ class GRPOConfig:
 
     # rollouts
     rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
-    num_envs: int = field(default=16, metadata={
-        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
-                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
-                "batched call and their programs run side by side on the sandbox's slots. 1 = the env alone; a "
-                "vector env is used as it is. Envs starting an episode share its first prompt, so this is the "
-                "group size G at first attempts."})
+    num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP + " Envs starting an episode share its "
+                                                               "first prompt: this is the group size G there."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. GRPO trains the sampled distribution softmax(logits/temperature) (any "
                 "temperature > 0); top_k/top_p are refused (training does not reproduce them)."})
@@ -339,16 +341,7 @@ class GRPOConfig:
         if self.kl_coef < 0 or self.clip <= 0 or self.std_eps <= 0:
             raise ValueError(f"kl_coef must be >= 0, clip and std_eps > 0; got {self.kl_coef}, {self.clip}, "
                              f"{self.std_eps}")
-        gen = self.generation
-        if isinstance(gen, GenerationSettings):
-            if not gen.temperature > 0:
-                raise ValueError(f"GRPO needs generation.temperature > 0 (got {gen.temperature}): it trains the "
-                                 "distribution it samples from, and greedy decoding is not one")
-            if gen.top_k or gen.top_p < 1.0:
-                raise ValueError(f"GRPO does not support top_k/top_p sampling (got top_k={gen.top_k}, "
-                                 f"top_p={gen.top_p}): its update scores tokens under softmax(logits/temperature) "
-                                 "over the whole vocabulary, so filtered samples would make it off-policy; set "
-                                 "generation.top_k=0 and generation.top_p=1.0 (a lower temperature is supported)")
+        check_sampled_generation(self.generation, "GRPO")
 
 
 class GRPOAgent(Learner):
@@ -374,11 +367,8 @@ class GRPOAgent(Learner):
 
     # -- model passes -----------------------------------------------------------------------------------------------
     def _head(self, adapter: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> the logits actions are sampled from: the model's own logits divided by the temperature."""
-        head, temperature = self.policy.head(adapter), float(self.config.generation.temperature)
-        if temperature == 1.0:
-            return head
-        return lambda h: head(h).float() / temperature
+        """hidden -> the logits actions are sampled from (the model's own, divided by the temperature)."""
+        return tempered(self.policy.head(adapter), float(self.config.generation.temperature))
 
     def score(self, transitions: Sequence[Any], reference: bool = False, with_entropy: bool = False
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

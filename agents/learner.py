@@ -75,6 +75,29 @@ class CheckpointSettings:
         return by_count or 0 < self.checkpoint_minutes * 60 <= seconds_since_last
 
 
+NUM_ENVS_HELP = ("Envs collected from at once when handed a single env: siblings spawned from it (its config, sandbox "
+                 "and wrappers; a budget wrapper counts every step, exactly), their actions generated in one batched "
+                 "call and their programs run side by side on the sandbox's slots. 1 = the env alone; a vector env "
+                 "is used as it is. Generation time per call hardly grows with its rows on a small model, so rows "
+                 "are nearly free tokens.")  # the `num_envs` field of every collecting learner's config
+
+
+def check_sampled_generation(gen: Any, learner: str) -> None:
+    """Refuse sampling settings a learner that trains the distribution it samples cannot reproduce: greedy decoding
+    (temperature 0) and top-k/top-p filters (its update scores tokens under softmax(logits/T) over the whole
+    vocabulary, so filtered samples would be off-policy)."""
+    if not isinstance(gen, GenerationSettings):
+        return
+    if not gen.temperature > 0:
+        raise ValueError(f"{learner} needs generation.temperature > 0 (got {gen.temperature}): it trains the "
+                         "distribution it samples from, and greedy decoding is not one")
+    if gen.top_k or gen.top_p < 1.0:
+        raise ValueError(f"{learner} does not support top_k/top_p sampling (got top_k={gen.top_k}, top_p={gen.top_p}):"
+                         " its update scores tokens under softmax(logits/temperature) over the whole vocabulary, so "
+                         "filtered samples would make it off-policy; set generation.top_k=0 and generation.top_p=1.0 "
+                         "(a lower temperature is supported)")
+
+
 def first_and_last_tenth(per_action: Iterable[Any]) -> tuple[float, float]:
     """Mean of |x| over the first and over the last tenth (at least one token) of each action's per-token values:
     where a learner's signal (advantages, TD errors) lands by token position, the diagnostic that shows whether

@@ -284,6 +284,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 REFERENCE = "<reference>"  # the role of ρ in LMPolicy._role (adapters disabled, a frozen adapter, or a copy)
 
 
+def tempered(head: LogitsFn, temperature: float) -> LogitsFn:
+    """hidden -> the logits of the distribution actions are sampled from, softmax(logits / T): what a learner that
+    trains its sampled distribution scores tokens under (π and ρ at the same T)."""
+    if temperature == 1.0:
+        return head
+    return lambda h: head(h).float() / temperature
+
+
 class LMPolicy:
     """A causal LM with named adapters. See the module docstring for the reference-policy switch."""
 

@@ -43,8 +43,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from agents.learner import CheckpointSettings, Learner, first_and_last_tenth
-from agents.policy import GenerationSettings, RuntimeSettings
+from agents.learner import (
+    NUM_ENVS_HELP,
+    CheckpointSettings,
+    Learner,
+    check_sampled_generation,
+    first_and_last_tenth,
+)
+from agents.policy import GenerationSettings, RuntimeSettings, tempered
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -330,12 +336,7 @@ class PPOConfig:
 
     # rollouts
     rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
-    num_envs: int = field(default=16, metadata={
-        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
-                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
-                "batched call and their programs run side by side on the sandbox's slots. 1 = the env alone; a "
-                "vector env is used as it is. Generation time per call hardly grows with its rows on a small "
-                "model, so rows are nearly free tokens."})
+    num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. PPO trains the sampled distribution softmax(logits/temperature) (any "
                 "temperature > 0); top_k/top_p are refused (training does not reproduce them)."})
@@ -406,16 +407,7 @@ class PPOConfig:
             raise ValueError("epochs, minibatch_size, rollout_steps and num_envs must be at least 1")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0 and 0.0 <= self.lam_in_action <= 1.0):
             raise ValueError("gamma, lam and lam_in_action must lie in [0, 1]")
-        gen = self.generation
-        if isinstance(gen, GenerationSettings):
-            if not gen.temperature > 0:
-                raise ValueError(f"PPO needs generation.temperature > 0 (got {gen.temperature}): it trains the "
-                                 "distribution it samples from, and greedy decoding is not one")
-            if gen.top_k or gen.top_p < 1.0:
-                raise ValueError(f"PPO does not support top_k/top_p sampling (got top_k={gen.top_k}, "
-                                 f"top_p={gen.top_p}): its update scores tokens under softmax(logits/temperature) "
-                                 "over the whole vocabulary, so filtered samples would make it off-policy; set "
-                                 "generation.top_k=0 and generation.top_p=1.0 (a lower temperature is supported)")
+        check_sampled_generation(self.generation, "PPO")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,11 +463,8 @@ class PPOAgent(Learner):
         return self.value_head(hidden_policy.float()).squeeze(-1)
 
     def _head(self, adapter: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> the logits actions are sampled from: the model's own logits divided by the temperature."""
-        head, temperature = self.policy.head(adapter), float(self.config.generation.temperature)
-        if temperature == 1.0:
-            return head
-        return lambda h: head(h).float() / temperature
+        """hidden -> the logits actions are sampled from (the model's own, divided by the temperature)."""
+        return tempered(self.policy.head(adapter), float(self.config.generation.temperature))
 
     def forward(self, transitions: Sequence[Any]) -> ForwardOutput:
         """Per action token: log π_θ, V, entropy of π_θ (differentiable; whole-vocabulary work in chunks), π_θ being
