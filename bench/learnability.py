@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", default="etpo,ppo", help="registry names or module:Class, comma-separated")
     parser.add_argument("--probes", default=",".join(PROBES), help=f"comma list of {', '.join(PROBES)}")
     parser.add_argument("--tasks", default=None, help="comma list: run only these of the probes' tasks")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds first-seed .. first-seed + N − 1")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=256, help="env steps per keyword probe (the env probe: 2×)")
     parser.add_argument("--samples", type=int, default=64, help="fresh samples (env probe: episodes) per measurement")
     parser.add_argument("--sandbox", default="auto")
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     for agent in args.agents.split(","):
         for probe in probes:
             for task in [t for t in probe.tasks if args.tasks is None or t in args.tasks.split(",")]:
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     row = run_one(agent, probe, task, seed, args.budget * probe.budget_scale, args.samples,
                                   args.sandbox, args.overrides, args.model)
                     rows.append(row)
