@@ -168,7 +168,7 @@ def fmt(values: list[float]) -> str:
 
 def report(rows: list[dict[str, Any]]) -> list[str]:
     """One line per (learner, probe, task, metric): before, after, paired gain, steps to 0.8, diagnostics, time."""
-    lines = [f"{'agent':<6} {'probe':<7} {'task':<15} {'metric':<10} {'before':>18} {'after':>18} "
+    lines = [f"{'agent':<10} {'probe':<7} {'task':<15} {'metric':<10} {'before':>18} {'after':>18} "
              f"{'gain (paired)':>20} {'to 0.8':>8} {'KL':>7} {'H':>6} {'H/H0':>5} {'sig 1st':>8} "
              f"{'sig last':>8} {'train s':>8}"]
     keys = sorted({(r["agent"], r["probe"], r["task"]) for r in rows}, key=lambda k: (k[0], list(PROBES).index(k[1]),
@@ -192,7 +192,7 @@ def report(rows: list[dict[str, Any]]) -> list[str]:
             before = [r["before"][metric] for r in group]
             after = [r["after"][metric] for r in group]
             gain = [a - b for a, b in zip(after, before, strict=True)]
-            lines.append(f"{agent:<6} {probe:<7} {task:<15} {metric:<10} {fmt(before):>18} {fmt(after):>18} "
+            lines.append(f"{agent:<10} {probe:<7} {task:<15} {metric:<10} {fmt(before):>18} {fmt(after):>18} "
                          f"{fmt(gain):>20} {reached:>8} {diag}")
             reached, diag = "", ""
     return lines
