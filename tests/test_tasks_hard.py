@@ -243,8 +243,11 @@ def test_corpus_style_program_runs_on_a_hard_task_in_the_sandbox(local_sandbox):
     assert forest.ok, forest.result.message
     assert forest.score == pytest.approx(stored["default_forest"], abs=1e-9)
     best = tasks.evaluate(task, reference.reference_program({"dev": stored}), local_sandbox)
-    assert best.ok and best.score == pytest.approx(stored["reference"], abs=1e-9)
-    assert best.normalized == pytest.approx(1.0)
+    # The reference here is an lbfgs logistic regression (C ≈ 8.9, 3000 iterations) on 100 nearly collinear
+    # channels: its optimisation path follows the CPU's float kernels, so it reproduces its stored score to ~1e-4
+    # on another CPU (an AMD EPYC here: 0.93991 against the stored 0.93998), not bit for bit as the forest does.
+    assert best.ok and best.score == pytest.approx(stored["reference"], abs=1e-3)
+    assert best.normalized == pytest.approx(1.0, abs=1e-3)
 
 
 def test_cli_lists_the_hard_suite_with_its_headroom(suite, capsys, monkeypatch):
