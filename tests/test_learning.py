@@ -61,4 +61,7 @@ def test_learner_learns_a_keyword_at_the_start_of_the_program(agent_name, learna
     # 0.22 -> 0.25 in 256 steps, against 0.22 -> 0.88 and 0.22 -> 0.84 for these defaults)
     assert after >= 0.3 and after >= 2 * before and after - before >= 0.2, f"{agent_name}: {before:.2f} -> {after:.2f}"
     first, last = updates[-1]["signal/advantage_first_tenth"], updates[-1]["signal/advantage_last_tenth"]
-    assert first > last, "the signal should land where the keyword is, at the start of the action"
+    if agent_name == "etpo":  # the critic's |Q − E_π Q| lands where the decision is, at the start of the action
+        assert first > last, (first, last)
+    else:  # PPO's λ = 1 advantage is spread over the action: the start gets as much as the end (main: 0.06 / 0.17)
+        assert first >= 0.7 * last, (first, last)
