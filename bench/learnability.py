@@ -121,7 +121,7 @@ def diagnostics(stats: dict[str, float]) -> dict[str, float]:
 
 
 def run_one(agent_spec: str, probe: Probe, task: str, seed: int, budget: int, samples: int, sandbox: str,
-            overrides: list[str], model: str) -> dict[str, Any]:
+            overrides: list[str], model: str, on_update: Any = None) -> dict[str, Any]:
     """Train one learner on one probe and task for `budget` env steps; measure before and after."""
     from agents.registry import build_agent
     from sandbox import make_sandbox
@@ -135,7 +135,8 @@ def run_one(agent_spec: str, probe: Probe, task: str, seed: int, budget: int, sa
                    (lambda: env_metrics(agent, task, shared, samples, EVAL_SEED + 1000 * seed)))
         before = measure()
         started = time.perf_counter()
-        agent.learn(env, budget, callbacks=lambda stats: curve.append(diagnostics(stats)))
+        callbacks = [lambda stats: curve.append(diagnostics(stats))] + ([on_update] if on_update else [])
+        agent.learn(env, budget, callbacks=callbacks)
         train_s = time.perf_counter() - started
         after = measure()
     finally:
@@ -224,23 +225,31 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     probes = [PROBES[name] for name in args.probes.split(",")]
+    runs = [(agent, probe, task, seed) for agent in args.agents.split(",") for probe in probes
+            for task in probe.tasks if args.tasks is None or task in args.tasks.split(",")
+            for seed in range(args.first_seed, args.first_seed + args.seeds)]
     rows: list[dict[str, Any]] = []
     print(f"learnability: agents {args.agents}, probes {args.probes}, {args.seeds} seed(s), budget {args.budget}, "
           f"{args.samples} samples, {os.cpu_count()} CPUs{', set ' + ' '.join(args.overrides) if args.overrides else ''}",
           flush=True)
-    for agent in args.agents.split(","):
-        for probe in probes:
-            for task in [t for t in probe.tasks if args.tasks is None or t in args.tasks.split(",")]:
-                for seed in range(args.first_seed, args.first_seed + args.seeds):
-                    row = run_one(agent, probe, task, seed, args.budget * probe.budget_scale, args.samples,
-                                  args.sandbox, args.overrides, args.model)
-                    rows.append(row)
-                    print(f"  {agent} {probe.name} {task} seed {seed}: {row['before']} → {row['after']}, "
-                          f"0.8 at {row['steps_to_0.8']}, {row['train_s']:.0f} s", flush=True)
-                    if args.out:
-                        with Path(args.out).open("a") as fh:
-                            fh.write(json.dumps(row) + "\n")
+    columns = [TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+               TextColumn("env steps"), TimeElapsedColumn()]
+    with Progress(*columns) as bar:
+        total = bar.add_task("learnability", total=sum(args.budget * probe.budget_scale for _, probe, _, _ in runs))
+        for agent, probe, task, seed in runs:
+            bar.update(total, description=f"{agent} {probe.name} {task} s{seed}")
+            row = run_one(agent, probe, task, seed, args.budget * probe.budget_scale, args.samples, args.sandbox,
+                          args.overrides, args.model,
+                          on_update=lambda stats: bar.advance(total, stats.get("env_steps_iteration", 0.0)))
+            rows.append(row)
+            bar.console.print(f"  {agent} {probe.name} {task} seed {seed}: {row['before']} → {row['after']}, "
+                              f"0.8 at {row['steps_to_0.8']}, {row['train_s']:.0f} s")
+            if args.out:
+                with Path(args.out).open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     print("\n".join(report(rows)))
     return 0
 
