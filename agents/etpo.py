@@ -713,7 +713,7 @@ class ETPOConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per optimiser (0 = off)."})
     epochs: int = field(default=4, metadata={
         "help": "Passes over each rollout batch; targets are recomputed per pass. 4 (was 2): the start-of-program "
-                "keyword probe reached 0.8 in 88 env steps instead of 176 (bench/learnability.py; README)."})
+                "keyword probe reached 0.8 in 107 env steps instead of 176 (3 seeds; bench/learnability.py; README)."})
     minibatch_size: int = field(default=4, metadata={"help": "Transitions (actions) per optimiser step."})
     inference_batch_size: int = field(default=16, metadata={
         "help": "Transitions per no-gradient pass (ρ's features, the target pass): larger than a minibatch, since "

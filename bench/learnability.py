@@ -72,16 +72,6 @@ PROBES = {
 EVAL_SEED = 10_000  # evaluation samples are seeded apart from training
 
 
-def keyword_rate(agent: Any, env: Any, samples: int, seed: int) -> float:
-    """The probe's reward averaged over `samples` fresh actions of the agent's current policy (no env step)."""
-    from agents.bench.run import batch_actor, isolated_rng
-
-    obs, info = env.reset(seed=seed)
-    with isolated_rng(seed):
-        actions = batch_actor(agent)([obs] * samples, [info] * samples)
-    return sum(env.reward_of(a) for a in actions) / samples
-
-
 def env_metrics(agent: Any, task: str, sandbox: Any, samples: int, seed: int) -> dict[str, float]:
     """Fresh five-attempt episodes of the current policy: first-attempt validity, episode return, first-attempt dev
     score where it ran, normalized test score of the final program."""
@@ -123,6 +113,7 @@ def diagnostics(stats: dict[str, float]) -> dict[str, float]:
 def run_one(agent_spec: str, probe: Probe, task: str, seed: int, budget: int, samples: int, sandbox: str,
             overrides: list[str], model: str, on_update: Any = None) -> dict[str, Any]:
     """Train one learner on one probe and task for `budget` env steps; measure before and after."""
+    from agents.bench.run import probe_rate
     from agents.registry import build_agent
     from sandbox import make_sandbox
 
@@ -131,7 +122,7 @@ def run_one(agent_spec: str, probe: Probe, task: str, seed: int, budget: int, sa
     curve: list[dict[str, float]] = []
     try:
         agent = build_agent(agent_spec, seed=seed, model=model, overrides=overrides)
-        measure = ((lambda: {"rate": keyword_rate(agent, env, samples, EVAL_SEED + seed)}) if probe.keyword else
+        measure = ((lambda: {"rate": probe_rate(agent, env, samples, EVAL_SEED + seed)}) if probe.keyword else
                    (lambda: env_metrics(agent, task, shared, samples, EVAL_SEED + 1000 * seed)))
         before = measure()
         started = time.perf_counter()

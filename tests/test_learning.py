@@ -33,26 +33,18 @@ def learnable_model(tmp_path_factory):
     return path
 
 
-def keyword_rate(agent, env, seed):
-    from agents.bench.run import batch_actor, isolated_rng
-
-    obs, info = env.reset(seed=seed)
-    with isolated_rng(seed):
-        actions = batch_actor(agent)([obs] * SAMPLES, [info] * SAMPLES)
-    return sum(env.reward_of(a) for a in actions) / SAMPLES
-
-
 @pytest.mark.parametrize("agent_name", ["etpo", "ppo"])
 def test_learner_learns_a_keyword_at_the_start_of_the_program(agent_name, learnable_model, local_sandbox):
+    from agents.bench.run import probe_rate
     from agents.registry import build_agent
 
     env = KeywordReward(gym.make("DataSciCode-v0", task="titanic", sandbox=local_sandbox, max_attempts=1), KEYWORD)
     try:
         agent = build_agent(agent_name, seed=0, model=str(learnable_model))
-        before = keyword_rate(agent, env, seed=123)
+        before = probe_rate(agent, env, SAMPLES, seed=123)
         updates = []
         agent.learn(env, BUDGET, callbacks=updates.append)
-        after = keyword_rate(agent, env, seed=123)
+        after = probe_rate(agent, env, SAMPLES, seed=123)
     finally:
         env.close()
     assert before < 0.35, f"the probe is too easy for this model: {before:.2f} before training"

@@ -197,6 +197,16 @@ def learns(agent: Any) -> bool:
     return is_learner(agent) and not (prompting is not None and isinstance(agent, prompting))
 
 
+def probe_rate(agent: Any, env: Any, samples: int, seed: int) -> float:
+    """A reward probe's rate under the agent's current policy (`etpo_env.probes`): `env.reward_of` averaged over
+    `samples` fresh actions for the first prompt of `env.reset(seed=seed)`, sampled in one batch under
+    `isolated_rng(seed)`; no env step, so no program runs and training's random streams are untouched."""
+    obs, info = env.reset(seed=seed)
+    with isolated_rng(seed):
+        actions = batch_actor(agent)([obs] * samples, [info] * samples)
+    return sum(env.reward_of(a) for a in actions) / samples
+
+
 def play_eval_episodes(agent: Any, envs: list[Any], seeds: Sequence[int], mode: str,
                        on_step: Callable[[], None] | None = None) -> list[_Episode]:
     """Play one fresh episode per seed: in lock-step through `batch_actor(agent)` where there is one (one env per
