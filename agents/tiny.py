@@ -57,7 +57,7 @@ HEADER = "def build_model(X, y):"
 BUILD_THREADS = 1  # torch threads of the build (fixed: see build_tiny_model)
 BUILD_FORMAT = 4  # bump when the build recipe changes so cached models are rebuilt
 GENERATION_TOKENS = 256  # new tokens per action the learners and the evaluation default to (max_new_tokens)
-FEEDBACK_FORMAT = 1  # bump when the feedback cache's content changes
+FEEDBACK_FORMAT = 2  # bump when the feedback cache's content changes (2: scores on the holdout protocol's reward rows)
 EVAL_MAX_ROWS = 2000  # the env's default row cap: the prompts and feedback are those of DataSciCode-v0
 DEMO_LAYOUT = "local"  # demos with each import right above its use: nothing to remember across a program
 

@@ -19,6 +19,7 @@ from etpo_env.spaces import MAX_ACTION_CHARS
 from sandbox.factory import BACKENDS
 
 MODES = ("fix", "refine")
+SPLITS = ("holdout", "paper")  # tasks.splits.PROTOCOLS (not imported: importing tasks loads scikit-learn)
 REWARDS = ("metric", "normalized", "improvement")
 
 # Fields that hold objects (a `tasks.Task`, `sandbox.Limits`) or that each command names its own way (`--task`,
@@ -50,9 +51,15 @@ class EnvConfig:
     limits: Any = field(default=None, metadata={
         "help": "`sandbox.Limits` for a sandbox the env creates (not allowed with a sandbox instance)."})
     max_rows: int = field(default=2000, metadata={"help": "Row cap when loading a task by name."})
+    split: Literal[SPLITS] = field(default="holdout", metadata={  # type: ignore[valid-type]
+        "help": "holdout: fitting, reward and test rows are disjoint and only fitting rows' labels enter a sandbox "
+                "(no channel between runs can carry a scored label); paper: the ETPO paper's 5 random 50/50 "
+                "splits of the dev part, OPEN TO CROSS-FOLD CHANNELS (scored labels are fitted in other folds), "
+                "for reproducing the paper only. Task names only."})
     split_seed: int | None = field(default=0, metadata={
-        "help": "Seed of the dev splits: an int keeps rewards comparable across episodes; none draws a new seed "
-                "from the env's generator at every reset."})
+        "help": "Seed of the fits a reward is scored from (holdout with one fit: no effect; paper: the splits): "
+                "an int keeps rewards comparable across episodes; none draws a new seed from the env's "
+                "generator at every reset."})
     failure_reward: float = field(default=-1.0, metadata={
         "help": "Reward of a failed step (a program that does not run, or an invalid action)."})
     max_action_chars: int = field(default=MAX_ACTION_CHARS, metadata={
@@ -70,6 +77,7 @@ class EnvConfig:
         elif self.limits is not None:
             raise ValueError("limits apply to a sandbox the env creates; set them on the shared sandbox instead")
         _check_choice("mode", self.mode, MODES)
+        _check_choice("split", self.split, SPLITS)
         _check_choice("reward", self.reward, REWARDS)
         _check_choice("prompt_style", self.prompt_style, STYLES)
         _check_choice("input_format", self.input_format, INPUT_FORMATS)

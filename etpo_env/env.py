@@ -8,6 +8,7 @@ best program so far with a request to improve it.
 
 from __future__ import annotations
 
+import logging
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,9 @@ from etpo_env.config import MODES, REWARDS, EnvConfig  # noqa: F401  (MODES, REW
 from etpo_env.info import INVALID_ACTION, RESULT_KEYS, StepInfo, status_name
 from etpo_env.program import check_action, extract_program
 from etpo_env.spaces import MAX_OBSERVATION_CHARS, code_text_space, sanitize
+
+logger = logging.getLogger(__name__)
+_WARNED_SPLITS: set[tuple[str, str]] = set()  # (task, protocol method) already warned about in this process
 
 _TAIL_CHARS = 2_000  # stdout/stderr tails kept in info
 CHANCE_ROC_AUC = 0.5  # improvement floor for a task without a stored baseline score
@@ -48,7 +52,7 @@ class DataSciCodeEnv(gym.Env[str, str]):
             raise ValueError(f"render_mode must be one of {(None, *self.metadata['render_modes'])}, "
                              f"got {render_mode!r}")
         self.config = config
-        self.task = _load_task(config.task, max_rows=config.max_rows, input_format=config.input_format)
+        self.task = _load_task(config.task, config)
         if config.reward == "normalized" and self.task.normalize(1.0) is None:
             raise ValueError(
                 f"task {self.task.name!r} has no baseline/reference scores for this setting, so reward='normalized' "
@@ -297,12 +301,20 @@ def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _load_task(task: Any, max_rows: int, input_format: str) -> Any:
+def _load_task(task: Any, config: EnvConfig) -> Any:
     import tasks
+    from tasks.splits import PROTOCOLS
 
     if task is None:
         task = tasks.DEFAULT_TASK
     if isinstance(task, str):
-        return tasks.get(task, max_rows=max_rows, input_format=input_format)
+        task = tasks.get(
+            task, max_rows=config.max_rows, input_format=config.input_format, split=PROTOCOLS[config.split]
+        )
+    warning = task.split_protocol.channel_warning
+    if warning and (task.name, task.split_protocol.method) not in _WARNED_SPLITS:
+        # The user chose this protocol; say once per process, where it is chosen, what it gives up.
+        _WARNED_SPLITS.add((task.name, task.split_protocol.method))
+        logger.warning("task %s: %s", task.name, warning)
     return task
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 SUITE_CHOICES = ["bundled", "hard", "paper", "all"]  # tasks.SUITES (not imported: `etpo --help` stays light)
+PROTOCOL_CHOICES = ["holdout", "paper"]  # tasks.splits.PROTOCOLS (a test keeps the two in step)
 
 
 def register(subparsers) -> None:
@@ -44,6 +45,13 @@ def register(subparsers) -> None:
         help="formats to compute (repeatable; default: pandas and numpy; pandas only for the hard suite)",
     )
     p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument(
+        "--protocol",
+        default="holdout",
+        choices=PROTOCOL_CHOICES,
+        help="split protocol to compute (holdout: the default; paper: 5 random 50/50 splits, open to cross-fold "
+        "channels)",
+    )
     p.add_argument("--backend", default="local", help="sandbox backend (scores do not depend on it)")
     p.add_argument("--workers", type=int, default=2, help="programs run concurrently")
     p.add_argument("--out", default=None, help="store file (default: tasks/data/reference_scores.json)")
@@ -121,10 +129,11 @@ def _show(args: argparse.Namespace) -> int:
 
     task = tasks.get(args.name, input_format=args.input_format)
     print(task.describe(args.style))
+    rows = {role: len(r) for role, r in task.scored_rows().items()}
     print(
-        f"\nsplits: dev part {task.n_dev_rows} rows ({task.split_protocol.n_splits} x {task.split_protocol.method}), "
-        f"held-out test part {task.n_test_rows} rows; baseline {_fmt(task.baseline_score)}, "
-        f"reference {_fmt(task.reference_score)}"
+        f"\nrows: {rows['fit']} fitting (the only labels programs see), {rows['reward']} reward, {rows['test']} test "
+        f"({task.split_protocol.method}, {task.split_protocol.n_splits} fit(s) per reward); "
+        f"baseline {_fmt(task.baseline_score)}, reference {_fmt(task.reference_score)}"
     )
     return 0
 
@@ -135,7 +144,9 @@ def _reference(args: argparse.Namespace) -> int:
 
     if not args.recompute:
         store = reference.load_store(args.out)
-        for name, settings in sorted(store.get("tasks", {}).items()):
+        stored = store.get("protocols", {}).get(args.protocol, {}).get("tasks", {})
+        print(f"protocol {args.protocol}:")
+        for name, settings in sorted(stored.items()):
             for key, entry in sorted(settings.items()):
                 dev, test = entry["dev"], entry["test"]
                 forest = entry.get("headroom", {}).get("default_forest_normalized")
@@ -148,11 +159,17 @@ def _reference(args: argparse.Namespace) -> int:
         return 0
 
     from sandbox import Limits, make_sandbox
+    from tasks.splits import PROTOCOLS
 
     names = args.task or tasks.names(args.suite)
     formats = args.input_format or (["pandas"] if args.suite == "hard" else ["pandas", "numpy"])
     task_list = [
-        tasks.get(name, max_rows=args.max_rows or tasks.DEFAULT_MAX_ROWS, input_format=fmt)
+        tasks.get(
+            name,
+            max_rows=args.max_rows or tasks.DEFAULT_MAX_ROWS,
+            input_format=fmt,
+            split=PROTOCOLS[args.protocol],
+        )
         for name in names
         for fmt in formats
     ]

@@ -5,8 +5,9 @@ reference = the best dev score over a fixed grid of standard scikit-learn pipeli
 normalized = (score - baseline) / (reference - baseline): 0 at chance, 1 at the best standard pipeline.
 
 On the test part, the reference is the test score of the pipeline that was best on dev (selection never looks at
-test labels). Stored in tasks/data/reference_scores.json per task, input format and row count; recompute with
-`etpo tasks reference --recompute`.
+test labels). Stored in tasks/data/reference_scores.json per split protocol (`tasks.splits.PROTOCOLS`: the default
+holdout and the paper's), task, input format and row count; recompute with `etpo tasks reference --recompute
+[--protocol paper]`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sklearn
 
 from tasks.demos import Recipe, render
 from tasks.programs import wrap_body
-from tasks.splits import SplitProtocol
+from tasks.splits import PROTOCOLS, SplitProtocol
 
 STORE_PATH = Path(__file__).parent / "data" / "reference_scores.json"
 RECOMPUTE_COMMAND = "etpo tasks reference --recompute"
@@ -125,15 +126,27 @@ def load_store(path: str | os.PathLike | None = None) -> dict:
     return _cached_store(str(path), path.stat().st_mtime)
 
 
+def protocol_name(protocol: SplitProtocol) -> str | None:
+    """The name under which scores of `protocol` are stored (`tasks.splits.PROTOCOLS`), None for any other."""
+    return next((name for name, known in PROTOCOLS.items() if known == protocol), None)
+
+
+def stored_entry(task, store: dict | None = None) -> dict | None:
+    """The stored entry of this task's protocol and setting ({"dev", "test", ...}), or None."""
+    store = store if store is not None else load_store()
+    name = protocol_name(task.split_protocol)
+    protocol = store.get("protocols", {}).get(name or "", {})
+    if protocol.get("split") != asdict(task.split_protocol):
+        return None
+    return protocol.get("tasks", {}).get(task.name, {}).get(setting_key(task))
+
+
 def lookup(task, part: str = "dev") -> dict | None:
     """{"baseline", "reference", "best"} for this task's setting and part, or None if nothing matches."""
     override = getattr(task, "reference_scores", None)
     if override is not None:
         return override.get(part)
-    store = load_store()
-    if store.get("split") != asdict(task.split_protocol):
-        return None
-    entry = store["tasks"].get(task.name, {}).get(setting_key(task))
+    entry = stored_entry(task)
     return entry.get(part) if entry else None
 
 
@@ -182,9 +195,10 @@ def compute(task, sandbox, seed: int = 0, workers: int = 1) -> dict:
 
 
 def recompute(task_list, sandbox, path=None, seed: int = 0, workers: int = 1, progress=None) -> dict:
-    """Compute and store the scores of `task_list` (other stored entries are kept)."""
+    """Compute and store the scores of `task_list` (other stored entries are kept). Every task must use one of the
+    named protocols (`tasks.splits.PROTOCOLS`)."""
     store = dict(load_store(path))
-    store.setdefault("tasks", {})
+    store.setdefault("protocols", {})
     store.update(
         {
             "about": "baseline = majority class (chance); reference = best dev score of the GRID pipelines in "
@@ -192,16 +206,17 @@ def recompute(task_list, sandbox, path=None, seed: int = 0, workers: int = 1, pr
             "score as headroom evidence); test reference = test score of the dev-best pipeline.",
             "hard_command": HARD_COMMAND,
             "command": RECOMPUTE_COMMAND,
-            "split": asdict(SplitProtocol()),
             "scikit_learn": sklearn.__version__,
         }
     )
     for task in task_list:
-        if task.split_protocol != SplitProtocol():
-            raise ValueError("reference scores are stored for the default split protocol only")
+        name = protocol_name(task.split_protocol)
+        if name is None:
+            raise ValueError(f"reference scores are stored for the named split protocols {sorted(PROTOCOLS)} only")
+        protocol = store["protocols"].setdefault(name, {"split": asdict(task.split_protocol), "tasks": {}})
         method = compute_searched if task.suite == "hard" else compute
         entry = method(task, sandbox, seed=seed, workers=workers)
-        store["tasks"].setdefault(task.name, {})[setting_key(task)] = entry
+        protocol["tasks"].setdefault(task.name, {})[setting_key(task)] = entry
         save_store(store, path)
         if progress:
             progress(task, entry)
@@ -502,10 +517,7 @@ def compute_searched(task, sandbox, seed: int = 0, workers: int = 1, samples: in
 
 def headroom(task) -> float | None:
     """The default forest's normalized dev score, stored with the hard suite's references (else None)."""
-    store = load_store()
-    if store.get("split") != asdict(task.split_protocol):
-        return None
-    entry = store["tasks"].get(task.name, {}).get(setting_key(task), {})
+    entry = stored_entry(task) or {}
     return entry.get("headroom", {}).get("default_forest_normalized")
 
 

@@ -79,8 +79,8 @@ class Task:
     from a feature frame and labels.
 
     Rows are capped (`max_rows`, stratified, seeded), put in a fixed shuffled order (row position carries no label
-    information), and divided into a dev part, on which rewards are computed, and a held-out test part that only
-    final evaluation sees (`split` says how).
+    information), and divided into fitting rows (the only labels agent code sees), reward rows and test rows
+    (`split` says how; see `tasks.splits`). Fitting and reward rows together are the dev part.
     """
 
     def __init__(
@@ -124,6 +124,8 @@ class Task:
         self.split_protocol = split or SplitProtocol()
         self.suite = suite
         self._dev_rows, self._test_rows = splits.holdout_split(self._y, self.split_protocol.test_fraction)
+        fit, reward = splits.reward_split(self._y[self._dev_rows], self.split_protocol)
+        self._fit_rows, self._reward_rows = self._dev_rows[fit], self._dev_rows[reward]
         # {"dev": {"baseline": b, "reference": r}, "test": {...}} to use instead of the stored scores
         # (e.g. `task.reference_scores = tasks.reference.compute(task, sandbox)` for a CSV task).
         self.reference_scores: dict | None = None
@@ -239,18 +241,33 @@ class Task:
             y_eval=self._y[eval_rows].copy(),
         )
 
-    def dev_splits(self, seed: int = 0, protocol: SplitProtocol | None = None) -> list[Split]:
-        """The splits rewards are computed on (all inside the dev part). Default protocol: 5 seeded random 50/50."""
-        protocol = protocol or self.split_protocol
-        y_dev = self._y[self._dev_rows]
+    @property
+    def n_fit_rows(self) -> int:
+        """Rows whose labels agent code receives (holdout); the paper's protocols fit on parts of the dev part."""
+        return len(self._fit_rows) if self.split_protocol.labels_by_construction else self.n_dev_rows
+
+    def dev_splits(self, seed: int = 0) -> list[Split]:
+        """The fits a reward is computed from. Holdout: fits on (resamples of) the fitting rows, each scored on the
+        reward rows. The paper's protocols: seeded splits of the dev part (open to cross-fold channels)."""
+        protocol = self.split_protocol
+        if protocol.labels_by_construction:
+            return [
+                self._split(self._fit_rows[rows], self._reward_rows)
+                for rows in splits.fit_resamples(self._y[self._fit_rows], protocol, seed)
+            ]
         return [
             self._split(self._dev_rows[fit], self._dev_rows[ev])
-            for fit, ev in splits.dev_split_indices(y_dev, protocol, seed)
+            for fit, ev in splits.dev_split_indices(self._y[self._dev_rows], protocol, seed)
         ]
 
     def test_split(self) -> Split:
-        """Fit on the whole dev part, evaluate on the held-out test part (final evaluation only)."""
-        return self._split(self._dev_rows, self._test_rows)
+        """Final evaluation: fit on the fitting rows (holdout) or the dev part (paper), score the test rows."""
+        fit_rows = self._fit_rows if self.split_protocol.labels_by_construction else self._dev_rows
+        return self._split(fit_rows, self._test_rows)
+
+    def scored_rows(self) -> dict[str, np.ndarray]:
+        """Row positions by role ("fit", "reward", "test"), for audits and tests."""
+        return {"fit": self._fit_rows.copy(), "reward": self._reward_rows.copy(), "test": self._test_rows.copy()}
 
     # --- metric and reference scores ----------------------------------------------------------------------
 
@@ -311,7 +328,9 @@ class Task:
 
     def _fit_shape(self) -> tuple[int, int]:
         protocol = self.split_protocol
-        if protocol.method == "kfold":
+        if protocol.labels_by_construction:
+            n_fit = len(splits.fit_resamples(self._y[self._fit_rows], protocol)[0])
+        elif protocol.method == "kfold":
             n_fit = self.n_dev_rows - self.n_dev_rows // protocol.n_splits
         else:
             n_fit = self.n_dev_rows - int(np.ceil(protocol.eval_fraction * self.n_dev_rows))

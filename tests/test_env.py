@@ -417,8 +417,9 @@ def test_a_prefetched_step_runs_its_program_once_and_equals_a_plain_step(local_s
 
 
 def test_a_reset_drops_the_run_prefetched_in_the_episode_before(local_sandbox):
-    """With episode-seeded splits, a run begun before a reset scored other splits: the new episode never takes it."""
-    env, fresh = (DataSciCodeEnv(task=TASK, sandbox=local_sandbox, split_seed=None) for _ in range(2))
+    """With episode-seeded fits, a run begun before a reset scored other fits: the new episode never takes it."""
+    resampled = tasks.get(TASK, split=tasks.SplitProtocol(n_splits=3, resample_fraction=0.8))
+    env, fresh = (DataSciCodeEnv(task=resampled, sandbox=local_sandbox, split_seed=None) for _ in range(2))
     env.reset(seed=0)
     before = env.step(_fenced(HONEST))[4]["split_scores"]
     env.reset(seed=0)

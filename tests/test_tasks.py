@@ -50,19 +50,17 @@ def test_every_bundled_task_is_well_formed(bundled):
         assert sum(task.class_counts.values()) == task.n_rows
         assert min(task.class_counts.values()) > 0
         assert task.n_dev_rows + task.n_test_rows == task.n_rows
-        dev = task.dev_splits()
-        assert len(dev) == 5
-        for split in dev:
-            assert isinstance(split.X_fit, pd.DataFrame) and list(split.X_fit.columns) == list(
-                split.X_eval.columns
-            )
-            assert task.target not in split.X_fit.columns
-            assert len(split.X_fit) + len(split.X_eval) == task.n_dev_rows
-            assert abs(len(split.X_fit) - len(split.X_eval)) <= 1
-            assert set(np.unique(split.y_fit)) == set(range(task.n_classes))
-            assert isinstance(split.X_eval.index, pd.RangeIndex) and split.X_eval.index.start == 0
+        rows = task.scored_rows()
+        assert len(rows["fit"]) + len(rows["reward"]) == task.n_dev_rows == task.n_fit_rows + len(rows["reward"])
+        (split,) = task.dev_splits()  # one fit on the fitting rows, scored on the reward rows
+        assert isinstance(split.X_fit, pd.DataFrame) and list(split.X_fit.columns) == list(split.X_eval.columns)
+        assert task.target not in split.X_fit.columns
+        assert len(split.X_fit) == len(rows["fit"]) and len(split.X_eval) == len(rows["reward"])
+        assert set(np.unique(split.y_fit)) == set(range(task.n_classes))
+        assert set(np.unique(split.y_eval)) == set(range(task.n_classes))
+        assert isinstance(split.X_eval.index, pd.RangeIndex) and split.X_eval.index.start == 0
         test = task.test_split()
-        assert len(test.X_fit) == task.n_dev_rows and len(test.X_eval) == task.n_test_rows
+        assert len(test.X_fit) == len(rows["fit"]) and len(test.X_eval) == task.n_test_rows
 
 
 def test_row_cap_is_stratified_and_seeded():
@@ -78,11 +76,46 @@ def test_row_cap_is_stratified_and_seeded():
 # --- splits: leak-free and deterministic --------------------------------------------------------------------------
 
 
-def test_dev_and_test_parts_are_disjoint_and_cover_all_rows():
+def test_fitting_reward_and_test_rows_are_disjoint_and_cover_all_rows():
     task = tagged_task()
     test_ids = set(task.test_split().X_eval["row_id"])
+    fit_ids = set(task.test_split().X_fit["row_id"])
+    (reward,) = task.dev_splits(seed=3)
+    reward_ids = set(reward.X_eval["row_id"])
+    assert set(reward.X_fit["row_id"]) == fit_ids
+    assert not test_ids & fit_ids and not reward_ids & fit_ids and not reward_ids & test_ids
+    assert len(test_ids | fit_ids | reward_ids) == 200
+    assert (len(fit_ids), len(reward_ids), len(test_ids)) == (100, 50, 50)
+
+
+def test_holdout_resamples_fit_on_fitting_rows_only_and_vary_with_the_seed():
+    task = tagged_task(split=tasks.SplitProtocol(n_splits=3, resample_fraction=0.8))
+    fit_ids = set(task.test_split().X_fit["row_id"])
+    seeded = task.dev_splits(seed=0)
+    assert len(seeded) == 3
+    reward_ids = set(seeded[0].X_eval["row_id"])
+    for split in seeded + task.dev_splits(seed=1):
+        assert set(split.X_fit["row_id"]) < fit_ids and len(split.X_fit) == 80
+        assert set(split.X_eval["row_id"]) == reward_ids  # every fit is scored on the same reward rows
+    assert not seeded[0].X_fit.equals(seeded[1].X_fit)
+    assert not seeded[0].X_fit.equals(task.dev_splits(seed=1)[0].X_fit)
+
+
+def test_split_protocol_validation():
+    with pytest.raises(ValueError, match="identical fits"):
+        tasks.SplitProtocol(n_splits=3)
+    with pytest.raises(ValueError, match="method"):
+        tasks.SplitProtocol(method="leaky")
+    with pytest.raises(ValueError, match="fit on"):
+        tasks.SplitProtocol(test_fraction=0.5, reward_fraction=0.45)
+    with pytest.raises(ValueError, match="holdout"):
+        splits.dev_split_indices(np.arange(10) % 2, tasks.SplitProtocol())
+
+
+def test_papers_protocol_splits_the_dev_part():
+    task = tagged_task(split=splits.PAPER)
     dev_ids = set(task.test_split().X_fit["row_id"])
-    assert not test_ids & dev_ids and len(test_ids | dev_ids) == 200
+    assert len(dev_ids) == 150
     for split in task.dev_splits(seed=3):
         fit_ids, eval_ids = set(split.X_fit["row_id"]), set(split.X_eval["row_id"])
         assert not fit_ids & eval_ids
@@ -98,7 +131,7 @@ def test_kfold_protocol_scores_every_dev_row_once():
 
 
 def test_splits_are_deterministic_and_seeded():
-    a, b = tagged_task(), tagged_task()
+    a, b = tagged_task(split=splits.PAPER), tagged_task(split=splits.PAPER)
     for sa, sb in zip(a.dev_splits(seed=7), b.dev_splits(seed=7)):
         pd.testing.assert_frame_equal(sa.X_eval, sb.X_eval)
         np.testing.assert_array_equal(sa.y_fit, sb.y_fit)
@@ -108,21 +141,21 @@ def test_splits_are_deterministic_and_seeded():
 def test_split_indices_are_pinned_across_machines():
     # RandomState streams are frozen by numpy; this pins the rows so any change of splitter or seeds is caught.
     y = np.arange(40) % 2
-    fit, ev = splits.dev_split_indices(y, splits.SplitProtocol(), seed=0)[0]
+    fit, ev = splits.dev_split_indices(y, splits.PAPER, seed=0)[0]
     assert sorted(ev.tolist())[:6] == PINNED_EVAL_ROWS
     assert splits.shuffled_order(8).tolist() == PINNED_ORDER
 
 
 def test_bundled_rows_are_pinned_across_machines(bundled):
-    # End to end (source file, cap, order, holdout, dev split): the same labels in the same order everywhere.
+    # End to end (source file, cap, order, test part, reward rows): the same labels in the same order everywhere.
     titanic = bundled["titanic"]
-    assert titanic.dev_splits(seed=0)[0].y_eval[:16].tolist() == PINNED_TITANIC_DEV
+    assert titanic.dev_splits(seed=0)[0].y_eval[:16].tolist() == PINNED_TITANIC_REWARD
     assert titanic.test_split().y_eval[:16].tolist() == PINNED_TITANIC_TEST
     capped = tasks.get("credit_default", max_rows=500)
     assert capped.test_split().X_eval["balance"].round(2).head(4).tolist() == PINNED_DEFAULT_BALANCE
 
 
-PINNED_TITANIC_DEV = [0, 1, 0, 0, 1, 0, 1, 0, 1, 1, 0, 0, 1, 1, 0, 0]
+PINNED_TITANIC_REWARD = [0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0]
 PINNED_TITANIC_TEST = [0, 1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0, 1]
 PINNED_DEFAULT_BALANCE = [1558.86, 1604.78, 490.06, 962.14]
 PINNED_EVAL_ROWS = [0, 6, 7, 9, 10, 11]
@@ -247,8 +280,10 @@ def test_stored_scores_apply_to_the_matching_setting_only(bundled):
     task = bundled[tasks.DEFAULT_TASK]
     assert task.baseline_score == 0.5 and task.reference_score > 0.9
     assert task.normalize(task.reference_score) == pytest.approx(1.0)
-    other = tasks.get(tasks.DEFAULT_TASK, split=tasks.SplitProtocol(n_splits=3))
-    assert other.reference_score is None  # stored for the default protocol only
+    other = tasks.get(tasks.DEFAULT_TASK, split=tasks.SplitProtocol(n_splits=3, resample_fraction=0.8))
+    assert other.reference_score is None  # stored for the named protocols only
+    paper = tasks.get(tasks.DEFAULT_TASK, split=splits.PAPER)
+    assert paper.reference_score > 0.9 and paper.reference_score != task.reference_score
 
 
 # --- misc -----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -57,7 +58,9 @@ def _tagged_task() -> tasks.Task:
     rng = np.random.RandomState(0)
     n = 120
     frame = pd.DataFrame({"row_id": np.arange(n), "x": rng.normal(size=n)})
-    return tasks.Task("tagged", frame, np.arange(n) % 2)
+    # five fits on resamples of the fitting rows: the evaluator's multi-fold path
+    return tasks.Task("tagged", frame, np.arange(n) % 2,
+                      split=tasks.SplitProtocol(n_splits=5, resample_fraction=0.8))
 
 
 # --- the evaluator ---------------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ def test_csv_task_end_to_end_in_the_sandbox(tmp_path, local_sandbox):
     task = tasks.Task.from_csv(path, target="outcome")
     ev = tasks.evaluate(task, LOGISTIC_PROGRAM, local_sandbox)
     assert ev.status is Status.OK, ev.result.message
-    assert len(ev.split_scores) == 5 and ev.score == pytest.approx(np.mean(ev.split_scores))
+    assert len(ev.split_scores) == 1 and ev.score == pytest.approx(np.mean(ev.split_scores))
     assert ev.score > 0.85 and ev.result.isolation == "local"
     assert ev.normalized is None  # no reference scores for a user CSV until computed
     task.reference_scores = {"test": {"baseline": 0.5, "reference": 1.0}}
@@ -177,16 +180,17 @@ def test_reference_compute_refuses_when_every_pipeline_fails():
 def test_stored_reference_scores_cover_the_bundled_suite():
     store = reference.load_store()
     assert store["command"] == reference.RECOMPUTE_COMMAND
-    assert store["split"] == dataclasses.asdict(tasks.SplitProtocol())
-    for name in tasks.names("bundled"):
-        for input_format in ("pandas", "numpy"):
-            task = tasks.get(name, input_format=input_format)
-            entry = reference.lookup(task)
-            assert entry is not None, (name, input_format)
-            assert entry["baseline"] < entry["reference"] <= 1.0, (name, input_format)
-            assert entry["best"] in reference.GRID
-            test_entry = reference.lookup(task, "test")
-            assert test_entry["baseline"] < test_entry["reference"] <= 1.0
+    for name, protocol in tasks.splits.PROTOCOLS.items():
+        assert store["protocols"][name]["split"] == dataclasses.asdict(protocol)
+    settings = itertools.product(tasks.names("bundled"), ("pandas", "numpy"), tasks.splits.PROTOCOLS.values())
+    for name, input_format, protocol in settings:
+        task = tasks.get(name, input_format=input_format, split=protocol)
+        entry = reference.lookup(task)
+        assert entry is not None, (name, input_format, protocol.method)
+        assert entry["baseline"] < entry["reference"] <= 1.0, (name, input_format, protocol.method)
+        assert entry["best"] in reference.GRID
+        test_entry = reference.lookup(task, "test")
+        assert test_entry["baseline"] < test_entry["reference"] <= 1.0
 
 
 def test_reference_programs_are_sound_source():
@@ -211,10 +215,12 @@ def test_cli_tasks_list_shows_the_bundled_suite(capsys, monkeypatch):
 def test_cli_tasks_show_and_reference(capsys):
     assert etpo_main(["tasks", "show", "iris", "--style", "paper"]) == 0
     out = capsys.readouterr().out
-    assert "4 features" in out and "held-out test part" in out
+    assert "4 features" in out and "74 fitting (the only labels programs see), 38 reward, 38 test" in out
     assert etpo_main(["tasks", "reference"]) == 0
     out = capsys.readouterr().out
-    assert "breast_cancer" in out and reference.RECOMPUTE_COMMAND in out
+    assert "protocol holdout" in out and "breast_cancer" in out and reference.RECOMPUTE_COMMAND in out
+    assert etpo_main(["tasks", "reference", "--protocol", "paper"]) == 0
+    assert "protocol paper" in capsys.readouterr().out
 
 
 def test_cli_list_marks_paper_tasks_that_are_not_downloaded(capsys, monkeypatch, tmp_path):

@@ -62,11 +62,12 @@ def test_every_hard_task_is_well_formed_and_leak_free(suite):
         assert 0 < task.n_rows <= tasks.DEFAULT_MAX_ROWS
         ids = IDENTIFIERS[name]
         test = task.test_split()
-        dev_ids, test_ids = set(test.X_fit[ids]), set(test.X_eval[ids])
-        assert not dev_ids & test_ids and len(dev_ids | test_ids) == task.n_rows
+        fit_ids, test_ids = set(test.X_fit[ids]), set(test.X_eval[ids])
         for split in task.dev_splits():
-            fit_ids, eval_ids = set(split.X_fit[ids]), set(split.X_eval[ids])
-            assert not fit_ids & eval_ids and fit_ids | eval_ids == dev_ids
+            assert set(split.X_fit[ids]) == fit_ids
+            reward_ids = set(split.X_eval[ids])
+            assert not fit_ids & reward_ids and not fit_ids & test_ids and not reward_ids & test_ids
+            assert len(fit_ids | reward_ids | test_ids) == task.n_rows
             assert set(np.unique(split.y_fit)) == set(range(task.n_classes))
             assert isinstance(split.X_eval.index, pd.RangeIndex)
 

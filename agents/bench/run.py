@@ -416,7 +416,10 @@ def run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed
 
 
 def load_task(config: BenchConfig, task_name: str) -> Any:
-    return tasks_pkg.get(task_name, max_rows=config.env.max_rows, input_format=config.env.input_format)
+    from tasks.splits import PROTOCOLS
+
+    return tasks_pkg.get(task_name, max_rows=config.env.max_rows, input_format=config.env.input_format,
+                         split=PROTOCOLS[config.env.split])
 
 
 # ----------------------------------------------------------------------------------------------------------------
