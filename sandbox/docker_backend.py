@@ -1,6 +1,7 @@
 """Docker backend: each worker lives in a long-lived, hardened, labelled container started on first use.
 
-Hardening: no network, read-only root, size-capped tmpfs /tmp, memory limit without swap, pids limit, one CPU,
+Hardening: no network, read-only root, size- and inode-capped tmpfs /tmp and /dev/shm, /sys/fs/cgroup masked, no
+log driver (nothing a job prints reaches the host's disk), memory limit without swap, pids limit, one CPU,
 all capabilities dropped but those the worker needs to run each job child as an unprivileged uid of its own (init
 and worker run as root, out of the job's reach), no-new-privileges, an init process, no host mounts.
 The host talks to the worker over the container's attached stdin/stdout (one multiplexed socket, framed
@@ -25,6 +26,8 @@ OWNER_LABEL = "etpo-gym.sandbox.owner"  # "<hostname>:<pid>" of the process that
 SANDBOX_LABEL = "etpo-gym.sandbox.id"
 WORKER_MEMORY_MB = 512  # the warm worker's own footprint on top of the job's memory limit
 EXTRA_PIDS = 16  # init, worker and helpers on top of the job's process limit
+TMP_INODES = 16_384  # entries a job may make in /tmp (files, directories, links)
+SHM_INODES = 1_024  # and in /dev/shm (joblib's memory maps need a handful)
 _STREAM_HEADER = struct.Struct(">BxxxI")  # Docker's multiplexed stream framing: stream id, payload size
 
 
@@ -82,6 +85,8 @@ class ContainerWorker(WorkerHandle):
     isolation = "docker"
 
     def __init__(self, client, image: str, limits: Limits, sandbox_id: str, slot: int):
+        from docker.types import LogConfig
+
         uid = random_child_uid()
         self.client = client
         self.container = client.containers.create(
@@ -96,8 +101,14 @@ class ContainerWorker(WorkerHandle):
             stdin_open=True, detach=False, auto_remove=True, tty=False, init=True, user="0:0", working_dir="/tmp",
             environment=sandbox_environment(), network_mode="none", read_only=True,
             # /dev/mqueue is world-writable by default: queues created there as files would outlive a fold.
-            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_mb}m,mode=1777",
-                   "/dev/mqueue": "ro,nosuid,nodev,noexec,size=4k,mode=755"}, shm_size="64m",
+            # Inode caps: a flood of empty entries costs no bytes but makes the sweep after the job take minutes.
+            # /sys/fs/cgroup is masked: the container's memory high-water mark there survives every fold.
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={limits.tmpfs_mb}m,nr_inodes={TMP_INODES},mode=1777",
+                   "/dev/shm": f"rw,nosuid,nodev,noexec,size=64m,nr_inodes={SHM_INODES},mode=1777",
+                   "/dev/mqueue": "ro,nosuid,nodev,noexec,size=4k,mode=755",
+                   "/sys/fs/cgroup": "ro,nosuid,nodev,noexec,size=4k,nr_inodes=1,mode=555"},
+            # No log driver: the worker's frames (predictions, program output) never reach the host's disk.
+            log_config=LogConfig(type=LogConfig.types.NONE),
             mem_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m", memswap_limit=f"{limits.memory_mb + WORKER_MEMORY_MB}m",
             pids_limit=limits.max_processes + EXTRA_PIDS, nano_cpus=1_000_000_000, cap_drop=["ALL"],
             cap_add=[cap.removeprefix("CAP_") for cap in WORKER_CAPS],

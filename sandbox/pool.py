@@ -188,9 +188,10 @@ class PooledSandbox:
             self._busy.add(slot)
         try:
             result = self._run_on(slot, job, request)
-            if result is None:  # the worker was damaged by the previous job and refused this one: once more
+            if result is None:  # the previous job left the worker damaged or busy, and it refused or never took
+                # this one: once more, on a fresh worker
                 result = self._run_on(slot, job, request) or RunResult(
-                    Status.SANDBOX_ERROR, message="a fresh sandbox worker refused the job as well",
+                    Status.SANDBOX_ERROR, message="a fresh sandbox worker did not take the job either",
                     isolation=self.isolation)
             return result
         finally:
@@ -237,6 +238,8 @@ class PooledSandbox:
             header, blobs = slot.handle.read_frame(deadline, max_body=result_budget(eval_rows, len(job.folds)))
         except TimeoutError:
             self._retire(slot)
+            if stage == "take":  # the worker never took it (still sweeping up after the job before): once more
+                return None
             return RunResult(Status.SANDBOX_ERROR, message=(
                 f"the sandbox worker did not {stage} the job in time (it was stopped or wedged, perhaps by this "
                 "program signalling or stopping sandbox processes); it was killed and replaced. Do not signal "

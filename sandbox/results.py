@@ -6,6 +6,7 @@ anything of them reaches a metric. Nothing is unpickled: blobs are `.npy` withou
 
 from __future__ import annotations
 
+import re
 import signal
 
 import numpy as np
@@ -104,7 +105,20 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
         # Folds run in order and the first failure stops the job: say where, since it may be data-dependent.
         result.message += f" (in fold {failed_fold + 1} of {len(job.folds)})"
         result.extra["failed_fold"] = failed_fold
+    for key in ("message", "traceback", "stdout", "stderr"):
+        setattr(result, key, encodable(getattr(result, key)))
+    result.error_type = encodable(result.error_type) if result.error_type else result.error_type
     return result
+
+
+def encodable(text: str) -> str:
+    """`text` with lone surrogates (which JSON can carry and an exception can hold) replaced by U+FFFD, so a host
+    that prints, logs or encodes what a program said never raises UnicodeEncodeError."""
+    return _SURROGATE.sub("\ufffd", text) if text else text
+
+
+# A Python string holds surrogate code points only unpaired (decoding joins a valid pair into one code point).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _apply_report(result: RunResult, report: dict, blobs: list[bytes], job: Job, limits: Limits) -> None:

@@ -242,6 +242,7 @@ class Case:
     shared_uid_extra: frozenset = frozenset()
     folds: str = "tiny"  # "tiny"; "leak": shared rows with random labels; "breast_cancer": the real rows
     runs: int = 1  # >1: the same job again, on the same sandbox (state carried from one job to the next)
+    honest_deadline_s: float = HONEST_DEADLINE_S  # how long the honest job after it may take
 
 
 def _not_in_output(*needles_from_host: Callable[[Host], str]) -> Callable[[RunResult, Host], str]:
@@ -864,6 +865,52 @@ def build_model(X, y):
     call("io_uring_setup", 425, 8, params)  # same number on every architecture
     return ConstModel()
 """,
+    # The page cache is shared by every run on the host: a program can mark pages of a read-only file it may open
+    # (read to set, fadvise/madvise to clear) and a later fold or job read the marks back (mincore, cachestat,
+    # RWF_NOWAIT reads, AIO). inotify shows which host files other jobs open. Every one of these must be refused.
+    "page_cache_probes": SYSCALL_PRELUDE + CONST_MODEL + """
+def build_model(X, y):
+    nr = {"x86_64": dict(fadvise64=221, mincore=27, madvise=28, preadv2=327, pwritev2=328, inotify_init1=294,
+                         io_setup=206),
+          "aarch64": dict(fadvise64=223, mincore=232, madvise=233, preadv2=286, pwritev2=287, inotify_init1=26,
+                          io_setup=0)}[ARCH]
+    fd = os.open(os.__file__, os.O_RDONLY)  # any read-only file the job can open: the stdlib's own
+    call("fadvise64 DONTNEED", nr["fadvise64"], fd, ctypes.c_long(0), ctypes.c_long(0), 4)
+    LIBC.mmap.restype = ctypes.c_void_p
+    LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    page = ctypes.c_void_p(LIBC.mmap(None, 4096, 1, 2, fd, 0))  # PROT_READ, MAP_PRIVATE
+    vector = ctypes.create_string_buffer(8)
+    call("mincore", nr["mincore"], page, ctypes.c_size_t(4096), vector)
+    call("madvise PAGEOUT", nr["madvise"], page, ctypes.c_size_t(4096), 21)
+    call("madvise COLD", nr["madvise"], page, ctypes.c_size_t(4096), 20)
+    span, stat = ctypes.create_string_buffer(16), ctypes.create_string_buffer(40)
+    struct.pack_into("QQ", span, 0, 0, 4096)
+    call("cachestat", 451, fd, span, stat, 0)
+    data = ctypes.create_string_buffer(4096)
+    iov = (ctypes.c_void_p * 2)(ctypes.addressof(data), 4096)
+    call("preadv2 RWF_NOWAIT", nr["preadv2"], fd, iov, 1, ctypes.c_long(0), ctypes.c_long(0), 8)
+    scratch = os.open("/tmp/etpo-probe", os.O_RDWR | os.O_CREAT, 0o600)
+    call("pwritev2 RWF_NOWAIT", nr["pwritev2"], scratch, iov, 1, ctypes.c_long(0), ctypes.c_long(0), 8)
+    call("inotify_init1", nr["inotify_init1"], 0)
+    context = ctypes.c_ulong(0)
+    call("io_setup", nr["io_setup"], 1, ctypes.byref(context))
+    return ConstModel()
+""",
+    # The container's cgroup files outlive every fold: the memory high-water mark is a few bits a job can set (by
+    # allocating) and the next one read.
+    "cgroup_high_water_mark": CONST_MODEL + """
+import os
+def build_model(X, y):
+    for root, _, files in os.walk("/sys/fs/cgroup"):
+        for name in files:
+            if name in ("memory.max_usage_in_bytes", "memory.peak", "memory.stat", "memory.events"):
+                try:
+                    with open(os.path.join(root, name)) as handle:
+                        print("FOUND", os.path.join(root, name), handle.read(60).split()[:2])
+                except OSError as exc:
+                    print("blocked", name, type(exc).__name__)
+    return ConstModel()
+""",
     "kernel_surface": SYSCALL_PRELUDE + CONST_MODEL + """
 import socket
 def build_model(X, y):
@@ -990,6 +1037,18 @@ def _none_of(*tokens: str) -> Callable[[RunResult, Host], str]:
     return check
 
 
+def _refused_by_the_filter(result: RunResult, host: Host) -> str:
+    """Every probed call was refused by the filter (EPERM), not merely failed: an EAGAIN from an RWF_NOWAIT read
+    answers "this page is not cached", which is the channel itself."""
+    calls = [line for line in result.stdout.splitlines() if line.startswith(("ALLOWED", "blocked"))]
+    if not calls:
+        return "the probes did not run"
+    for line in calls:
+        if line.startswith("ALLOWED") or not line.endswith("EPERM"):
+            return f"the program reported {line[:200]!r}"
+    return ""
+
+
 def _hoarded_within_limit(result: RunResult, host: Host) -> str:
     total = sum(int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("HOARDED "))
     limit = HOSTILE_LIMITS.memory_mb
@@ -1016,6 +1075,9 @@ CASES += [
          check=_none_of("ALLOWED")),
     Case("io_uring_setup", PROBE_CASES_SOURCE["io_uring_setup"], S({Status.OK}), check=_none_of("ALLOWED")),
     Case("kernel_surface", PROBE_CASES_SOURCE["kernel_surface"], S({Status.OK}), check=_none_of("ALLOWED")),
+    Case("cgroup_high_water_mark", PROBE_CASES_SOURCE["cgroup_high_water_mark"], S({Status.OK}),
+         check=_none_of("FOUND")),
+    Case("page_cache_probes", PROBE_CASES_SOURCE["page_cache_probes"], S({Status.OK}), check=_refused_by_the_filter),
     Case("sysv_shm_memory", PROBE_CASES_SOURCE["sysv_shm_memory"],
          S({Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED, Status.TIMEOUT})),
     Case("memfd_hoard", PROBE_CASES_SOURCE["memfd_hoard"],
@@ -1023,6 +1085,43 @@ CASES += [
          check=_hoarded_within_limit),
 ]
 
+
+# ------------------------------------------------------------------------------------ starving the next job
+# A job that leaves a million entries behind makes the worker's sweep after it take tens of seconds; the next job
+# must not wait for it (the sweep is bounded and the worker retired past the bound) nor fail.
+FLOOD = CONST_MODEL + """
+import os, time
+def build_model(X, y):
+    root, stop, made = "$flood_root", time.monotonic() + 2.5, 0
+    os.makedirs(root, exist_ok=True)
+    $prepare
+    while time.monotonic() < stop:
+        for _ in range(1000):
+            try:
+                $make
+            except OSError:
+                stop = 0
+                break
+            made += 1
+    print("MADE", made)
+    return ConstModel()
+"""
+FLOOD_HONEST_DEADLINE_S = 8.0  # a fresh worker's start, with room for a loaded machine; the sweep would take 20 s+
+
+
+def _flood(root: str, make: str, prepare: str = "pass") -> str:
+    return string.Template(FLOOD).safe_substitute(flood_root=root, make=make, prepare=prepare)
+
+
+CASES += [
+    Case("directory_flood", _flood("/tmp/flood", 'os.mkdir(f"{root}/{made}")'), S({Status.OK, Status.TIMEOUT}),
+         honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+    Case("hard_link_flood", _flood("/tmp/links", 'os.link(f"{root}/0", f"{root}/l{made}")',
+                                   prepare='open(f"{root}/0", "w").close()'),
+         S({Status.OK, Status.TIMEOUT}), honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+    Case("dev_shm_flood", _flood("/dev/shm/flood", 'os.mkdir(f"{root}/{made}")'), S({Status.OK, Status.TIMEOUT}),
+         honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+]
 
 CASE_NAMES = [case.name for case in CASES]
 
@@ -1085,7 +1184,7 @@ def run_case(sandbox, case: Case, host: Host, shared_uid: bool = False) -> Verdi
     honest_seconds = time.monotonic() - honest_started
     if not honest.ok:
         problems.append(f"the honest job after it failed: {honest.status.value}: {honest.message[:200]}")
-    elif honest_seconds > HONEST_DEADLINE_S:
+    elif honest_seconds > case.honest_deadline_s:
         problems.append(f"the honest job after it took {honest_seconds:.1f}s")
     leftovers = [line for line in honest.stdout.splitlines() if line.startswith("LEFTOVER")]
     if leftovers:

@@ -170,6 +170,31 @@ def test_build_result_maps_signals_and_exits_to_statuses():
     assert parent.status is Status.SANDBOX_ERROR and "Do not signal" in parent.message
 
 
+def test_lone_surrogates_from_a_program_never_reach_the_host_unencodable():
+    # An exception can hold a lone surrogate and JSON carries it; a host printing it would raise UnicodeEncodeError.
+    report = {"status": "runtime_error", "message": "ValueError: bad \udc80 value", "error_type": "Value\ud800Error",
+              "traceback": "line 1 \ud83d"}
+    header = {"exit_code": 0, "report": report, "stdout": "out \udfff 😀", "stderr": "\ud800"}
+    result = build_result(header, [], Job("", [Fold(np.zeros((2, 1)), np.zeros(2), np.zeros((2, 1)))]), Limits(),
+                          "local")
+    for text in (result.message, result.error_type, result.traceback, result.stdout, result.stderr):
+        text.encode("utf-8")  # raises on a lone surrogate
+        assert "\ufffd" in text
+    assert "😀" in result.stdout  # a real character outside the BMP is kept
+
+
+def test_the_sweep_after_a_job_is_bounded_in_time(tmp_path):
+    root = tmp_path / "scratch"
+    root.mkdir()
+    for i in range(3000):
+        (root / str(i)).mkdir()
+    with pytest.raises(TimeoutError):
+        supervisor.empty_directory(str(root), deadline=time.monotonic())  # already past: stops at the first check
+    assert any(root.iterdir())
+    supervisor.empty_directory(str(root), deadline=time.monotonic() + 60)
+    assert not any(root.iterdir())
+
+
 # ----------------------------------------------------------------------------------- running programs
 
 def test_forest_on_a_dataframe_succeeds(local_sandbox):
@@ -334,6 +359,30 @@ def test_a_worker_damaged_after_its_answer_is_replaced_and_the_next_job_rerun():
     result = sandbox.run(Job(FOREST, [small_fold()]))
     assert damaged.killed and damaged.sent == 1 and fresh.sent == 1
     assert result.status is Status.RUNTIME_ERROR and sandbox.stats["workers_replaced"] == 1
+
+
+class BusyWorker(ScriptedWorker):
+    """A worker still sweeping up after the job before: it never takes the next one."""
+
+    def send(self, data: bytes, deadline: float) -> None:
+        self.sent += 1
+        raise TimeoutError("the worker did not read its input in time")
+
+
+def test_a_job_the_worker_never_took_is_run_once_more_on_a_fresh_worker():
+    ready, answer = {"type": "ready"}, {"type": "result", "killed_reason": None, "exit_code": 0,
+                                        "report": {"status": "runtime_error", "message": "ValueError: x"}}
+    busy, fresh = BusyWorker([ready]), ScriptedWorker([ready, answer])
+    workers = iter([busy, fresh])
+    sandbox = PooledSandbox("local", lambda slot: next(workers), parallelism=1)
+    result = sandbox.run(Job(FOREST, [small_fold()]))
+    assert busy.killed and fresh.sent == 1
+    assert result.status is Status.RUNTIME_ERROR and sandbox.stats["workers_replaced"] == 1
+    # a second worker that does not take it either: a sandbox error that says so
+    workers = iter([BusyWorker([ready]), BusyWorker([ready])])
+    sandbox = PooledSandbox("local", lambda slot: next(workers), parallelism=1)
+    failed = sandbox.run(Job(FOREST, [small_fold()]))
+    assert failed.status is Status.SANDBOX_ERROR and "did not take the job either" in failed.message
 
 
 def test_a_failing_fold_is_named_and_stops_the_job(local_sandbox):

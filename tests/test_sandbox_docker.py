@@ -74,6 +74,10 @@ def test_container_is_hardened_and_started_only_on_first_run(docker_sandbox):
         assert container.attrs["Config"]["User"] == "0:0"
         assert sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == sorted(c.removeprefix("CAP_") for c in WORKER_CAPS)
         assert host["Tmpfs"]["/dev/mqueue"].startswith("ro,")
+        # inode caps on every writable tmpfs, the cgroup files masked, and no log file of the worker's frames
+        assert "nr_inodes=" in host["Tmpfs"]["/tmp"] and "nr_inodes=" in host["Tmpfs"]["/dev/shm"]
+        assert host["Tmpfs"]["/sys/fs/cgroup"].startswith("ro,")
+        assert host["LogConfig"]["Type"] == "none" and not container.attrs.get("LogPath")
         assert container.labels[LABEL] == "1" and container.labels[OWNER_LABEL] == owner_id()
     finally:
         client.close()

@@ -4,7 +4,10 @@ A data-science program needs files, memory, threads, processes, pipes and UNIX s
 namespaces or mounts, trace or read other processes, use the kernel keyring, io_uring, BPF, perf events,
 userfaultfd, System V IPC or POSIX message queues (kernel objects that outlive a process and so could carry labels
 from one fold to the next), anonymous memory files (memory no limit counts), or IP sockets (the only network is
-loopback, and its connection table outlives a fold). Those calls fail with EPERM (`clone3` with ENOSYS, so the C
+loopback, and its connection table outlives a fold). Nor does it need to see or steer the host's page cache, which
+every run shares: `fadvise` (drops a file's cached pages), `mincore` and `cachestat` (report which pages are
+cached), reads and writes with RWF_NOWAIT and Linux AIO (fail instead of blocking when a page is not cached),
+`madvise` page-out advice, or inotify (shows which files others open). Those calls fail with EPERM (`clone3` with ENOSYS, so the C
 library falls back to `clone`, whose namespace flags are checked); everything else is allowed, so the filter costs
 nothing measurable (the kernel caches "allowed" for calls whose verdict does not depend on arguments).
 
@@ -40,7 +43,14 @@ DENIED = (
     "swapoff", "acct", "quotactl", "quotactl_fd", "syslog", "vhangup", "iopl", "ioperm", "settimeofday",
     "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "_sysctl", "sysfs", "ustat",
     "nfsservctl", "create_module", "get_kernel_syms", "query_module",
+    # the host's page cache and file activity, shared with every other run: marks set in one fold, read in the next
+    "fadvise64", "fadvise64_64", "arm_fadvise64_64", "mincore", "cachestat", "inotify_init", "inotify_init1",
+    "inotify_add_watch", "io_setup", "io_submit",
 )
+# Calls denied by number where libseccomp may not know the name yet (the same number on every architecture).
+DENIED_NUMBERS = {"cachestat": 451}
+RWF_NOWAIT = 0x00000008  # preadv2/pwritev2 flag (argument 5): report "not cached" instead of reading from disk
+MADV_COLD, MADV_PAGEOUT = 20, 21  # madvise advice (argument 2) that pushes a file's pages out of memory
 # clone(2) flags that make namespaces (CLONE_NEWTIME shares its bit with CSIGNAL in clone, so unshare-only).
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
 AF_UNIX, AF_NETLINK, AF_MAX = 1, 16, 64  # the only socket families allowed (netlink: reading interfaces)
@@ -81,7 +91,13 @@ def compile_filter() -> bytes:
         try:
             flt.add_rule(deny, name)
         except (OSError, ValueError, RuntimeError):
-            continue  # not a system call on this architecture
+            # not a system call on this architecture, or one this libseccomp does not know by name
+            if name in DENIED_NUMBERS:
+                flt.add_rule(deny, DENIED_NUMBERS[name])
+    for name in ("preadv2", "pwritev2"):
+        flt.add_rule(deny, name, seccomp.Arg(5, seccomp.MASKED_EQ, RWF_NOWAIT, RWF_NOWAIT))
+    for advice in (MADV_COLD, MADV_PAGEOUT):
+        flt.add_rule(deny, "madvise", seccomp.Arg(2, seccomp.EQ, advice))
     for flag in NAMESPACE_FLAGS:
         flt.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     try:

@@ -22,6 +22,10 @@ JOB_DIR = "job"
 MEMORY_POLL_S = 0.1  # how often the worker sums the memory of all job processes
 ZYGOTE_TIMEOUT_S = 5.0  # the fork server answers in milliseconds; silence this long means it was stopped or wedged
 REPORT_STATUSES = ("ok", "syntax_error", "runtime_error", "invalid_output", "memory_exceeded", "sandbox_error")
+# A job can fill its tmpfs with a million empty directories in seconds; emptying them takes ~25 µs each. The wipe
+# stops at this bound and the worker retires (its namespace or container, tmpfs included, goes with it), so the next
+# job meets a fresh worker instead of waiting for the sweep.
+WIPE_DEADLINE_S = 2.0
 REPORT_TEXT_CAP = 16_384  # characters of a child's message or traceback passed on to the host
 
 
@@ -83,8 +87,9 @@ def checked_report(report) -> dict:
     return checked
 
 
-def empty_directory(path: str, spare: frozenset = frozenset()) -> None:
-    """Remove everything inside `path` (which stays), whatever a job did to it; raises OSError when it cannot.
+def empty_directory(path: str, spare: frozenset = frozenset(), deadline: float = math.inf) -> None:
+    """Remove everything inside `path` (which stays), whatever a job did to it; raises OSError when it cannot, and
+    TimeoutError (an OSError) when `deadline` (time.monotonic()) passes first.
 
     Iterative, holding one directory descriptor at a time and walking back up through "..": a tree thousands of
     levels deep needs neither recursion (shutil.rmtree recurses) nor a descriptor per level, nor paths longer than
@@ -97,8 +102,10 @@ def empty_directory(path: str, spare: frozenset = frozenset()) -> None:
     fd = os.open(path, flags)
     try:
         device = os.fstat(fd).st_dev
-        pending = [_unlink_files(fd, device, spare)]  # per open level: the subdirectories still to remove
+        pending = [_unlink_files(fd, device, spare, deadline)]  # per open level: the subdirectories still to remove
         while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"emptying {path} took longer than its bound")
             if pending[-1]:
                 name, _ = pending[-1][-1]
                 if stat.S_IMODE(os.lstat(name, dir_fd=fd).st_mode) & 0o700 != 0o700:
@@ -106,7 +113,7 @@ def empty_directory(path: str, spare: frozenset = frozenset()) -> None:
                 child = os.open(name, flags, dir_fd=fd)
                 os.close(fd)
                 fd = child
-                pending.append(_unlink_files(fd, device, spare))
+                pending.append(_unlink_files(fd, device, spare, deadline))
             else:
                 pending.pop()
                 if pending:
@@ -120,12 +127,14 @@ def empty_directory(path: str, spare: frozenset = frozenset()) -> None:
         os.close(fd)
 
 
-def _unlink_files(fd: int, device: int, spare: frozenset) -> list[tuple[str, bool]]:
+def _unlink_files(fd: int, device: int, spare: frozenset, deadline: float = math.inf) -> list[tuple[str, bool]]:
     """Unlink everything but directories in the directory `fd`; its subdirectories on `device`, each with whether
     it is spared."""
     subdirs = []
     with os.scandir(fd) as entries:
-        for entry in entries:
+        for count, entry in enumerate(entries):
+            if count % 1024 == 1023 and time.monotonic() > deadline:
+                raise TimeoutError("emptying a directory took longer than its bound")
             if entry.is_dir(follow_symlinks=False):
                 info = entry.stat(follow_symlinks=False)
                 if info.st_dev == device:  # a mount point shows the mounted root's device: left alone
@@ -383,6 +392,7 @@ class Worker:
         # A private namespace owns its whole /tmp and /dev/shm; elsewhere only the job's own directory is ours.
         roots = (self.scratch, "/dev/shm") if self.own_pid_namespace else (os.path.join(self.scratch, JOB_DIR),)
         clean = True
+        deadline = time.monotonic() + WIPE_DEADLINE_S
         for root in roots:
             if not os.path.isdir(root):
                 continue
@@ -390,7 +400,7 @@ class Worker:
                 mode = stat.S_IMODE(os.stat(root).st_mode)
                 if mode & 0o700 != 0o700:  # a job sharing the owner's uid made it unreadable: give it back
                     os.chmod(root, 0o700)
-                empty_directory(root, self._skeleton.get(root, frozenset()))
+                empty_directory(root, self._skeleton.get(root, frozenset()), deadline)
                 if mode & 0o700 != 0o700:
                     os.chmod(root, 0o700 if root.endswith(JOB_DIR) else 0o1777)
             except OSError as exc:
