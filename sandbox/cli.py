@@ -72,8 +72,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from sandbox.cgroup import prune_empty
     from sandbox.docker_backend import prune
 
     removed = prune(all_owners=args.all)
     print(f"removed {len(removed)} container(s)" + (f": {' '.join(removed)}" if removed else ""))
+    groups = prune_empty()
+    print(f"removed {len(groups)} empty worker memory cgroup(s)")
     return 0

@@ -18,13 +18,13 @@ import time
 import uuid
 
 from sandbox.api import LABEL, Limits
+from sandbox.cgroup import V1_ROOT, V2_ROOT, MemoryCgroup
 from sandbox.images import WORKER_IN_IMAGE, docker_client, image_exists, image_tag
-from sandbox.local import WORKER_CAPS, random_child_uid, sandbox_environment
+from sandbox.local import WORKER_CAPS, WORKER_MEMORY_MB, random_child_uid, sandbox_environment
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
 
 OWNER_LABEL = "etpo-gym.sandbox.owner"  # "<hostname>:<pid>" of the process that created it
 SANDBOX_LABEL = "etpo-gym.sandbox.id"
-WORKER_MEMORY_MB = 512  # the warm worker's own footprint on top of the job's memory limit
 EXTRA_PIDS = 16  # init, worker and helpers on top of the job's process limit
 TMP_INODES = 16_384  # entries a job may make in /tmp (files, directories, links)
 SHM_INODES = 1_024  # and in /dev/shm (joblib's memory maps need a handful)
@@ -120,6 +120,9 @@ class ContainerWorker(WorkerHandle):
             self.sock = self._attach._sock
             self.sock.setblocking(True)
             self.container.start()
+            # The container's own memory cgroup, where the host can read it: its OOM kills name the job's failure.
+            self.memory_cgroup = MemoryCgroup.existing(
+                [V1_ROOT / "docker" / self.container.id, V2_ROOT / "system.slice" / f"docker-{self.container.id}.scope"])
         except Exception:
             self.kill()
             raise

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from sandbox.api import LABEL, Limits
+from sandbox.cgroup import MemoryCgroup
 from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle, write_with_deadline
 from sandbox.worker.supervisor import kill_uid
 
@@ -32,6 +33,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 # Capabilities the worker keeps when bubblewrap runs as root: switch job children to their uid, prepare and wipe
 # their working directory, and kill what they leave behind. Everything else is dropped.
 # CAP_SYS_PTRACE only lets it read their memory accounting (/proc/<pid>/smaps_rollup).
+WORKER_MEMORY_MB = 512  # the warm worker's own footprint, on top of the job's limit, in its container or cgroup
 WORKER_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
                "CAP_SYS_PTRACE")
 
@@ -51,9 +53,13 @@ def random_child_uid() -> int:
 
 
 class SubprocessWorker(WorkerHandle):
-    def __init__(self, command: list[str], isolation: str, env: dict[str, str], child_uid: int | None = None):
+    def __init__(self, command: list[str], isolation: str, env: dict[str, str], child_uid: int | None = None,
+                 memory_cgroup: MemoryCgroup | None = None):
         self.isolation = isolation
         self.child_uid = child_uid
+        self.memory_cgroup = memory_cgroup
+        if memory_cgroup is not None:
+            command = memory_cgroup.wrap(command)
         self._log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                         env=env, cwd="/", start_new_session=True, close_fds=True)
@@ -94,6 +100,8 @@ class SubprocessWorker(WorkerHandle):
         self.process.wait()
         if self.child_uid is not None and os.geteuid() == 0:
             kill_uid(self.child_uid)
+        if self.memory_cgroup is not None:
+            self.memory_cgroup.remove()
         for stream in (self.process.stdin, self.process.stdout):
             try:
                 stream.close()
@@ -230,7 +238,9 @@ class LocalSandbox(PooledSandbox):
 
     def _launch(self, slot: int) -> WorkerHandle:
         uid = random_child_uid()
-        return SubprocessWorker(bwrap_command(self.limits, uid), "local", sandbox_environment(), uid)
+        # Kernel memory (socket buffers, tmpfs inodes) counts against the limit only inside a memory cgroup.
+        cgroup = MemoryCgroup.create((self.limits.memory_mb + WORKER_MEMORY_MB) << 20)
+        return SubprocessWorker(bwrap_command(self.limits, uid), "local", sandbox_environment(), uid, cgroup)
 
 
 class UnsafeProcessSandbox(PooledSandbox):

@@ -93,6 +93,11 @@ class WorkerHandle:
     """One started worker: send frames, read frames, kill. Subclasses supply the transport."""
 
     isolation = ""
+    memory_cgroup = None  # a `sandbox.cgroup.MemoryCgroup` around the worker, where the backend has one
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed for the worker's memory limit so far (0 without a cgroup)."""
+        return self.memory_cgroup.oom_kills() if self.memory_cgroup is not None else 0
 
     def send(self, data: bytes, deadline: float) -> None:
         """Write one frame; TimeoutError when the worker does not take it by `deadline`."""
@@ -229,6 +234,7 @@ class PooledSandbox:
         except SandboxUnavailable as exc:
             return RunResult(Status.SANDBOX_ERROR, message=str(exc), isolation=self.isolation)
         eval_rows = sum(n_rows(f.X_eval) for f in job.folds)
+        oom_kills = slot.handle.oom_kills()
         stage = "take"
         try:
             slot.handle.send(request, time.monotonic() + SEND_TIMEOUT_S + len(request) / SEND_RATE)
@@ -252,7 +258,11 @@ class PooledSandbox:
                 duration_s=time.monotonic() - started, isolation=self.isolation)
         except (WorkerLost, OSError) as exc:
             details = slot.handle.diagnostics() if slot.handle else ""
+            out_of_memory = slot.handle is not None and slot.handle.oom_kills() > oom_kills
             self._retire(slot)
+            if out_of_memory:
+                return self._out_of_memory(RunResult(Status.SANDBOX_ERROR, duration_s=time.monotonic() - started,
+                                                     isolation=self.isolation))
             return RunResult(Status.SANDBOX_ERROR, message=f"the sandbox worker died during the job ({exc}); the "
                              "program may have killed it (for example with kill -1 or by signalling its parent). "
                              f"It was replaced; do not signal other processes. {details}".strip(),
@@ -268,8 +278,19 @@ class PooledSandbox:
             return RunResult(Status.SANDBOX_ERROR, message=f"unexpected worker reply {header.get('type')!r}",
                              isolation=self.isolation)
         result = build_result(header, blobs, job, self.limits, self.isolation)
+        if not result.ok and slot.handle.oom_kills() > oom_kills:
+            result = self._out_of_memory(result)
         if header.get("damaged") or slot.jobs >= self.recycle_after:
             self._retire(slot)
+        return result
+
+    def _out_of_memory(self, result: RunResult) -> RunResult:
+        """The kernel killed a process for the worker's memory cgroup during this job: the job's doing."""
+        result.status, result.error_type = Status.MEMORY_EXCEEDED, "MemoryError"
+        result.message = (
+            f"The program exceeded the {self.limits.memory_mb} MiB memory limit, counting what it made the kernel "
+            "hold (socket buffers, files and directories in /tmp, page cache) as well as its processes' memory, "
+            "and was stopped. Use less memory, and do not hoard sockets, files or directories.")
         return result
 
     def warm_up(self, n: int | None = None) -> None:

@@ -142,6 +142,16 @@ def set_dumpable(dumpable: bool) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, int(dumpable), 0, 0, 0)
 
 
+def _first_to_go_out_of_memory() -> None:
+    """When the sandbox's memory cgroup runs out, the kernel kills the job rather than the worker: memory the job
+    made the kernel hold (socket buffers, inodes) is not in its own size, so by size alone the worker would go."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
+    except OSError:
+        pass
+
+
 def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid: int | None, workdir: str) -> None:
     """Body of the forked child. Never returns: exits through os._exit.
 
@@ -157,6 +167,7 @@ def child_main(job_fd: int, result_fd: int, stdout_fd: int, stderr_fd: int, uid:
         os.closerange(4, 1 << 16)
         for name in ("SIGINT", "SIGTERM", "SIGPIPE", "SIGCHLD"):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
+        _first_to_go_out_of_memory()
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
