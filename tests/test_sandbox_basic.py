@@ -523,31 +523,11 @@ def test_every_dataset_copy_in_the_installed_packages_is_masked():
     assert not exposed, f"dataset copies a job could read: {[str(p) for p in exposed[:10]]}"
 
 
-INODE_HOARD = """
-import os
-def build_model(X, y):
-    made = 0
-    while True:  # empty directories: no bytes in the tmpfs, about 1 KiB of kernel memory each
-        os.mkdir(f"/tmp/{made}")
-        made += 1
-"""
-
-
-@pytest.mark.skipif(MemoryCgroup.unavailable_reason() is not None, reason="needs a cgroup memory controller")
-def test_kernel_memory_a_job_hoards_counts_against_its_limit():
-    # 256 MiB job limit (768 MiB with the worker's share): ~800k directories, a few seconds of mkdir.
-    limits = Limits(memory_mb=256, wall_time_s=60.0, cpu_time_s=60, tmpfs_mb=64)
-    with make_sandbox("local", limits=limits) as sandbox:
-        result = sandbox.run(Job(INODE_HOARD, [small_fold()]))
-        assert result.status is Status.MEMORY_EXCEEDED, (result.status, result.message)
-        assert "kernel" in result.message
-        after = sandbox.run(Job(FOREST, [small_fold()]))
-        assert after.ok, after.message
-
-
-@pytest.mark.skipif(MemoryCgroup.unavailable_reason() is not None, reason="needs a cgroup memory controller")
+@pytest.mark.skipif(os.geteuid() != 0, reason="local memory cgroups need root (CI runs as root)")
 def test_each_local_worker_lives_in_its_own_memory_cgroup_removed_with_it():
     from sandbox.local import WORKER_MEMORY_MB
+
+    assert MemoryCgroup.unavailable_reason() is None, MemoryCgroup.unavailable_reason()
 
     limits = Limits(memory_mb=300)
     with make_sandbox("local", limits=limits, parallelism=1) as sandbox:

@@ -9,10 +9,11 @@ import os
 
 import pytest
 
-from sandbox import Job
+from sandbox import Job, Limits, Status
 from sandbox.local import _descendants
 from sandbox.safety import (
     CASES,
+    HONEST_PROGRAM,
     HOSTILE_LIMITS,
     applicable_cases,
     planted_host,
@@ -88,3 +89,40 @@ def test_nothing_is_left_after_close(backend, planted):
         sandbox.close()
         assert set(_sandbox_processes()) - before == set()
     assert processes_with(planted.marker) == []
+
+
+# -------------------------------------------------------------------------- kernel memory counts against the limit
+INODE_HOARD = """
+import os
+def build_model(X, y):
+    made = 0
+    while True:  # empty directories: no bytes in the tmpfs, about 1 KiB of kernel memory each
+        os.mkdir(f"/tmp/{made}")
+        made += 1
+"""
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_kernel_memory_a_job_hoards_stays_within_the_limit(backend):
+    """An adversarial review held 2.8M empty directories plus 1 GiB (3.1-3.6 GiB) under the local backend's 2 GiB
+    limit: the worker's check sums process memory, which misses kernel memory. Local workers now run in a memory
+    cgroup (needs root: CI runs as root, so there it must be there); Docker's inode caps stop the flood first."""
+    from sandbox.cgroup import MemoryCgroup
+
+    if backend == "local":
+        if os.geteuid() != 0:
+            pytest.skip("local memory cgroups need root")
+        assert MemoryCgroup.unavailable_reason() is None, MemoryCgroup.unavailable_reason()
+    # 256 MiB job limit (768 MiB with the worker's share): ~800k directories, a few seconds of mkdir
+    limits = Limits(memory_mb=256, wall_time_s=60.0, cpu_time_s=60, tmpfs_mb=64)
+    sandbox = make_backend(backend, limits=limits, parallelism=1)
+    try:
+        result = sandbox.run(Job(INODE_HOARD, [tiny_fold()]))
+        if backend == "local":
+            assert result.status is Status.MEMORY_EXCEEDED, (result.status, result.message)
+            assert "kernel" in result.message
+        else:  # 16,384 inodes, then ENOSPC: the program fails long before any memory limit
+            assert result.status in (Status.RUNTIME_ERROR, Status.MEMORY_EXCEEDED), (result.status, result.message)
+        assert sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()])).ok
+    finally:
+        sandbox.close()
