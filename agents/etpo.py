@@ -80,12 +80,12 @@ from torch.utils.checkpoint import checkpoint
 
 from agents.learner import (
     NUM_ENVS_HELP,
-    CheckpointSettings,
     Learner,
+    LearnerConfig,
     check_sampled_generation,
     first_and_last_tenth,
 )
-from agents.policy import GenerationSettings, RuntimeSettings, load_causal_lm, peft_wrapping, tempered
+from agents.policy import GenerationSettings, load_causal_lm, peft_wrapping, tempered
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,7 +678,7 @@ def realised_returns(transitions: Sequence[Any], gamma: float) -> list[float]:
 
 
 @dataclass
-class ETPOConfig:
+class ETPOConfig(LearnerConfig):
     """Every hyperparameter of ETPO (one schema for Python and `etpo train --agent etpo`).
 
     Defaults learn on the tiny model on CPU; for 0.5B–7B models lower the learning rates (1e-5–1e-4).
@@ -718,7 +718,6 @@ class ETPOConfig:
     inference_batch_size: int = field(default=16, metadata={
         "help": "Transitions per no-gradient pass (ρ's features, the target pass): larger than a minibatch, since "
                 "no graph is kept (a prompt the transitions share runs once per pass)."})
-    chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     # rollouts
     rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) per update."})
     num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP})
@@ -727,26 +726,14 @@ class ETPOConfig:
                 "and ρ at the same temperature (any temperature > 0); top_k/top_p are refused (the update sums over "
                 "the whole vocabulary, so filtered samples would be off-policy)."})
     # model
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy and critic adapters."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     reference: str = field(default="base", metadata={"help": "Reference ρ: base (adapters off) or adapter:<name>."})
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
-        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
-    # bookkeeping
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
-    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
-        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
     def __post_init__(self):
+        super().__post_init__()  # critic, critic_loss, optimizer: one of their choices
         if self.beta <= 0:
             raise ValueError("beta must be > 0 (it is the temperature of the soft-optimal policy)")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0 or not 0.0 < self.ema_rate <= 1.0:
             raise ValueError("gamma and lam must lie in [0, 1] and ema_rate in (0, 1]")
-        if self.critic not in ("dueling", "head", "lm_head") or self.critic_loss not in ("huber", "mse"):
-            raise ValueError(f"critic must be dueling|head|lm_head and critic_loss huber|mse; got {self.critic!r}, "
-                             f"{self.critic_loss!r}")
-        if self.optimizer not in ("adamw", "lion"):
-            raise ValueError(f"optimizer must be adamw or lion, got {self.optimizer!r}")
         check_sampled_generation(self.generation, "ETPO")
         if min(self.epochs, self.minibatch_size, self.inference_batch_size, self.rollout_steps, self.num_envs, self.chunk_size,
                self.critic_rank, self.generation.max_new_tokens) < 1:

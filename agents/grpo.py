@@ -85,12 +85,14 @@ import torch
 
 from agents.learner import (
     NUM_ENVS_HELP,
-    CheckpointSettings,
     Learner,
+    LearnerConfig,
+    action_pass,
     check_sampled_generation,
     first_and_last_tenth,
+    reference_scores,
 )
-from agents.policy import GenerationSettings, RuntimeSettings, tempered
+from agents.policy import GenerationSettings
 from agents.ppo import action_mask, clipped_policy_loss, pad_extras
 from agents.rollout import episode_chains
 
@@ -276,7 +278,7 @@ def grpo_update(transitions: Sequence[Any], score: Callable[[Sequence[Any]], tor
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LearnerConfig):
     """Every hyperparameter of the GRPO/RLOO learner (one schema for Python and `etpo train --agent grpo`)."""
 
     # rollouts
@@ -315,29 +317,14 @@ class GRPOConfig:
                 "the update time."})
     minibatch_size: int = field(default=4, metadata={"help": "Actions per gradient step."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per step."})
-    # model
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy adapter."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
-        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
-    chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
+    # diagnostics
     exact_kl_diagnostic: bool = field(default=False, metadata={
         "help": "Log the exact whole-vocabulary KL(π‖ρ) per token as kl_to_reference (else the mean k3 "
                 "estimate); runs the reference pass even with kl_coef = 0."})
-    # bookkeeping
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
-    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
-        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
     def __post_init__(self):
-        if self.group_by not in ("prompt", "episode"):
-            raise ValueError(f"group_by must be 'prompt' or 'episode', got {self.group_by!r}")
-        if self.advantage not in ("grpo", "rloo"):
-            raise ValueError(f"advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
-        if self.loss_norm not in ("sequence", "token", "constant"):
-            raise ValueError(f"loss_norm must be 'sequence', 'token' or 'constant', got {self.loss_norm!r}")
-        if min(self.iterations, self.minibatch_size, self.rollout_steps, self.num_envs) < 1:
-            raise ValueError("iterations, minibatch_size, rollout_steps and num_envs must be at least 1")
+        super().__post_init__()  # group_by, advantage, loss_norm: one of their choices
+        self.require_at_least_one("iterations", "minibatch_size", "rollout_steps", "num_envs")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must lie in [0, 1], got {self.gamma}")
         if self.kl_coef < 0 or self.clip <= 0 or self.std_eps <= 0:
@@ -368,10 +355,6 @@ class GRPOAgent(Learner):
         return self.config.kl_coef > 0 or self.config.exact_kl_diagnostic
 
     # -- model passes -----------------------------------------------------------------------------------------------
-    def _head(self, adapter: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> the logits actions are sampled from (the model's own, divided by the temperature)."""
-        return tempered(self.policy.head(adapter), float(self.config.generation.temperature))
-
     def score(self, transitions: Sequence[Any], reference: bool = False, with_entropy: bool = False
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """log π_θ per action token at the sampling temperature, padded to [B, longest action] (differentiable):
@@ -379,27 +362,17 @@ class GRPOAgent(Learner):
 
         Also returns, flat over action tokens and without gradients: "entropy" of π_θ (`with_entropy`); "ref_logp"
         (log ρ) and, with `exact_kl_diagnostic`, the whole-vocabulary "kl" KL(π_θ‖ρ) (`reference`)."""
-        from agents.policy import entropy, kl_divergence, token_logprobs
+        from agents.policy import entropy
 
-        cfg = self.config
-        obs_ids = [t.obs_ids for t in transitions]
-        action_ids = [t.action_ids for t in transitions]
-        hidden, targets, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
-        head = self._head("policy")
-        rows = hidden[mask]
-        logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(
-            mask, token_logprobs(rows, targets[mask], head, cfg.chunk_size))
+        cfg, temperature = self.config, float(self.config.generation.temperature)
+        scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)
         extra: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            if with_entropy:
-                extra["entropy"] = entropy(rows.detach(), head, cfg.chunk_size)
-            if reference:
-                ref_rows = self.policy.action_hidden(obs_ids, action_ids, None)[0][mask]
-                ref_head = self._head(None)
-                extra["ref_logp"] = token_logprobs(ref_rows, targets[mask], ref_head, cfg.chunk_size)
-                if cfg.exact_kl_diagnostic:
-                    extra["kl"] = kl_divergence(rows.detach(), ref_rows, head, ref_head, cfg.chunk_size)
-        return logp, extra
+        if with_entropy:
+            with torch.no_grad():
+                extra["entropy"] = entropy(scored.rows.detach(), scored.head, cfg.chunk_size)
+        if reference:
+            extra.update(reference_scores(self.policy, scored, temperature, cfg.chunk_size, cfg.exact_kl_diagnostic))
+        return scored.logp, extra
 
     @torch.no_grad()
     def annotate(self, transitions: Sequence[Any]) -> None:

@@ -32,15 +32,16 @@ import random
 import re
 import shutil
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from agents.policy import GenerationSettings
+from agents.policy import GenerationSettings, RuntimeSettings, kl_divergence, tempered, token_logprobs
 
 # A callback receives each update's statistics; returning False stops training after that update.
 Callback = Callable[[dict[str, float]], Any]
@@ -73,6 +74,35 @@ class CheckpointSettings:
         """Whether a checkpoint is due after update number `updates` (the end of `learn` always writes one)."""
         by_count = self.checkpoint_every > 0 and updates % self.checkpoint_every == 0
         return by_count or 0 < self.checkpoint_minutes * 60 <= seconds_since_last
+
+
+@dataclass
+class LearnerConfig:
+    """The fields every learner's config shares; each algorithm's config extends it with only its own (as TRL's
+    configs extend one base). The shell reads these by name: the adapters' shape, the model's runtime, the chunk of
+    the whole-vocabulary reductions, the seed and the checkpoint schedule."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the learner's adapters (policy; critic or value "
+                                                     "adapter where the learner has one)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
+        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
+    chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order, adapter init and env resets."})
+    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
+        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
+
+    def __post_init__(self) -> None:
+        """Every field typed `Literal[...]` holds one of its choices; subclasses call this, then check the rest."""
+        for name, hint in typing.get_type_hints(type(self)).items():
+            if typing.get_origin(hint) is Literal and getattr(self, name) not in typing.get_args(hint):
+                raise ValueError(f"{name} must be one of {typing.get_args(hint)}, got {getattr(self, name)!r}")
+
+    def require_at_least_one(self, *names: str) -> None:
+        """ValueError naming the fields when any of these counts is below 1."""
+        low = [name for name in names if getattr(self, name) < 1]
+        if low:
+            raise ValueError(f"{', '.join(low)} must be at least 1")
 
 
 NUM_ENVS_HELP = ("Envs collected from at once when handed a single env: siblings spawned from it (its config, sandbox "
@@ -113,6 +143,47 @@ def first_and_last_tenth(per_action: Iterable[Any]) -> tuple[float, float]:
     if not first:
         return float("nan"), float("nan")
     return float(np.concatenate(first).mean()), float(np.concatenate(last).mean())
+
+
+@dataclass
+class ActionPass:
+    """One pass of the policy over a batch's actions (PPO and GRPO score with it): log π per action token at the
+    sampling temperature, padded to [B, longest action] and differentiable, with what entropy, KL and value
+    computations reuse."""
+
+    logp: torch.Tensor  # [B, T]
+    hidden: torch.Tensor  # [B, T, H]: the hidden state each action token is predicted from
+    rows: torch.Tensor  # hidden[mask]: the action tokens' states, flat
+    head: Callable[[torch.Tensor], torch.Tensor]  # hidden -> tempered logits
+    mask: torch.Tensor  # [B, T]: real action tokens
+    targets: torch.Tensor  # [B, T]: the action tokens
+    obs_ids: list
+    action_ids: list
+
+
+def action_pass(policy: Any, transitions: Any, adapter: str | None, temperature: float, chunk_size: int) -> ActionPass:
+    """log π(a_t | s, a_<t) of every action token of `transitions` under `adapter`, at `temperature`."""
+    obs_ids = [t.obs_ids for t in transitions]
+    action_ids = [t.action_ids for t in transitions]
+    hidden, targets, mask = policy.action_hidden(obs_ids, action_ids, adapter)
+    head = tempered(policy.head(adapter), temperature)
+    rows = hidden[mask]
+    logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(
+        mask, token_logprobs(rows, targets[mask], head, chunk_size))
+    return ActionPass(logp, hidden, rows, head, mask, targets, obs_ids, action_ids)
+
+
+@torch.no_grad()
+def reference_scores(policy: Any, scored: ActionPass, temperature: float, chunk_size: int,
+                     exact_kl: bool) -> dict[str, torch.Tensor]:
+    """Flat over the action tokens of `scored`: log ρ ("ref_logp", ρ = adapters off) and, with `exact_kl`, the
+    whole-vocabulary KL(π‖ρ) per token ("kl"), both at `temperature`."""
+    ref_rows = policy.action_hidden(scored.obs_ids, scored.action_ids, None)[0][scored.mask]
+    ref_head = tempered(policy.head(None), temperature)
+    found = {"ref_logp": token_logprobs(ref_rows, scored.targets[scored.mask], ref_head, chunk_size)}
+    if exact_kl:
+        found["kl"] = kl_divergence(scored.rows.detach(), ref_rows, scored.head, ref_head, chunk_size)
+    return found
 
 
 class Learner:

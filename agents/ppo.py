@@ -45,12 +45,14 @@ import torch
 
 from agents.learner import (
     NUM_ENVS_HELP,
-    CheckpointSettings,
     Learner,
+    LearnerConfig,
+    action_pass,
     check_sampled_generation,
     first_and_last_tenth,
+    reference_scores,
 )
-from agents.policy import GenerationSettings, RuntimeSettings, tempered
+from agents.policy import GenerationSettings
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -331,7 +333,7 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(LearnerConfig):
     """Every hyperparameter of the PPO learner (one schema for Python and `etpo train --agent ppo`)."""
 
     # rollouts
@@ -381,30 +383,17 @@ class PPOConfig:
     # model
     value_model: Literal["shared", "adapter"] = field(default="shared", metadata={"help": "shared: value head on the policy adapter's "
                                                                  "features; adapter: its own LoRA adapter."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the policy (and value) adapter."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     init_adapter: str | None = field(default=None, metadata={"help": "Start π from this saved LoRA adapter "
                                                                      "(e.g. an SFT run's checkpoint/policy/policy); "
                                                                      "ρ is then a frozen copy of it. None: a fresh "
                                                                      "adapter, ρ = the base model."})
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
-        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
-    chunk_size: int = field(default=256, metadata={"help": "Token states per whole-vocabulary chunk."})
     exact_kl_diagnostic: bool = field(default=True, metadata={"help": "Also log the exact whole-vocabulary "
                                                                       "KL(π‖ρ) per token (one more no-grad "
                                                                       "reference pass per iteration)."})
-    # bookkeeping
-    seed: int = field(default=0, metadata={"help": "Seed of sampling, minibatch order and env resets."})
-    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
-        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
     def __post_init__(self):
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
-        if self.value_model not in ("shared", "adapter"):
-            raise ValueError(f"value_model must be 'shared' or 'adapter', got {self.value_model!r}")
-        if min(self.epochs, self.minibatch_size, self.rollout_steps, self.num_envs) < 1:
-            raise ValueError("epochs, minibatch_size, rollout_steps and num_envs must be at least 1")
+        super().__post_init__()  # kl_estimator, value_model: one of their choices
+        self.require_at_least_one("epochs", "minibatch_size", "rollout_steps", "num_envs")
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0 and 0.0 <= self.lam_in_action <= 1.0):
             raise ValueError("gamma, lam and lam_in_action must lie in [0, 1]")
         check_sampled_generation(self.generation, "PPO")
@@ -462,10 +451,6 @@ class PPOAgent(Learner):
             hidden_policy = self.policy.action_hidden(obs_ids, action_ids, "value")[0]
         return self.value_head(hidden_policy.float()).squeeze(-1)
 
-    def _head(self, adapter: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """hidden -> the logits actions are sampled from (the model's own, divided by the temperature)."""
-        return tempered(self.policy.head(adapter), float(self.config.generation.temperature))
-
     def forward(self, transitions: Sequence[Any]) -> ForwardOutput:
         """Per action token: log π_θ, V, entropy of π_θ (differentiable; whole-vocabulary work in chunks), π_θ being
         the sampled distribution softmax(logits/temperature)."""
@@ -478,33 +463,24 @@ class PPOAgent(Learner):
 
         With `reference`, also returns flat (over action tokens) log ρ ("ref_logp") and, with
         `exact_kl_diagnostic`, the whole-vocabulary KL(π‖ρ) ("kl"), both at the sampling temperature."""
-        from agents.policy import entropy, kl_divergence, token_logprobs
+        from agents.policy import entropy
 
-        obs_ids = [t.obs_ids for t in transitions]
-        action_ids = [t.action_ids for t in transitions]
-        hidden, targets, mask = self.policy.action_hidden(obs_ids, action_ids, "policy")
-        head = self._head("policy")
-        rows = hidden[mask]
-        logp = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(
-            mask, token_logprobs(rows, targets[mask], head, self.config.chunk_size))
+        cfg, temperature = self.config, float(self.config.generation.temperature)
+        scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)
         ent = None
         if with_entropy:
-            if self.config.entropy_coef > 0:
-                token_entropy = entropy(rows, head, self.config.chunk_size)
+            if cfg.entropy_coef > 0:
+                token_entropy = entropy(scored.rows, scored.head, cfg.chunk_size)
             else:  # diagnostic only: no graph through the vocabulary
                 with torch.no_grad():
-                    token_entropy = entropy(rows.detach(), head, self.config.chunk_size)
-            ent = hidden.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_entropy)
-        values = self._values(hidden, obs_ids, action_ids) * mask
-        out = ForwardOutput(logp=logp, values=values, entropy=ent)
+                    token_entropy = entropy(scored.rows.detach(), scored.head, cfg.chunk_size)
+            ent = scored.hidden.new_zeros(scored.mask.shape, dtype=torch.float32).masked_scatter(
+                scored.mask, token_entropy)
+        values = self._values(scored.hidden, scored.obs_ids, scored.action_ids) * scored.mask
+        out = ForwardOutput(logp=scored.logp, values=values, entropy=ent)
         if not reference:
             return out, None
-        ref_rows = self.policy.action_hidden(obs_ids, action_ids, None)[0][mask]
-        ref_head = self._head(None)
-        extra = {"ref_logp": token_logprobs(ref_rows, targets[mask], ref_head, self.config.chunk_size)}
-        if self.config.exact_kl_diagnostic:
-            extra["kl"] = kl_divergence(rows, ref_rows, head, ref_head, self.config.chunk_size)
-        return out, extra
+        return out, reference_scores(self.policy, scored, temperature, cfg.chunk_size, cfg.exact_kl_diagnostic)
 
     @torch.no_grad()
     def state_values(self, obs_ids: Sequence[Sequence[int]]) -> list[float]:

@@ -29,20 +29,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agents.learner import CheckpointSettings, Learner
-from agents.policy import GenerationSettings, RuntimeSettings
+from agents.learner import Learner, LearnerConfig
+from agents.policy import GenerationSettings
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(LearnerConfig):
     recipe: Literal["demos", "self-improve"] = field(default="self-improve", metadata={
         "help": "demos: fine-tune on `data` only; self-improve: sample, keep the best, fine-tune, repeat."})
     data: str | None = field(default=None, metadata={
         "help": "JSONL demonstrations (prompt + program/action/completion); used first in either mode."})
     min_reward: float | None = field(default=None, metadata={"help": "Drop demonstration lines below this reward."})
     lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (else all weights)."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per optimizer step."})
@@ -61,12 +59,6 @@ class SFTConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How programs are sampled in self-improve mode and when acting (the same defaults as ETPO and PPO, "
                 "so the three start from the same policy: equal step-0 evaluations in a benchmark)."})
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings, metadata={
-        "help": "Device, dtype, attention kernel, quantisation, gradient checkpointing."})
-    chunk_size: int = field(default=256, metadata={"help": "Positions per whole-vocabulary chunk."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling, shuffling and adapter init."})
-    checkpoints: CheckpointSettings = field(default_factory=CheckpointSettings, metadata={
-        "help": "When checkpoints are written (updates, minutes; always at the end) and how many are kept."})
 
 
 # ----------------------------------------------------------------------------------------------------------------

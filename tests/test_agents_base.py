@@ -173,3 +173,24 @@ def test_play_spends_steps_across_episodes_and_accepts_a_callable():
     assert env.resets == [4, None, None] and [s["env_steps"] for s in seen] == list(range(1, 8))
     assert result.best_score == pytest.approx(0.3) and result.best_program == "p"
     assert base.play(ThreeStepEnv(), lambda obs: "p", episodes=2).steps == 6
+
+
+def test_every_learner_config_extends_the_one_base_and_declares_its_fields_once():
+    import dataclasses
+
+    from agents.etpo import ETPOConfig
+    from agents.grpo import GRPOConfig
+    from agents.learner import LearnerConfig
+    from agents.ppo import PPOConfig
+    from agents.sft import SFTConfig
+
+    shared = {f.name for f in dataclasses.fields(LearnerConfig)}
+    assert {"lora_r", "lora_alpha", "runtime", "chunk_size", "seed", "checkpoints"} <= shared
+    for config in (ETPOConfig, PPOConfig, GRPOConfig, SFTConfig):
+        assert issubclass(config, LearnerConfig)
+        assert not shared & set(config.__dict__.get("__annotations__", {})), config  # nothing redeclared
+        # every Literal-typed field is checked by the base: a bad value names the field
+        for field in dataclasses.fields(config):
+            if "Literal" in str(field.type):
+                with pytest.raises(ValueError, match=field.name):
+                    config(**{field.name: "no-such-choice"})
