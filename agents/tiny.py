@@ -463,13 +463,13 @@ def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float,
 
 def _save_quietly(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """`save_pretrained` both without the library's one-shard progress bar (the build has its own)."""
-    with _no_library_progress_bars():
+    with no_library_progress_bars():
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
 
 
 @contextmanager
-def _no_library_progress_bars():
+def no_library_progress_bars():
     """transformers' progress bars (saving, loading a model of one shard) off inside the block."""
     from transformers.utils import logging as hf_logging
 
@@ -480,10 +480,6 @@ def _no_library_progress_bars():
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-
-
-def _fingerprint(spec: TinyPreset, seed: int) -> str:
-    return hashlib.sha256(json.dumps([BUILD_FORMAT, asdict(spec), seed], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def ensure_tiny_model(path: str | Path | None = None, preset: str = "default", seed: int = 0,
@@ -543,7 +539,7 @@ def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samp
     if isinstance(model_dir, LMPolicy):
         policy = model_dir
     else:
-        with _no_library_progress_bars():
+        with no_library_progress_bars():
             policy = LMPolicy.from_pretrained(model_dir)
     own_sandbox = isinstance(sandbox, str)
     if own_sandbox:

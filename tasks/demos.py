@@ -436,24 +436,6 @@ def buggy_demo(recipe: Recipe, bug: str, rng: random.Random, layout: str = "grou
     return _demo(body, family, bug, recipe)
 
 
-def corrected_program(demo: Demo) -> str:
-    """The program that fixes a buggy `demo`: the valid program it was made from, or for a NaN-intolerant one the
-    same model with a numeric imputer put back (the original recipe's, else the median). A valid demo is its own
-    correction."""
-    if demo.bug is None:
-        return demo.program
-    if demo.recipe is None:
-        raise ValueError("a buggy demo needs the recipe it was made from to be corrected")
-    recipe = demo.recipe
-    if demo.bug == "nan_intolerant":
-        if recipe.family not in NAN_INTOLERANT:  # render_bug swapped in a logistic regression without imputer
-            recipe = Recipe("logistic_regression", (("C", 1.0),), "none", "onehot", "most_frequent", "standard")
-        imputer = recipe.imputer if recipe.imputer != "none" else "median"
-        recipe = Recipe(recipe.family, recipe.params, imputer, recipe.categorical, recipe.categorical_fill,
-                        recipe.scaler)
-    return wrap_body(render(recipe))
-
-
 def safe_recipe(family: str) -> Recipe:
     """The family's plainest program that runs on every task of the suite: the first point of its grid, median
     imputation and standard scaling of the numeric columns, the other columns dropped."""

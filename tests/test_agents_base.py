@@ -186,11 +186,11 @@ def test_every_learner_config_extends_the_one_base_and_declares_its_fields_once(
 
     shared = {f.name for f in dataclasses.fields(LearnerConfig)}
     assert {"lora_r", "lora_alpha", "runtime", "chunk_size", "seed", "checkpoints"} <= shared
-    for config in (ETPOConfig, PPOConfig, GRPOConfig, SFTConfig):
-        assert issubclass(config, LearnerConfig)
-        assert not shared & set(config.__dict__.get("__annotations__", {})), config  # nothing redeclared
+    for config_class in (ETPOConfig, PPOConfig, GRPOConfig, SFTConfig):
+        assert issubclass(config_class, LearnerConfig)
+        assert not shared & set(config_class.__dict__.get("__annotations__", {})), config_class  # nothing redeclared
         # every Literal-typed field is checked by the base: a bad value names the field
-        for field in dataclasses.fields(config):
-            if "Literal" in str(field.type):
-                with pytest.raises(ValueError, match=field.name):
-                    config(**{field.name: "no-such-choice"})
+        for declared in dataclasses.fields(config_class):
+            if "Literal" in str(declared.type):
+                with pytest.raises(ValueError, match=declared.name):
+                    config_class(**{declared.name: "no-such-choice"})

@@ -277,8 +277,6 @@ def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox
              on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train in cumulative budget chunks, evaluate the policy at every point, score the search program on test."""
     seed_everything(seed, torch_too=agent_spec not in MODEL_FREE_AGENTS)
-    if agent_spec in AGENTS and agent_spec not in MODEL_FREE_AGENTS:
-        _quiet_model_loading()
     record = _new_record(config, agent_spec, task.name, seed)
     with contextlib.suppress(Exception):  # an agent that cannot be configured fails below, with its traceback
         record["agent_settings"] = agent_settings(agent_spec, seed, config.agent_options)
@@ -289,7 +287,9 @@ def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox
     scorer = TestScorer(task, sandbox, seed)
     timing = {"train_time_s": 0.0, "eval_time_s": 0.0}
     try:
-        agent = build_agent(agent_spec, seed=seed, model=model, overrides=options_for(agent_spec, config.agent_options))
+        with _quiet_model_loading(agent_spec):
+            agent = build_agent(agent_spec, seed=seed, model=model,
+                                overrides=options_for(agent_spec, config.agent_options))
         record["learner"] = learns(agent)
         _train_and_evaluate(agent, config, record, train_env, eval_envs, scorer, seed, timing, on_step)
     except Exception as exc:  # an agent that crashes is a failed cell with its traceback, not a crashed benchmark
@@ -312,11 +312,14 @@ def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox
     return record
 
 
-def _quiet_model_loading() -> None:
-    """The benchmark's progress bar is the console's one: no per-model "Loading weights" bar from transformers."""
-    from transformers.utils import logging as transformers_logging
+def _quiet_model_loading(agent_spec: str) -> contextlib.AbstractContextManager:
+    """The benchmark's progress bar is the console's one: no "Loading weights" bar from transformers while a
+    built-in LM agent loads its model (switched back on after, as it was)."""
+    if agent_spec not in AGENTS or agent_spec in MODEL_FREE_AGENTS:
+        return contextlib.nullcontext()
+    from agents.tiny import no_library_progress_bars
 
-    transformers_logging.disable_progress_bar()
+    return no_library_progress_bars()
 
 
 def agent_settings(agent_spec: str, seed: int, agent_options: dict[str, Any]) -> dict[str, Any] | None:
