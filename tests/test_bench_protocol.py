@@ -121,6 +121,23 @@ def test_the_learner_rises_from_its_step_zero_evaluation(protocol_run):
     assert row["gain"] - row["gain_ci"] > 0  # a rise whose 95% interval excludes zero
 
 
+def test_the_learners_rise_shows_on_every_learning_metric(protocol_run):
+    result, runs = protocol_run
+    for seed in range(3):  # broken, then the weak model, then the good one
+        curve = runs[("LearningAgent", seed)]["curve"]
+        assert [p["first_attempt_validity"] for p in curve] == [0.0, 1.0, 1.0]
+        assert curve[0]["episode_return"] == -2.0  # two failed attempts at the failure reward
+        assert curve[0]["episode_return"] < curve[1]["episode_return"] < curve[2]["episode_return"]
+        assert curve[0]["attempts_to_first_run"] is None and curve[2]["attempts_to_first_run"] == 1.0
+    rows = {row["agent"]: row for row in result["summary"]["per_task"]}
+    assert rows["LearningAgent"]["validity_gain"] == 1.0 and rows["LearningAgent"]["validity_gain_ci"] == 0.0
+    assert rows["LearningAgent"]["return_gain"] - rows["LearningAgent"]["return_gain_ci"] > 2.0
+    # the fixed agents: the weak one's first attempt always fails, the good one's always runs
+    assert rows["WeakAgent"]["validity_final"] == 0.0 and rows["WeakAgent"]["attempts_final"] == 2.0
+    assert rows["GoodAgent"]["validity_final"] == 1.0 and rows["GoodAgent"]["attempts_final"] == 1.0
+    assert rows["GoodAgent"]["return_final"] > rows["WeakAgent"]["return_final"]
+
+
 def test_learn_gets_cumulative_budgets_and_evaluation_costs_none(protocol_run):
     _, runs = protocol_run
     for seed in range(3):
@@ -158,13 +175,19 @@ def test_results_files_carry_the_schema(protocol_run):
     result, _ = protocol_run
     out = Path(result["out"])
     data = json.loads((out / "results.json").read_text())
-    assert data["schema"] == bench.SCHEMA == 2
-    assert json.loads((out / "config.json").read_text())["schema"] == 2
-    assert all(json.loads(p.read_text())["schema"] == 2 for p in (out / "runs").iterdir())
+    assert data["schema"] == bench.SCHEMA == 3
+    assert json.loads((out / "config.json").read_text())["schema"] == 3
+    assert all(json.loads(p.read_text())["schema"] == 3 for p in (out / "runs").iterdir())
     assert data["config"]["eval_points"] == [0, 2, 4]
     for name in bench.PLOTS:
         assert (out / name).stat().st_size > 0, name
     assert set(data["summary"]["aggregates"]["final"]) == {"GoodAgent", "WeakAgent", "LearningAgent"}
+    for key in ("validity_final", "validity_gain", "return_final", "return_gain"):
+        assert set(data["summary"]["aggregates"][key]) == {"GoodAgent", "WeakAgent", "LearningAgent"}, key
+    csv = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"validity_final", "validity_gain", "return_final", "return_gain", "attempts_final"} <= set(csv)
+    summary = (out / "summary.md").read_text()
+    assert "primary metric" in summary and "first-attempt validity" in summary.lower()
 
 
 def test_a_folder_of_the_old_protocol_is_refused(tmp_path, local_sandbox):
@@ -192,7 +215,7 @@ def test_cli_runs_module_class_agents_end_to_end(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if str(out) not in line]  # a long path is not cut
     assert max(len(line) for line in lines) <= 80  # readable in an 80-column terminal
     data = json.loads((out / "results.json").read_text())
-    assert data["schema"] == 2 and len(data["runs"]) == 4
+    assert data["schema"] == 3 and len(data["runs"]) == 4
     assert {r["agent"] for r in data["runs"]} == {"GoodAgent", "WeakAgent"}
 
 

@@ -1,33 +1,39 @@
 """Reports of a benchmark: the results folder (results.json, results.csv, summary.md, plots) and the console tables.
 
-Results schema, version 2 (`agents.bench.config.SCHEMA`). Scores are normalized test scores (0 = the task's baseline
+Results schema, version 3 (`agents.bench.config.SCHEMA`). Scores are normalized test scores (0 = the task's baseline
 pipeline, 1 = its reference pipeline; None for a task without stored reference scores) unless named `*_score`,
-which are the raw test metric (ROC AUC).
+which are the raw test metric (ROC AUC). The primary metric is the final program's normalized test score (what a
+user of the agent gets); beside it, where learning shows first, `statistics.LEARNING_METRICS`: first-attempt
+validity, episode return and attempts to the first program that ran (new in version 3).
 
-- `config.json`: {"schema": 2, "config": BenchConfig.to_dict(), "comparable": the settings a resumed run must share}.
+- `config.json`: {"schema": 3, "config": BenchConfig.to_dict(), "comparable": the settings a resumed run must share}.
 - `runs/<agent>__<task>__seed<k>.json`, one cell: `schema`, `agent` (label), `agent_spec`, `task`, `seed`, `budget`,
   `eval_every`, `eval_episodes`, `learner` (bool), `learn_budgets` (the cumulative budgets `learn` was called with),
   `error` (null, or the exception of a crashed agent, with `traceback`), `budget_note` (a learner that stepped past
   its budget); training: `env_steps`, `episodes`, `rewards`, `dev_scores`, `statuses` (one entry per training step);
   `evaluations`: one entry per measured point {`point` (training env steps scheduled), `env_steps` (steps actually
-  taken by then), `score`, `normalized`, `success_rate`, `attempts_to_success`, `episodes`: [{`seed`, `attempts`,
-  `success_attempt` (attempt whose program first ran, or null), `dev_score`, `program`, `test_status`, `test_score`,
-  `test_message`, `score` (test score, or the chance level 0.5 when nothing ran or the program failed on test),
-  `normalized`}]}; `curve`: every scheduled point {`point`, `measured`, `score`, `normalized`, `success_rate`,
-  `attempts_to_success`} (an agent that does not learn is measured at 0 only: its later points repeat it);
+  taken by then), `score`, `normalized`, `success_rate`, `attempts_to_success`, `first_attempt_validity`,
+  `attempts_to_first_run`, `episode_return`, `episodes`: [{`seed`, `attempts`, `success_attempt` (attempt whose
+  program first ran, or null), `dev_score`, `return` (the env's reward summed over the episode), `program`,
+  `test_status`, `test_score`, `test_message`, `score` (test score, or the chance level 0.5 when nothing ran or the
+  program failed on test), `normalized`}]}; `curve`: every scheduled point {`point`, `measured`, and each key of
+  `statistics.CURVE_KEYS`} (an agent that does not learn is measured at 0 only: its later points repeat it);
   `final`/`final_score` (the point at `budget`), `step0`/`step0_score`, `gain`/`gain_score` (final − step 0),
   `auc`/`auc_score` (mean over the points), `success_rate` and `attempts_to_success` (at `budget`),
   `search`/`search_score` (the best-on-dev program of training, of the step-0 evaluation episodes for an agent
   that does not learn, scored on test), detailed in `search_result` {`dev_score`, `program`, `test_status`,
-  `test_score`, `score`, `normalized`};
+  `test_score`, `score`, `normalized`}; per learning metric `<m>` of validity, return, attempts: `<m>_final`,
+  `<m>_step0`, `<m>_gain`, `<m>_auc`;
   `train_time_s`, `eval_time_s`, `wall_time_s`.
-- `results.json`: {"schema": 2, "config", "versions", "chance_score", "summary", "runs"}; `summary` has
+- `results.json`: {"schema": 3, "config", "versions", "chance_score", "summary", "runs"}; `summary` has
   `per_task` and `overall` rows (for each metric of `statistics.PER_RUN`, plus `final_score` and `gain_score`: the
   mean and its 95% t-interval half-width `<metric>_ci` over seeds; `overall` averages the tasks per seed first),
-  `aggregates` ({"final", "auc"} -> agent -> {"iqm", "mean": [value, low, high], "n_runs", "n_tasks"}),
-  `probability_of_improvement` (agent -> [P(etpo beats it), low, high]) and `aggregate_tasks`.
-- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `eval_curves.png`,
-  `final_scores.png`, `aggregates.png`, `performance_profiles.png`.
+  `aggregates` (each key of `statistics.AGGREGATED` -> agent -> {"iqm", "mean": [value, low, high], "n_runs",
+  "n_tasks"}), `probability_of_improvement` (agent -> [P(etpo beats it on final), low, high]),
+  `probability_of_improvement_by_metric` (the other aggregated keys, the same form) and `aggregate_tasks`.
+- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `eval_curves.png` (primary),
+  `eval_curves_validity.png`, `eval_curves_return.png`, `final_scores.png`, `aggregates.png`,
+  `performance_profiles.png`.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ import numpy as np
 from agents.bench.config import SCHEMA, BenchConfig, agent_label
 from agents.bench.statistics import (
     CHANCE_SCORE,
+    LEARNING_LABELS,
+    LEARNING_METRICS,
     REFERENCE_AGENT,
     SCALE_LABELS,
     format_ci,
@@ -59,11 +67,15 @@ from agents.bench.statistics import (
 )
 
 PLOT_COLUMNS = 4  # panels per row of the evaluation-curve figure
-PLOTS = ("eval_curves.png", "final_scores.png", "aggregates.png", "performance_profiles.png")
+PLOTS = ("eval_curves.png", "eval_curves_validity.png", "eval_curves_return.png", "final_scores.png", "aggregates.png",
+         "performance_profiles.png")
+LEARNING_CURVES = {"eval_curves_validity.png": "validity", "eval_curves_return.png": "return"}
 
 TABLE_HEADER = ["task", "agent", "n", "final", "final − step 0", "AUC", "search", "success", "attempts",
                 "test ROC AUC", "wall s"]
 CONSOLE_HEADER = ["task", "agent", "final", "gain", "AUC", "search", "ok"]
+LEARNING_HEADER = ["task", "agent", "n", "first-attempt validity", "validity gain", "episode return", "return gain",
+                   "attempts to first run", "attempts gain"]
 AGGREGATE_HEADER = ["agent", "IQM [95% CI]", "mean [95% CI]", f"P({REFERENCE_AGENT} > agent)"]
 
 
@@ -80,6 +92,14 @@ def table_rows(summary: dict[str, Any], digits: int = 3) -> list[list[str]]:
     return rows
 
 
+def learning_rows(summary: dict[str, Any], digits: int = 2) -> list[list[str]]:
+    """Markdown rows of the learning metrics: final and gain (final − step 0, paired by seed), 95% intervals."""
+    return [[row["task"], row["agent"], str(row["n"]),
+             *(format_ci(row[key], row[f"{key}_ci"], digits)
+               for prefix in LEARNING_METRICS for key in (f"{prefix}_final", f"{prefix}_gain"))]
+            for row in [*summary["per_task"], *summary["overall"]]]
+
+
 def console_rows(summary: dict[str, Any]) -> list[list[str]]:
     """The console's narrow rows (80 columns): final and gain with their intervals, AUC, search, success."""
     return [[row["task"][:13], row["agent"][:13], format_ci(row["final"], row["final_ci"], 2),
@@ -94,7 +114,8 @@ def aggregate_header(summary: dict[str, Any]) -> list[str]:
 
 
 def aggregate_rows(summary: dict[str, Any], key: str = "final", digits: int = 2) -> list[list[str]]:
-    improvement = summary["probability_of_improvement"]
+    improvement = (summary["probability_of_improvement"] if key == "final"
+                   else summary.get("probability_of_improvement_by_metric", {}).get(key, {}))
     rows = []
     for agent, found in summary["aggregates"][key].items():
         row = [agent, _interval(found["iqm"], digits), _interval(found["mean"], digits)]
@@ -160,7 +181,9 @@ def json_default(value: Any):
 
 CSV_COLUMNS = ["agent", "agent_spec", "task", "seed", "budget", "eval_every", "eval_episodes", "learner", "env_steps",
                "final", "final_score", "step0", "step0_score", "gain", "auc", "auc_score", "success_rate",
-               "attempts_to_success", "search", "search_score", "train_time_s", "eval_time_s", "wall_time_s", "error"]
+               "attempts_to_success", "search", "search_score",
+               *(f"{prefix}_{part}" for prefix in LEARNING_METRICS for part in ("final", "step0", "gain", "auc")),
+               "train_time_s", "eval_time_s", "wall_time_s", "error"]
 
 
 def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -201,7 +224,17 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
         "Values are mean ± half-width of the 95% t-interval over seeds (n/a with one seed); `overall`: per seed "
         "the mean over tasks, then mean ± CI over seeds.",
         "",
+        "The primary metric is `final`: the normalized test score of each evaluation episode's final program, what "
+        "a user of the agent gets, on rows no reward ever scored.",
+        "",
         markdown_table(TABLE_HEADER, table_rows(summary)),
+        "",
+        "Where learning shows first: a policy must write programs that run before their scores can rise, and the "
+        "learners maximise the env's reward. First-attempt validity (share of episodes whose first program ran), "
+        "the episode return under the env's reward, and the attempts until the first program that ran (episodes "
+        "where one did; lower is better), at the full budget and their gain over step 0 (paired by seed).",
+        "",
+        markdown_table(LEARNING_HEADER, learning_rows(summary)),
         "",
     ]
     if summary["aggregates"]["final"]:
@@ -214,6 +247,11 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
             markdown_table(aggregate_header(summary), aggregate_rows(summary, digits=3)),
             "",
         ]
+        for key in ("validity_final", "validity_gain", "return_final", "return_gain"):
+            if summary["aggregates"].get(key):
+                prefix, part = key.split("_")
+                lines += [f"Aggregates of {LEARNING_LABELS[prefix]} ({'final' if part == 'final' else 'gain over step 0'}):",
+                          "", markdown_table(aggregate_header(summary), aggregate_rows(summary, key, digits=3)), ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -243,6 +281,8 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
     scale = summary["scale"]
     figures = {
         "eval_curves.png": _eval_curves(plt, runs, agents, tasks_with_runs, scale),
+        **{name: _eval_curves(plt, runs, agents, tasks_with_runs, LEARNING_METRICS[prefix], LEARNING_LABELS[prefix])
+           for name, prefix in LEARNING_CURVES.items()},
         "final_scores.png": _final_bars(plt, summary, agents, tasks_with_runs),
         "aggregates.png": _aggregate_intervals(plt, summary),
         "performance_profiles.png": _profiles(plt, runs, agents, task_names, scale),
@@ -264,7 +304,9 @@ def _curve_band(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(means), np.nan_to_num(np.array(halves))
 
 
-def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Sequence[str], scale: str) -> Any:
+def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Sequence[str], key: str,
+                 label: str | None = None) -> Any:
+    """Curves of one evaluation-point `key` (the primary scale, or a learning metric), one panel per task."""
     panels = [*tasks, "all tasks"] if len(tasks) > 1 else list(tasks)
     columns = min(PLOT_COLUMNS, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -273,7 +315,7 @@ def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Seque
         ax.set_visible(False)
     for ax, panel in zip(axes.flat, panels):
         for agent in agents:
-            curves = _panel_curves(runs, agent, panel, tasks, scale)
+            curves = _panel_curves(runs, agent, panel, tasks, key)
             if not curves:
                 continue
             steps = [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
@@ -282,10 +324,10 @@ def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Seque
             ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(panel)
         ax.set_xlabel("training env steps")
-        ax.set_ylabel(SCALE_LABELS[scale])
+        ax.set_ylabel(label or SCALE_LABELS[key])
         ax.grid(alpha=0.3)
     _legend(axes.flat[0])
-    fig.suptitle("evaluation of the policy (mean ± 95% CI over seeds)", fontsize=10)
+    fig.suptitle(f"evaluation of the policy: {label or SCALE_LABELS[key]} (mean ± 95% CI over seeds)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -295,15 +337,16 @@ def _legend(ax: Any) -> None:
         ax.legend(fontsize=7)
 
 
-def _panel_curves(runs: list[dict], agent: str, panel: str, tasks: Sequence[str], scale: str) -> list[list[float]]:
-    """Curves of one panel: per seed on one task, or per seed the mean over all tasks (seeds with every task)."""
-    mine = [r for r in runs if r["agent"] == agent]
+def _panel_curves(runs: list[dict], agent: str, panel: str, tasks: Sequence[str], key: str) -> list[list[float]]:
+    """Curves of one panel: per seed on one task, or per seed the mean over all tasks (seeds with every task);
+    a curve with an unmeasured point (a record of an older schema) is left out."""
+    mine = [r for r in runs if r["agent"] == agent and all(p.get(key) is not None for p in r["curve"])]
     if panel != "all tasks":
-        return [[p[scale] for p in r["curve"]] for r in mine if r["task"] == panel]
+        return [[p[key] for p in r["curve"]] for r in mine if r["task"] == panel]
     by_seed: dict[int, list[dict]] = {}
     for r in mine:
         by_seed.setdefault(r["seed"], []).append(r)
-    return [list(np.mean([[p[scale] for p in r["curve"]] for r in rs], axis=0))
+    return [list(np.mean([[p[key] for p in r["curve"]] for r in rs], axis=0))
             for rs in by_seed.values() if {r["task"] for r in rs} >= set(tasks)]
 
 
@@ -399,6 +442,16 @@ def print_table(summary: dict[str, Any], console: Any = None) -> None:
     console.print("final: at the full budget; gain: final − step 0 (paired by seed); AUC: mean over evaluation "
                   "points; search: best-on-dev program of training; ok: final episodes that ran.",
                   style="dim")
+    learning = Table(title="where learning shows first: first-attempt validity and episode return",
+                     box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, title_style="bold")
+    for name in ("task", "agent", "validity", "gain", "return", "gain"):
+        learning.add_column(name, justify="left" if name in ("task", "agent") else "right", no_wrap=True)
+    for i, row in enumerate([*summary["per_task"], *summary["overall"]]):
+        learning.add_row(row["task"][:13], row["agent"][:13],
+                         *(format_ci(row[key], row[f"{key}_ci"], 2)
+                           for key in ("validity_final", "validity_gain", "return_final", "return_gain")),
+                         end_section=(i == len(summary["per_task"]) - 1))
+    console.print(learning)
     if summary["aggregates"]["final"]:
         aggregates = Table(title="final over tasks and seeds (95% bootstrap CI)", box=box.SIMPLE_HEAD,
                            padding=(0, 1), pad_edge=False, show_edge=False, title_style="bold")

@@ -121,13 +121,15 @@ class _Episode:
     def __init__(self, seed: int, mode: str):
         self.seed, self.mode = seed, mode
         self.attempts = 0
+        self.episode_return = 0.0  # the env's reward summed over the episode: what the learners maximise
         self.first_success: int | None = None
         self.program: str | None = None
         self.dev_score: float | None = None
         self.done = False
 
-    def record(self, info: dict, terminated: bool, truncated: bool) -> None:
+    def record(self, info: dict, reward: float, terminated: bool, truncated: bool) -> None:
         self.attempts += 1
+        self.episode_return += float(reward)
         ran = status_name(info.get("status", "")) == "ok" and bool(info.get("program"))
         if ran:
             if self.first_success is None:
@@ -223,9 +225,9 @@ def play_eval_episodes(agent: Any, envs: list[Any], seeds: Sequence[int], mode: 
             actions = actor([current[i][0] for i in active], [current[i][1] for i in active])
             if len(actions) != len(active):
                 raise ValueError(f"act_batch returned {len(actions)} actions for {len(active)} observations")
-            for i, (obs, _, terminated, truncated, info) in zip(
+            for i, (obs, reward, terminated, truncated, info) in zip(
                     active, pool.map(lambda pair: envs[pair[0]].step(pair[1]), zip(active, actions))):
-                episodes[i].record(info, terminated, truncated)
+                episodes[i].record(info, reward, terminated, truncated)
                 current[i] = (obs, info)
                 if on_step is not None:
                     on_step()
@@ -237,8 +239,8 @@ def _play_one(agent: Any, env: Any, seed: int, mode: str, on_step: Callable[[], 
     agent.reset()
     obs, info = env.reset(seed=seed)
     while not episode.done:
-        obs, _, terminated, truncated, info = env.step(agent.act(obs, info))
-        episode.record(info, terminated, truncated)
+        obs, reward, terminated, truncated, info = env.step(agent.act(obs, info))
+        episode.record(info, reward, terminated, truncated)
         if on_step is not None:
             on_step()
     return episode
@@ -252,12 +254,14 @@ def evaluate_point(agent: Any, envs: list[Any], scorer: TestScorer, config: Benc
         episodes = play_eval_episodes(agent, envs, seeds, config.env.mode, on_step)
     scores = scorer.score_all([e.program for e in episodes])
     return [{"seed": e.seed, "attempts": e.attempts, "success_attempt": e.first_success, "dev_score": e.dev_score,
-             "program": e.program, **score} for e, score in zip(episodes, scores)]
+             "return": e.episode_return, "program": e.program, **score} for e, score in zip(episodes, scores)]
 
 
 def point_summary(point: int, env_steps: int, episodes: list[dict[str, Any]]) -> dict[str, Any]:
-    """One evaluation point: means over its episodes (success: the final program has a test score)."""
+    """One evaluation point: means over its episodes (success: the final program has a test score; first-attempt
+    validity: the episode's first program ran; return: the env's reward summed over the episode)."""
     successes = [e for e in episodes if e["test_score"] is not None]
+    ran = [e for e in episodes if e["success_attempt"] is not None]
     normalized = [e["normalized"] for e in episodes]
     return {
         "point": point, "env_steps": env_steps,
@@ -266,6 +270,9 @@ def point_summary(point: int, env_steps: int, episodes: list[dict[str, Any]]) ->
         "success_rate": len(successes) / len(episodes),
         "attempts_to_success": (sum(e["success_attempt"] for e in successes) / len(successes)
                                 if successes else None),
+        "first_attempt_validity": sum(e["success_attempt"] == 1 for e in episodes) / len(episodes),
+        "attempts_to_first_run": sum(e["success_attempt"] for e in ran) / len(ran) if ran else None,
+        "episode_return": sum(e["return"] for e in episodes) / len(episodes),
         "episodes": episodes,
     }
 
@@ -307,7 +314,7 @@ def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox
         **timing,
     })
     record["search_result"] = _search_result(record, train_env, scorer)
-    record.update(run_metrics(record, missing=_chance_point(task)))
+    record.update(run_metrics(record, missing=_chance_point(task, config.env)))
     record["wall_time_s"] = time.perf_counter() - started
     return record
 
@@ -396,11 +403,13 @@ def _search_result(record: dict[str, Any], train_env: EnvStepBudget, scorer: Tes
     return {"dev_score": dev_score, "program": program, **scorer.score(program)}
 
 
-def _chance_point(task: Any) -> dict[str, Any]:
-    """What an evaluation point that was never reached (the agent crashed first) counts as: nothing ran."""
+def _chance_point(task: Any, env: EnvConfig) -> dict[str, Any]:
+    """What an evaluation point that was never reached (the agent crashed first) counts as: nothing ran, every
+    attempt a failed step."""
     normalized = task.normalize(CHANCE_SCORE, part="test")
     return {"score": CHANCE_SCORE, "normalized": None if normalized is None else float(normalized),
-            "success_rate": 0.0, "attempts_to_success": None}
+            "success_rate": 0.0, "attempts_to_success": None, "first_attempt_validity": 0.0,
+            "attempts_to_first_run": None, "episode_return": env.failure_reward * env.max_attempts}
 
 
 def run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Statistics of a benchmark (pure functions).
 
 - `run_metrics`: one cell's evaluation curve and its summary numbers (final, step-0, area under the curve, success
-  rate, attempts to success, search score);
+  rate, attempts to success, search score), and the same final / step-0 / gain / area for the measures where
+  learning shows first (`LEARNING_METRICS`: first-attempt validity, episode return, attempts to the first program
+  that ran);
 - `mean_ci`: means with Student-t 95% intervals, per task (over seeds) and overall (per seed the mean over tasks);
   `paired` differences (final minus step 0) use the same interval over seeds;
 - aggregates over tasks and seeds: IQM and mean (`rliable.metrics`) with stratified-bootstrap percentile intervals
@@ -24,7 +26,19 @@ CHANCE_SCORE = 0.5
 BOOTSTRAP_REPS = 2000
 BOOTSTRAP_SEED = 0
 REFERENCE_AGENT = "etpo"  # the agent whose probability of improvement over each other agent is reported
-PER_RUN = ("final", "step0", "auc", "gain", "search", "success_rate", "attempts_to_success")
+# The primary metric is the normalized test score of each evaluation episode's final program: what a user of the
+# agent gets, on rows no reward ever scored. Beside it, where a learner's change shows first (a policy must first
+# write programs that run before their scores can rise), each with its final, step-0, gain and area:
+LEARNING_METRICS = {  # prefix -> evaluation-point key
+    "validity": "first_attempt_validity",  # share of episodes whose first program ran
+    "return": "episode_return",  # the env's reward summed over the episode (what the learners maximise)
+    "attempts": "attempts_to_first_run",  # attempts until the first program that ran (episodes where one did)
+}
+LEARNING_LABELS = {"validity": "first-attempt validity", "return": "episode return",
+                   "attempts": "attempts to the first program that ran"}
+CURVE_KEYS = ("score", "normalized", "success_rate", "attempts_to_success", *LEARNING_METRICS.values())
+PER_RUN = ("final", "step0", "auc", "gain", "search", "success_rate", "attempts_to_success",
+           *(f"{prefix}_{part}" for prefix in LEARNING_METRICS for part in ("final", "step0", "gain", "auc")))
 SCALED = ("final", "step0", "gain", "auc", "search")  # normalized, with a raw `<key>_score` twin
 SCALE_LABELS = {"normalized": "normalized test score", "score": "test score"}
 
@@ -84,16 +98,16 @@ def run_metrics(record: Mapping[str, Any], missing: Mapping[str, Any]) -> dict[s
     twins are the raw test metric.
     """
     measured = {p["point"]: p for p in record["evaluations"]}
-    keys = ("score", "normalized", "success_rate", "attempts_to_success")
+    keys = CURVE_KEYS
     curve, last = [], None
     for point in eval_points(record["budget"], record["eval_every"]):
         if point in measured:
             last = measured[point]
-            curve.append({"point": point, "measured": True, **{k: last[k] for k in keys}})
+            curve.append({"point": point, "measured": True, **{k: last.get(k) for k in keys}})
         elif last is not None and not record.get("error"):
-            curve.append({"point": point, "measured": False, **{k: last[k] for k in keys}})
+            curve.append({"point": point, "measured": False, **{k: last.get(k) for k in keys}})
         else:
-            curve.append({"point": point, "measured": False, **{k: missing[k] for k in keys}})
+            curve.append({"point": point, "measured": False, **{k: missing.get(k) for k in keys}})
     first, final = curve[0], curve[-1]
     search = record["search_result"]
     return {
@@ -105,7 +119,17 @@ def run_metrics(record: Mapping[str, Any], missing: Mapping[str, Any]) -> dict[s
         "auc": _mean_or_none([p["normalized"] for p in curve]), "auc_score": _mean([p["score"] for p in curve]),
         "success_rate": final["success_rate"], "attempts_to_success": final["attempts_to_success"],
         "search": search["normalized"], "search_score": search["score"],
+        **{name: value for prefix, key in LEARNING_METRICS.items()
+           for name, value in _learning_summary(prefix, [p[key] for p in curve]).items()},
     }
+
+
+def _learning_summary(prefix: str, values: list[float | None]) -> dict[str, float | None]:
+    """final, step-0, gain (final − step 0) and area (mean over the points) of one curve; None where unmeasured."""
+    first, final = values[0], values[-1]
+    return {f"{prefix}_final": final, f"{prefix}_step0": first,
+            f"{prefix}_gain": None if first is None or final is None else final - first,
+            f"{prefix}_auc": _mean_or_none(values)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,13 +150,21 @@ def summarize(runs: Iterable[dict[str, Any]], agents: Sequence[str], tasks: Sequ
         "scale": scale,
         "per_task": per_task,
         "overall": overall,
-        "aggregates": {"final": aggregate_estimates(matrices, reps=reps, seed=seed),
-                       "auc": aggregate_estimates(score_matrices(runs, agents, tasks, "auc", scale), reps=reps,
-                                                  seed=seed)},
+        "aggregates": {key: aggregate_estimates(score_matrices(runs, agents, tasks, key, scale), reps=reps,
+                                                seed=seed) for key in AGGREGATED},
         "probability_of_improvement": probability_of_improvement_estimates(matrices, reference, reps=reps,
                                                                            seed=seed),
+        "probability_of_improvement_by_metric": {
+            key: probability_of_improvement_estimates(score_matrices(runs, agents, tasks, key, scale), reference,
+                                                      reps=reps, seed=seed)
+            for key in AGGREGATED if key != "final"},
         "aggregate_tasks": _matrix_tasks(runs, agents, tasks),
     }
+
+
+# Run metrics aggregated over tasks and seeds (IQM, mean, probability of improvement): the primary final score and
+# its area, and the final and gain of each learning metric.
+AGGREGATED = ("final", "auc", "validity_final", "validity_gain", "return_final", "return_gain")
 
 
 def _row(cell: list[dict], scale: str, *, task: str, agent: str) -> dict[str, Any]:
