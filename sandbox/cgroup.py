@@ -110,6 +110,20 @@ class MemoryCgroup:
             pass
         return 0
 
+    def limit_hits(self) -> int:
+        """Times an allocation met this cgroup's limit so far (0 when unreadable). Some allocations fail there
+        instead of calling the OOM killer (socket buffers, for one), so a job can hit the limit and kill nothing."""
+        try:
+            if self.version == 1:
+                return int((self.path / "memory.failcnt").read_text())
+            for line in (self.path / "memory.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def remove(self, wait_s: float = 2.0) -> None:
         """Remove the cgroup once its processes are gone: killed processes leave it a moment after their parent
         is reaped, so this waits up to `wait_s` (best effort: `etpo sandbox prune` removes what is left)."""

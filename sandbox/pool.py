@@ -95,9 +95,11 @@ class WorkerHandle:
     isolation = ""
     memory_cgroup = None  # a `sandbox.cgroup.MemoryCgroup` around the worker, where the backend has one
 
-    def oom_kills(self) -> int:
-        """Processes the kernel killed for the worker's memory limit so far (0 without a cgroup)."""
-        return self.memory_cgroup.oom_kills() if self.memory_cgroup is not None else 0
+    def memory_events(self) -> tuple[int, int]:
+        """(processes the kernel killed for the worker's memory limit, allocations that met it) so far; (0, 0)
+        without a cgroup. A job during which either rose ran out of memory, whatever else it reports."""
+        group = self.memory_cgroup
+        return (group.oom_kills(), group.limit_hits()) if group is not None else (0, 0)
 
     def send(self, data: bytes, deadline: float) -> None:
         """Write one frame; TimeoutError when the worker does not take it by `deadline`."""
@@ -234,7 +236,7 @@ class PooledSandbox:
         except SandboxUnavailable as exc:
             return RunResult(Status.SANDBOX_ERROR, message=str(exc), isolation=self.isolation)
         eval_rows = sum(n_rows(f.X_eval) for f in job.folds)
-        oom_kills = slot.handle.oom_kills()
+        memory_events = slot.handle.memory_events()
         stage = "take"
         try:
             slot.handle.send(request, time.monotonic() + SEND_TIMEOUT_S + len(request) / SEND_RATE)
@@ -258,7 +260,7 @@ class PooledSandbox:
                 duration_s=time.monotonic() - started, isolation=self.isolation)
         except (WorkerLost, OSError) as exc:
             details = slot.handle.diagnostics() if slot.handle else ""
-            out_of_memory = slot.handle is not None and slot.handle.oom_kills() > oom_kills
+            out_of_memory = slot.handle is not None and _rose(memory_events, slot.handle.memory_events())
             self._retire(slot)
             if out_of_memory:
                 return self._out_of_memory(RunResult(Status.SANDBOX_ERROR, duration_s=time.monotonic() - started,
@@ -278,7 +280,7 @@ class PooledSandbox:
             return RunResult(Status.SANDBOX_ERROR, message=f"unexpected worker reply {header.get('type')!r}",
                              isolation=self.isolation)
         result = build_result(header, blobs, job, self.limits, self.isolation)
-        if not result.ok and slot.handle.oom_kills() > oom_kills:
+        if not result.ok and _rose(memory_events, slot.handle.memory_events()):
             result = self._out_of_memory(result)
         if header.get("damaged") or slot.jobs >= self.recycle_after:
             self._retire(slot)
@@ -335,3 +337,7 @@ class PooledSandbox:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} isolation={self.isolation} parallelism={self.parallelism}>"
+
+
+def _rose(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    return any(b > a for a, b in zip(before, after))

@@ -88,6 +88,10 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
     elif reason == "killed_sandbox":
         result.message = ("The program killed a process of the sandbox itself (its parent, or everything with "
                           "kill -1); the sandbox was replaced. Do not signal other processes.")
+    elif reason == "scratch_not_cleared":
+        result.status = Status.RUNTIME_ERROR
+        result.message = ("The program left more files or directories in /tmp or /dev/shm than the sandbox could "
+                          "clear between folds, so the job was stopped. Write only the files you need.")
     elif reason == "result_too_large":
         result.status = Status.INVALID_OUTPUT
         result.message = "The program's predictions were far larger than one row per input row; it was stopped."
@@ -112,13 +116,15 @@ def build_result(header: dict, blobs: list[bytes], job: Job, limits: Limits, iso
 
 
 def encodable(text: str) -> str:
-    """`text` with lone surrogates (which JSON can carry and an exception can hold) replaced by U+FFFD, so a host
-    that prints, logs or encodes what a program said never raises UnicodeEncodeError."""
-    return _SURROGATE.sub("\ufffd", text) if text else text
+    """`text` with lone surrogates (which JSON can carry and an exception can hold) and control characters other
+    than tab, newline and carriage return (terminal escapes: a program's message must not clear or recolour the
+    console that prints it) replaced by U+FFFD, so a host that prints, logs or encodes what a program said never
+    raises UnicodeEncodeError nor takes orders from it."""
+    return _UNPRINTABLE.sub("\ufffd", text) if text else text
 
 
 # A Python string holds surrogate code points only unpaired (decoding joins a valid pair into one code point).
-_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPRINTABLE = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _apply_report(result: RunResult, report: dict, blobs: list[bytes], job: Job, limits: Limits) -> None:

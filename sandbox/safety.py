@@ -537,7 +537,9 @@ def build_model(X, y):
     print("INTERFACES", sorted(name for _, name in socket.if_nameindex()))
     raise RuntimeError("done")
 """, S({Status.RUNTIME_ERROR}),
-         check=lambda r, h: "" if "INTERFACES ['lo']" in r.stdout else f"interfaces other than lo: {r.stdout!r}",
+         # netlink sockets are refused by the filter, so listing fails; where it works, only lo may be listed
+         check=lambda r, h: "" if "INTERFACES" not in r.stdout or "INTERFACES ['lo']" in r.stdout
+         else f"interfaces other than lo: {r.stdout!r}",
          network=True),
 ]
 
@@ -1121,6 +1123,594 @@ CASES += [
          S({Status.OK, Status.TIMEOUT}), honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
     Case("dev_shm_flood", _flood("/dev/shm/flood", 'os.mkdir(f"{root}/{made}")'), S({Status.OK, Status.TIMEOUT}),
          honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+]
+
+
+# ------------------------------------------------------------------------------------ the sandbox v3 review's cases
+# Written against the v3 design (labels by construction, page-cache calls refused, bounded sweeps, memory cgroups):
+# 24 attacks on both backends; these are the ones that are contained, or were fixed after it (netlink sockets and
+# mlock refused, /dev/shm's times reset, a fold's leftovers never reach the next fold, a child cannot report a
+# sandbox error or forge its usage, limit hits that kill nothing are memory_exceeded). Channels still open (tmpfs
+# and pipe inode counters, negative-dentry timing, device-node times in the local backend, fold end timing, the
+# worker's context switches) carry 4-32 bits per fold and are listed with their capacities in the README; under the
+# default split protocol none of them reaches a scored label.
+# ------------------------------------------------------------------------------------------- channel harness
+CHANNEL = CONST_MODEL + """
+import hashlib, os, time
+import numpy as np
+
+def _value(y):
+    # what this fold sends on: K bits of a hash of its own fitting labels
+    digest = hashlib.sha256(np.asarray(y).astype(np.int64).tobytes()).digest()
+    return int.from_bytes(digest, "big") >> (256 - K)
+
+def build_model(X, y):
+    try:
+        got = recv()
+    except Exception as exc:
+        got = None
+        print("recv failed", type(exc).__name__, exc)
+    print("GOT", "none" if got is None else format(got % (1 << K), "0%db" % K), flush=True)
+    value = _value(y)
+    try:
+        send(value)
+        print("SENT", format(value, "0%db" % K), flush=True)
+    except Exception as exc:
+        print("send failed", type(exc).__name__, exc, flush=True)
+    return ConstModel()
+"""
+
+
+def channel_transfers(stdout: str) -> list[tuple[str, str]]:
+    """(sent by fold i, received by fold i+1) pairs, in the order the folds printed them."""
+    pairs, last_sent = [], None
+    for line in stdout.splitlines():
+        if line.startswith("GOT "):
+            got = line.split()[1]
+            if last_sent is not None and got != "none":
+                pairs.append((last_sent, got))
+            last_sent = None
+        elif line.startswith("SENT "):
+            last_sent = line.split()[1]
+    return pairs
+
+
+def matched_bits(sent: str, got: str) -> int:
+    return sum(a == b for a, b in zip(sent, got))
+
+
+def _channel_check(k: int):
+    def check(result, host) -> str:
+        pairs = channel_transfers(result.stdout)
+        carried = [p for p in pairs if len(p[1]) == k and matched_bits(*p) >= k - k // 8]
+        if carried:
+            sent, got = carried[0]
+            return (f"a fold received the previous fold's {k} bits ({matched_bits(sent, got)}/{k} matched; "
+                    f"{len(carried)} of {len(pairs)} transfers carried)")
+        return ""
+
+    return check
+
+
+# 2. /proc/vmstat is host-wide and not masked: mlock/munlock of a page moves unevictable_pgs_mlocked by exactly one,
+#    and nothing else on a host mlocks often. Any fold, job, worker or backend on the host can read it.
+VMSTAT_CHANNEL = CHANNEL + """
+import ctypes
+K = 16
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.mmap.restype = ctypes.c_void_p
+LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+
+def _count():
+    with open("/proc/vmstat") as handle:
+        for line in handle:
+            if line.startswith("unevictable_pgs_mlocked "):
+                return int(line.split()[1])
+    raise OSError("no counter")
+
+def recv():
+    return _count()
+
+def send(value):
+    pages = 16
+    region = LIBC.mmap(None, pages * 4096, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    ctypes.memset(region, 1, pages * 4096)
+    for _ in range(3):
+        need = (value - _count()) % (1 << K)
+        for size in (pages, 1):
+            while need >= size:
+                if LIBC.mlock(ctypes.c_void_p(region), ctypes.c_size_t(size * 4096)) != 0:
+                    raise OSError(ctypes.get_errno(), "mlock")
+                LIBC.munlock(ctypes.c_void_p(region), ctypes.c_size_t(size * 4096))
+                need -= size
+        if _count() % (1 << K) == value:
+            return
+"""
+
+# 4./5. Timestamps a job may set: utime(path, None) needs only write permission, and tmpfs/devtmpfs keep
+#    nanosecond ("multigrain") times once queried. /dev/shm is emptied after every fold, but its own mtime is never
+#    reset; /dev/null is world-writable (in the local backend it is the host's own device node, bind-mounted).
+#    The sender waits for the clock to reach the value in bits [6, 6 + K) and touches until the stored time has it.
+TIMESTAMP_CHANNEL = CHANNEL + """
+K = 14
+SHIFT = 12  # units of 4.1 us: bits [12, 26) of the nanosecond time, a period of 67 ms
+
+def recv():
+    return os.stat(PLACE).st_mtime_ns >> SHIFT
+
+def send(value):
+    # tmpfs stamps are coarse (one per clock tick) unless the inode changed and was looked at within the current
+    # tick ("multigrain"): a first touch up to 50 us ahead primes it, the second lands on the microsecond.
+    mask = (1 << K) - 1
+    deadline = time.monotonic() + 1.0
+    primed = False
+    while time.monotonic() < deadline:
+        ahead = (value - (time.time_ns() >> SHIFT)) & mask  # units until the clock shows the value
+        if ahead == 0 and primed:
+            os.utime(PLACE, None)  # needs only write permission
+            primed = False
+            if (os.stat(PLACE).st_mtime_ns >> SHIFT) & mask == value:
+                return
+        elif 0 < ahead <= 12 and not primed:
+            os.utime(PLACE, None)
+            os.stat(PLACE)
+            primed = True
+        elif ahead > 800:
+            time.sleep(ahead * 4.096e-6 * 0.8)
+    raise RuntimeError("no stamp with the value")
+"""
+
+DEV_SHM_MTIME_CHANNEL = TIMESTAMP_CHANNEL.replace("K = 14", 'K = 14\nPLACE = "/dev/shm"')
+
+
+# 8. The bounded wipe gives up after 2 s and the worker retires -- after the job. The job's next fold runs on the
+#    same worker, and whatever the wipe had not reached yet is still there: the wipe visits /tmp's directories last
+#    first, so a flood made after the working directory keeps the working directory (and its files) alive.
+WIPE_TIMEOUT_LABEL_STORE = LABEL_STORE + """
+import time
+
+def load():
+    try:
+        with open("keep/labels.json") as handle:
+            return json.load(handle)
+    except OSError:
+        return {}
+
+def save(table):
+    if not os.path.exists("keep"):  # the first fold: flood, then keep (tmpfs lists newest first, and the wipe
+        os.mkdir("chain")           # takes a directory's subdirectories last-listed first: chain before keep)
+        os.chdir("chain")
+        stop, levels = time.monotonic() + 0.6, 0
+        try:
+            while time.monotonic() < stop:
+                for _ in range(200):
+                    os.mkdir("d", 0o300)  # a deep chain of unreadable directories: two calls a level to make,
+                    os.chdir("d")         # seven and a chmod to remove
+                    levels += 1
+        except OSError:  # out of inodes (Docker caps /tmp at 16,384): free a few for keep/labels.json
+            for _ in range(4):
+                os.chdir("..")
+                os.rmdir("d")
+        os.chdir("/tmp/job")
+        print("LEVELS", levels)
+        os.mkdir("keep")
+    with open("keep/labels.json", "w") as handle:
+        json.dump(table, handle)
+"""
+
+
+def _leaked_rows(result, host) -> str:
+    leaked = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("LEAKED ")]
+    return f"a fold looked up {max(leaked)} scored rows' labels left by an earlier fold" if any(leaked) else ""
+
+
+# 9. A fold's processes must all be gone before the next fold starts.
+FORK_SURVIVOR = CONST_MODEL + """
+import os, signal, time
+def build_model(X, y):
+    mine = [p for p in os.listdir("/proc") if p.isdigit() and os.stat("/proc/" + p).st_uid == os.getuid()]
+    others = [p for p in mine if int(p) != os.getpid()]
+    print("SURVIVORS" if others else "alone", len(others), flush=True)
+    if os.path.exists("/tmp/job/alive") or os.path.exists("/dev/shm/alive"):
+        print("SURVIVORS file", flush=True)
+    stop = time.monotonic() + 0.3
+    while time.monotonic() < stop:
+        try:
+            if os.fork() == 0:
+                os.setsid()
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                while True:
+                    try:
+                        if os.fork() == 0:
+                            for place in ("/tmp/job/alive", "/dev/shm/alive"):
+                                try:
+                                    open(place, "w").close()
+                                except OSError:
+                                    pass
+                            time.sleep(0.01)
+                            continue
+                    except OSError:
+                        time.sleep(0.001)
+        except OSError:
+            time.sleep(0.001)
+    return ConstModel()
+"""
+
+# ------------------------------------------------------------------------------------- kernel memory hoards
+# Datagrams queued on a UNIX socket keep their (closed) senders alive: RLIMIT_NOFILE counts only the receivers. With
+# net.core.wmem_max = 4 MiB a receiver holds 11 x 8 MiB; 60 receivers would hold ~5 GiB of kernel memory.
+UNIX_DGRAM_HOARD = """
+import os, socket, time
+def build_model(X, y):
+    target, held, keep = 2560 << 20, 0, []
+    size = (4 << 20) - (64 << 10)  # page-fragment skbs; 8 MiB would need an 8 MiB kmalloc, which fails
+    payload = b"x" * size
+    try:
+        while held < target:
+            r = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            name = b"\\0hoard-%d-%d" % (os.getpid(), len(keep))
+            r.bind(name)
+            keep.append(r)
+            for _ in range(11):  # net.unix.max_dgram_qlen + 1 queued datagrams per receiver
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 20)
+                s.setblocking(False)
+                try:
+                    s.sendto(payload, name)
+                    held += size
+                except OSError:
+                    break
+                finally:
+                    s.close()  # the datagram keeps its sender alive; only the receiver holds a descriptor
+            print("HELD", os.getpid(), held >> 20, flush=True)
+    except OSError as exc:
+        print("stopped", type(exc).__name__, exc, flush=True)
+    time.sleep(30)
+"""
+
+# Netlink replies nobody reads stay queued, up to SO_RCVBUF (2 x rmem_max = 8 MiB here) per socket, and are NOT
+# charged to the memory cgroup. A request the job may not make (RTM_NEWLINK) is answered with an error that echoes
+# the whole request: 60 KiB of kernel memory per send. 6 processes x 56 sockets x 8 MiB = 2.6 GiB.
+NETLINK_HOARD = """
+import os, socket, struct, time
+def hoard():
+    keep, held = [], 0
+    body = b"\\0" * (60 << 10)
+    request = struct.pack("=IHHII", 32 + len(body), 16, 1, 1, 0) + struct.pack("=BxHiII", 0, 0, 0, 0, 0) + body
+    while len(keep) < 56:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+        keep.append(s)
+        before = 0
+        for _ in range(200):
+            for _ in range(20):
+                s.send(request)  # answered with EPERM and a copy of the request, queued unread
+            queued = struct.unpack("=9I", s.getsockopt(socket.SOL_SOCKET, 55, 36))[0]  # SO_MEMINFO: rmem_alloc
+            if queued == before:
+                break
+            before = queued
+        held += before
+        if len(keep) % 8 == 0:
+            print("HELD", os.getpid(), held >> 20, flush=True)
+    return keep
+def build_model(X, y):
+    for _ in range(5):
+        if os.fork() == 0:
+            try:
+                keep = hoard()
+                time.sleep(30)
+            finally:
+                os._exit(0)
+    keep = hoard()
+    time.sleep(30)
+"""
+
+# Transparent huge pages: one byte touched per 2 MiB of an madvise(MADV_HUGEPAGE) region makes 2 MiB resident.
+THP_FORK_HOARD = """
+import ctypes, mmap, os, time
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+def hoard():
+    size, before = 400 << 20, rss_mb()
+    m = mmap.mmap(-1, size)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(address), ctypes.c_size_t(size), 14)  # MADV_HUGEPAGE
+    for offset in range(0, size, 2 << 20):
+        m[offset] = 1  # one byte per 2 MiB: a whole huge page resident, when the kernel has one
+    print("HELD", os.getpid(), rss_mb() - before, flush=True)
+    return m
+def build_model(X, y):
+    for _ in range(6):
+        if os.fork() == 0:
+            try:
+                keep = hoard()
+                time.sleep(30)
+            finally:
+                os._exit(0)
+    time.sleep(30)
+"""
+
+# ----------------------------------------------------------------------------------------- starving the next job
+NEGATIVE_DENTRY_FLOOD = CONST_MODEL + """
+import os, time
+def build_model(X, y):
+    stop, n = time.monotonic() + 2.4, 0
+    while time.monotonic() < stop:
+        for i in range(1000):
+            try:
+                os.stat("/usr/lib/.etpo-flood-$marker-%d" % (n + i))
+            except OSError:
+                pass
+        n += 1000
+    print("LOOKUPS", n)
+    return ConstModel()
+"""
+
+ODD_ENTRIES = CONST_MODEL + """
+import os, socket, stat
+def build_model(X, y):
+    made = []
+    for root in ("/tmp", "/dev/shm", os.getcwd()):
+        base = os.path.join(root, ".odd-$marker")
+        try:
+            os.mkdir(base)
+            os.mkfifo(os.path.join(base, "fifo"))
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(os.path.join(base, "sock"))
+            os.symlink("/proc/self/root", os.path.join(base, "link"))
+            os.symlink(base, os.path.join(base, "loop"))
+            os.mkdir(os.path.join(base, "locked"))
+            open(os.path.join(base, "locked", "inside"), "w").close()
+            os.chmod(os.path.join(base, "locked"), 0)
+            os.mkdir(os.path.join(base, "sticky"))
+            os.chmod(os.path.join(base, "sticky"), 0o1000)
+            open(os.path.join(base, "ro"), "w").close()
+            os.chmod(os.path.join(base, "ro"), 0)
+            os.chmod(base, 0o100)
+            made.append(base)
+        except OSError as exc:
+            print("blocked", root, type(exc).__name__, exc)
+    print("MADE", made)
+    return ConstModel()
+"""
+
+ZOMBIE_SUBREAPER = CONST_MODEL + """
+import ctypes, os, time
+def build_model(X, y):
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back to this process
+    made = 0
+    for _ in range(30):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            try:
+                if os.fork() == 0:  # a grandchild that stops itself; its parent exits at once
+                    os.kill(os.getpid(), 19)
+            finally:
+                os._exit(0)
+        made += 1
+    print("FORKED", made)
+    return ConstModel()
+"""
+
+HOST_FILE_SURVEY = CONST_MODEL + """
+import os, re, time
+SECRET = re.compile(rb"(-----BEGIN [A-Z ]*PRIVATE KEY-----\\s*[A-Za-z0-9+/]{40}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{30}|"
+                    rb"hf_[A-Za-z0-9]{30}|sk-[A-Za-z0-9_-]{30}|xox[bp]-[0-9]|_authToken=[A-Za-z0-9]|"
+                    rb"aws_secret_access_key\\s*=\\s*[A-Za-z0-9/+]{30})")
+def build_model(X, y):
+    found, scanned, stop = [], 0, time.monotonic() + 2.0
+    roots = ["/etc", "/root", "/home", "/var", "/opt", "/srv", "/run", "/mnt", "/usr/local/etc", "/work"]
+    for root in roots:
+        for top, dirs, files in os.walk(root):
+            if time.monotonic() > stop:
+                break
+            dirs[:] = [d for d in dirs if d not in ("site-packages", "__pycache__", "test", "tests")]
+            for name in files:
+                path = os.path.join(top, name)
+                try:
+                    if os.path.islink(path) or os.path.getsize(path) > 1 << 16:
+                        continue
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                    scanned += 1
+                except OSError:
+                    continue
+                if SECRET.search(data):
+                    found.append(path)
+    for path in found[:30]:
+        print("READABLE", path)
+    print("scanned", scanned, "files; secrets in", len(found))
+    return ConstModel()
+"""
+
+WORKER_PROC_SNOOP = CONST_MODEL + """
+import os
+def build_model(X, y):
+    me = os.getpid()
+    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
+        if int(pid) == me:
+            continue
+        for item in ("environ", "maps", "mem", "fd", "cwd", "root", "smaps_rollup", "io", "stack", "syscall"):
+            path = "/proc/%s/%s" % (pid, item)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    print("READ", path, len(os.listdir(path)))
+                elif item in ("cwd", "root"):
+                    print("READ", path, os.listdir(path)[:3])
+                else:
+                    with open(path, "rb") as handle:
+                        print("READ", path, len(handle.read(4096)))
+            except OSError as exc:
+                print("blocked", path, type(exc).__name__)
+    return ConstModel()
+"""
+
+# ------------------------------------------------------------------------------------------- forged results
+# The program owns its result channel (fd 3) and may write any frame there; the worker accepts every status in
+# REPORT_STATUSES, including sandbox_error (an infrastructure failure) and memory_exceeded, with a message of the
+# program's choosing, and the self-reported usage (peak memory, CPU) of the last fold.
+FORGED_STATUS = """
+import json, os, struct
+def build_model(X, y):
+    head = json.dumps({"status": "sandbox_error", "message": "FORGED-$marker: the sandbox host failed; retry",
+                       "usage": {"maxrss_kb": 1e15, "cpu_s": 1e12}, "blob_sizes": []}).encode()
+    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), 0) + head)
+    os.close(3)
+    import time
+    time.sleep(5)
+"""
+
+FORGED_USAGE = """
+import json, os, struct, io
+import numpy as np
+def build_model(X, y):
+    class Model:
+        def predict_proba(self, X):
+            out = io.BytesIO()
+            np.save(out, np.full((len(X), 2), 0.5), allow_pickle=False)
+            blob = out.getvalue()
+            head = json.dumps({"status": "ok", "message": "", "usage": {"maxrss_kb": 1e15, "cpu_s": 1e12},
+                               "blob_sizes": [len(blob)]}).encode()
+            os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), len(blob)) + head + blob)
+            os.close(3)
+            import time
+            time.sleep(5)
+    return Model()
+"""
+
+NPY_HEADER_LIES = """
+import json, os, struct
+def npy(descr, shape):
+    header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
+    header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\\n"
+    return b"\\x93NUMPY\\x01\\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\\0" * 64
+def build_model(X, y):
+    class Model:
+        def predict_proba(self, X):
+            blob = npy("<f8", (len(X), 1 << 33))
+            head = json.dumps({"status": "ok", "message": "", "blob_sizes": [len(blob)]}).encode()
+            os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), len(blob)) + head + blob)
+            os.close(3)
+            os._exit(0)
+    return Model()
+"""
+
+REPORT_SURROGATES = """
+import json, os, struct
+def build_model(X, y):
+    nasty = "\\udfff\\ud800\\x00\\x1b[2J" * 300  # under the result cap (~150 KB here)
+    head = json.dumps({"status": "runtime_error", "message": nasty, "error_type": nasty[:100], "traceback": nasty,
+                       "usage": {"maxrss_kb": 1, "cpu_s": 1}, "blob_sizes": []}).encode()
+    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), 0) + head)
+    os.close(3)
+    os._exit(0)
+"""
+
+REPORT_DEEP_JSON = """
+import os, struct
+def build_model(X, y):
+    head = b'{"status": "ok", "message": ' + b"[" * 40000 + b"]" * 40000 + b', "blob_sizes": []}'
+    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), 0) + head)
+    os.close(3)
+    os._exit(0)
+"""
+
+REPORT_SURROGATE_CLASSNAME = """
+class Boom(Exception):
+    pass
+Boom.__name__ = "Boom\\udcff\\ud83d"
+Boom.__qualname__ = Boom.__name__
+def build_model(X, y):
+    code = compile("raise Boom(chr(0xdcff) + ' message')", "<x>", "exec")
+    exec(code, {"Boom": Boom})
+"""
+
+
+def _forged_infra_failure(result, host) -> str:
+    if result.status is Status.SANDBOX_ERROR and "FORGED" in result.message:
+        return f"the program's own frame became a sandbox_error with its message: {result.message[:80]!r}"
+    return ""
+
+
+def _forged_usage(result, host) -> str:
+    if result.peak_memory_mb > 1e9 or (result.extra.get("cpu_time_s") or 0) > 1e9:
+        return (f"self-reported usage accepted: peak_memory_mb={result.peak_memory_mb:.3g}, "
+                f"cpu_time_s={result.extra.get('cpu_time_s'):.3g}")
+    return ""
+
+
+def _encodable(result, host) -> str:
+    import json as _json
+
+    for key in ("message", "traceback", "stdout", "stderr", "error_type"):
+        value = getattr(result, key) or ""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"result.{key} holds a lone surrogate"
+    try:
+        _json.dumps({"m": result.message, "t": result.traceback}, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return "result cannot be encoded"
+    return ""
+
+
+def _hoard_status(result, host) -> str:
+    """Kernel memory the job held (its "HELD <pid> <MiB>" lines) stays within the sandbox's memory cap (the job's
+    limit plus the worker's share, as the container and the local cgroup are sized), or the job is
+    memory_exceeded."""
+    from sandbox.local import WORKER_MEMORY_MB
+
+    last = {}  # "HELD <pid> <MiB so far>": the last report of each process
+    for line in result.stdout.splitlines():
+        if line.startswith("HELD "):
+            _, pid, mib = line.split()[:3]
+            last[pid] = int(mib)
+    held = sum(last.values())
+    limit = HOSTILE_LIMITS.memory_mb + WORKER_MEMORY_MB
+    if held > limit and result.status is not Status.MEMORY_EXCEEDED:
+        return f"the job's processes held {held} MiB of kernel memory past its {limit} MiB limit and it ended " \
+               f"{result.status.value}"
+    return ""
+
+
+CHANNEL_STATUSES = S({Status.OK, Status.RUNTIME_ERROR, Status.TIMEOUT})
+REFUSED_OR_CAPPED = S({Status.MEMORY_EXCEEDED, Status.RUNTIME_ERROR})  # the filter refuses the call, or the cap holds
+CASES += [
+    # channels between folds and jobs, closed: mlock is refused, /dev/shm's times are reset by every wipe
+    Case("vmstat_mlock_counter", VMSTAT_CHANNEL, CHANNEL_STATUSES, check=_channel_check(16), folds="leak", runs=2),
+    Case("dev_shm_mtime", DEV_SHM_MTIME_CHANNEL, CHANNEL_STATUSES, check=_channel_check(14), folds="leak", runs=2),
+    # a fold's leftovers must never reach the next fold, even when the sweep gives up
+    Case("wipe_timeout_label_store", WIPE_TIMEOUT_LABEL_STORE, S({Status.OK, Status.RUNTIME_ERROR, Status.TIMEOUT}),
+         check=_leaked_rows, folds="leak"),
+    Case("fork_survivor_next_fold", FORK_SURVIVOR, S({Status.OK, Status.RUNTIME_ERROR, Status.TIMEOUT}),
+         check=_none_of("SURVIVORS"), folds="leak"),
+    # kernel memory
+    Case("unix_dgram_orphan_hoard", UNIX_DGRAM_HOARD, S({Status.MEMORY_EXCEEDED, Status.TIMEOUT}),
+         check=_hoard_status),
+    Case("netlink_reply_hoard", NETLINK_HOARD, REFUSED_OR_CAPPED, check=_hoard_status),
+    Case("thp_fork_hoard", THP_FORK_HOARD, S({Status.MEMORY_EXCEEDED, Status.TIMEOUT}), check=_hoard_status),
+    # starving the next job
+    Case("negative_dentry_flood", NEGATIVE_DENTRY_FLOOD, S({Status.OK, Status.TIMEOUT}),
+         honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+    Case("odd_entries_wipe", ODD_ENTRIES, S({Status.OK}), honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+    Case("zombie_subreaper", ZOMBIE_SUBREAPER, S({Status.OK}), honest_deadline_s=FLOOD_HONEST_DEADLINE_S),
+    # escapes
+    Case("host_file_survey", HOST_FILE_SURVEY, S({Status.OK}), check=_none_of("READABLE")),
+    Case("worker_proc_snoop", WORKER_PROC_SNOOP, S({Status.OK}), check=_none_of("READ ")),
+    # forged results and the host's robustness
+    Case("forged_infra_failure", FORGED_STATUS, S({Status.RUNTIME_ERROR, Status.INVALID_OUTPUT, Status.TIMEOUT}),
+         check=_forged_infra_failure),
+    Case("forged_usage", FORGED_USAGE, S({Status.OK, Status.INVALID_OUTPUT, Status.RUNTIME_ERROR}),
+         check=_forged_usage),
+    Case("npy_header_lies", NPY_HEADER_LIES, S({Status.INVALID_OUTPUT})),
+    Case("report_surrogates", REPORT_SURROGATES, S({Status.RUNTIME_ERROR, Status.INVALID_OUTPUT}),
+         check=_encodable),
+    Case("report_deep_json", REPORT_DEEP_JSON, S({Status.INVALID_OUTPUT})),
+    Case("surrogate_class_name", REPORT_SURROGATE_CLASSNAME, S({Status.RUNTIME_ERROR}), check=_encodable),
 ]
 
 CASE_NAMES = [case.name for case in CASES]

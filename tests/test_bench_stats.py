@@ -329,3 +329,20 @@ def test_demo_prints_each_learners_paired_gain_with_its_interval():
     assert "  etpo          0.400 ± 0.248" in text
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "zero-shot" not in text  # not trained: nothing to gain
+
+
+def test_the_demos_last_line_gives_every_agents_gain_with_its_interval():
+    import re
+
+    from agents.bench.cli import demo_line
+
+    result = {"summary": {"overall": [
+        {"agent": "etpo", "gain": 0.12, "gain_ci": 0.09, "validity_gain": 0.25, "validity_gain_ci": 0.1},
+        {"agent": "zero-shot", "gain": 0.0, "gain_ci": 0.0, "validity_gain": 0.0, "validity_gain_ci": 0.0},
+        {"agent": "ppo", "gain": -0.05, "gain_ci": float("nan"), "validity_gain": 0.0, "validity_gain_ci": 0.0},
+    ]}}
+    line = demo_line(result, "test_score")
+    assert line == ("demo: etpo gain test_score +0.12 [0.03, 0.21]; zero-shot gain test_score +0.00 [0.00, 0.00]; "
+                    "ppo gain test_score -0.05 [n/a, n/a]")
+    parsed = re.findall(r"(\S+) gain (\S+) ([+-]\d+\.\d+) \[([-\d.]+), ([-\d.]+)\]", demo_line(result, "validity"))
+    assert parsed[0] == ("etpo", "validity", "+0.25", "0.15", "0.35")

@@ -171,9 +171,9 @@ def test_build_result_maps_signals_and_exits_to_statuses():
     assert parent.status is Status.SANDBOX_ERROR and "Do not signal" in parent.message
 
 
-def test_lone_surrogates_from_a_program_never_reach_the_host_unencodable():
+def test_lone_surrogates_and_escapes_from_a_program_never_reach_the_host():
     # An exception can hold a lone surrogate and JSON carries it; a host printing it would raise UnicodeEncodeError.
-    report = {"status": "runtime_error", "message": "ValueError: bad \udc80 value", "error_type": "Value\ud800Error",
+    report = {"status": "runtime_error", "message": "ValueError: bad \udc80 value \x1b[2J", "error_type": "Value\ud800Error",
               "traceback": "line 1 \ud83d"}
     header = {"exit_code": 0, "report": report, "stdout": "out \udfff 😀", "stderr": "\ud800"}
     result = build_result(header, [], Job("", [Fold(np.zeros((2, 1)), np.zeros(2), np.zeros((2, 1)))]), Limits(),
@@ -182,6 +182,7 @@ def test_lone_surrogates_from_a_program_never_reach_the_host_unencodable():
         text.encode("utf-8")  # raises on a lone surrogate
         assert "\ufffd" in text
     assert "😀" in result.stdout  # a real character outside the BMP is kept
+    assert "\x1b" not in result.message  # nor may a terminal escape reach a console that prints it
 
 
 def test_the_sweep_after_a_job_is_bounded_in_time(tmp_path):

@@ -14,9 +14,10 @@ from tests.fixtures_sandbox import ensure_backend_available, make_backend
 pytestmark = pytest.mark.sandbox
 
 PROBE = """
-import os, socket
+import os
 def build_model(X, y):
-    print(os.getuid(), sorted(n for _, n in socket.if_nameindex()), os.access("/", os.W_OK), os.access("/tmp", os.W_OK))
+    # interfaces from sysfs: the filter refuses netlink sockets, so socket.if_nameindex() cannot list them
+    print(os.getuid(), sorted(os.listdir("/sys/class/net")), os.access("/", os.W_OK), os.access("/tmp", os.W_OK))
     raise RuntimeError("probe")
 """
 

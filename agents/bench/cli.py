@@ -12,6 +12,7 @@ are `EnvConfig`'s fields. Module-level imports stay light so `etpo --version` is
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from agents.options import add_env_arguments, add_set_argument, env_config_from_args, split_pairs
 
 # zero-shot is the prompting baseline the tiny model can answer (few-shot prompts are new to it: docs/results.md).
-DEMO_AGENTS = ["etpo", "ppo", "sft", "zero-shot"]
+DEMO_AGENTS = ["etpo", "ppo", "grpo", "sft", "zero-shot"]
 # One bundled task (replaced by the first bundled one if absent): titanic, where the tiny model leaves the most room
 # (mean normalized score 0.17 of its five-attempt episodes, README).
 DEMO_TASKS = ["titanic"]
@@ -31,6 +32,8 @@ DEMO_BUDGET = 16
 DEMO_EVAL_EVERY = 8
 DEMO_EVAL_EPISODES = 4
 DEMO_AGENT_OPTIONS: dict[str, str] = {"rollout_steps": "4"}
+# The metrics the demo's last line can report a gain on (--metric): run key of the gain, and its name in the line.
+DEMO_METRICS = {"test_score": "gain", "validity": "validity_gain", "return": "return_gain"}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +65,7 @@ def register(subparsers: Any) -> None:
     bench.set_defaults(func=_bench_command, prepare=_prepare, command_parser=bench)
 
     demo = subparsers.add_parser("demo", help="build the tiny model if needed and run ETPO vs the baselines briefly",
-                                 description="A short benchmark of ETPO, PPO, SFT and zero-shot prompting under the "
+                                 description="A short benchmark of ETPO, PPO, GRPO, SFT and zero-shot prompting under the "
                                              "benchmark protocol; prints each learner's final minus step-0 "
                                              "evaluation with its 95% CI, paired over seeds.")
     demo.add_argument("--agents", default=",".join(DEMO_AGENTS))
@@ -70,6 +73,9 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seeds", type=int, default=DEMO_SEEDS)
     demo.add_argument("--budget", type=int, default=DEMO_BUDGET)
     demo.add_argument("--out", default="results/demo")
+    demo.add_argument("--metric", default="test_score", choices=list(DEMO_METRICS),
+                      help="the metric of the last line's gains: test_score (the primary: the final program's "
+                           "normalized test score), validity (first-attempt validity) or return (episode return)")
     _add_common(demo)
     demo.set_defaults(eval_every=DEMO_EVAL_EVERY, eval_episodes=DEMO_EVAL_EPISODES)
     # Five attempts per episode in fix mode (EnvConfig's defaults), the paper's setting: the tiny model is trained on
@@ -145,7 +151,24 @@ def _demo_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print_gains(result, console)
+    console.print(demo_line(result, args.metric), soft_wrap=True)
     return code
+
+
+def demo_line(result: dict[str, Any], metric: str) -> str:
+    """The demo's last line, for scripts: every agent's gain (final − step 0, paired by seed, 95% t-interval) on
+    `metric`: `demo: etpo gain test_score +0.12 [0.03, 0.21]; ppo gain test_score ...`."""
+    key = DEMO_METRICS[metric]
+    parts = []
+    for row in result["summary"]["overall"]:
+        mean, half = row.get(key), row.get(f"{key}_ci")
+        if mean is None or math.isnan(mean):
+            parts.append(f"{row['agent']} gain {metric} n/a")
+            continue
+        interval = ("[n/a, n/a]" if half is None or math.isnan(half)  # one seed: no interval
+                    else f"[{mean - half:.2f}, {mean + half:.2f}]")
+        parts.append(f"{row['agent']} gain {metric} {mean:+.2f} {interval}")
+    return "demo: " + "; ".join(parts)
 
 
 def print_gains(result: dict[str, Any], console: Any) -> None:

@@ -3,13 +3,15 @@
 A data-science program needs files, memory, threads, processes, pipes and UNIX sockets. It never needs to make
 namespaces or mounts, trace or read other processes, use the kernel keyring, io_uring, BPF, perf events,
 userfaultfd, System V IPC or POSIX message queues (kernel objects that outlive a process and so could carry labels
-from one fold to the next), anonymous memory files (memory no limit counts), or IP sockets (the only network is
-loopback, and its connection table outlives a fold). Nor does it need to see or steer the host's page cache, which
-every run shares: `fadvise` (drops a file's cached pages), `mincore` and `cachestat` (report which pages are
-cached), reads and writes with RWF_NOWAIT and Linux AIO (fail instead of blocking when a page is not cached),
-`madvise` page-out advice, or inotify (shows which files others open). Those calls fail with EPERM (`clone3` with ENOSYS, so the C
-library falls back to `clone`, whose namespace flags are checked); everything else is allowed, so the filter costs
-nothing measurable (the kernel caches "allowed" for calls whose verdict does not depend on arguments).
+from one fold to the next), anonymous memory files (memory no limit counts), or IP and netlink sockets (the only
+network is loopback, its connection table outlives a fold, and netlink error replies queue gigabytes that no memory
+cgroup counts). Nor does it need to see or steer the host's page cache, which every run shares: `fadvise` (drops a
+file's cached pages), `mincore` and `cachestat` (report which pages are cached), reads and writes with RWF_NOWAIT
+and Linux AIO (fail instead of blocking when a page is not cached), `madvise` page-out advice, inotify (shows which
+files others open), or `mlock` (moves a host-wide counter in /proc/vmstat by one per call). Those calls fail with
+EPERM (`clone3` with ENOSYS, so the C library falls back to `clone`, whose namespace flags are checked); everything
+else is allowed, so the filter costs nothing measurable (the kernel caches "allowed" for calls whose verdict does
+not depend on arguments).
 
 The filter is compiled once, when the worker starts (`compile_filter`, through libseccomp: Debian's `seccomp`
 binding when importable, else `pyseccomp`, the same API over ctypes, pinned in the sandbox requirements), and each
@@ -46,6 +48,8 @@ DENIED = (
     # the host's page cache and file activity, shared with every other run: marks set in one fold, read in the next
     "fadvise64", "fadvise64_64", "arm_fadvise64_64", "mincore", "cachestat", "inotify_init", "inotify_init1",
     "inotify_add_watch", "io_setup", "io_submit",
+    # a host-wide counter (/proc/vmstat unevictable_pgs_mlocked) that each call moves by one
+    "mlock", "mlock2", "mlockall", "munlock", "munlockall",
 )
 # Calls denied by number where libseccomp may not know the name yet (the same number on every architecture).
 DENIED_NUMBERS = {"cachestat": 451}
@@ -53,7 +57,7 @@ RWF_NOWAIT = 0x00000008  # preadv2/pwritev2 flag (argument 5): report "not cache
 MADV_COLD, MADV_PAGEOUT = 20, 21  # madvise advice (argument 2) that pushes a file's pages out of memory
 # clone(2) flags that make namespaces (CLONE_NEWTIME shares its bit with CSIGNAL in clone, so unshare-only).
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
-AF_UNIX, AF_NETLINK, AF_MAX = 1, 16, 64  # the only socket families allowed (netlink: reading interfaces)
+AF_UNIX, AF_MAX = 1, 64  # the only socket family allowed: netlink replies queue in memory no cgroup counts
 
 _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
 _SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
@@ -106,7 +110,7 @@ def compile_filter() -> bytes:
         pass
     for name in ("socket", "socketpair"):
         for family in range(AF_MAX):
-            if family not in (AF_UNIX, AF_NETLINK):
+            if family != AF_UNIX:
                 flt.add_rule(deny, name, seccomp.Arg(0, seccomp.EQ, family))
         flt.add_rule(deny, name, seccomp.Arg(0, seccomp.GE, AF_MAX))
     read_fd, write_fd = os.pipe()

@@ -84,6 +84,9 @@ def checked_report(report) -> dict:
     for key in ("message", "error_type", "traceback"):
         value = report.get(key)
         checked[key] = _clip(value) if isinstance(value, str) else ""
+    if checked["status"] == "sandbox_error":  # the child's process is the program's: it cannot blame the sandbox
+        checked["status"] = "runtime_error"
+        checked["message"] = "the job's process reported a failure of its own: " + checked["message"]
     return checked
 
 
@@ -403,6 +406,7 @@ class Worker:
                 empty_directory(root, self._skeleton.get(root, frozenset()), deadline)
                 if mode & 0o700 != 0o700:
                     os.chmod(root, 0o700 if root.endswith(JOB_DIR) else 0o1777)
+                os.utime(root, ns=(0, 0))  # its times were the last job's to set (a clock-valued message)
             except OSError as exc:
                 print(f"worker: cannot empty {root}: {exc}", file=sys.stderr, flush=True)
                 clean = False
@@ -464,6 +468,12 @@ class Worker:
             if failed or len(outputs) != 1:
                 predictions = []
                 header["failed_fold"] = index
+                break
+            if header["damaged"] and index < len(fold_frames) - 1:
+                # The sweep after this fold could not clear what it left (a flood outlasting its bound): the next
+                # fold would find it. Stop here; the worker retires after the answer.
+                predictions = []
+                header.update(killed_reason="scratch_not_cleared", failed_fold=index)
                 break
             predictions += outputs
         self.jobs_run += 1
@@ -551,7 +561,11 @@ class Worker:
                 report, child_blobs = parse_frame(bytes(result), max_header=1 << 20)
                 header["report"] = checked_report(report)
                 if "maxrss_kb" not in facts and isinstance(report.get("usage"), dict):
-                    usage = report["usage"]  # self-reported: the child is not reaped yet (checked by _number)
+                    # self-reported (the child is not reaped yet): the program may have written it, so checked by
+                    # _number and held to the limits it ran under
+                    usage = {"maxrss_kb": min(_number(report["usage"].get("maxrss_kb")),
+                                              float(limits["memory_mb"]) * 1024),
+                             "cpu_s": min(_number(report["usage"].get("cpu_s")), float(limits["cpu_time_s"]))}
             except (ProtocolError, struct.error, ValueError) as exc:
                 header["report"] = {"status": "invalid_output",
                                     "message": f"the program corrupted the result channel ({exc})"}
