@@ -1368,6 +1368,20 @@ def build_model(X, y):
     time.sleep(30)
 """
 
+# The hoards below run `hoard()` in six processes (five children and the job's own), each keeping what it holds.
+IN_SIX_PROCESSES = """
+def build_model(X, y):
+    for _ in range(5):
+        if os.fork() == 0:
+            try:
+                keep = hoard()
+                time.sleep(30)
+            finally:
+                os._exit(0)
+    keep = hoard()
+    time.sleep(30)
+"""
+
 # Netlink replies nobody reads stay queued, up to SO_RCVBUF (2 x rmem_max = 8 MiB here) per socket, and are NOT
 # charged to the memory cgroup. A request the job may not make (RTM_NEWLINK) is answered with an error that echoes
 # the whole request: 60 KiB of kernel memory per send. 6 processes x 56 sockets x 8 MiB = 2.6 GiB.
@@ -1393,17 +1407,7 @@ def hoard():
         if len(keep) % 8 == 0:
             print("HELD", os.getpid(), held >> 20, flush=True)
     return keep
-def build_model(X, y):
-    for _ in range(5):
-        if os.fork() == 0:
-            try:
-                keep = hoard()
-                time.sleep(30)
-            finally:
-                os._exit(0)
-    keep = hoard()
-    time.sleep(30)
-"""
+""" + IN_SIX_PROCESSES
 
 # Transparent huge pages: one byte touched per 2 MiB of an madvise(MADV_HUGEPAGE) region makes 2 MiB resident.
 THP_FORK_HOARD = """
@@ -1419,16 +1423,7 @@ def hoard():
         m[offset] = 1  # one byte per 2 MiB: a whole huge page resident, when the kernel has one
     print("HELD", os.getpid(), rss_mb() - before, flush=True)
     return m
-def build_model(X, y):
-    for _ in range(6):
-        if os.fork() == 0:
-            try:
-                keep = hoard()
-                time.sleep(30)
-            finally:
-                os._exit(0)
-    time.sleep(30)
-"""
+""" + IN_SIX_PROCESSES
 
 # ----------------------------------------------------------------------------------------- starving the next job
 NEGATIVE_DENTRY_FLOOD = CONST_MODEL + """
@@ -1552,37 +1547,38 @@ def build_model(X, y):
 # The program owns its result channel (fd 3) and may write any frame there; the worker accepts every status in
 # REPORT_STATUSES, including sandbox_error (an infrastructure failure) and memory_exceeded, with a message of the
 # program's choosing, and the self-reported usage (peak memory, CPU) of the last fold.
-FORGED_STATUS = """
+# A frame on the result channel (fd 3), as the harness writes one: the forgery programs below share it.
+FRAME_WRITER = """
 import json, os, struct
-def build_model(X, y):
-    head = json.dumps({"status": "sandbox_error", "message": "FORGED-$marker: the sandbox host failed; retry",
-                       "usage": {"maxrss_kb": 1e15, "cpu_s": 1e12}, "blob_sizes": []}).encode()
-    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), 0) + head)
+def write_frame(head, blob=b""):
+    if not isinstance(head, bytes):
+        head = json.dumps(dict(head, blob_sizes=[len(blob)] if blob else [])).encode()
+    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), len(blob)) + head + blob)
     os.close(3)
-    import time
+"""
+
+FORGED_STATUS = FRAME_WRITER + """
+import time
+def build_model(X, y):
+    write_frame({"status": "sandbox_error", "message": "FORGED-$marker: the sandbox host failed; retry",
+                 "usage": {"maxrss_kb": 1e15, "cpu_s": 1e12}})
     time.sleep(5)
 """
 
-FORGED_USAGE = """
-import json, os, struct, io
+FORGED_USAGE = FRAME_WRITER + """
+import io, time
 import numpy as np
 def build_model(X, y):
     class Model:
         def predict_proba(self, X):
             out = io.BytesIO()
             np.save(out, np.full((len(X), 2), 0.5), allow_pickle=False)
-            blob = out.getvalue()
-            head = json.dumps({"status": "ok", "message": "", "usage": {"maxrss_kb": 1e15, "cpu_s": 1e12},
-                               "blob_sizes": [len(blob)]}).encode()
-            os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), len(blob)) + head + blob)
-            os.close(3)
-            import time
+            write_frame({"status": "ok", "message": "", "usage": {"maxrss_kb": 1e15, "cpu_s": 1e12}}, out.getvalue())
             time.sleep(5)
     return Model()
 """
 
-NPY_HEADER_LIES = """
-import json, os, struct
+NPY_HEADER_LIES = FRAME_WRITER + """
 def npy(descr, shape):
     header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, shape)
     header += " " * ((64 - (10 + len(header) + 1) % 64) % 64) + "\\n"
@@ -1590,31 +1586,22 @@ def npy(descr, shape):
 def build_model(X, y):
     class Model:
         def predict_proba(self, X):
-            blob = npy("<f8", (len(X), 1 << 33))
-            head = json.dumps({"status": "ok", "message": "", "blob_sizes": [len(blob)]}).encode()
-            os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), len(blob)) + head + blob)
-            os.close(3)
+            write_frame({"status": "ok", "message": ""}, npy("<f8", (len(X), 1 << 33)))
             os._exit(0)
     return Model()
 """
 
-REPORT_SURROGATES = """
-import json, os, struct
+REPORT_SURROGATES = FRAME_WRITER + """
 def build_model(X, y):
     nasty = "\\udfff\\ud800\\x00\\x1b[2J" * 300  # under the result cap (~150 KB here)
-    head = json.dumps({"status": "runtime_error", "message": nasty, "error_type": nasty[:100], "traceback": nasty,
-                       "usage": {"maxrss_kb": 1, "cpu_s": 1}, "blob_sizes": []}).encode()
-    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), 0) + head)
-    os.close(3)
+    write_frame({"status": "runtime_error", "message": nasty, "error_type": nasty[:100], "traceback": nasty,
+                 "usage": {"maxrss_kb": 1, "cpu_s": 1}})
     os._exit(0)
 """
 
-REPORT_DEEP_JSON = """
-import os, struct
+REPORT_DEEP_JSON = FRAME_WRITER + """
 def build_model(X, y):
-    head = b'{"status": "ok", "message": ' + b"[" * 40000 + b"]" * 40000 + b', "blob_sizes": []}'
-    os.write(3, struct.pack(">4sIQ", b"EtpW", len(head), 0) + head)
-    os.close(3)
+    write_frame(b'{"status": "ok", "message": ' + b"[" * 40000 + b"]" * 40000 + b', "blob_sizes": []}')
     os._exit(0)
 """
 
