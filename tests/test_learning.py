@@ -16,7 +16,11 @@ import pytest
 import etpo_env  # noqa: F401  (registers DataSciCode-v0)
 from etpo_env.probes import KeywordReward
 
-KEYWORD, BUDGET, SAMPLES = "LogisticRegression", 256, 48
+KEYWORD, SAMPLES = "LogisticRegression", 48
+# Env steps of training per learner. PPO is the slowest on this model: 0.15 -> 0.25 at 256 and at 384 steps, 0.50 at
+# 512 (seed 0, since the holdout protocol changed the prompts the model is built from); on the default tiny model it
+# learns the same probe 0.12 -> 0.80 in 256 steps (3 seeds, README "Learnability").
+BUDGETS = {"etpo": 256, "ppo": 512, "grpo": 256}
 
 pytestmark = [pytest.mark.slow, pytest.mark.sandbox]
 
@@ -43,12 +47,13 @@ def test_learner_learns_a_keyword_at_the_start_of_the_program(agent_name, learna
         agent = build_agent(agent_name, seed=0, model=str(learnable_model))
         before = probe_rate(agent, env, SAMPLES, seed=123)
         updates = []
-        agent.learn(env, BUDGET, callbacks=updates.append)
+        agent.learn(env, BUDGETS[agent_name], callbacks=updates.append)
         after = probe_rate(agent, env, SAMPLES, seed=123)
     finally:
         env.close()
     assert before < 0.35, f"the probe is too easy for this model: {before:.2f} before training"
-    # measured on this model (seed 0, 48 samples): etpo 0.12 -> 0.38, ppo 0.12 -> 0.40; the paper's one-step ETPO
+    # measured on this model (seed 0, 48 samples; before the holdout protocol changed its prompts): etpo 0.12 -> 0.38,
+    # ppo 0.12 -> 0.40 in 256 steps (now ppo 0.15 -> 0.50 in 512, see BUDGETS); the paper's one-step ETPO
     # targets and PPO's λ = 0.95 on every token stay at the start rate (on the default tiny model: 0.22 -> 0.19 and
     # 0.22 -> 0.25 in 256 steps, against 0.22 -> 0.88 and 0.22 -> 0.84 for these defaults)
     assert after >= 0.3 and after >= 2 * before and after - before >= 0.2, f"{agent_name}: {before:.2f} -> {after:.2f}"
