@@ -100,25 +100,23 @@ class MemoryCgroup:
 
     def oom_kills(self) -> int:
         """Processes the kernel killed for this cgroup's limit so far (0 when unreadable)."""
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        try:
-            for line in (self.path / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+        return self._counter("memory.oom_control" if self.version == 1 else "memory.events", "oom_kill")
 
     def limit_hits(self) -> int:
         """Times an allocation met this cgroup's limit so far (0 when unreadable). Some allocations fail there
         instead of calling the OOM killer (socket buffers, for one), so a job can hit the limit and kill nothing."""
+        return self._counter("memory.failcnt") if self.version == 1 else self._counter("memory.events", "max")
+
+    def _counter(self, name: str, key: str | None = None) -> int:
+        """A counter of the cgroup: file `name` holding one number, or the value of its line `key <value>`; 0 when
+        unreadable."""
         try:
-            if self.version == 1:
-                return int((self.path / "memory.failcnt").read_text())
-            for line in (self.path / "memory.events").read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "max":
+            text = (self.path / name).read_text()
+            if key is None:
+                return int(text)
+            for line in text.splitlines():
+                found, _, value = line.partition(" ")
+                if found == key:
                     return int(value)
         except (OSError, ValueError):
             pass
