@@ -85,7 +85,7 @@ from agents.learner import (
     check_sampled_generation,
     first_and_last_tenth,
 )
-from agents.policy import GenerationSettings, load_causal_lm, peft_wrapping, tempered
+from agents.lm import GenerationSettings, load_causal_lm, peft_wrapping, tempered
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -891,7 +891,7 @@ def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16,
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from agents.policy import LMPolicy, default_lora_config
+    from agents.lm import LMPolicy, default_lora_config
 
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
@@ -922,7 +922,7 @@ class ETPOAgent(Learner):
     config_class = ETPOConfig
 
     def adapters(self) -> tuple[dict[str, Any], str]:
-        from agents.policy import default_lora_config
+        from agents.lm import default_lora_config
 
         cfg = self.config
         return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha),

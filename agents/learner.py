@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from agents.policy import GenerationSettings, RuntimeSettings, kl_divergence, tempered, token_logprobs
+from agents.lm import GenerationSettings, RuntimeSettings, kl_divergence, tempered, token_logprobs
 
 # A callback receives each update's statistics; returning False stops training after that update.
 Callback = Callable[[dict[str, float]], Any]
@@ -222,7 +222,7 @@ class Learner:
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
         """(adapters for `LMPolicy.from_pretrained`, reference spec): by default one fresh "policy" LoRA adapter,
         ρ = the base model."""
-        from agents.policy import default_lora_config
+        from agents.lm import default_lora_config
 
         cfg = self.config
         return {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, "base"
@@ -276,7 +276,7 @@ class Learner:
         return [g.text for g in self.policy.generate(prompts, gen, generator=generator)]
 
     def _load_policy(self, saved: Path | None) -> Any:
-        from agents.policy import LMPolicy, load_options
+        from agents.lm import LMPolicy, load_options
 
         options = {**load_options(self.config.runtime), "chunk_size": self.config.chunk_size}
         if saved is not None:
@@ -293,7 +293,7 @@ class Learner:
     def collector_for(self, env: Any) -> Any:
         """The shared collector, kept across `learn` calls on the same env (episodes carry over). A new env gets a
         new collector seeded by the env steps done, so a resumed run sees new episodes instead of replaying."""
-        from agents.policy import overlaps_generation
+        from agents.lm import overlaps_generation
         from agents.rollout import RolloutCollector
 
         if self._collector is None or self._collector.env is not env:

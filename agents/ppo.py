@@ -52,7 +52,7 @@ from agents.learner import (
     first_and_last_tenth,
     reference_scores,
 )
-from agents.policy import GenerationSettings
+from agents.lm import GenerationSettings
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -415,7 +415,7 @@ class PPOAgent(Learner):
     needs_reference_logprobs = False  # log ρ (at the sampling temperature) is recomputed in annotate_values
 
     def adapters(self) -> tuple[dict[str, Any], str]:
-        from agents.policy import default_lora_config
+        from agents.lm import default_lora_config
 
         cfg = self.config
         if cfg.init_adapter:
@@ -463,7 +463,7 @@ class PPOAgent(Learner):
 
         With `reference`, also returns flat (over action tokens) log ρ ("ref_logp") and, with
         `exact_kl_diagnostic`, the whole-vocabulary KL(π‖ρ) ("kl"), both at the sampling temperature."""
-        from agents.policy import entropy
+        from agents.lm import entropy
 
         cfg, temperature = self.config, float(self.config.generation.temperature)
         scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)
@@ -485,7 +485,7 @@ class PPOAgent(Learner):
     @torch.no_grad()
     def state_values(self, obs_ids: Sequence[Sequence[int]]) -> list[float]:
         """V(s) of observations (the state before an action's first token): bootstrap values after truncation."""
-        from agents.policy import pad_sequences
+        from agents.lm import pad_sequences
 
         adapter = "value" if self.config.value_model == "adapter" else "policy"
         ids, mask = pad_sequences([list(o) for o in obs_ids], self.policy.pad_id, "right", self.policy.device)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agents.policy import RuntimeSettings
+from agents.lm import RuntimeSettings
 from etpo_env.info import SUMMARY_KEYS
 
 SYSTEM_PROMPT = ("You are an expert data scientist who writes correct, efficient Python with numpy, pandas, scipy "
@@ -92,7 +92,7 @@ def build_prompt(obs: str, shots: list[str], history: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 class LocalBackend:
     def __init__(self, model: str | Path, cfg: PromptingConfig):
-        from agents.policy import GenerationSettings, LMPolicy, load_options
+        from agents.lm import GenerationSettings, LMPolicy, load_options
         from agents.tiny import resolve_model
 
         self.policy = LMPolicy.from_pretrained(resolve_model(model), trainable=False, **load_options(cfg.runtime))

@@ -180,7 +180,7 @@ class RolloutCollector:
     def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
                  compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None,
                  num_envs: int = 1, overlap: bool = False):
-        from agents.policy import GenerationSettings
+        from agents.lm import GenerationSettings
 
         self.policy = policy
         self.env = env

@@ -32,7 +32,7 @@ class BadRequest(ValueError):
 def load_policy_for_serving(model: str, device: str = "auto", dtype: str = "auto") -> Any:
     """'tiny' (built if missing), a saved LMPolicy directory (with adapters), or any causal LM path/name, frozen, in
     `dtype` (auto = bfloat16 on CUDA, float32 on CPU)."""
-    from agents.policy import LMPolicy, RuntimeSettings, load_options
+    from agents.lm import LMPolicy, RuntimeSettings, load_options
 
     if model == "tiny":
         from agents.tiny import ensure_tiny_model
@@ -92,7 +92,7 @@ class PolicyServer:
         return self.policy.encode(text)
 
     def _generate(self, prompt: str | list[int], body: dict) -> list[tuple[str, str, int, int]]:
-        from agents.policy import GenerationSettings
+        from agents.lm import GenerationSettings
 
         stop = body.get("stop") or ()
         if isinstance(stop, str):

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agents.learner import Learner, LearnerConfig
-from agents.policy import GenerationSettings
+from agents.lm import GenerationSettings
 
 
 @dataclass
@@ -155,7 +155,7 @@ class SFTAgent(Learner):
     config_class = SFTConfig
 
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
-        from agents.policy import default_lora_config
+        from agents.lm import default_lora_config
 
         cfg = self.config
         return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)} if cfg.lora else None), "base"

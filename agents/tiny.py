@@ -416,7 +416,7 @@ def _build(spec: TinyPreset, seed: int, out_dir: Path, say: Any, started: float,
            progress: bool = False) -> dict:
     import torch
 
-    from agents.policy import pad_sequences
+    from agents.lm import pad_sequences
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -533,7 +533,7 @@ def evaluate_samples(model_dir: Any, task_names: list[str] | None = None, n_samp
     `best_normalized`.
     """
     import tasks
-    from agents.policy import LMPolicy
+    from agents.lm import LMPolicy
 
     names = task_names or tasks.names(suite="bundled")
     if isinstance(model_dir, LMPolicy):
@@ -563,7 +563,7 @@ def sample_episodes(policy: Any, task_list: list[Any], sandbox: Any, n_samples: 
     program, normalized score."""
     import torch
 
-    from agents.policy import GenerationSettings
+    from agents.lm import GenerationSettings
     from etpo_env.env import DataSciCodeEnv
 
     say = log or (lambda msg: None)

@@ -39,7 +39,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_model_dir):
     """An `LMPolicy` over the tiny model with a "policy" LoRA adapter (reference = adapters disabled)."""
-    from agents.policy import LMPolicy, default_lora_config
+    from agents.lm import LMPolicy, default_lora_config
 
     return LMPolicy.from_pretrained(tiny_model_dir, adapters={"policy": default_lora_config(r=4)})
 

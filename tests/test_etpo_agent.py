@@ -20,7 +20,7 @@ from agents.etpo import (
     state_values,
     token_kl,
 )
-from agents.policy import GenerationSettings
+from agents.lm import GenerationSettings
 
 SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
              seed=0, chunk_size=7)
@@ -73,7 +73,7 @@ def fresh_agent(tiny_model_dir):
 
 
 def sample_sequences(agent, n=3):
-    from agents.policy import GenerationSettings
+    from agents.lm import GenerationSettings
 
     prompts = [agent.policy.encode(p) for p in ["def build_model(X, y):\n", "import numpy", "x = 1\n"]][:n]
     gens = agent.policy.generate(prompts, GenerationSettings(max_new_tokens=6, seed=3))
@@ -376,7 +376,7 @@ def test_stop_strings_set_on_the_learner_config_end_every_collected_action(tiny_
 
 
 def test_exported_policy_is_the_trained_policy(tiny_model_dir, tmp_path):
-    from agents.policy import LMPolicy
+    from agents.lm import LMPolicy
 
     agent = ETPOAgent(model=tiny_model_dir, **SMALL)
     with torch.no_grad():

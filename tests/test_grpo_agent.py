@@ -74,7 +74,7 @@ def test_learns_end_to_end_with_groups_from_the_shared_first_prompt(tiny_model_d
 
 def sampled_group(agent: GRPOAgent, seed: int = 0, size: int = 4) -> list[Transition]:
     """`size` actions sampled for one prompt, rewarded by their token count (so they differ)."""
-    from agents.policy import GenerationSettings
+    from agents.lm import GenerationSettings
 
     prompt = agent.policy.encode("Task A\ndef build_model(X, y):")
     gen = GenerationSettings(max_new_tokens=agent.config.generation.max_new_tokens, seed=seed)

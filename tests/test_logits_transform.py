@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents.policy import GenerationSettings, LMPolicy, default_lora_config
+from agents.lm import GenerationSettings, LMPolicy, default_lora_config
 
 TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=1, decode=lambda ids, **kw: " ".join(map(str, ids)))
 SIZES = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -71,7 +71,7 @@ def test_sampling_and_training_log_probs_agree_with_adapters(model):
     from peft import get_peft_model
 
     from agents.etpo import ETPOConfig, LMTokenModels
-    from agents.policy import peft_wrapping
+    from agents.lm import peft_wrapping
 
     with peft_wrapping():
         peft_model = get_peft_model(model, default_lora_config(r=2), adapter_name="policy")

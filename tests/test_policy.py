@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents import policy as P
-from agents.policy import GenerationSettings, LMPolicy, default_lora_config
+import agents.lm as P
+from agents.lm import GenerationSettings, LMPolicy, decoding, default_lora_config
+from agents.lm import policy as policy_module
 
 
 def _perturb_adapter(pol: LMPolicy, name: str, seed: int = 0) -> None:
@@ -269,7 +270,7 @@ def test_decoding_writes_into_one_preallocated_cache_and_attends_to_the_filled_p
     rescored = pol.sequence_logprobs(prompts, [g.action_ids for g in gens])
     for g, lp in zip(gens, rescored):
         torch.testing.assert_close(torch.from_numpy(g.logp), lp.detach(), atol=1e-5, rtol=1e-5)
-    monkeypatch.setattr(P, "_full_attention_only", lambda config: False)
+    monkeypatch.setattr(decoding, "full_attention_only", lambda config: False)
     for fallback_kind in ("StaticCache", "DynamicCache"):
         seen, fallback = _caches_seen(pol, sample)
         assert {kind for kind, *_ in seen} == {fallback_kind}
@@ -289,8 +290,8 @@ def test_finished_rows_leave_the_decode_batch_without_changing_any_row(fresh_pol
     stops = tuple(dict.fromkeys(t[3:5] for t in texts if t[3:5].isprintable() and len(t[3:5]) == 2))[:3]
     gen = GenerationSettings(max_new_tokens=24, stop_at_eos=False, stop=stops, seed=3)  # those rows end early
     runs = {}
-    for compact in (P.COMPACT_FRACTION, 2.0):  # 2.0: never (the call ends when all rows are done)
-        monkeypatch.setattr(P, "COMPACT_FRACTION", compact)
+    for compact in (decoding.COMPACT_FRACTION, 2.0):  # 2.0: never (the call ends when all rows are done)
+        monkeypatch.setattr(decoding, "COMPACT_FRACTION", compact)
         pol._streams.clear()
         runs[compact] = _caches_seen(pol, lambda: pol.generate(prompts, gen))
     (seen, gens), (seen_whole, gens_whole) = runs.values()
@@ -543,7 +544,7 @@ def test_a_model_that_drops_the_shared_prompts_cache_falls_back_to_whole_sequenc
                                    gradient_checkpointing=True)
     _perturb_adapter(pol, "policy")
     pol.train_without_dropout()
-    monkeypatch.setattr(P, "_cache_kept_under_checkpointing", lambda decoder: contextlib.nullcontext())
+    monkeypatch.setattr(policy_module, "cache_kept_under_checkpointing", lambda decoder: contextlib.nullcontext())
     shared = pol.encode(PROMPTS[0])
     prompts, actions = [shared, shared], [pol.encode("\n    return X"), pol.encode("\n    a = 1")]
     states = pol.action_states(prompts, actions, "policy")

@@ -14,7 +14,7 @@ PROMPTS = ["def build_model(X, y):\n", "Task: predict the class of each row.\n",
 
 def sampled_episode(agent: PPOAgent, seed: int = 0) -> list[Transition]:
     """A three-step episode sampled from the agent's policy: rewards 0, 0.5, 1; the last step terminates."""
-    from agents.policy import GenerationSettings
+    from agents.lm import GenerationSettings
 
     policy = agent.policy
     gen = GenerationSettings(max_new_tokens=agent.config.generation.max_new_tokens, seed=seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agents.policy import GenerationSettings
+from agents.lm import GenerationSettings
 from agents.ppo import PPOAgent, PPOConfig
 from agents.rollout import Transition
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from agents.policy import GenerationSettings, LMPolicy
+from agents.lm import GenerationSettings, LMPolicy
 from agents.prompting import PromptingAgent, PromptingConfig, build_prompt, reflection_block
 from agents.serve import make_server
 from tests.fixtures_lm import ScriptedTextEnv

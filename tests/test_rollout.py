@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.policy import GenerationSettings
+from agents.lm import GenerationSettings
 from agents.rollout import RolloutBuffer, RolloutCollector, Transition
 from tests.fixtures_lm import ScriptedTextEnv
 
@@ -222,7 +222,7 @@ def test_overlapped_collection_generates_one_half_while_the_other_halfs_programs
 
 
 def test_overlap_follows_the_runtime_setting(tiny_policy):
-    from agents.policy import RuntimeSettings, overlaps_generation
+    from agents.lm import RuntimeSettings, overlaps_generation
 
     assert overlaps_generation(RuntimeSettings(), torch.device("cuda")) is True
     assert overlaps_generation(RuntimeSettings(), torch.device("cpu")) is False

@@ -11,7 +11,7 @@ import torch
 
 from agents.config import apply_overrides, leaf_fields
 from agents.etpo import ETPOAgent, ETPOConfig
-from agents.policy import RuntimeSettings, load_options, resolve_dtype
+from agents.lm import RuntimeSettings, load_options, resolve_dtype
 from agents.ppo import PPOConfig
 from agents.prompting import PromptingConfig, ZeroShotConfig
 from agents.sft import SFTConfig

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from agents import tiny
-from agents.policy import GenerationSettings, LMPolicy
+from agents.lm import GenerationSettings, LMPolicy
 
 
 def test_tiny_model_builds_from_nothing_and_generates(tiny_model_dir):
