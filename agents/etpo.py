@@ -291,15 +291,64 @@ def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], r
 Role = Literal["policy", "reference", "critic", "target"]
 
 
-class TokenModels(Protocol):
-    """What the update needs from a model: hidden states per role and a head that maps them to V-sized rows.
+class Critic(torch.nn.Module):
+    """Q_φ(u, ·) ∈ ℝ^|V| from the critic's features h, and how Q_φ is regressed on the targets y.
 
-    Roles: "policy" → π_θ logits, "reference" → ρ logits, "critic" → Q_φ, "target" → Q_φ̄. `hidden` is called under
-    torch.no_grad() for "reference" and "target" (and for everything in the target pass).
+    One class per kind of critic (`ETPOConfig.critic`: `DuelingCritic`, `HeadCritic`, `LMHeadCritic`); the update
+    calls only `q_rows` and `loss_sum`, so a new kind is a new class, never a branch in the update. A module: its own
+    parameters (if any; the critic adapter's are the model's) train with the critic and travel in checkpoints.
     """
 
-    def hidden(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids → [B, L, H] features; position p's features predict token p + 1."""
+    row_width: int | None = None  # width of the rows `loss_sum` forms per token state (None: the vocabulary's)
+
+    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, H] features → Q_φ(u, ·) [n, V], float32."""
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.q_rows(hidden)
+
+    def loss_sum(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, kind: str,
+                 delta: float) -> torch.Tensor:
+        """Summed regression loss over n token states: Q_φ(uʲ, wʲ) on yʲ (`critic_loss_per_token`)."""
+        return critic_loss_per_token(_taken(self.q_rows(hidden), tokens), targets, kind, delta).sum()
+
+
+class ValueAdvantageCritic(Critic):
+    """A critic Q(u, w) = V(u) + A(u, w) whose two parts are regressed as `dueling_critic_loss_per_token` says."""
+
+    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, H] → V [n] and A [n, V]."""
+        raise NotImplementedError
+
+    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """V [n] and A [n] at the taken tokens (all the loss reads); a subclass that can skip the [n, V] rows does."""
+        value, advantage = self.split(hidden)
+        return value, _taken(advantage, tokens)
+
+    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        value, advantage = self.split(hidden)
+        return value.float()[:, None] + advantage.float()
+
+    def loss_sum(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, kind: str,
+                 delta: float) -> torch.Tensor:
+        value, advantage = self.split_taken(hidden, tokens)
+        return dueling_critic_loss_per_token(value, advantage, targets, kind, delta).sum()
+
+
+class TokenModels(Protocol):
+    """What the update needs from a model: features per role, heads that map them to V-sized rows, and the critic.
+
+    Roles: "policy" → π_θ logits, "reference" → ρ logits, "target" → Q_φ̄ (the EMA critic); the online critic Q_φ is
+    `critic` on the "critic" role's features. `rows` is called under torch.no_grad() for "reference" and "target"
+    (and for everything in the target pass).
+    """
+
+    critic: Critic
+    vocab_size: int  # the width V of the heads' rows: small updates keep the heads' graphs (`_over_chunks`)
+
+    def rows(self, role: Role, packed: Packed) -> torch.Tensor:
+        """The features [N, H] of `packed`'s token states (`gathered_rows` where nothing is shared)."""
 
     def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] → [N, V] (logits for policy/reference, Q values for critic/target)."""
@@ -309,15 +358,6 @@ class TokenModels(Protocol):
     def critic_parameters(self) -> list[torch.nn.Parameter]: ...
 
     def target_parameters(self) -> list[torch.Tensor]: ...
-
-    # Optional: `critic_split(hidden) -> (V [N], A [N, V])` for a critic Q = V + A; the update then regresses V and A
-    # as `dueling_critic_loss_per_token` says (without it, Q_φ(uʲ, wʲ) regresses on yʲ directly).
-    # Optional: `critic_taken(hidden, tokens) -> (V [N], A [N])` for such a critic: V and A at the taken tokens only,
-    # which is all the critic loss reads (no [N, V] rows in the critic's pass).
-    # Optional: `vocab_size`, the width V of the heads' rows; with it, small updates keep the heads' graphs instead of
-    # recomputing them in backward (`_over_chunks`).
-    # Optional: `rows(role, packed) -> [N, H]`, the token states' features straight from `packed.pairs` (the LM runs a
-    # prompt that several pairs share once); without it they are gathered from `hidden` over the padded batch.
 
 
 @dataclass
@@ -358,14 +398,10 @@ def pack(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, device
                   lengths, list(sequences))
 
 
-def _rows(models: TokenModels, role: Role, packed: Packed) -> torch.Tensor:
-    """Features of the token states only ([N, H]): no V-sized tensor is formed here. Models with a `rows` method
-    compute them from the (obs, action) pairs themselves (the LM runs a prompt shared by several pairs once)."""
-    rows = getattr(models, "rows", None)
-    if rows is not None:
-        return rows(role, packed)
-    hidden = models.hidden(role, packed.input_ids, packed.attention_mask)
-    return hidden[packed.row_batch, packed.row_pos]
+def gathered_rows(hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], packed: Packed) -> torch.Tensor:
+    """Features of `packed`'s token states ([N, H]) gathered from `hidden(input_ids, attention_mask)` [B, L, H] over
+    the padded batch, whose position p predicts token p + 1: for models that share nothing between pairs."""
+    return hidden(packed.input_ids, packed.attention_mask)[packed.row_batch, packed.row_pos]
 
 
 @torch.no_grad()
@@ -376,7 +412,7 @@ def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: 
     rows: list[torch.Tensor] = []
     for s in range(0, len(transitions), batch_size):
         packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
-        rows += list(torch.split(_rows(models, "reference", packed), packed.lengths))
+        rows += list(torch.split(models.rows("reference", packed), packed.lengths))
     return rows
 
 
@@ -386,8 +422,8 @@ def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: i
     """V(u) and KL(π‖ρ)(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V
     at a time (`h_rho`: ρ's features of these rows when already known, see `reference_rows`). The KL is what the
     λ-returns subtract along the sampled path."""
-    h_pi, h_tgt = (_rows(models, role, packed) for role in ("policy", "target"))
-    h_rho = _rows(models, "reference", packed) if h_rho is None else h_rho
+    h_pi, h_tgt = (models.rows(role, packed) for role in ("policy", "target"))
+    h_rho = models.rows("reference", packed) if h_rho is None else h_rho
     values, kls = [], []
     for s in range(0, h_pi.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
@@ -402,31 +438,6 @@ def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return rows.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _q_rows(models: TokenModels, h_q: torch.Tensor) -> torch.Tensor:
-    """Q_φ(u,·) [n, V] from the critic's features (V + A for a dueling critic)."""
-    split = getattr(models, "critic_split", None)
-    if split is None:
-        return models.head("critic", h_q).float()
-    value, advantage = split(h_q)
-    return value.float()[:, None] + advantage.float()
-
-
-def _critic_chunk(models: TokenModels, critic_kind: str, huber_delta: float, h_q: torch.Tensor,
-                  tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed critic loss of one chunk of rows."""
-    taken = getattr(models, "critic_taken", None)
-    if taken is not None:  # V and A at the taken tokens straight away
-        value, advantage = taken(h_q, tokens)
-        return dueling_critic_loss_per_token(value, advantage, targets, critic_kind, huber_delta).sum()
-    split = getattr(models, "critic_split", None)
-    if split is not None:  # Q = V + A, each part with its own regression (dueling_critic_loss_per_token)
-        value, advantage = split(h_q)
-        return dueling_critic_loss_per_token(value, _taken(advantage, tokens), targets, critic_kind,
-                                             huber_delta).sum()
-    q = models.head("critic", h_q).float()
-    return critic_loss_per_token(_taken(q, tokens), targets, critic_kind, huber_delta).sum()
-
-
 def _policy_chunk(models: TokenModels, beta: float, h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor,
                   tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus detached per-row
@@ -434,7 +445,7 @@ def _policy_chunk(models: TokenModels, beta: float, h_pi: torch.Tensor, h_rho: t
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
     with torch.no_grad():
-        q = _q_rows(models, h_q)
+        q = models.critic.q_rows(h_q)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
     with torch.no_grad():
         diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), _taken(q, tokens),
@@ -463,9 +474,9 @@ def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor, v
 def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chunk_size: int,
                 critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached."""
-    h_q = _rows(models, "critic", packed)
-    fn = lambda h, t, y: _critic_chunk(models, critic_kind, huber_delta, h, t, y)  # noqa: E731
-    width = 1 if getattr(models, "critic_taken", None) is not None else getattr(models, "vocab_size", None)
+    h_q = models.rows("critic", packed)
+    fn = lambda h, t, y: models.critic.loss_sum(h, t, y, critic_kind, huber_delta)  # noqa: E731
+    width = models.critic.row_width or models.vocab_size
     sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device), vocab_size=width)
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
@@ -475,12 +486,12 @@ def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: fl
     """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
     `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
     mean Q over the vocabulary)."""
-    h_pi = _rows(models, "policy", packed)
+    h_pi = models.rows("policy", packed)
     if h_rho is None:
         with torch.no_grad():
-            h_rho = _rows(models, "reference", packed)
+            h_rho = models.rows("reference", packed)
     fn = lambda hp, hr, hq, t: _policy_chunk(models, beta, hp, hr, hq, t)  # noqa: E731
-    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, vocab_size=getattr(models, "vocab_size", None))
+    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
     info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
     losses = [loss for loss, _ in outs]
@@ -747,7 +758,7 @@ class ETPOConfig(LearnerConfig):
                               ema_rate=self.ema_rate, max_grad_norm=self.max_grad_norm, pad_id=pad_id)
 
 
-class DuelingCritic(torch.nn.Module):
+class DuelingCritic(ValueAdvantageCritic):
     """Q(u, w) = V(u) + A(u, w) over the critic adapter's features h (see ETPOConfig.critic).
 
     V(u) = vᵀh + b, a scalar. A(u, ·) = E·(U·(D·h)): a rank-r map of h read out through the LM's frozen output
@@ -765,20 +776,49 @@ class DuelingCritic(torch.nn.Module):
             torch.nn.init.zeros_(zero)
         self._readout = [output_weight]  # a list keeps the frozen embedding out of parameters() and state_dict()
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    row_width = 1  # the loss reads V and A at the taken tokens only (`split_taken`)
+
+    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = hidden.float()
         (embedding,) = self._readout
         direction = self.up(self.down(hidden))
         return self.value(hidden).squeeze(-1), F.linear(direction.to(embedding.dtype), embedding).float()
 
-    def taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """V(u) and A(u, w) at the taken tokens only ([N] each): each row's direction dotted with its token's
-        output embedding, the entry `forward` would give, without forming [N, V] rows (the critic loss reads
+        output embedding, the entry `split` would give, without forming [N, V] rows (the critic loss reads
         nothing else, so its cost no longer grows with the vocabulary)."""
         hidden = hidden.float()
         (embedding,) = self._readout
         direction = self.up(self.down(hidden)).to(embedding.dtype).float()
         return self.value(hidden).squeeze(-1), (direction * embedding[tokens].float()).sum(-1)
+
+
+class HeadCritic(Critic):
+    """Q(u, ·) = W·h + b, a new V×H linear head, zero at the start (untried tokens stay at Q = 0; see
+    ETPOConfig.critic). Made on the policy's device: never a V×H fp32 copy on the host."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, device: torch.device | str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(vocab_size, hidden_size, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(vocab_size, device=device))
+
+    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.weight, self.bias)
+
+
+class LMHeadCritic(Critic):
+    """Q(u, ·) = scale · the LM's output layer on the critic adapter's features (the paper's choice): no parameters
+    of its own, the critic adapter (and any LoRA on the output layer) carries what it learns."""
+
+    def __init__(self, output: Callable[[torch.Tensor], torch.Tensor], scale: float):
+        super().__init__()
+        self._output = [output]  # a list keeps the LM's layer out of this module's parameters and state_dict
+        self.scale = scale
+
+    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        (output,) = self._output
+        return self.scale * output(hidden).float()
 
 
 _ADAPTER_OF = {"policy": "policy", "reference": None, "critic": "critic", "target": "critic"}  # role -> adapter
@@ -798,37 +838,33 @@ class LMTokenModels:
         output = hf.get_output_embeddings()
         base_output = getattr(output, "base_layer", output)  # the frozen weight under any LoRA on the output layer
         self.vocab_size = int(base_output.weight.shape[0])  # the width of every head's rows
-        self.q_head: torch.nn.Module | None = None
-        if cfg.critic == "dueling":
-            self.q_head = DuelingCritic(hf.config.hidden_size, cfg.critic_rank, base_output.weight.detach())
-        elif cfg.critic == "head":
-            # made on the policy's device: never a V×H fp32 copy on the host
-            self.q_head = torch.nn.Linear(hf.config.hidden_size, self.vocab_size, device=policy.device,
-                                          dtype=torch.float32)
-            torch.nn.init.zeros_(self.q_head.weight)
-            torch.nn.init.zeros_(self.q_head.bias)
-        if self.q_head is not None:
-            self.q_head.to(policy.device, torch.float32)
-        # listed once: the target critic is swapped in for every target head chunk, and a walk over the model's
-        # parameters each time cost more than the swap
-        self._policy_params = policy.trainable_parameters("policy")
-        self._critic_params = policy.trainable_parameters("critic") + (
-            list(self.q_head.parameters()) if self.q_head is not None else [])
-        self.target = [p.detach().clone() for p in self.critic_parameters()]
         # π and ρ score with the model's own logits (its final transform, e.g. softcapping, as generation does);
         # the critic that reuses the output layer takes its raw result
         if hasattr(output, "lora_A"):  # LoRA on the output layer: each role needs its own adapter state
-            self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None),
-                              "critic": policy.head("critic", transform=False)}
+            self._lm_heads = {"policy": policy.head("policy"), "reference": policy.head(None)}
+            critic_output = policy.head("critic", transform=False)
         else:  # the output layer is shared and frozen: apply it directly, no adapter switching per chunk
             policy.check_head()
             shared = lambda h: policy.final_logits(output(h))  # noqa: E731
-            self._lm_heads = {"policy": shared, "reference": shared, "critic": output}
+            self._lm_heads, critic_output = {"policy": shared, "reference": shared}, output
         for role in ("policy", "reference"):  # π is the sampled distribution softmax(logits/T), ρ at the same T
             self._lm_heads[role] = tempered(self._lm_heads[role], float(cfg.generation.temperature))
-        # the update regresses V and A separately for the dueling critic (TokenModels.critic_split)
-        self.critic_split = self.q_head if cfg.critic == "dueling" else None
-        self.critic_taken = self.q_head.taken if cfg.critic == "dueling" else None
+        self.critic = self._make_critic(cfg, hf.config.hidden_size, base_output.weight.detach(), critic_output)
+        self.critic.to(policy.device, torch.float32)
+        # listed once: the target critic is swapped in for every target head chunk, and a walk over the model's
+        # parameters each time cost more than the swap
+        self._policy_params = policy.trainable_parameters("policy")
+        self._critic_params = policy.trainable_parameters("critic") + list(self.critic.parameters())
+        self.target = [p.detach().clone() for p in self.critic_parameters()]
+
+    def _make_critic(self, cfg: ETPOConfig, hidden_size: int, output_weight: torch.Tensor,
+                     critic_output: Callable[[torch.Tensor], torch.Tensor]) -> Critic:
+        """The one place the kind of critic is read (ETPOConfig.critic)."""
+        if cfg.critic == "dueling":
+            return DuelingCritic(hidden_size, cfg.critic_rank, output_weight)
+        if cfg.critic == "head":
+            return HeadCritic(hidden_size, self.vocab_size, self.policy.device)
+        return LMHeadCritic(critic_output, cfg.critic_scale)
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._policy_params)
@@ -853,6 +889,7 @@ class LMTokenModels:
             self._swap_target()
 
     def hidden(self, role: Role, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids → [B, L, H] features of the whole padded batch (`rows` is what the update uses)."""
         run = lambda: self.policy.hidden_states(input_ids, attention_mask, _ADAPTER_OF[role])  # noqa: E731
         return self._with_target(run) if role == "target" else run()
 
@@ -866,14 +903,7 @@ class LMTokenModels:
     def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
         if role in ("policy", "reference"):
             return self._lm_heads[role](hidden)
-        if self.critic_split is not None:
-            def run() -> torch.Tensor:
-                value, advantage = self.q_head(hidden)
-                return value[:, None] + advantage
-        elif self.q_head is not None:
-            run = lambda: self.q_head(hidden.float())  # noqa: E731
-        else:
-            run = lambda: self.cfg.critic_scale * self._lm_heads["critic"](hidden).float()  # noqa: E731
+        run = lambda: self.critic.q_rows(hidden)  # noqa: E731
         return self._with_target(run) if role == "target" else run()
 
 
@@ -972,7 +1002,7 @@ class ETPOAgent(Learner):
         """Q head, EMA target, both optimisers, the minibatch RNG and the best reward (adapters travel with the
         policy)."""
         return {
-            "q_head": self.models.q_head.state_dict() if self.models.q_head is not None else None,
+            "q_head": self.models.critic.state_dict(),  # the critic's own parameters (none for lm_head)
             "target": [t.cpu() for t in self.models.target],
             "policy_opt": self.policy_opt.state_dict(),
             "critic_opt": self.critic_opt.state_dict(),
@@ -981,8 +1011,7 @@ class ETPOAgent(Learner):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.models.q_head is not None:
-            self.models.q_head.load_state_dict(state["q_head"])
+        self.models.critic.load_state_dict(state["q_head"] or {})  # None: a checkpoint of an lm_head critic
         with torch.no_grad():
             for t, saved in zip(self.models.target, state["target"], strict=True):
                 t.copy_(saved)

@@ -64,7 +64,7 @@ def etpo_gradients(model_dir, checkpointing: bool) -> tuple[dict[str, torch.Tens
     perturb_adapters(agent.policy)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
-        for p in agent.models.q_head.parameters():
+        for p in agent.models.critic.parameters():
             p.normal_(0, 0.1, generator=generator)
     batch = transitions(agent.policy)
     packed = pack([(t.obs_ids, t.action_ids) for t in batch], agent.policy.pad_id, "cpu")
@@ -77,7 +77,7 @@ def etpo_gradients(model_dir, checkpointing: bool) -> tuple[dict[str, torch.Tens
     calls.close()
     params = agent.models.policy_parameters() + agent.models.critic_parameters()
     names = {id(p): n for n, p in agent.policy.model.named_parameters()}
-    names.update({id(p): f"q_head.{n}" for n, p in agent.models.q_head.named_parameters()})
+    names.update({id(p): f"q_head.{n}" for n, p in agent.models.critic.named_parameters()})
     return {names[id(p)]: p.grad.clone() for p in params if p.grad is not None}, forward_calls, total_calls
 
 

@@ -4,6 +4,8 @@ reproduces the uninterrupted run's next update exactly."""
 
 from __future__ import annotations
 
+import functools
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from agents.etpo import (
     ETPOAgent,
     ETPOConfig,
     Lion,
+    LMHeadCritic,
+    gathered_rows,
     pack,
     policy_loss_per_state,
     soft_value,
@@ -62,7 +66,7 @@ class TwoStepEnv(DigitEnv):
 def snapshot(agent: ETPOAgent) -> dict[str, torch.Tensor]:
     out = {f"model.{n}": p.detach().clone() for n, p in agent.policy.model.named_parameters()
            if ".policy." in n or ".critic." in n}
-    out.update({f"q_head.{n}": p.detach().clone() for n, p in agent.models.q_head.named_parameters()})
+    out.update({f"q_head.{n}": p.detach().clone() for n, p in agent.models.critic.named_parameters()})
     out.update({f"target.{i}": t.clone() for i, t in enumerate(agent.models.target)})
     return out
 
@@ -167,7 +171,8 @@ def test_resume_reproduces_the_uninterrupted_next_update(tiny_model_dir, tmp_pat
 def test_lm_head_critic_and_lion_update(tiny_model_dir):
     agent = ETPOAgent(model=tiny_model_dir, critic="lm_head", optimizer="lion", policy_lr=1e-4, critic_lr=1e-4,
                       **SMALL)
-    assert agent.models.q_head is None and isinstance(agent.policy_opt, Lion)
+    assert isinstance(agent.models.critic, LMHeadCritic) and not list(agent.models.critic.parameters())
+    assert isinstance(agent.policy_opt, Lion)
     before = [p.detach().clone() for p in agent.models.critic_parameters()]
     stats = agent.learn(DigitEnv(), budget=4)
     assert np.isfinite(stats["loss/critic"]) and np.isfinite(stats["loss/policy"])
@@ -514,7 +519,8 @@ def test_the_update_on_pairs_sharing_a_prompt_equals_the_whole_sequence_update(t
     out = {}
     for shared in (True, False):
         if not shared:
-            agent.models.rows = None  # the whole-sequence path (`hidden`) instead
+            hidden = agent.models.hidden  # the whole-sequence path (`hidden` over the padded batch) instead
+            agent.models.rows = lambda role, batch: gathered_rows(functools.partial(hidden, role), batch)  # noqa: B023
         for p in params:
             p.grad = None
         policy, critic, info = etpo_backward(agent.models, packed, targets, 0.1, SMALL["chunk_size"])

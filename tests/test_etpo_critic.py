@@ -11,6 +11,7 @@ tokens in place: without it, A alone sends the tried tokens' mass to an untried 
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -22,6 +23,7 @@ from agents.etpo import (
     ETPOConfig,
     LMTokenModels,
     UpdateSettings,
+    ValueAdvantageCritic,
     critic_state_bytes,
     etpo_update,
     make_optimizer,
@@ -31,6 +33,32 @@ from tests.test_etpo_math import TabularModels, transition
 VOCAB, OBS, BETA = 12, [3], 0.05
 
 
+class TableDueling(ValueAdvantageCritic):
+    """V and A as tables: the feature is the token state's row."""
+
+    def __init__(self, value: torch.nn.Parameter, advantage: torch.nn.Parameter):
+        super().__init__()
+        self.value, self.advantage = value, advantage
+
+    def split(self, hidden):
+        rows = hidden[..., 0].long()
+        return self.value[rows], self.advantage[rows]
+
+
+class FeatureDueling(ValueAdvantageCritic):
+    """A `DuelingCritic` module on fixed per-state feature vectors."""
+
+    def __init__(self, module: DuelingCritic, features: torch.Tensor):
+        super().__init__()
+        self.module, self.features = module, features
+
+    def split(self, hidden):
+        return self.module.split(self.features[hidden[..., 0].long()])
+
+    def split_taken(self, hidden, tokens):
+        return self.module.split_taken(self.features[hidden[..., 0].long()], tokens)
+
+
 class DuelingTabular(TabularModels):
     """The tabular toy with Q = V(u) + A(u, w): a V table and an A table, both starting at zero."""
 
@@ -38,10 +66,7 @@ class DuelingTabular(TabularModels):
         super().__init__(**kwargs)
         self.value = torch.nn.Parameter(torch.zeros(self.capacity))
         self.value_target = torch.zeros(self.capacity)
-
-    def critic_split(self, hidden):
-        rows = hidden[..., 0].long()
-        return self.value[rows], self.q[rows]
+        self.critic = TableDueling(self.value, self.q)
 
     def head(self, role, hidden):
         if role in ("critic", "target"):
@@ -68,29 +93,23 @@ class DuelingModuleTabular(TabularModels):
         self.features = torch.randn(self.capacity, hidden, generator=generator)
         embedding = torch.randn(self.vocab, hidden, generator=generator) / hidden ** 0.5
         torch.manual_seed(seed)
-        self.critic = DuelingCritic(hidden, rank, embedding)
-        self.names = [name for name, _ in self.critic.named_parameters()]
-        self.target = [p.detach().clone() for p in self.critic.parameters()]
+        self.module = DuelingCritic(hidden, rank, embedding)
+        self.critic = FeatureDueling(self.module, self.features)
+        self.names = [name for name, _ in self.module.named_parameters()]
+        self.target = [p.detach().clone() for p in self.module.parameters()]
 
     def _features(self, hidden):
         return self.features[hidden[..., 0].long()]
 
-    def critic_split(self, hidden):
-        return self.critic(self._features(hidden))
-
-    def critic_taken(self, hidden, tokens):
-        return self.critic.taken(self._features(hidden), tokens)
-
     def head(self, role, hidden):
         if role in ("critic", "target"):
             weights = None if role == "critic" else dict(zip(self.names, self.target, strict=True))
-            value, advantage = (self.critic(self._features(hidden)) if weights is None else
-                                functional_call(self.critic, weights, (self._features(hidden),)))
-            return value[:, None] + advantage
+            features = self._features(hidden)
+            return self.module(features) if weights is None else functional_call(self.module, weights, (features,))
         return super().head(role, hidden)
 
     def critic_parameters(self):
-        return list(self.critic.parameters())
+        return list(self.module.parameters())
 
     def target_parameters(self):
         return self.target
@@ -159,7 +178,7 @@ def test_the_critic_of_a_7b_152k_vocabulary_model_fits_in_one_gigabyte(critic, f
 
 
 def test_the_critic_loss_reads_the_taken_tokens_without_vocabulary_rows():
-    """`critic_taken` gives the entries of `critic_split` at the taken tokens, and the critic's loss and gradients
+    """`split_taken` gives the entries of `split` at the taken tokens, and the critic's loss and gradients
     through it equal those through the full [N, V] rows (the path it replaces)."""
     from transformers import LlamaConfig
 
@@ -176,8 +195,8 @@ def test_the_critic_loss_reads_the_taken_tokens_without_vocabulary_rows():
     targets = torch.linspace(-1.0, 1.0, packed.tokens.shape[0])
 
     hidden = torch.randn(packed.tokens.shape[0], 16)
-    value, advantage = models.critic_taken(hidden, packed.tokens)
-    full_value, full_advantage = models.critic_split(hidden)
+    value, advantage = models.critic.split_taken(hidden, packed.tokens)
+    full_value, full_advantage = models.critic.split(hidden)
     torch.testing.assert_close(value, full_value)
     torch.testing.assert_close(advantage, full_advantage.gather(-1, packed.tokens[:, None]).squeeze(-1))
 
@@ -187,7 +206,7 @@ def test_the_critic_loss_reads_the_taken_tokens_without_vocabulary_rows():
         return loss.detach(), grads
 
     taken_loss, taken_grads = loss_and_grads()
-    models.critic_taken = None  # the update falls back to the full rows
+    models.critic.split_taken = functools.partial(ValueAdvantageCritic.split_taken, models.critic)  # full rows
     full_loss, full_grads = loss_and_grads()
     torch.testing.assert_close(taken_loss, full_loss)
     assert float(taken_loss) > 0

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from agents.etpo import (
+    Critic,
     UpdateSettings,
     compute_targets,
     critic_loss_per_token,
     etpo_losses,
     etpo_update,
+    gathered_rows,
     make_optimizer,
     pack,
     policy_loss_per_state,
@@ -40,6 +42,17 @@ def transition(obs, action, reward, terminated, next_index=None, next_obs_ids=No
                            next_index=next_index, next_obs_ids=next_obs_ids)
 
 
+class TableCritic(Critic):
+    """Q_φ as a table: the feature is the token state's row."""
+
+    def __init__(self, table: torch.nn.Parameter):
+        super().__init__()
+        self.table = table
+
+    def q_rows(self, hidden):
+        return self.table[hidden[..., 0].long()].float()
+
+
 class TabularModels:
     """Token states are prefixes of the id sequence; each gets a one-hot feature, each role a table of V logits.
 
@@ -55,6 +68,8 @@ class TabularModels:
         self.policy_delta = torch.nn.Parameter(torch.zeros(capacity, vocab))
         self.q = torch.nn.Parameter(torch.zeros(capacity, vocab))
         self.q_target = torch.zeros(capacity, vocab)
+        self.vocab_size = vocab
+        self.critic = TableCritic(self.q)
 
     def state(self, prefix) -> int:
         key = tuple(int(t) for t in prefix)
@@ -71,6 +86,9 @@ class TabularModels:
             for p in range(n):
                 idx[b, p] = self.state(input_ids[b, : p + 1].tolist())
         return idx[..., None].float()  # the "feature" is the state's row index (a one-hot in disguise)
+
+    def rows(self, role, packed):
+        return gathered_rows(lambda ids, mask: self.hidden(role, ids, mask), packed)
 
     def head(self, role, hidden):
         rows = hidden[..., 0].long()
