@@ -530,7 +530,7 @@ def test_no_gradient_passes_take_inference_batches_and_give_the_same_update():
 def test_head_graphs_are_kept_for_a_small_vocabulary_and_recomputed_for_a_large_one(monkeypatch):
     """Under a graph, a chunk's [rows, V] head runs under activation checkpointing only when all rows × V would
     exceed KEPT_HEAD_ELEMENTS (or V is unknown); the gradients are the same either way."""
-    import agents.etpo as etpo
+    import agents.etpo.update as etpo
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50)

@@ -1,0 +1,477 @@
+"""ETPO's update over any `TokenModels` (the LM learner, or a tabular table in the tests): packing,
+the target pass, the critic and policy passes a chunk of token states at a time, and the optimiser steps.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from agents.etpo.objective import (
+    critic_loss_per_token,
+    discounted_returns,
+    dueling_critic_loss_per_token,
+    policy_loss_per_state,
+    soft_bellman_targets,
+    soft_value,
+    token_entropy,
+    token_kl,
+)
+from agents.learner import (
+    first_and_last_tenth,
+)
+from agents.rollout import episode_chains
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The update, shared by the LM learner and the tabular toy problems in the tests.
+# ----------------------------------------------------------------------------------------------------------------
+
+Role = Literal["policy", "reference", "critic", "target"]
+
+
+class Critic(torch.nn.Module):
+    """Q_φ(u, ·) ∈ ℝ^|V| from the critic's features h, and how Q_φ is regressed on the targets y.
+
+    One class per kind of critic (`ETPOConfig.critic`: `DuelingCritic`, `HeadCritic`, `LMHeadCritic`); the update
+    calls only `q_rows` and `loss_sum`, so a new kind is a new class, never a branch in the update. A module: its own
+    parameters (if any; the critic adapter's are the model's) train with the critic and travel in checkpoints.
+    """
+
+    row_width: int | None = None  # width of the rows `loss_sum` forms per token state (None: the vocabulary's)
+
+    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, H] features → Q_φ(u, ·) [n, V], float32."""
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.q_rows(hidden)
+
+    def loss_sum(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, kind: str,
+                 delta: float) -> torch.Tensor:
+        """Summed regression loss over n token states: Q_φ(uʲ, wʲ) on yʲ (`critic_loss_per_token`)."""
+        return critic_loss_per_token(_taken(self.q_rows(hidden), tokens), targets, kind, delta).sum()
+
+
+class ValueAdvantageCritic(Critic):
+    """A critic Q(u, w) = V(u) + A(u, w) whose two parts are regressed as `dueling_critic_loss_per_token` says."""
+
+    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, H] → V [n] and A [n, V]."""
+        raise NotImplementedError
+
+    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """V [n] and A [n] at the taken tokens (all the loss reads); a subclass that can skip the [n, V] rows does."""
+        value, advantage = self.split(hidden)
+        return value, _taken(advantage, tokens)
+
+    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        value, advantage = self.split(hidden)
+        return value.float()[:, None] + advantage.float()
+
+    def loss_sum(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, kind: str,
+                 delta: float) -> torch.Tensor:
+        value, advantage = self.split_taken(hidden, tokens)
+        return dueling_critic_loss_per_token(value, advantage, targets, kind, delta).sum()
+
+
+class TokenModels(Protocol):
+    """What the update needs from a model: features per role, heads that map them to V-sized rows, and the critic.
+
+    Roles: "policy" → π_θ logits, "reference" → ρ logits, "target" → Q_φ̄ (the EMA critic); the online critic Q_φ is
+    `critic` on the "critic" role's features. `rows` is called under torch.no_grad() for "reference" and "target"
+    (and for everything in the target pass).
+    """
+
+    critic: Critic
+    vocab_size: int  # the width V of the heads' rows: small updates keep the heads' graphs (`_over_chunks`)
+
+    def rows(self, role: Role, packed: Packed) -> torch.Tensor:
+        """The features [N, H] of `packed`'s token states (`gathered_rows` where nothing is shared)."""
+
+    def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] → [N, V] (logits for policy/reference, Q values for critic/target)."""
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def target_parameters(self) -> list[torch.Tensor]: ...
+
+
+@dataclass
+class Packed:
+    """A right-padded batch of token sequences and the positions whose outputs score each action token."""
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    row_batch: torch.Tensor  # [N] which sequence each token state belongs to
+    row_pos: torch.Tensor  # [N] position whose output predicts the token (state uʲ = ids[:pos + 1])
+    tokens: torch.Tensor  # [N] the action token taken in that state
+    lengths: list[int]  # token states per sequence, in order (sum = N)
+    pairs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # the (obs_ids, action_ids) packed
+
+
+def pack(sequences: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, device: torch.device | str) -> Packed:
+    """(obs_ids, action_ids) pairs → one padded batch. An empty action gives one row: the state right after obs.
+
+    The one-row form is how V(u¹) of a next observation (bootstrap after truncation) is evaluated.
+    """
+    ids = [np.concatenate([np.asarray(o, dtype=np.int64), np.asarray(a, dtype=np.int64)]) for o, a in sequences]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    row_batch, row_pos, tokens, lengths = [], [], [], []
+    for b, ((obs, action), seq) in enumerate(zip(sequences, ids, strict=True)):
+        if len(obs) == 0:
+            raise ValueError("a transition needs at least one observation token")
+        input_ids[b, : len(seq)] = torch.from_numpy(seq)
+        mask[b, : len(seq)] = 1
+        n = max(len(action), 1)
+        row_batch += [b] * n
+        row_pos += list(range(len(obs) - 1, len(obs) - 1 + n))
+        tokens += [int(t) for t in action] if len(action) else [0]
+        lengths.append(n)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return Packed(input_ids.to(device), mask.to(device), as_long(row_batch), as_long(row_pos), as_long(tokens),
+                  lengths, list(sequences))
+
+
+def gathered_rows(hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], packed: Packed) -> torch.Tensor:
+    """Features of `packed`'s token states ([N, H]) gathered from `hidden(input_ids, attention_mask)` [B, L, H] over
+    the padded batch, whose position p predicts token p + 1: for models that share nothing between pairs."""
+    return hidden(packed.input_ids, packed.attention_mask)[packed.row_batch, packed.row_pos]
+
+
+@torch.no_grad()
+def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: int, pad_id: int,
+                   device: Any) -> list[torch.Tensor]:
+    """ρ's features at every action token state of `transitions` ([n_i, H] each). ρ never changes during an update,
+    so one pass serves every epoch's targets and policy steps (its [N, H] rows are kept, never [N, V] logits)."""
+    rows: list[torch.Tensor] = []
+    for s in range(0, len(transitions), batch_size):
+        packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
+        rows += list(torch.split(models.rows("reference", packed), packed.lengths))
+    return rows
+
+
+@torch.no_grad()
+def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int,
+                 h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V(u) and KL(π‖ρ)(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V
+    at a time (`h_rho`: ρ's features of these rows when already known, see `reference_rows`). The KL is what the
+    λ-returns subtract along the sampled path."""
+    h_pi, h_tgt = (models.rows(role, packed) for role in ("policy", "target"))
+    h_rho = models.rows("reference", packed) if h_rho is None else h_rho
+    values, kls = [], []
+    for s in range(0, h_pi.shape[0], chunk_size):
+        sl = slice(s, s + chunk_size)
+        pi_logits, rho_logits = models.head("policy", h_pi[sl]), models.head("reference", h_rho[sl])
+        values.append(soft_value(pi_logits, rho_logits, models.head("target", h_tgt[sl]), beta))
+        kls.append(token_kl(pi_logits, rho_logits))
+    return torch.cat(values).float(), torch.cat(kls).float()
+
+
+def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The sampled token's entry of each [n, V] row."""
+    return rows.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _policy_chunk(models: TokenModels, beta: float, h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor,
+                  tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus detached per-row
+    diagnostics [5, n]."""
+    pi_logits = models.head("policy", h_pi)
+    rho_logits = models.head("reference", h_rho)
+    with torch.no_grad():
+        q = models.critic.q_rows(h_q)
+    policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
+    with torch.no_grad():
+        diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), _taken(q, tokens),
+                            (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
+    return policy_sum, diag
+
+
+KEPT_HEAD_ELEMENTS = 1 << 24  # rows × V up to which a head's graph is kept for backward (64 MB per [rows, V] fp32)
+
+
+def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor, vocab_size: int | None = None
+                 ) -> list[Any]:
+    """`fn` on `chunk_size` rows of every tensor at a time. When a graph is being built over a large vocabulary,
+    each chunk runs under activation checkpointing (backward recomputes its [chunk, V] rows instead of keeping them
+    all alive); when all rows × `vocab_size` fit in KEPT_HEAD_ELEMENTS the graphs are kept, since recomputing them
+    would cost as much again as the heads' forward (an unknown vocabulary is always checkpointed)."""
+    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    recompute = grad and (vocab_size is None or rows[0].shape[0] * vocab_size > KEPT_HEAD_ELEMENTS)
+    out = []
+    for s in range(0, rows[0].shape[0], chunk_size):
+        parts = [r[s: s + chunk_size] for r in rows]
+        out.append(checkpoint(fn, *parts, use_reentrant=False) if recompute else fn(*parts))
+    return out
+
+
+def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chunk_size: int,
+                critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached."""
+    h_q = models.rows("critic", packed)
+    fn = lambda h, t, y: models.critic.loss_sum(h, t, y, critic_kind, huber_delta)  # noqa: E731
+    width = models.critic.row_width or models.vocab_size
+    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device), vocab_size=width)
+    return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
+
+
+def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: float, chunk_size: int,
+                h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
+    `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
+    mean Q over the vocabulary)."""
+    h_pi = models.rows("policy", packed)
+    if h_rho is None:
+        with torch.no_grad():
+            h_rho = models.rows("reference", packed)
+    fn = lambda hp, hr, hq, t: _policy_chunk(models, beta, hp, hr, hq, t)  # noqa: E731
+    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, vocab_size=models.vocab_size)
+    d = torch.cat([diag for _, diag in outs], dim=1).cpu()
+    info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
+    losses = [loss for loss, _ in outs]
+    return sum(losses[1:], losses[0]) / h_pi.shape[0], info
+
+
+def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
+                critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Mean policy loss and mean critic loss over the rows of `packed` (both with graphs), plus diagnostics.
+
+    Each chunk runs under activation checkpointing, so backward recomputes the chunk's [chunk, V] rows instead of
+    keeping all of them alive: peak memory is O(chunk × V), not O(tokens × V).
+    """
+    crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size)
+    return pol, crit, info
+
+
+def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
+                  critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None
+                  ) -> tuple[float, float, dict]:
+    """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
+    forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
+    larger one instead of their sum. Returns the two mean losses and the diagnostics."""
+    crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
+    crit.backward()
+    crit = float(crit.detach())  # drops the last reference to the critic's graph
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, h_rho)
+    pol.backward()
+    return float(pol.detach()), crit, info
+
+
+def next_state_values(models: TokenModels, transitions: Sequence[Any], values: list[torch.Tensor], beta: float,
+                      chunk_size: int, pad_id: int, device: Any) -> tuple[list[float], list[bool], int]:
+    """V(u¹_{t+1}) per transition and its `done` flag for the targets.
+
+    The next env step's first token state is already in `values` when that step is in the buffer (`next_index`); after
+    a time-limit truncation it is evaluated from `next_obs_ids` (truncation is not termination: we bootstrap).
+    A transition with neither (the collector stopped mid-episode without a next observation) is treated as terminal
+    and counted in the returned number so the caller can report it.
+    """
+    next_values, dones, missing, bootstrap = [0.0] * len(transitions), [True] * len(transitions), 0, []
+    for i, tr in enumerate(transitions):
+        if tr.terminated:
+            continue
+        if tr.next_index is not None:
+            next_values[i], dones[i] = float(values[tr.next_index][0]), False
+        elif getattr(tr, "next_obs_ids", None) is not None:
+            bootstrap.append(i)
+        else:
+            missing += 1
+    if bootstrap:
+        packed = pack([(transitions[i].next_obs_ids, np.zeros(0, np.int64)) for i in bootstrap], pad_id, device)
+        boot, _ = state_values(models, packed, beta, chunk_size)
+        for j, i in enumerate(bootstrap):
+            next_values[i], dones[i] = float(boot[j]), False
+    return next_values, dones, missing
+
+
+def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float, gamma: float, chunk_size: int,
+                    batch_size: int, pad_id: int, device: Any, ref_rows: Sequence[torch.Tensor] | None = None,
+                    lam: float = 0.0) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The target pass over a whole rollout buffer: V(uʲ) and KL(uʲ) of every token state, then the soft
+    λ-return targets (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known)."""
+    values: list[torch.Tensor] = []
+    kls: list[torch.Tensor] = []
+    for s in range(0, len(transitions), batch_size):
+        chunk = transitions[s: s + batch_size]
+        packed = pack([(t.obs_ids, t.action_ids) for t in chunk], pad_id, device)
+        h_rho = None if ref_rows is None else torch.cat(list(ref_rows[s: s + batch_size]))
+        value, kl = state_values(models, packed, beta, chunk_size, h_rho)
+        values += list(torch.split(value.cpu(), packed.lengths))
+        kls += list(torch.split(kl.cpu(), packed.lengths))
+    next_values, dones, missing = next_state_values(models, transitions, values, beta, chunk_size, pad_id, device)
+    targets = soft_bellman_targets(values, [float(t.reward) for t in transitions], next_values, dones, gamma,
+                                   lam=lam, beta=beta, state_kls=kls,
+                                   next_index=[t.next_index for t in transitions])
+    return values, targets, missing
+
+
+@dataclass
+class UpdateSettings:
+    """The subset of ETPOConfig the update needs (so the toy tests can drive `etpo_update` without an LM)."""
+
+    beta: float
+    gamma: float
+    lam: float = 0.0
+    epochs: int = 1
+    minibatch_size: int = 8
+    inference_batch_size: int = 8
+    chunk_size: int = 256
+    critic_loss: str = "huber"
+    huber_delta: float = 1.0
+    ema_rate: float = 0.05
+    max_grad_norm: float = 1.0
+    pad_id: int = 0
+
+
+def grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: UpdateSettings,
+                policy_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
+                rng: random.Random, device: Any = "cpu", first_q_out: dict[int, float] | None = None
+                ) -> dict[str, float]:
+    """One ETPO update on a rollout buffer: ρ's features once (`reference_rows`), then `epochs` passes; each
+    recomputes targets, then steps per minibatch.
+
+    Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target;
+    their gradients are taken one network at a time (`etpo_backward`), so only one graph is alive at once.
+    Returns scalar diagnostics averaged over the steps; `first_q_out` (if given) receives Q_φ(u¹, w¹) of each
+    transition from the last pass (for the correlation of Q with realised returns).
+    """
+    policy_params, critic_params = models.policy_parameters(), models.critic_parameters()
+    stats: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        stats.setdefault(key, []).append(float(value))
+
+    t0 = time.perf_counter()
+    ref_rows = reference_rows(models, transitions, settings.inference_batch_size, settings.pad_id, device)
+    record("time/reference_s", time.perf_counter() - t0)
+    for _ in range(settings.epochs):
+        t0 = time.perf_counter()
+        _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
+                                              settings.inference_batch_size, settings.pad_id, device, ref_rows,
+                                              settings.lam)
+        record("time/targets_s", time.perf_counter() - t0)
+        record("targets/unbootstrapped", missing)
+        order = list(range(len(transitions)))
+        rng.shuffle(order)
+        for s in range(0, len(order), settings.minibatch_size):
+            idx = order[s: s + settings.minibatch_size]
+            t0 = time.perf_counter()
+            packed = pack([(transitions[i].obs_ids, transitions[i].action_ids) for i in idx], settings.pad_id, device)
+            y = torch.cat([targets[i] for i in idx])
+            policy_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
+                                                      settings.critic_loss, settings.huber_delta,
+                                                      torch.cat([ref_rows[i] for i in idx]))
+            record("grad_norm/policy", grad_norm(policy_params))
+            record("grad_norm/critic", grad_norm(critic_params))
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(policy_params, settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(critic_params, settings.max_grad_norm)
+            policy_opt.step()
+            critic_opt.step()
+            ema_update(models.target_parameters(), critic_params, settings.ema_rate)
+            if first_q_out is not None:
+                for i, q_rows in zip(idx, torch.split(diag["q_taken"], packed.lengths), strict=True):
+                    first_q_out[i] = float(q_rows[0])
+            record("time/step_s", time.perf_counter() - t0)
+            record("loss/policy", pol_loss)
+            record("loss/critic", crit_loss)
+            record("kl", diag["kl"].mean())
+            record("entropy", diag["entropy"].mean())
+            record("q/taken_mean", diag["q_taken"].mean())
+            record("q/taken_std", diag["q_taken"].std() if diag["q_taken"].numel() > 1 else 0.0)
+            record("q/expected_mean", diag["q_expected"].mean())
+            record("q/vocab_mean", diag["q_vocab_mean"].mean())
+            record("targets/mean", y.mean())
+            record("targets/std", y.std() if y.numel() > 1 else 0.0)
+            record("q/abs_td_error", (diag["q_taken"] - y.cpu()).abs().mean())
+            # where the learning signal lands: the critic's error and the taken token's advantage under Q, on the
+            # first and the last tenth of each action's tokens
+            td = torch.split((diag["q_taken"] - y.cpu()).abs(), packed.lengths)
+            advantage = torch.split((diag["q_taken"] - diag["q_expected"]).abs(), packed.lengths)
+            for name, parts in (("td_error", td), ("advantage", advantage)):
+                first, last = first_and_last_tenth(parts)
+                record(f"signal/{name}_first_tenth", first)
+                record(f"signal/{name}_last_tenth", last)
+            record("tokens_updated", len(y))
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["tokens_updated"] = float(np.sum(stats.get("tokens_updated", [0])))
+    return out
+
+
+def realised_returns(transitions: Sequence[Any], gamma: float) -> list[float]:
+    """Discounted return actually collected from each transition to the end of its chain in the buffer."""
+    out = [0.0] * len(transitions)
+    for chain in episode_chains(transitions):
+        rets = discounted_returns([transitions[i].reward for i in chain], [transitions[i].terminated for i in chain],
+                                  gamma)
+        for i, r in zip(chain, rets, strict=True):
+            out[i] = r
+    return out
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimiser helpers: Lion (optional) and the EMA target.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): sign of an interpolated momentum.
+
+    Written out here (twelve lines) because torch ships no Lion and the update is simpler than a new dependency.
+    """
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                exp_avg = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_((exp_avg * beta1 + p.grad * (1 - beta1)).sign_(), alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "lion":
+        return Lion(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'lion', got {name!r}")
+
+
+@torch.no_grad()
+def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], rate: float) -> None:
+    """target ← (1 − rate)·target + rate·online (Polyak averaging of the critic parameters)."""
+    for t, o in zip(target, online, strict=True):
+        t.lerp_(o.detach().to(t.dtype), rate)
