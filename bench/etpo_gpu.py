@@ -82,7 +82,7 @@ def print_critic_table(shapes: list[str], lora_r: int) -> None:
 
 def measure(shape: str, args: argparse.Namespace) -> dict:
     from agents.etpo import ETPOAgent, ETPOConfig, critic_state_bytes, etpo_update, lm_policy_from_config
-    from agents.policy import RuntimeSettings
+    from agents.lm import RuntimeSettings
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -109,7 +109,7 @@ def timed(fn, repeats: int, device: torch.device) -> tuple[float, float | None]:
 def measure(vocab: int, args: argparse.Namespace, device: torch.device) -> str:
     """One table row: both buffers' bytes per token and both updates' median time at vocabulary size `vocab`."""
     from agents.etpo import ETPOAgent, ETPOConfig, etpo_update, lm_policy_from_config
-    from agents.policy import RuntimeSettings
+    from agents.lm import RuntimeSettings
 
     cfg = ETPOConfig(beta=0.1, gamma=1.0, epochs=1, minibatch_size=args.actions, chunk_size=args.chunk_size,
                      runtime=RuntimeSettings(device=str(device)), lora_r=4)
