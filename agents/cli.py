@@ -38,7 +38,7 @@ SUBCOMMAND_MODULES = [
     "sandbox.cli",
     "tasks.cli",
     "agents.cli",
-    "agents.bench.cli",
+    "agents.benchmark.cli",
 ]
 
 

@@ -282,7 +282,6 @@ class GRPOConfig(LearnerConfig):
     """Every hyperparameter of the GRPO/RLOO learner (one schema for Python and `etpo train --agent grpo`)."""
 
     # rollouts
-    rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
     num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP + " Envs starting an episode share its "
                                                                "first prompt: this is the group size G there."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={

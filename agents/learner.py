@@ -76,12 +76,25 @@ class CheckpointSettings:
         return by_count or 0 < self.checkpoint_minutes * 60 <= seconds_since_last
 
 
+NUM_ENVS_HELP = ("Envs collected from at once when handed a single env: etpo_env.vector.vectorize makes them, the env "
+                 "and siblings under its wrappers (its config and sandbox; a budget wrapper counts every step, "
+                 "exactly); their actions are generated in one batched call and their programs run side by side on "
+                 "the sandbox's slots. 1 = the env alone; a vector env is used as it is; a wrapper that cannot be "
+                 "replicated is an error that says what to do. Generation time per call hardly grows with its rows "
+                 "on a small model, so rows are nearly free tokens.")  # LearnerConfig.num_envs
+
+
 @dataclass
 class LearnerConfig:
     """The fields every learner's config shares; each algorithm's config extends it with only its own (as TRL's
     configs extend one base). The shell reads these by name: the adapters' shape, the model's runtime, the chunk of
-    the whole-vocabulary reductions, the seed and the checkpoint schedule."""
+    the whole-vocabulary reductions, the seed and the checkpoint schedule; the collector reads the rollout, the envs
+    and the generation settings."""
 
+    rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) collected per update."})
+    num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP})
+    generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
+        "help": "How actions are sampled (in training and when acting)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the learner's adapters (policy; critic or value "
                                                      "adapter where the learner has one)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -103,13 +116,6 @@ class LearnerConfig:
         low = [name for name in names if getattr(self, name) < 1]
         if low:
             raise ValueError(f"{', '.join(low)} must be at least 1")
-
-
-NUM_ENVS_HELP = ("Envs collected from at once when handed a single env: siblings spawned from it (its config, sandbox "
-                 "and wrappers; a budget wrapper counts every step, exactly), their actions generated in one batched "
-                 "call and their programs run side by side on the sandbox's slots. 1 = the env alone; a vector env "
-                 "is used as it is. Generation time per call hardly grows with its rows on a small model, so rows "
-                 "are nearly free tokens.")  # the `num_envs` field of every collecting learner's config
 
 
 def check_sampled_generation(gen: Any, learner: str) -> None:
@@ -309,7 +315,7 @@ class Learner:
     @property
     def num_envs(self) -> int:
         """Envs collected from at once when `learn` is handed a single env (the config's `num_envs`)."""
-        return int(getattr(self.config, "num_envs", 1))
+        return int(self.config.num_envs)
 
     def learn(self, env: Any, budget: int, callbacks: Callback | Iterable[Callback] | None = None,
               out_dir: str | Path | None = None) -> dict[str, float]:

@@ -44,7 +44,6 @@ import numpy as np
 import torch
 
 from agents.learner import (
-    NUM_ENVS_HELP,
     Learner,
     LearnerConfig,
     action_pass,
@@ -337,8 +336,6 @@ class PPOConfig(LearnerConfig):
     """Every hyperparameter of the PPO learner (one schema for Python and `etpo train --agent ppo`)."""
 
     # rollouts
-    rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) collected per iteration."})
-    num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. PPO trains the sampled distribution softmax(logits/temperature) (any "
                 "temperature > 0); top_k/top_p are refused (training does not reproduce them)."})

@@ -161,38 +161,39 @@ class RolloutCollector:
     Episodes carry over between `collect` calls: a call that stops mid-episode resumes it next time (the same
     episode id; `next_obs_ids` of the buffer's last transition holds the observation to bootstrap from).
 
-    Batched collection from one env: with `num_envs` > 1 and a single (non-vector) env, the collector adds
-    `num_envs − 1` siblings made by `etpo_env.wrappers.spawn_siblings` — fresh base envs from the env's own config,
-    sharing its sandbox, under the same wrapper chain, whose stateful wrappers share their state (an `EnvStepBudget`
-    counts every sibling's steps against one budget, an `EpisodeRecorder` writes them to one file). Each round
-    generates the actions of all envs it steps in one batched call, starts all their programs at once on the shared
-    sandbox's slots (the env's `prefetch`, where it has one), then steps those envs one after another in index
-    order, each step taking its program's result: the runs overlap, the records stay deterministic. A round steps
-    only as many envs as the `collect` call has steps left, so a collection never takes more env steps than asked,
-    and a finished episode's env is reset only when it is next stepped, so no episode is begun that is not played.
-    With `overlap`, the envs form two halves that take turns, so one half's actions are generated while the other
-    half's programs run (`_collect_overlapped`): it pays where generation and the sandbox use different hardware
-    (a GPU policy), not on a CPU they share.
-    An env whose wrappers cannot be spawned faithfully (see `spawn_siblings`) is collected from alone. A vector
-    env is used as it is.
+    The collector always steps a vector env. A single env becomes one the documented way,
+    `etpo_env.vector.vectorize(env, num_envs)`: a `SiblingVectorEnv` of the env and `num_envs − 1` siblings under
+    the same wrappers, whose stateful wrappers share their state (an `EnvStepBudget` counts every sub-env's steps
+    against one budget, an `EpisodeRecorder` writes them to one file); a wrapper that cannot be replicated is an
+    error that says what to do. Each round generates the actions of all sub-envs it steps in one batched call; the
+    vector env runs their programs side by side and steps the sub-envs in index order, so the records stay
+    deterministic. With a `SiblingVectorEnv`, a round steps only as many sub-envs as the `collect` call has steps
+    left (the others get a `None` action), so a collection never takes more env steps than asked, and a finished
+    episode's sub-env is reset only when it is next stepped, so no episode is begun that is not played. With
+    `overlap`, its sub-envs form two halves that take turns, so one half's actions are generated while the other
+    half's programs run (`_collect_overlapped`, through the vector env's `step_async`/`step_wait`): it pays where
+    generation and the sandbox use different hardware (a GPU policy), not on a CPU they share.
+    Any other vector env (`gym.make_vec`, `ThreadedVectorEnv`) is used as it is, under its own autoreset mode: every
+    sub-env acts each round.
     """
 
     def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
                  compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None,
                  num_envs: int = 1, overlap: bool = False):
         from agents.lm import GenerationSettings
+        from etpo_env.vector import SiblingVectorEnv, vectorize
 
         self.policy = policy
-        self.env = env
+        self.env = env  # as handed over (a learner keeps one collector per env)
+        self.vec = vectorize(env, max(1, int(num_envs)))
+        self.owns_vec = self.vec is not env
+        self.lazy = isinstance(self.vec, SiblingVectorEnv)  # resets on demand, steps some sub-envs per round
         self.gen = gen or GenerationSettings()
         self.adapter = adapter
         self.compute_ref_logp = compute_ref_logp
         self.use_chat_template = use_chat_template
-        self.is_vector = hasattr(env, "num_envs") and hasattr(env, "single_observation_space")
-        self.num_envs = int(env.num_envs) if self.is_vector else 1  # single env: grows when siblings are made
-        self.requested_envs = max(1, int(num_envs))
+        self.num_envs = int(self.vec.num_envs)
         self.overlap = overlap
-        self.envs: list[Any] = [] if self.is_vector else [env]  # the single env and its siblings
         self._seed = seed
         self._obs: list[str] | None = None
         self._infos: list[dict] = []
@@ -200,94 +201,85 @@ class RolloutCollector:
         self._steps: list[int] = []
         self._next_episode = 0
         self._awaiting_autoreset = [False] * self.num_envs
-        self._pending_reset: list[bool] = []  # single envs whose next episode begins when they are next stepped
+        self._seeded = [False] * self.num_envs
+        self._pending_reset: list[bool] = []  # sub-envs whose next episode begins when they are next stepped
         self.totals = {"env_steps": 0, "episodes": 0, "tokens": 0}
 
     # -- env plumbing --------------------------------------------------------------------------------------------
     def _reset_all(self) -> None:
-        if not self.is_vector:
-            self._start_single_envs()
+        if self.lazy:  # sub-env 0 now (its siblings are made from it); the others when they first act
+            self._obs, self._infos = [""] * self.num_envs, [{}] * self.num_envs
+            self._episode_ids, self._steps = [-1] * self.num_envs, [0] * self.num_envs
+            self._pending_reset = [True] * self.num_envs
+            self._reset_some([0])
             return
-        obs, info = self.env.reset(seed=self._seed)
+        obs, info = self.vec.reset(seed=self._seed)
         self._obs = [str(o) for o in obs]
         self._infos = [_sub_info(info, i) for i in range(self.num_envs)]
         self._episode_ids = [self._new_episode() for _ in range(self.num_envs)]
         self._steps = [0] * self.num_envs
 
-    def _start_single_envs(self) -> None:
-        """Reset the given env, then make its siblings (after the reset, so they share the sandbox it started)."""
-        self._obs, self._infos, self._episode_ids, self._steps = [""], [{}], [0], [0]
-        self._seeded, self._pending_reset = [False], [True]
-        self._reset_single(0)
-        if self.requested_envs > 1:
-            from etpo_env.wrappers import spawn_siblings
-
-            self.envs += spawn_siblings(self.env, self.requested_envs - 1) or []
-        self.num_envs = len(self.envs)
-        extra = self.num_envs - 1
-        self._obs += [""] * extra
-        self._infos += [{}] * extra
-        self._episode_ids += [-1] * extra  # no episode until first reset
-        self._steps += [0] * extra
-        self._seeded += [False] * extra
-        self._pending_reset += [True] * extra
-        self._awaiting_autoreset = [False] * self.num_envs
-
-    def _reset_single(self, i: int) -> None:
-        """Begin env i's next episode; its first reset takes the collector's seed + i (as gymnasium's vector envs
-        seed their sub-envs)."""
-        seed = None
-        if not self._seeded[i]:
-            self._seeded[i] = True
-            seed = None if self._seed is None else self._seed + i
-        self._obs[i], self._infos[i] = self.envs[i].reset(seed=seed)
-        self._episode_ids[i], self._steps[i] = self._new_episode(), 0
-        self._pending_reset[i] = False
+    def _reset_some(self, indices: list[int]) -> None:
+        """Begin the next episode of sub-envs `indices`; a sub-env's first reset takes the collector's seed + i (as
+        gymnasium's vector envs seed their sub-envs)."""
+        seeds: list[int | None] = [None] * self.num_envs
+        for i in indices:
+            if not self._seeded[i]:
+                self._seeded[i] = True
+                seeds[i] = None if self._seed is None else self._seed + i
+        mask = np.isin(np.arange(self.num_envs), indices)
+        obs, infos = self.vec.reset(seed=seeds, options={"reset_mask": mask})
+        for i in indices:
+            self._obs[i], self._infos[i] = obs[i], _sub_info(infos, i)
+            self._episode_ids[i], self._steps[i] = self._new_episode(), 0
+            self._pending_reset[i] = False
 
     def close(self) -> None:
-        """Close the siblings this collector made (the env it was given stays its owner's)."""
-        siblings, self.envs = self.envs[1:], self.envs[:1]
-        for sibling in siblings:
-            sibling.close()
+        """Close the vector env this collector made (its siblings; the env it was given stays its owner's)."""
+        if self.owns_vec:
+            self.vec.close()
 
     def _new_episode(self) -> int:
         self._next_episode += 1
         return self._next_episode - 1
 
     def _round_envs(self, steps_left: int, candidates: list[int] | None = None) -> list[int]:
-        """The envs that act this round: a vector env's sub-envs not awaiting autoreset; of single envs (or of
-        `candidates`), as many as steps are left (in index order), each reset first if its last episode ended."""
-        if self.is_vector:
+        """The sub-envs that act this round: with autoreset, those not awaiting it; otherwise (or of
+        `candidates`) as many as steps are left, in index order, each reset first if its last episode ended."""
+        if not self.lazy:
             return [i for i in range(self.num_envs) if not self._awaiting_autoreset[i]]
         chosen = (list(range(self.num_envs)) if candidates is None else candidates)[:steps_left]
-        for i in chosen:
-            if self._pending_reset[i]:
-                self._reset_single(i)
+        pending = [i for i in chosen if self._pending_reset[i]]
+        if pending:
+            self._reset_some(pending)
         return chosen
 
-    def _step_env(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
-        """Step the envs named in `actions` (a vector env: all sub-envs, "" for those awaiting autoreset)."""
-        if not self.is_vector:
-            if len(actions) > 1:
-                self._start_programs(actions)
-            return self._finish_programs(actions)
-        obs, rewards, terms, truncs, infos = self.env.step(tuple(actions.get(i, "") for i in range(self.num_envs)))
+    def _vector_actions(self, actions: dict[int, str]) -> tuple:
+        """One action per sub-env: a `SiblingVectorEnv` leaves out (None) those not acting; another vector env
+        steps all, "" for those awaiting autoreset (the action is ignored)."""
+        absent = None if self.lazy else ""
+        return tuple(actions.get(i, absent) for i in range(self.num_envs))
+
+    def _results(self, step_result: tuple, stepped: list[int]) -> dict[int, tuple[str, float, bool, bool, dict]]:
+        obs, rewards, terms, truncs, infos = step_result
         return {i: (str(obs[i]), float(rewards[i]), bool(terms[i]), bool(truncs[i]), _sub_info(infos, i))
-                for i in range(self.num_envs)}
+                for i in stepped}
+
+    def _step_env(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
+        """Step the sub-envs named in `actions` (another vector env: all of them)."""
+        stepped = list(actions) if self.lazy else list(range(self.num_envs))
+        return self._results(self.vec.step(self._vector_actions(actions)), stepped)
 
     def _start_programs(self, actions: dict[int, str]) -> None:
-        """Start each single env's program on the shared sandbox (the env's `prefetch`, where it has one)."""
-        for i, action in actions.items():
-            prefetch = getattr(self.envs[i].unwrapped, "prefetch", None)
-            if callable(prefetch):
-                prefetch(action)
+        """Start the programs of the sub-envs named in `actions` (a `SiblingVectorEnv`'s `step_async`)."""
+        self.vec.step_async(self._vector_actions(actions))
 
     def _finish_programs(self, actions: dict[int, str]) -> dict[int, tuple[str, float, bool, bool, dict]]:
-        """Step the single envs named in `actions` one after another, in index order, each taking its result."""
-        return {i: self.envs[i].step(action) for i, action in actions.items()}
+        """Finish the oldest started step (`step_wait`): the sub-envs of `actions`, one after another."""
+        return self._results(self.vec.step_wait(), list(actions))
 
     def _autoreset_mode(self) -> str:
-        mode = getattr(self.env, "metadata", {}).get("autoreset_mode")
+        mode = getattr(self.vec, "metadata", {}).get("autoreset_mode")
         return str(getattr(mode, "value", mode) or "NextStep")
 
     # -- collection ------------------------------------------------------------------------------------------------
@@ -326,7 +318,7 @@ class RolloutCollector:
                                    run.episodes, run.returns)
 
     def _overlaps(self) -> bool:
-        return bool(self.overlap) and not self.is_vector and self.num_envs >= 2
+        return bool(self.overlap) and self.lazy and self.num_envs >= 2
 
     def _collect_overlapped(self, n_env_steps: int, run: _Collection) -> None:
         """Two halves of the envs take turns: while one half's programs run on the sandbox, the other half's
@@ -404,12 +396,12 @@ class RolloutCollector:
                 self._obs[i], self._infos[i] = obs, info
 
     def _final_obs(self, obs: str, info: dict) -> tuple[str, dict]:
-        if self.is_vector and self._autoreset_mode().lower().startswith("same") and "final_obs" in info:
+        if not self.lazy and self._autoreset_mode().lower().startswith("same") and "final_obs" in info:
             return str(info["final_obs"]), dict(info.get("final_info") or {})
         return obs, info
 
     def _begin_next_episode(self, i: int, obs: str, info: dict) -> None:
-        if not self.is_vector:
+        if self.lazy:
             self._pending_reset[i] = True  # reset when next stepped: no episode is begun that is not played
         elif self._autoreset_mode().lower().startswith("same"):
             self._obs[i], self._infos[i] = obs, info  # already the next episode's first observation

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agents.learner import Learner, LearnerConfig
+from agents.learner import NUM_ENVS_HELP, Learner, LearnerConfig
 from agents.lm import GenerationSettings
 
 
@@ -47,14 +47,11 @@ class SFTConfig(LearnerConfig):
     epochs: int = field(default=2, metadata={"help": "Passes over the demonstration file."})
     max_seq_len: int = field(default=1024, metadata={"help": "Tokens per sequence (prompt truncated from the left)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    samples_per_round: int = field(default=8, metadata={"help": "Self-improve: env steps sampled per round."})
-    num_envs: int = field(default=8, metadata={
-        "help": "Envs collected from at once when handed a single env: siblings spawned from it (its config, "
-                "sandbox and wrappers; a budget wrapper counts every step, exactly), their actions generated in one "
-                "batched call. 1 = the env alone; a vector env is used as it is."})
+    rollout_steps: int = field(default=8, metadata={"help": "Self-improve: env steps sampled per round."})
+    num_envs: int = field(default=8, metadata={"help": NUM_ENVS_HELP})
     keep_fraction: float = field(default=0.25, metadata={
         "help": "Self-improve: share of each round's valid programs kept (best rewards first)."})
-    pool_size: int = field(default=64, metadata={"help": "Self-improve: most kept programs trained on."})
+    best_size: int = field(default=64, metadata={"help": "Self-improve: most kept (best) programs trained on."})
     steps_per_round: int = field(default=4, metadata={"help": "Self-improve: optimizer steps per round."})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How programs are sampled in self-improve mode and when acting (the same defaults as ETPO and PPO, "
@@ -149,7 +146,7 @@ class SFTAgent(Learner):
     """Fine-tunes an `LMPolicy` on demonstrations and/or its own best programs; acts by sampling from it.
 
     In the learner shell's terms (agents/learner.py): demonstrations are fitted before the first collection, each
-    self-improvement round collects `samples_per_round` env steps and `train` keeps the best and fine-tunes on them.
+    self-improvement round collects `rollout_steps` env steps and `train` keeps the best and fine-tunes on them.
     """
 
     config_class = SFTConfig
@@ -167,13 +164,9 @@ class SFTAgent(Learner):
         self.params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.rng = random.Random(cfg.seed)
-        self.pool: list[tuple[float, list[int], list[int]]] = []  # (reward, prompt ids, action ids), best first
+        self.best: list[tuple[float, list[int], list[int]]] = []  # (reward, prompt ids, action ids), best first
         self.sft_steps_done = 0
         self.demos_done = False
-
-    @property
-    def rollout_steps(self) -> int:
-        return int(self.config.samples_per_round)
 
     # -- learning -------------------------------------------------------------------------------------------------
     def fit_demonstrations(self, pairs: Sequence[tuple[str, str]], epochs: int | None = None) -> dict[str, float]:
@@ -206,33 +199,33 @@ class SFTAgent(Learner):
         return self.config.recipe == "self-improve"
 
     def train(self, buffer: Sequence[Any]) -> dict[str, float]:
-        """One self-improvement round on a sampled buffer: keep the best programs, fine-tune on the pool."""
+        """One self-improvement round on a sampled buffer: keep the best programs, fine-tune on the best kept so far."""
         cfg = self.config
         kept = select_best(buffer, cfg.keep_fraction)
-        self.pool = merge_pool(self.pool, kept, cfg.pool_size)
+        self.best = merge_best(self.best, kept, cfg.best_size)
         tick = time.perf_counter()
         losses: list[float] = []
-        if self.pool:
-            examples = [(p, a) for _, p, a in self.pool]
+        if self.best:
+            examples = [(p, a) for _, p, a in self.best]
             losses = sft_steps(self.policy, examples, self.optimizer, self.params, cfg.steps_per_round,
                                cfg.batch_size, cfg.max_grad_norm, self.rng)
             self.sft_steps_done += len(losses)
         return {
-            "kept": float(len(kept)), "pool": float(len(self.pool)),
-            "pool_reward_mean": float(np.mean([r for r, _, _ in self.pool])) if self.pool else 0.0,
+            "kept": float(len(kept)), "best_kept": float(len(self.best)),
+            "best_kept_reward_mean": float(np.mean([r for r, _, _ in self.best])) if self.best else 0.0,
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "sft_steps": float(self.sft_steps_done), "time_update_s": time.perf_counter() - tick,
         }
 
     # -- persistence ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(), "pool": self.pool,
+        return {"optimizer": self.optimizer.state_dict(), "rng": self.rng.getstate(), "best": self.best,
                 "demos_done": self.demos_done, "sft_steps": self.sft_steps_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.setstate(state["rng"])
-        self.pool, self.demos_done, self.sft_steps_done = state["pool"], state["demos_done"], state["sft_steps"]
+        self.best, self.demos_done, self.sft_steps_done = state["best"], state["demos_done"], state["sft_steps"]
 
 
 def select_best(buffer: Sequence[Any], keep_fraction: float) -> list[tuple[float, list[int], list[int]]]:
@@ -243,11 +236,11 @@ def select_best(buffer: Sequence[Any], keep_fraction: float) -> list[tuple[float
     return [(float(t.reward), t.obs_ids.tolist(), t.action_ids.tolist()) for t in valid[:n_keep]]
 
 
-def merge_pool(pool: list, new: list, size: int) -> list:
-    """Best-first pool of distinct actions (by token ids), at most `size` entries."""
-    best: dict[tuple[int, ...], tuple[float, list[int], list[int]]] = {}
-    for entry in [*pool, *new]:
+def merge_best(best: list, new: list, size: int) -> list:
+    """Best-first list of distinct actions (by token ids), at most `size` entries."""
+    by_action: dict[tuple[int, ...], tuple[float, list[int], list[int]]] = {}
+    for entry in [*best, *new]:
         key = tuple(entry[2])
-        if key not in best or entry[0] > best[key][0]:
-            best[key] = entry
-    return sorted(best.values(), key=lambda e: e[0], reverse=True)[:size]
+        if key not in by_action or entry[0] > by_action[key][0]:
+            by_action[key] = entry
+    return sorted(by_action.values(), key=lambda e: e[0], reverse=True)[:size]

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import etpo_env  # noqa: E402,F401  (registers DataSciCode-v0)
 from etpo_env.env import DataSciCodeEnv  # noqa: E402
-from etpo_env.pool import make_pooled_vec_env  # noqa: E402
+from etpo_env.vector import make_pooled_vec_env  # noqa: E402
 from sandbox.safety import HONEST_PROGRAM  # noqa: E402
 
 FAILING_PROGRAMS = [

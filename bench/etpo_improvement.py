@@ -3,7 +3,7 @@
 For each learner (ETPO and PPO by default), on one bundled task and `--seeds` seeds: `--samples` fresh evaluation
 episodes of the starting policy (step 0), training for `--budget` env steps with the learner's default config, and
 the same number of fresh episodes again; each episode's final program is scored on the task's held-out test part
-(`agents.bench`, the protocol of `etpo bench` with evaluation points 0 and budget). Episodes have one attempt by
+(`agents.benchmark`, the protocol of `etpo bench` with evaluation points 0 and budget). Episodes have one attempt by
 default (`--max-attempts`: one program per sample). A failed program counts as a constant predictor (ROC AUC 0.5).
 Evaluation episodes are the same for every learner (seeded by task, seed and point), so "step 0" measures the same
 starting model once per learner: a check on sampling noise.
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    from agents.bench import format_ci, run_benchmark
+    from agents.benchmark import format_ci, run_benchmark
 
     out = args.out or tempfile.mkdtemp(prefix="etpo-improvement-")
     print(f"task {args.task}, budget {args.budget} env steps, {args.samples} episodes before/after, "

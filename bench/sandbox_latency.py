@@ -35,8 +35,8 @@ from sklearn.datasets import load_breast_cancer  # noqa: E402
 from sandbox import Fold, Job, Limits, make_sandbox  # noqa: E402
 from sandbox.images import WORKER_IN_IMAGE  # noqa: E402
 from sandbox.local import WORKER_SOURCE  # noqa: E402
-from sandbox.pool import encode_job, result_budget  # noqa: E402
 from sandbox.worker import wire  # noqa: E402
+from sandbox.workers import encode_job, result_budget  # noqa: E402
 
 PROGRAM = """
 from sklearn.ensemble import RandomForestClassifier

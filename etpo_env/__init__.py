@@ -12,7 +12,7 @@ Importing this package registers ``DataSciCode-v0``::
 ``gym.make("etpo_env:DataSciCode-v0")`` imports the package itself. The env's settings are the fields of
 `etpo_env.config.EnvConfig` (``gym.make(..., config=EnvConfig(...))``, or the same names as keywords); the keys of
 its `info` dicts are documented by `etpo_env.info.StepInfo`. Wrappers (episode recorder, env-step budget) are in
-`etpo_env.wrappers`, pooled vectorisation in `etpo_env.pool`. This package never imports `agents`.
+`etpo_env.wrappers`, pooled vectorisation in `etpo_env.vector`. This package never imports `agents`.
 """
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ def _register() -> None:
         register(
             id=ENV_ID,
             entry_point="etpo_env.env:DataSciCodeEnv",
-            vector_entry_point="etpo_env.pool:make_pooled_vec_env",
+            vector_entry_point="etpo_env.vector:make_pooled_vec_env",
         )
 
 

@@ -245,24 +245,32 @@ _PER_ENV_WRAPPERS = (OrderEnforcing, TimeLimit)
 _CHECK_ONLY_WRAPPERS = (PassiveEnvChecker,)
 
 
-def spawn_siblings(env: gym.Env, count: int) -> list[gym.Env] | None:
-    """`count` new envs like `env`, for collecting from several envs at once when one env was handed over.
+def spawn_siblings(env: gym.Env, count: int) -> list[gym.Env]:
+    """`count` new envs like `env`, for collecting from several envs at once when one env was handed over
+    (`etpo_env.vector.vectorize` is the one caller).
 
     Each sibling is a fresh base env built from `env`'s own (its `spawn()`, or for `DataSciCode-v0` its
     `EnvConfig`, sharing its sandbox once it has one) under the same wrapper chain: a wrapper with a `spawn(inner)`
     method (`EnvStepBudget`, `EpisodeRecorder`) shares its state with the sibling — one budget, one record of every
     step — and Gymnasium's per-env wrappers (`OrderEnforcing`, `TimeLimit`) are made anew with their arguments.
-    Returns None when some layer cannot be spawned faithfully (e.g. `NormalizeReward`, whose running statistics
-    belong to one stream of steps): then only `env` itself should be stepped.
+    Raises `ValueError`, saying what to do, when some layer cannot be replicated faithfully (e.g. `NormalizeReward`,
+    whose running statistics belong to one stream of steps).
     """
     layers = []
     inner = env
     while isinstance(inner, gym.Wrapper):
         layers.append(inner)
         inner = inner.env
+    for layer in layers:
+        if not _spawnable(layer):
+            raise ValueError(
+                f"cannot replicate the wrapper {type(layer).__name__} for batched collection: give it a "
+                f"spawn(inner) method that wraps `inner` the same way (sharing what must be shared, as EnvStepBudget "
+                f"does), pass a vector env (gym.make_vec(..., wrappers=[...])), or use num_envs=1")
     make_base = _base_spawner(inner)
-    if make_base is None or not all(_spawnable(layer) for layer in layers):
-        return None
+    if make_base is None:
+        raise ValueError(f"cannot make siblings of {type(inner).__name__}: give it a spawn() method that returns a "
+                         f"fresh env like it, pass a vector env (gym.make_vec(..., wrappers=[...])), or use num_envs=1")
     siblings = []
     for _ in range(count):
         sibling = make_base()

@@ -21,7 +21,7 @@ from sandbox.api import LABEL, Limits
 from sandbox.cgroup import V1_ROOT, V2_ROOT, MemoryCgroup
 from sandbox.images import WORKER_IN_IMAGE, docker_client, image_exists, image_tag
 from sandbox.local import WORKER_CAPS, WORKER_MEMORY_MB, random_child_uid, sandbox_environment
-from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle
+from sandbox.workers import FdReader, SandboxUnavailable, WorkerHandle, WorkerSandbox
 
 OWNER_LABEL = "etpo-gym.sandbox.owner"  # "<hostname>:<pid>" of the process that created it
 SANDBOX_LABEL = "etpo-gym.sandbox.id"
@@ -161,7 +161,7 @@ class ContainerWorker(WorkerHandle):
                 pass
 
 
-class DockerSandbox(PooledSandbox):
+class DockerSandbox(WorkerSandbox):
     """Warm workers in hardened containers; one container per concurrent slot, created on first use."""
 
     def __init__(self, limits: Limits | None = None, parallelism: int | None = None, recycle_after: int = 500,

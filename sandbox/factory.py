@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from sandbox.api import Limits, Sandbox
-from sandbox.pool import SandboxUnavailable
+from sandbox.workers import SandboxUnavailable
 
 log = logging.getLogger(__name__)
 

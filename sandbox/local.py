@@ -23,8 +23,8 @@ from pathlib import Path
 
 from sandbox.api import LABEL, Limits
 from sandbox.cgroup import MemoryCgroup
-from sandbox.pool import FdReader, PooledSandbox, SandboxUnavailable, WorkerHandle, write_with_deadline
 from sandbox.worker.supervisor import kill_uid
+from sandbox.workers import FdReader, SandboxUnavailable, WorkerHandle, WorkerSandbox, write_with_deadline
 
 WORKER_SOURCE = Path(__file__).with_name("worker")  # the worker package, deployed as a unit
 WORKER_IN_SANDBOX = "/opt/etpo/worker"  # started as `python -I -B /opt/etpo/worker` (see sandbox/worker/__main__.py)
@@ -229,7 +229,7 @@ def check_bubblewrap() -> None:
         raise SandboxUnavailable(f"bubblewrap failed to create namespaces: {reason}. " + NAMESPACE_HELP)
 
 
-class LocalSandbox(PooledSandbox):
+class LocalSandbox(WorkerSandbox):
     """Linux namespaces (bubblewrap) around warm workers."""
 
     def __init__(self, limits: Limits | None = None, parallelism: int | None = None, recycle_after: int = 500):
@@ -243,7 +243,7 @@ class LocalSandbox(PooledSandbox):
         return SubprocessWorker(bwrap_command(self.limits, uid), "local", sandbox_environment(), uid, cgroup)
 
 
-class UnsafeProcessSandbox(PooledSandbox):
+class UnsafeProcessSandbox(WorkerSandbox):
     """Rlimits, a private directory and an allow-listed environment only: no namespaces, no file-system view.
 
     Never chosen automatically. Agent code can read your files and reach the network.

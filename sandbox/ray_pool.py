@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.api import Job, Limits, RunResult, Status
-from sandbox.pool import RESPONSE_GRACE_S, SEND_TIMEOUT_S, STARTUP_TIMEOUT_S
+from sandbox.workers import RESPONSE_GRACE_S, SEND_TIMEOUT_S, STARTUP_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 

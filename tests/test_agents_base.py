@@ -184,11 +184,17 @@ def test_every_learner_config_extends_the_one_base_and_declares_its_fields_once(
     from agents.ppo import PPOConfig
     from agents.sft import SFTConfig
 
-    shared = {f.name for f in dataclasses.fields(LearnerConfig)}
-    assert {"lora_r", "lora_alpha", "runtime", "chunk_size", "seed", "checkpoints"} <= shared
+    base = {f.name: f for f in dataclasses.fields(LearnerConfig)}
+    assert {"rollout_steps", "num_envs", "generation", "lora_r", "lora_alpha", "runtime", "chunk_size", "seed",
+            "checkpoints"} <= set(base)
     for config_class in (ETPOConfig, PPOConfig, GRPOConfig, SFTConfig):
         assert issubclass(config_class, LearnerConfig)
-        assert not shared & set(config_class.__dict__.get("__annotations__", {})), config_class  # nothing redeclared
+        # a shared field is redeclared only as TRL's configs do: the same type, another default or help text
+        for name in set(base) & set(config_class.__dict__.get("__annotations__", {})):
+            own = next(f for f in dataclasses.fields(config_class) if f.name == name)
+            assert own.type == base[name].type, (config_class, name)
+            assert (own.default, own.default_factory, own.metadata) != (
+                base[name].default, base[name].default_factory, base[name].metadata), (config_class, name)
         # every Literal-typed field is checked by the base: a bad value names the field
         for declared in dataclasses.fields(config_class):
             if "Literal" in str(declared.type):

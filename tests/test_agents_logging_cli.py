@@ -48,7 +48,7 @@ def test_train_lists_the_learner_config_fields(capsys):
         main(["train", "--agent", "sft", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "--samples-per-round" in text and "self-improve" in text and "--keep-fraction" in text
+    assert "--rollout-steps" in text and "self-improve" in text and "--keep-fraction" in text
     args = build_parser().parse_args(["train", "--agent", "sft", "--budget", "3", "--out", "x", "--lr", "0.01",
                                       "--set", "epochs=3", "--set", "recipe=demos"])
     config = agents_cli.build_learner_config(args.config_class, args)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tasks
-from agents import bench
+from agents import benchmark as bench
 from agents.base import play
 
 pytestmark = pytest.mark.sandbox
@@ -220,7 +220,7 @@ def test_cli_runs_module_class_agents_end_to_end(tmp_path):
 
 
 def test_ray_hook_runs_the_remaining_cells_through_run_cell_isolated(tmp_path, monkeypatch):
-    import agents.bench.ray_exec as ray_exec
+    import agents.benchmark.ray_exec as ray_exec
 
     calls = []
 
@@ -273,7 +273,7 @@ def test_learners_evaluate_in_one_batch_from_a_stream_of_the_evaluation(tiny_mod
     its own `act` (episodes one by one)."""
     import torch
 
-    from agents.bench.run import batch_actor
+    from agents.benchmark.run import batch_actor
     from agents.etpo import ETPOAgent
 
     agent = ETPOAgent(model=tiny_model_dir, seed=0, max_new_tokens=8, **{"generation.seed": 7})

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 import tasks
-from agents import bench
+from agents import benchmark as bench
 from agents.base import SCRIPTED_PROGRAM
-from agents.bench.statistics import metric
+from agents.benchmark.statistics import metric
 
 pytestmark = pytest.mark.sandbox
 

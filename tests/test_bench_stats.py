@@ -6,7 +6,7 @@ import math
 import gymnasium as gym
 import pytest
 
-from agents import bench
+from agents import benchmark as bench
 from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
 
 
@@ -314,7 +314,7 @@ def test_suites_expand_to_their_tasks():
 def test_demo_prints_each_learners_paired_gain_with_its_interval():
     from rich.console import Console
 
-    from agents.bench.cli import print_gains
+    from agents.benchmark.cli import print_gains
 
     runs = [_run("etpo", "t", s, final) for s, final in enumerate([0.3, 0.5, 0.4])]
     runs += [_run("zero-shot", "t", s, 0.2, step0=0.2) for s in range(3)]
@@ -334,7 +334,7 @@ def test_demo_prints_each_learners_paired_gain_with_its_interval():
 def test_the_demos_last_line_gives_every_agents_gain_with_its_interval():
     import re
 
-    from agents.bench.cli import demo_line
+    from agents.benchmark.cli import demo_line
 
     result = {"summary": {"overall": [
         {"agent": "etpo", "gain": 0.12, "gain_ci": 0.09, "validity_gain": 0.25, "validity_gain_ci": 0.1},

@@ -26,7 +26,7 @@ from agents.etpo import (
 )
 from agents.lm import GenerationSettings
 
-SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
+SMALL = dict(device="cpu", num_envs=1, max_new_tokens=10, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, rollout_steps=4,
              seed=0, chunk_size=7)
 
 # Training, export and the memory/GPU benches print no library deprecation warnings (a clean console).
@@ -46,6 +46,10 @@ class DigitEnv(gym.Env):
     def step(self, action):
         reward = sum(c.isdigit() for c in action) / max(len(action), 1)
         return "done", float(reward), True, False, {"status": "ok"}
+
+    def spawn(self):
+        """A sibling for batched collection (`etpo_env.vector.vectorize`)."""
+        return DigitEnv()
 
 
 class TwoStepEnv(DigitEnv):

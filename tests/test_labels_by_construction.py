@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 import tasks
-from agents.bench.config import BenchConfig
-from agents.bench.run import run_cell
+from agents.benchmark.config import BenchConfig
+from agents.benchmark.run import run_cell
 from etpo_env.env import DataSciCodeEnv
 from sandbox.api import Job, RunResult, Status
 from tasks.splits import PAPER, SplitProtocol

@@ -8,7 +8,7 @@ import torch
 from agents.ppo import PPOAgent, PPOConfig
 from agents.rollout import Transition
 
-SMALL = dict(device="cpu", max_new_tokens=12, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, seed=0)
+SMALL = dict(device="cpu", num_envs=1, max_new_tokens=12, lora_r=4, lora_alpha=8, minibatch_size=2, epochs=2, seed=0)
 PROMPTS = ["def build_model(X, y):\n", "Task: predict the class of each row.\n", "import numpy as np\n"]
 
 

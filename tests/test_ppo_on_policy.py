@@ -12,7 +12,7 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.rollout import Transition
 
 TEMPERATURE = 0.7
-SMALL = dict(device="cpu", max_new_tokens=10, lora_r=4, lora_alpha=8, seed=0, temperature=TEMPERATURE)
+SMALL = dict(device="cpu", num_envs=1, max_new_tokens=10, lora_r=4, lora_alpha=8, seed=0, temperature=TEMPERATURE)
 PROMPTS = ["def build_model(X, y):\n", "Task: predict the class of each row.\n", "import numpy as np\n"]
 
 

@@ -95,7 +95,7 @@ def test_concurrent_runs_use_every_slot(ray_runtime):
 
 
 def test_pooled_vector_env_steps_on_the_pool(ray_runtime):
-    from etpo_env.pool import make_pooled_vec_env
+    from etpo_env.vector import make_pooled_vec_env
     from sandbox.ray_pool import RaySandboxPool
 
     with RaySandboxPool(2, backend="local", limits=LIMITS) as pool:
@@ -147,7 +147,7 @@ def without_timings(row: dict) -> dict:
 
 
 def test_bench_on_ray_gives_the_local_numbers(ray_runtime, tmp_path):
-    from agents.bench.run import run_benchmark
+    from agents.benchmark.run import run_benchmark
 
     local = run_benchmark(out=tmp_path / "local", **GRID)
     on_ray = run_benchmark(out=tmp_path / "ray", ray="auto", **GRID)
@@ -159,8 +159,8 @@ def test_bench_on_ray_gives_the_local_numbers(ray_runtime, tmp_path):
 
 
 def test_cells_on_cuda_declare_a_gpu():
-    from agents.bench.config import BenchConfig
-    from agents.bench.ray_exec import cell_resources
+    from agents.benchmark.config import BenchConfig
+    from agents.benchmark.ray_exec import cell_resources
 
     def resources(agent: str, **options) -> dict:
         config = BenchConfig(agents=[agent], tasks=["iris"], seeds=[0], budget=1, agent_options=options)
@@ -172,9 +172,9 @@ def test_cells_on_cuda_declare_a_gpu():
 
 
 def test_lost_cell_is_retried_then_reported(ray_runtime):
-    from agents.bench.config import BenchConfig
-    from agents.bench.ray_exec import run_cells
-    from agents.bench.statistics import CHANCE_SCORE
+    from agents.benchmark.config import BenchConfig
+    from agents.benchmark.ray_exec import run_cells
+    from agents.benchmark.statistics import CHANCE_SCORE
     from etpo_env.config import EnvConfig
 
     config = BenchConfig(agents=["scripted"], tasks=["iris"], seeds=[0], budget=1, sandbox="local",

@@ -155,11 +155,14 @@ def test_a_collection_shorter_than_num_envs_bootstraps_each_cut_chain_from_its_o
         assert not transition.terminated and transition.next_obs_ids.tolist() == tiny_policy.encode(env.emitted[-1])
 
 
-def test_an_env_whose_wrappers_cannot_be_spawned_is_collected_alone(tiny_policy):
+def test_an_env_whose_wrappers_cannot_be_replicated_is_an_error_that_says_what_to_do(tiny_policy):
+    """Never a silent fall-back to one env: the message names the wrapper and the ways out."""
     from gymnasium.wrappers import NormalizeReward
 
-    env = NormalizeReward(ScriptedTextEnv(length=2))
-    collector = RolloutCollector(tiny_policy, env, GEN, num_envs=4)
+    env = NormalizeReward(SpawnableEnv(length=2))
+    with pytest.raises(ValueError, match="NormalizeReward.*spawn.*make_vec.*num_envs=1"):
+        RolloutCollector(tiny_policy, env, GEN, num_envs=4)
+    collector = RolloutCollector(tiny_policy, env, GEN, num_envs=1)  # one env needs no siblings
     buffer, _ = collector.collect(3)
     assert len(buffer) == 3 and collector.num_envs == 1 and len(env.unwrapped.received) == 3
 

@@ -13,9 +13,9 @@ import pytest
 
 from sandbox import Fold, Job, Limits, Status, make_sandbox
 from sandbox.cgroup import MemoryCgroup
-from sandbox.pool import PooledSandbox, WorkerHandle
 from sandbox.results import build_result, validate_predictions
 from sandbox.worker import supervisor, wire
+from sandbox.workers import WorkerHandle, WorkerSandbox
 from tests.fixtures_sandbox import backend_params, make_backend
 
 pytestmark = pytest.mark.sandbox
@@ -357,7 +357,7 @@ def test_a_worker_damaged_after_its_answer_is_replaced_and_the_next_job_rerun():
     fresh = ScriptedWorker([ready, {"type": "result", "killed_reason": None, "exit_code": 0,
                                     "report": {"status": "runtime_error", "message": "ValueError: x"}}])
     workers = iter([damaged, fresh])
-    sandbox = PooledSandbox("local", lambda slot: next(workers), parallelism=1)
+    sandbox = WorkerSandbox("local", lambda slot: next(workers), parallelism=1)
     result = sandbox.run(Job(FOREST, [small_fold()]))
     assert damaged.killed and damaged.sent == 1 and fresh.sent == 1
     assert result.status is Status.RUNTIME_ERROR and sandbox.stats["workers_replaced"] == 1
@@ -376,13 +376,13 @@ def test_a_job_the_worker_never_took_is_run_once_more_on_a_fresh_worker():
                                         "report": {"status": "runtime_error", "message": "ValueError: x"}}
     busy, fresh = BusyWorker([ready]), ScriptedWorker([ready, answer])
     workers = iter([busy, fresh])
-    sandbox = PooledSandbox("local", lambda slot: next(workers), parallelism=1)
+    sandbox = WorkerSandbox("local", lambda slot: next(workers), parallelism=1)
     result = sandbox.run(Job(FOREST, [small_fold()]))
     assert busy.killed and fresh.sent == 1
     assert result.status is Status.RUNTIME_ERROR and sandbox.stats["workers_replaced"] == 1
     # a second worker that does not take it either: a sandbox error that says so
     workers = iter([BusyWorker([ready]), BusyWorker([ready])])
-    sandbox = PooledSandbox("local", lambda slot: next(workers), parallelism=1)
+    sandbox = WorkerSandbox("local", lambda slot: next(workers), parallelism=1)
     failed = sandbox.run(Job(FOREST, [small_fold()]))
     assert failed.status is Status.SANDBOX_ERROR and "did not take the job either" in failed.message
 

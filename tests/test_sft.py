@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agents.rollout import Transition
-from agents.sft import SFTAgent, SFTConfig, load_demonstrations, merge_pool, select_best
+from agents.sft import SFTAgent, SFTConfig, load_demonstrations, merge_best, select_best
 from tests.fixtures_lm import ScriptedTextEnv
 
 DEMOS = [
@@ -51,7 +51,7 @@ def test_sft_lowers_the_loss_on_a_fixed_demonstration_file(tiny_model_dir, demo_
     assert result["nll_after"] < result["nll_before"] - 0.05, result
 
 
-def test_select_best_and_pool_keep_the_highest_rewarded_valid_programs():
+def test_select_best_and_merge_best_keep_the_highest_rewarded_valid_programs():
     def tr(reward, status, action):
         ids = np.array([1, 2], np.int32)
         return Transition(ids, np.array(action, np.int32), np.zeros(len(action), np.float32),
@@ -61,26 +61,26 @@ def test_select_best_and_pool_keep_the_highest_rewarded_valid_programs():
     kept = select_best(buffer, keep_fraction=0.5)
     assert [(r, a) for r, _, a in kept] == [(0.9, [6]), (0.7, [8])]
     assert select_best([buffer[2]], 0.5) == []
-    pool = merge_pool(kept, [(0.95, [1], [6]), (0.1, [1], [9])], size=2)
-    assert [(r, a) for r, _, a in pool] == [(0.95, [6]), (0.7, [8])]
+    best = merge_best(kept, [(0.95, [1], [6]), (0.1, [1], [9])], size=2)
+    assert [(r, a) for r, _, a in best] == [(0.95, [6]), (0.7, [8])]
 
 
 def test_self_improvement_counts_every_env_step_and_trains_on_the_best(tiny_model_dir, tmp_path):
     env = ScriptedTextEnv(length=3)
-    agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(samples_per_round=4, steps_per_round=2, batch_size=2,
-                                                           keep_fraction=0.5), device="cpu", max_new_tokens=8)
+    agent = SFTAgent(model=tiny_model_dir, config=SFTConfig(rollout_steps=4, steps_per_round=2, batch_size=2,
+                                                           keep_fraction=0.5, num_envs=1), device="cpu", max_new_tokens=8)
     before = [p.detach().clone() for p in agent.params]
     result = agent.learn(env, budget=10, out_dir=tmp_path / "run")
     assert len(env.received) == 10 and result["env_steps"] == 10  # rounds of 4, 4, 2
     assert result["updates"] == 3
     valid = [a for a in env.received if len(a) % 2 == 0]  # the scripted env's "ok" programs
     if valid:
-        assert agent.pool and max(r for r, _, _ in agent.pool) == max(len(a) for a in valid)
+        assert agent.best and max(r for r, _, _ in agent.best) == max(len(a) for a in valid)
         assert any(not np.allclose(b, p.detach()) for b, p in zip(before, agent.params))
     assert (tmp_path / "run" / "checkpoint" / "trainer.pt").exists()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 3
     resumed = SFTAgent.load(tmp_path / "run" / "checkpoint")
-    assert resumed.counters == agent.counters and len(resumed.pool) == len(agent.pool)
+    assert resumed.counters == agent.counters and len(resumed.best) == len(agent.best)
     resumed.learn(env, budget=12)
     assert len(env.received) == 12  # the budget is the agent's lifetime count: 2 more steps
 

@@ -30,7 +30,6 @@ from agents.etpo.update import (
     realised_returns,
 )
 from agents.learner import (
-    NUM_ENVS_HELP,
     Learner,
     LearnerConfig,
     check_sampled_generation,
@@ -84,8 +83,6 @@ class ETPOConfig(LearnerConfig):
         "help": "Transitions per no-gradient pass (ρ's features, the target pass): larger than a minibatch, since "
                 "no graph is kept (a prompt the transitions share runs once per pass)."})
     # rollouts
-    rollout_steps: int = field(default=16, metadata={"help": "Env steps (sandboxed programs) per update."})
-    num_envs: int = field(default=16, metadata={"help": NUM_ENVS_HELP})
     generation: GenerationSettings = field(default_factory=GenerationSettings, metadata={
         "help": "How actions are sampled. ETPO trains the sampled distribution: π = softmax(logits/temperature) "
                 "and ρ at the same temperature (any temperature > 0); top_k/top_p are refused (the update sums over "

@@ -104,8 +104,8 @@ def _split(text: str) -> list[str]:
 
 
 def _run_and_report(args: argparse.Namespace, task_items: list[str], console: Any) -> tuple[int, dict[str, Any]]:
-    from agents.bench.report import PLOTS, print_table
-    from agents.bench.run import run_benchmark
+    from agents.benchmark.report import PLOTS, print_table
+    from agents.benchmark.run import run_benchmark
 
     result = run_benchmark(args.agent_list, task_items, args.seeds, args.budget, model=args.model,
                            sandbox=args.env_config.sandbox, out=args.out, progress=not args.no_progress,
@@ -122,7 +122,7 @@ def _run_and_report(args: argparse.Namespace, task_items: list[str], console: An
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from agents.bench.report import make_console
+    from agents.benchmark.report import make_console
 
     try:
         return _run_and_report(args, _split(args.tasks), make_console())[0]
@@ -132,7 +132,7 @@ def _bench_command(args: argparse.Namespace) -> int:
 
 def _demo_command(args: argparse.Namespace) -> int:
     import tasks as tasks_pkg
-    from agents.bench.report import make_console
+    from agents.benchmark.report import make_console
     from agents.tiny import ensure_tiny_model
 
     console = make_console()
@@ -173,7 +173,7 @@ def demo_line(result: dict[str, Any], metric: str) -> str:
 
 def print_gains(result: dict[str, Any], console: Any) -> None:
     """What each learner gained by training: final minus step-0 evaluation, paired over seeds, with its 95% CI."""
-    from agents.bench.statistics import SCALE_LABELS, format_ci
+    from agents.benchmark.statistics import SCALE_LABELS, format_ci
 
     learners = {r["agent"] for r in result["runs"] if r.get("learner")}
     rows = [row for row in result["summary"]["overall"] if row["agent"] in learners]

@@ -9,7 +9,7 @@ local (bubblewrap) backend on every slot:
 - env steps/s: two pooled DataSciCode envs stepping together on a local `SandboxPool` of 2, on a Ray pool of one
   actor and on a Ray pool of two actors, interleaved round by round.
 
-    .venv/bin/python bench/ray_pool.py [--jobs 30] [--rounds 12] [--task breast_cancer]
+    .venv/bin/python bench/ray_overhead.py [--jobs 30] [--rounds 12] [--task breast_cancer]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")  # the sandboxes run single-threaded BLAS; so does the host side here
 
 import etpo_env  # noqa: E402,F401  (registers DataSciCode-v0)
-from etpo_env.pool import make_pooled_vec_env  # noqa: E402
+from etpo_env.vector import make_pooled_vec_env  # noqa: E402
 from sandbox import Job, Limits, make_sandbox  # noqa: E402
 from sandbox.ray_pool import RaySandboxPool, connect_ray  # noqa: E402
 from sandbox.safety import HONEST_PROGRAM, tiny_fold  # noqa: E402

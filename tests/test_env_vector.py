@@ -16,8 +16,9 @@ from gymnasium.vector import AutoresetMode
 
 import tasks
 from etpo_env.env import DataSciCodeEnv
-from etpo_env.pool import SandboxPool, ThreadedVectorEnv, make_pooled_vec_env
+from etpo_env.vector import ThreadedVectorEnv, make_pooled_vec_env
 from sandbox import RunResult, Status
+from sandbox.pool import SandboxPool
 
 SLEEP_S = 1.0
 
@@ -123,7 +124,7 @@ def test_make_pooled_vec_env_bounds_sandboxes(task, monkeypatch):
         assert (backend, limits) == ("local", None)
         return lambda: made.append(SleepySandbox()) or made[-1]
 
-    monkeypatch.setattr("etpo_env.pool._sandbox_factory", fake_factory)
+    monkeypatch.setattr("sandbox.pool._sandbox_factory", fake_factory)
     envs = make_pooled_vec_env(num_envs=4, pool_size=2, sandbox="local", task=task)
     envs.reset(seed=0)
     elapsed, _ = _timed_step(envs, ("return 1",) * 4)
@@ -138,7 +139,7 @@ def test_make_pooled_vec_env_takes_an_env_config(task, monkeypatch):
 
     seen = []
     original = make_pooled_vec_env.__globals__["SandboxPool"]
-    monkeypatch.setattr("etpo_env.pool.SandboxPool",
+    monkeypatch.setattr("etpo_env.vector.SandboxPool",
                         lambda size, backend, limits: seen.append(backend) or original(size=size, factory=SleepySandbox))
     envs = make_pooled_vec_env(num_envs=2, config=EnvConfig(task=task, sandbox="local", max_attempts=2))
     assert seen == ["local"] and [e.unwrapped.max_attempts for e in envs.envs] == [2, 2]
@@ -253,9 +254,11 @@ def test_spawn_siblings_rebuilds_the_wrapper_chain_and_shares_stateful_wrappers(
     siblings[0].reset()
     siblings[0].step("p4")
     assert env.steps == 1 and env.best_program == "p4"  # the given env's budget saw the sibling's step
-    # running statistics belong to one stream of steps; a base env that cannot be rebuilt: no siblings
-    assert spawn_siblings(NormalizeReward(ProgramEnv()), 2) is None
-    assert spawn_siblings(EnvStepBudget(gym.make("CartPole-v1"), budget=3), 1) is None
+    # running statistics belong to one stream of steps; a base env that cannot be rebuilt: an error saying why
+    with pytest.raises(ValueError, match="wrapper NormalizeReward"):
+        spawn_siblings(NormalizeReward(ProgramEnv()), 2)
+    with pytest.raises(ValueError, match="siblings of CartPoleEnv"):
+        spawn_siblings(EnvStepBudget(gym.make("CartPole-v1"), budget=3), 1)
 
 
 def test_spawn_siblings_of_a_datascicode_env_share_its_sandbox(task, monkeypatch):

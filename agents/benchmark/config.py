@@ -10,7 +10,7 @@ from typing import Any
 
 from etpo_env.config import NOT_ON_COMMAND_LINE, EnvConfig
 
-# Version of config.json, the per-cell files and results.json (documented in `agents.bench.report`). Version 1
+# Version of config.json, the per-cell files and results.json (documented in `agents.benchmark.report`). Version 1
 # (no "schema" field) scored the best-on-dev program of the budget; version 2 evaluates the policy at fixed points.
 SCHEMA = 3
 # Env fields a cell does not take from the config: the task is the cell's, the sandbox is shared by every cell.

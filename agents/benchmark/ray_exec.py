@@ -1,6 +1,6 @@
 """Benchmark cells as Ray tasks: each `(agent_spec, task_name, seed)` cell runs on some node of a cluster.
 
-A cell is `agents.bench.run.run_cell_isolated(config, agent_spec, task_name, seed)` in a Ray worker: it builds its
+A cell is `agents.benchmark.run.run_cell_isolated(config, agent_spec, task_name, seed)` in a Ray worker: it builds its
 own task, sandbox (the configured backend, on that node) and agent there and returns the cell record, the same
 record the local loop writes. The driver hands each record to `on_record` as its cell finishes (any order).
 
@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from agents.bench.config import BenchConfig
+from agents.benchmark.config import BenchConfig
 
 Cell = tuple[str, str, int]  # (agent_spec, task_name, seed)
 WAIT_SLICE_S = 5.0  # the driver wakes this often while cells run (so Ctrl-C is handled promptly)
@@ -42,7 +42,7 @@ def cell_resources(config: BenchConfig, agent_spec: str) -> dict[str, float]:
 
 
 def _run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
-    from agents.bench.run import run_cell_isolated
+    from agents.benchmark.run import run_cell_isolated
 
     return run_cell_isolated(config, agent_spec, task_name, seed)
 
@@ -68,8 +68,8 @@ LOST_AGENT_SPEC = f"{__name__}:{CellNeverReturned.__name__}"
 def lost_cell_record(config: BenchConfig, cell: Cell, error: str, attempts: int) -> dict[str, Any]:
     """The record of a cell that failed on the cluster every time: as `run_cell` records an agent that failed
     before its first step, under the cell's own agent, with `error` saying why and `attempts` how often it ran."""
-    from agents.bench.config import agent_label
-    from agents.bench.run import load_task, run_cell
+    from agents.benchmark.config import agent_label
+    from agents.benchmark.run import load_task, run_cell
 
     agent_spec, task_name, seed = cell
     record = run_cell(config, LOST_AGENT_SPEC, load_task(config, task_name), seed, config.sandbox,

@@ -23,7 +23,7 @@ The protocol of one cell (`run_cell`), with budget B and evaluation interval E:
 Each finished cell is written to `<out>/runs/<agent>__<task>__seed<k>.json` the moment it ends; a rerun with the same
 folder skips those cells, so an interrupted benchmark resumes where it stopped. The aggregate files (results.json,
 results.csv, summary.md, *.png) are rewritten from all cell files at the end of every run. The record's fields are
-documented in `agents.bench.report` (schema `SCHEMA`).
+documented in `agents.benchmark.report` (schema `SCHEMA`).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ import gymnasium as gym
 import etpo_env  # noqa: F401  (registers DataSciCode-v0)
 import tasks as tasks_pkg
 from agents.base import as_agent
-from agents.bench.config import SCHEMA, BenchConfig, agent_label, run_file_name, split_options
-from agents.bench.report import json_default, make_console, write_json_atomic, write_outputs
-from agents.bench.statistics import CHANCE_SCORE, run_metrics
+from agents.benchmark.config import SCHEMA, BenchConfig, agent_label, run_file_name, split_options
+from agents.benchmark.report import json_default, make_console, write_json_atomic, write_outputs
+from agents.benchmark.statistics import CHANCE_SCORE, run_metrics
 from agents.registry import (
     AGENTS,
     build_agent,
@@ -499,7 +499,7 @@ def run_benchmark(agents: Sequence[str], tasks: Sequence[str], seeds: int | Sequ
     closed here). `env` is every cell's `EnvConfig` (its task and sandbox are the cell's); `options` are further
     `BenchConfig` fields (`eval_every`, `eval_episodes`, `agent_options`) or `EnvConfig` fields (`max_rows=300`,
     `mode="refine"`, ...), which override `env`. `ray` is a Ray address ("auto" for the local cluster): the cells
-    then run as Ray tasks (`agents.bench.ray_exec`), each with its own sandbox of the configured backend. Returns
+    then run as Ray tasks (`agents.benchmark.ray_exec`), each with its own sandbox of the configured backend. Returns
     {"summary", "runs", "out"}.
     """
     bench_options, env_options = split_options(options)
@@ -607,7 +607,7 @@ def _run_cells(config: BenchConfig, cells: list, sandbox: Any, model_path: Calla
 
 def _run_cells_on_ray(address: str, config: BenchConfig, cells: list, out: Path, progress: bool,
                       console: Any) -> None:
-    from agents.bench.ray_exec import run_cells
+    from agents.benchmark.ray_exec import run_cells
 
     with _progress(console, progress, "cells") as bar:
         total = bar.add_task("benchmark on Ray", total=len(cells))

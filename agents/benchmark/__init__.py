@@ -1,6 +1,6 @@
 """The benchmark harness: agents × tasks × seeds under one env-step budget.
 
-    from agents.bench import run_benchmark
+    from agents.benchmark import run_benchmark
 
     result = run_benchmark(["etpo", "ppo", "scripted"], ["breast_cancer"], seeds=3, budget=64, eval_every=16,
                            eval_episodes=5, sandbox="local")
@@ -19,7 +19,7 @@ import importlib
 from typing import Any
 
 # Public names -> the submodule defining them; loaded on first use, so `etpo --version` (which registers
-# `agents.bench.cli`) does not import the runner, pandas or matplotlib.
+# `agents.benchmark.cli`) does not import the runner, pandas or matplotlib.
 _EXPORTS = {
     "config": ["SCHEMA", "BenchConfig", "agent_label", "run_file_name"],
     "report": ["CSV_COLUMNS", "PLOTS", "TABLE_HEADER", "markdown_table", "print_table", "summary_markdown",
@@ -39,8 +39,8 @@ __all__ = sorted(_MODULE_OF)
 def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
-        raise AttributeError(f"module 'agents.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"agents.bench.{module}"), name)
+        raise AttributeError(f"module 'agents.benchmark' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"agents.benchmark.{module}"), name)
 
 
 def __dir__() -> list[str]:

@@ -1,6 +1,6 @@
 """Reports of a benchmark: the results folder (results.json, results.csv, summary.md, plots) and the console tables.
 
-Results schema, version 3 (`agents.bench.config.SCHEMA`). Scores are normalized test scores (0 = the task's baseline
+Results schema, version 3 (`agents.benchmark.config.SCHEMA`). Scores are normalized test scores (0 = the task's baseline
 pipeline, 1 = its reference pipeline; None for a task without stored reference scores) unless named `*_score`,
 which are the raw test metric (ROC AUC). The primary metric is the final program's normalized test score (what a
 user of the agent gets); beside it, where learning shows first, `statistics.LEARNING_METRICS`: first-attempt
@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from agents.bench.config import SCHEMA, BenchConfig, agent_label
-from agents.bench.statistics import (
+from agents.benchmark.config import SCHEMA, BenchConfig, agent_label
+from agents.benchmark.statistics import (
     CHANCE_SCORE,
     LEARNING_LABELS,
     LEARNING_METRICS,
