@@ -420,8 +420,7 @@ class GRPOAgent(Learner):
         n_tokens = sum(len(t.action_ids) for t in transitions)
         rewards = np.array([t.reward for t in transitions], dtype=np.float64)
         first, last = first_and_last_tenth(t.extras["advantages"] for t in transitions)
-        return {
-            "reward_mean": float(rewards.mean()),
+        return {  # reward_mean and reward_max: the collector's (agents/rollout.py), one computation for every learner
             "reward_std": float(rewards.std()),
             **group_stats,
             **update_stats,

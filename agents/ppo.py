@@ -33,6 +33,7 @@ wires it to the shared LMPolicy, RolloutCollector and RunLogger.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -270,10 +271,24 @@ def action_mask(transitions: Sequence[Any], device: torch.device | str = "cpu") 
     return (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).float().to(device)
 
 
+@dataclass
+class PPOUpdateSettings:
+    """The subset of PPOConfig the update needs (so the toy tests can drive `ppo_update` without an LM); see the
+    config's fields for each one's meaning."""
+
+    epochs: int = 4
+    minibatch_size: int = 4
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    target_kl: float | None = 0.1
+    normalize_advantages: bool = True
+
+
 def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], ForwardOutput],
-               optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], *, epochs: int,
-               minibatch_size: int, clip: float, value_clip: float | None, value_coef: float, entropy_coef: float,
-               max_grad_norm: float, target_kl: float | None, normalize_advantages: bool,
+               optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], settings: PPOUpdateSettings,
                generator: torch.Generator, device: torch.device | str = "cpu") -> dict[str, float]:
     """Several epochs of clipped-PPO minibatch steps; stops (before stepping) once a minibatch's approx-KL(π_old‖π_θ)
     exceeds 1.5·target_kl, as Stable-Baselines3 does.
@@ -282,9 +297,10 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
     Transitions must carry extras values/advantages/returns; π_old is `extras["old_logp"]` when every transition
     has it (recomputed by the learner), else the sampling-time `logp`.
     """
+    epochs, minibatch_size, clip = settings.epochs, settings.minibatch_size, settings.clip
     if epochs < 1 or minibatch_size < 1 or not transitions:
         raise ValueError("ppo_update needs epochs >= 1, minibatch_size >= 1 and at least one transition")
-    if normalize_advantages:
+    if settings.normalize_advantages:
         flat = np.concatenate([t.extras["advantages"] for t in transitions]).astype(np.float64)
         mean, std = flat.mean(), flat.std()
     else:
@@ -302,16 +318,16 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
             out = forward(batch)
             policy_loss, stats = clipped_policy_loss(out.logp, old_logp, advantages, mask, clip)
             value_loss = clipped_value_loss(out.values, pad_extras(batch, "values", device),
-                                            pad_extras(batch, "returns", device), mask, value_clip)
+                                            pad_extras(batch, "returns", device), mask, settings.value_clip)
             entropy = masked_mean(out.entropy, mask) if out.entropy is not None else torch.zeros((), device=device)
             approx_kl = stats["approx_kl"].item()
-            if target_kl is not None and approx_kl > 1.5 * target_kl:
+            if settings.target_kl is not None and approx_kl > 1.5 * settings.target_kl:
                 stopped_early = True  # as SB3: this minibatch already sees a policy too far from π_old; no step
                 break
-            loss = policy_loss + value_coef * value_loss - entropy_coef * entropy
+            loss = policy_loss + settings.value_coef * value_loss - settings.entropy_coef * entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             step_stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                           "entropy": entropy.item(), "approx_kl": approx_kl,
@@ -394,6 +410,9 @@ class PPOConfig(LearnerConfig):
         if not (0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0 and 0.0 <= self.lam_in_action <= 1.0):
             raise ValueError("gamma, lam and lam_in_action must lie in [0, 1]")
         check_sampled_generation(self.generation, "PPO")
+
+    def update_settings(self) -> PPOUpdateSettings:
+        return PPOUpdateSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PPOUpdateSettings)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,12 +548,8 @@ class PPOAgent(Learner):
         time_advantages = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        update_stats = ppo_update(
-            transitions, self.forward, self.optimizer, self.policy_params + self.value_params, epochs=cfg.epochs,
-            minibatch_size=cfg.minibatch_size, clip=cfg.clip, value_clip=cfg.value_clip,
-            value_coef=cfg.value_coef, entropy_coef=cfg.entropy_coef, max_grad_norm=cfg.max_grad_norm,
-            target_kl=cfg.target_kl, normalize_advantages=cfg.normalize_advantages, generator=self.generator,
-            device=self.policy.device)
+        update_stats = ppo_update(transitions, self.forward, self.optimizer, self.policy_params + self.value_params,
+                                  cfg.update_settings(), self.generator, self.policy.device)
         time_update = time.perf_counter() - tick
 
         n_tokens = sum(len(t.action_ids) for t in transitions)
@@ -546,11 +561,8 @@ class PPOAgent(Learner):
             kl_to_reference = kl_estimate
         values = np.concatenate([t.extras["values"] for t in transitions])
         returns = np.concatenate([t.extras["returns"] for t in transitions])
-        rewards = np.array([t.reward for t in transitions], dtype=np.float64)
         first, last = first_and_last_tenth(t.extras["advantages"] for t in transitions)
-        return {
-            "reward_mean": float(rewards.mean()),
-            "reward_max": float(rewards.max()),
+        return {  # reward_mean and reward_max: the collector's (agents/rollout.py), one computation for every learner
             "signal/advantage_first_tenth": first,  # raw |advantage| (before whitening) by token position
             "signal/advantage_last_tenth": last,
             "kl_to_reference": kl_to_reference,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.ppo import ForwardOutput, compute_advantages, ppo_update
+from agents.ppo import ForwardOutput, PPOUpdateSettings, compute_advantages, ppo_update
 from agents.rollout import Transition
 
 VOCAB = 3
@@ -85,9 +85,8 @@ def train(beta: float, decomposed: bool, iterations: int, seed: int = 0, batch: 
         transitions = model.sample(batch, rng)
         compute_advantages(transitions, {}, kl_coef=beta, gamma=gamma, lam=0.95, decomposed=decomposed,
                            kl_estimator="k1")
-        stats = ppo_update(transitions, model, optimizer, list(model.parameters()), epochs=4, minibatch_size=64,
-                           clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0, max_grad_norm=1.0,
-                           target_kl=None, normalize_advantages=True, generator=rng)
+        stats = ppo_update(transitions, model, optimizer, list(model.parameters()),
+                           PPOUpdateSettings(epochs=4, minibatch_size=64, value_clip=None, target_kl=None), rng)
         assert np.isfinite(stats["policy_loss"]) and stats["gradient_steps"] == 4 * batch // 64
         schedule.step()
     return model
@@ -147,9 +146,9 @@ def _one_update(model, optimizer, **overrides):
     rng = torch.Generator().manual_seed(0)
     transitions = model.sample(128, rng)
     compute_advantages(transitions, {}, kl_coef=0.0, gamma=1.0, lam=1.0, decomposed=True, kl_estimator="k1")
-    settings = dict(epochs=4, minibatch_size=32, clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0,
-                    max_grad_norm=100.0, target_kl=None, normalize_advantages=True, generator=rng)
-    return ppo_update(transitions, model, optimizer, list(model.parameters()), **{**settings, **overrides})
+    settings = dict(epochs=4, minibatch_size=32, value_clip=None, max_grad_norm=100.0, target_kl=None)
+    return ppo_update(transitions, model, optimizer, list(model.parameters()),
+                      PPOUpdateSettings(**{**settings, **overrides}), rng)
 
 
 def test_approx_kl_early_stop_ends_the_epochs_before_a_step_from_a_far_policy():
@@ -214,8 +213,7 @@ def test_advantages_are_whitened_over_the_whole_batch_not_per_minibatch():
         return ForwardOutput(logp=logp, values=torch.zeros(len(batch), n, requires_grad=True))
 
     stats = ppo_update(transitions, forward, torch.optim.SGD(model.parameters(), lr=0.0), list(model.parameters()),
-                       epochs=1, minibatch_size=1, clip=0.2, value_clip=None, value_coef=0.5, entropy_coef=0.0,
-                       max_grad_norm=1.0, target_kl=None, normalize_advantages=True,
-                       generator=torch.Generator().manual_seed(0))
+                       PPOUpdateSettings(epochs=1, minibatch_size=1, value_clip=None, target_kl=None),
+                       torch.Generator().manual_seed(0))
     assert stats["gradient_steps"] == 3
     assert stats["policy_loss"] == pytest.approx(-1 / 3, abs=1e-6)

@@ -337,8 +337,7 @@ class ETPOAgent(Learner):
         returns = realised_returns(transitions, cfg.gamma)
         q_first = [first_q.get(i, float("nan")) for i in range(len(transitions))]
         statuses = [t.info.get("status") for t in transitions]
-        return {
-            "reward_mean": float(rewards.mean()),
+        return {  # reward_mean and reward_max: the collector's (agents/rollout.py), one computation for every learner
             "success_rate": float(np.mean([s == "ok" for s in statuses])) if any(statuses) else float("nan"),
             "best_reward": self.best_reward,
             "q_return_corr": pearson(torch.tensor(q_first), torch.tensor(returns)),
