@@ -230,6 +230,17 @@ class SiblingVectorEnv(gym.vector.VectorEnv):
             infos = self._add_info(infos, info, i)
         return tuple(self._observations), rewards, terminations, truncations, infos
 
+    def _add_info(self, vector_infos: dict[str, Any], env_info: dict[str, Any], env_num: int) -> dict[str, Any]:
+        """Gymnasium's dict of per-env arrays with `_key` presence masks, in object arrays: each sub-env's values
+        come back as they were (Gymnasium's own typed arrays turn a None score into NaN, a program into numpy text)."""
+        for key, value in env_info.items():
+            if key not in vector_infos:
+                vector_infos[key] = np.full(self.num_envs, None, dtype=object)
+                vector_infos["_" + key] = np.zeros(self.num_envs, dtype=bool)
+            vector_infos[key][env_num] = value
+            vector_infos["_" + key][env_num] = True
+        return vector_infos
+
     def close_extras(self, **kwargs: Any) -> None:
         """Close the siblings (the env handed over stays its owner's)."""
         siblings, self.envs = self.envs[1:], self.envs[:1]
