@@ -198,31 +198,35 @@ class Learner:
     config_class: ClassVar[type]
     needs_reference_logprobs: ClassVar[bool] = False  # the collector scores sampled tokens under ρ too
 
-    def __init__(self, model: str | Path = "tiny", config: Any = None, **overrides: Any):
+    def __init__(self, model: str | Path = "tiny", config: Any = None, *, policy: Any = None,
+                 saved_policy: Path | None = None, **overrides: Any):
+        """The one constructor. `model`: `"tiny"` or any `from_pretrained` name or path (fresh adapters, seeded by
+        the config's seed); `policy`: an existing `LMPolicy` that already carries the learner's adapters
+        (`from_policy`); `saved_policy`: a policy folder `save` wrote, re-attached to `model` (`load`)."""
         from agents.config import with_fields
         from agents.tiny import resolve_model
 
         self.config = with_fields(config or self.config_class(), overrides)
-        self.model_path = str(resolve_model(model))
-        torch.manual_seed(self.config.seed)  # fresh adapter weights come from torch's global RNG
-        self.policy = self._load_policy(None)
+        if policy is not None:
+            self.model_path = str(policy.name_or_path)
+            missing = set(self.adapters()[0]) - set(policy.adapter_names)
+            if missing:
+                raise ValueError(f"the policy lacks adapter(s) {sorted(missing)} that {type(self).__name__} needs")
+        elif saved_policy is not None:
+            self.model_path = str(model)
+            policy = self._load_policy(saved_policy)
+        else:
+            self.model_path = str(resolve_model(model))
+            torch.manual_seed(self.config.seed)  # fresh adapter weights come from torch's global RNG
+            policy = self._load_policy(None)
+        self.policy = policy
         self._init_state()
 
     @classmethod
     def from_policy(cls, policy: Any, config: Any = None, **overrides: Any) -> Learner:
         """A learner over an existing `LMPolicy` that already carries its adapters (benchmarks of model shapes built
         in memory)."""
-        from agents.config import with_fields
-
-        learner = cls.__new__(cls)
-        learner.config = with_fields(config or cls.config_class(), overrides)
-        learner.model_path = str(policy.name_or_path)
-        learner.policy = policy
-        missing = set(learner.adapters()[0]) - set(policy.adapter_names)
-        if missing:
-            raise ValueError(f"the policy lacks adapter(s) {sorted(missing)} that {cls.__name__} needs")
-        learner._init_state()
-        return learner
+        return cls(config=config, policy=policy, **overrides)
 
     # -- what a learner defines ----------------------------------------------------------------------------------
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
@@ -413,7 +417,7 @@ class Learner:
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> Learner:
         """Rebuild a learner saved by `save` (config overrides allowed, e.g. device) and restore all its state."""
-        from agents.config import load_config, with_fields
+        from agents.config import load_config
 
         directory = Path(directory)
         state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)  # our own file
@@ -423,11 +427,8 @@ class Learner:
                              f"{CHECKPOINT_FORMAT}); retrain or use the version that wrote it")
         if state.get("learner") != cls.__name__:
             raise ValueError(f"{directory} holds a {state.get('learner')} checkpoint, not a {cls.__name__} one")
-        learner = cls.__new__(cls)
-        learner.config = with_fields(load_config(cls.config_class, directory / "config.json"), overrides)
-        learner.model_path = state["model_path"]
-        learner.policy = learner._load_policy(directory / "policy")
-        learner._init_state()
+        learner = cls(state["model_path"], load_config(cls.config_class, directory / "config.json"),
+                      saved_policy=directory / "policy", **overrides)
         learner.load_state_dict(state["learner_state"])
         learner.counters = dict(state["counters"])
         set_rng_states(state["rng"])
