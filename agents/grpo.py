@@ -93,7 +93,7 @@ from agents.learner import (
     reference_scores,
 )
 from agents.lm import GenerationSettings
-from agents.ppo import action_mask, clipped_policy_loss, pad_extras
+from agents.ppo import action_mask, clipped_policy_loss, pad_tokens
 from agents.rollout import episode_chains
 
 GroupBy = Literal["prompt", "episode"]
@@ -221,7 +221,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 def compute_group_advantages(transitions: Sequence[Any], *, group_by: GroupBy, kind: AdvantageKind,
                              scale_rewards: bool, gamma: float = 1.0, eps: float = 1e-4) -> dict[str, float]:
-    """Fill `extras["advantages"]` of every transition (its group advantage on each of its tokens); return the
+    """Fill `advantages` of every transition (its group advantage on each of its tokens); return the
     group statistics: groups, group_size_mean, zero_advantage_share (share of actions whose advantage is exactly 0)."""
     credits = action_credits(transitions, group_by, gamma)
     groups = form_groups(transitions, group_by)
@@ -229,7 +229,7 @@ def compute_group_advantages(transitions: Sequence[Any], *, group_by: GroupBy, k
     for members in groups:
         advantages[members] = group_advantages(credits[members], kind, scale_rewards, eps)
     for t, advantage in zip(transitions, advantages, strict=True):
-        t.extras["advantages"] = np.full(len(t.action_ids), advantage, dtype=np.float32)
+        t.advantages = np.full(len(t.action_ids), advantage, dtype=np.float32)
     return {"groups": float(len(groups)), "group_size_mean": len(transitions) / max(len(groups), 1),
             "zero_advantage_share": float(np.mean(advantages == 0.0)) if len(advantages) else 0.0}
 
@@ -242,7 +242,7 @@ def grpo_update(transitions: Sequence[Any], score: Callable[[Sequence[Any]], tor
     """`iterations` passes over the batch in shuffled minibatches, one clipped gradient step each.
 
     `score(batch)` returns log π_θ per action token, padded to [B, longest action] (differentiable). Transitions
-    carry `extras["advantages" | "old_logp"]`, and `extras["ref_logp"]` when `kl_coef` > 0. Returns the mean of
+    carry `advantages` and `old_logp`, and `ref_logp` at the sampling temperature when `kl_coef` > 0. Returns the mean of
     each diagnostic over the steps taken.
     """
     if iterations < 1 or minibatch_size < 1 or not transitions:
@@ -254,9 +254,9 @@ def grpo_update(transitions: Sequence[Any], score: Callable[[Sequence[Any]], tor
         for start in range(0, len(order), minibatch_size):
             batch = [transitions[i] for i in order[start: start + minibatch_size]]
             mask = action_mask(batch, device)
-            ref_logp = pad_extras(batch, "ref_logp", device) if kl_coef > 0 else None
-            loss, stats = grpo_loss(score(batch), pad_extras(batch, "old_logp", device), ref_logp,
-                                    pad_extras(batch, "advantages", device), mask, clip=clip, kl_coef=kl_coef,
+            ref_logp = pad_tokens(batch, "ref_logp", device) if kl_coef > 0 else None
+            loss, stats = grpo_loss(score(batch), pad_tokens(batch, "old_logp", device), ref_logp,
+                                    pad_tokens(batch, "advantages", device), mask, clip=clip, kl_coef=kl_coef,
                                     loss_norm=loss_norm, max_tokens=max_tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -375,8 +375,8 @@ class GRPOAgent(Learner):
 
     @torch.no_grad()
     def annotate(self, transitions: Sequence[Any]) -> None:
-        """Store per action token, in minibatch-sized chunks: log π_old ("old_logp"), the entropy of π_old
-        ("entropy") and, when the reference is used, log ρ ("ref_logp") and the exact KL ("kl", if asked for)."""
+        """Store per action token, in minibatch-sized chunks: log π_old (`old_logp`), the entropy of π_old
+        (`entropy`) and, when the reference is used, log ρ (`ref_logp`) and the exact KL (`kl`, if asked for)."""
         size = self.config.minibatch_size
         for start in range(0, len(transitions), size):
             batch = transitions[start: start + size]
@@ -385,9 +385,9 @@ class GRPOAgent(Learner):
             offsets = np.cumsum([0, *lengths])
             flat = {key: value.float().cpu().numpy() for key, value in extra.items()}
             for i, (t, n) in enumerate(zip(batch, lengths, strict=True)):
-                t.extras["old_logp"] = logp[i, :n].cpu().numpy().astype(np.float32)
-                for key, value in flat.items():
-                    t.extras[key] = value[offsets[i]:offsets[i + 1]].astype(np.float32)
+                t.old_logp = logp[i, :n].cpu().numpy().astype(np.float32)
+                for key, value in flat.items():  # entropy; ref_logp and kl when the reference is used
+                    setattr(t, key, value[offsets[i]:offsets[i + 1]].astype(np.float32))
 
     # -- learning ---------------------------------------------------------------------------------------------------
     def train(self, transitions: Sequence[Any]) -> dict[str, float]:
@@ -408,18 +408,18 @@ class GRPOAgent(Learner):
         time_update = time.perf_counter() - tick
 
         def token_mean(key: str) -> float:
-            return float(np.concatenate([t.extras[key] for t in transitions]).astype(np.float64).mean())
+            return float(np.concatenate([t.per_token(key) for t in transitions]).astype(np.float64).mean())
 
         reference: dict[str, float] = {}
         if cfg.exact_kl_diagnostic:
             reference["kl_to_reference"] = token_mean("kl")  # exact KL(π_old‖ρ) per token
         elif self.uses_reference:
             reference["kl_to_reference"] = float(np.mean(np.concatenate([
-                k3_kl(torch.from_numpy(t.extras["old_logp"]), torch.from_numpy(t.extras["ref_logp"])).numpy()
+                k3_kl(torch.from_numpy(t.per_token("old_logp")), torch.from_numpy(t.ref_logp)).numpy()
                 for t in transitions])))  # mean k3 of π_old against ρ
         n_tokens = sum(len(t.action_ids) for t in transitions)
         rewards = np.array([t.reward for t in transitions], dtype=np.float64)
-        first, last = first_and_last_tenth(t.extras["advantages"] for t in transitions)
+        first, last = first_and_last_tenth(t.per_token("advantages") for t in transitions)
         return {  # reward_mean and reward_max: the collector's (agents/rollout.py), one computation for every learner
             "reward_std": float(rewards.std()),
             **group_stats,

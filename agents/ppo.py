@@ -215,19 +215,18 @@ def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
 def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, float], *, kl_coef: float,
                        gamma: float, lam: float, decomposed: bool, kl_estimator: KLEstimator,
                        lam_in_action: float | None = None) -> dict[str, float]:
-    """Fill `extras["rewards" | "advantages" | "returns"]` of every transition from `extras["values"]`.
+    """Fill `token_rewards`, `advantages` and `returns` of every transition from its `values`.
 
     `bootstrap_values[i]` is V(s') for a chain whose last transition i did not terminate (truncated, or cut by
-    the end of the rollout); missing entries count as 0. Log-probs of π and ρ are `extras["old_logp" | "ref_logp"]`
-    where the learner recomputed them (at the sampling temperature), else the transition's `logp` / `ref_logp`.
+    the end of the rollout); missing entries count as 0. The KL penalty compares `old_logp` (log π_old, recomputed at
+    the sampling temperature) with `ref_logp` (log ρ at the same temperature).
     Returns the mean per-token KL estimate to the reference.
     """
     kl_sum, kl_tokens = 0.0, 0
     for chain in episode_chains(transitions):
         steps = [transitions[i] for i in chain]
-        kl = np.concatenate([kl_per_token(t.extras.get("old_logp", t.logp), t.extras.get("ref_logp", t.ref_logp),
-                                          kl_estimator) for t in steps])
-        values = np.concatenate([np.asarray(t.extras["values"], np.float64) for t in steps])
+        kl = np.concatenate([kl_per_token(t.per_token("old_logp"), t.ref_logp, kl_estimator) for t in steps])
+        values = np.concatenate([np.asarray(t.per_token("values"), np.float64) for t in steps])
         lengths = [len(t.action_ids) for t in steps]
         rewards, advantages, returns = episode_gae(
             lengths, [float(t.reward) for t in steps], kl, values, kl_coef=kl_coef, gamma=gamma, lam=lam,
@@ -235,9 +234,9 @@ def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, f
             bootstrap_value=float(bootstrap_values.get(chain[-1], 0.0)), lam_in_action=lam_in_action)
         offsets = np.cumsum([0, *lengths])
         for t, a, b in zip(steps, offsets[:-1], offsets[1:], strict=True):
-            t.extras["rewards"] = rewards[a:b].astype(np.float32)
-            t.extras["advantages"] = advantages[a:b].astype(np.float32)
-            t.extras["returns"] = returns[a:b].astype(np.float32)
+            t.token_rewards = rewards[a:b].astype(np.float32)
+            t.advantages = advantages[a:b].astype(np.float32)
+            t.returns = returns[a:b].astype(np.float32)
         kl_sum += float(kl.sum())
         kl_tokens += kl.size
     return {"kl_estimate": kl_sum / max(kl_tokens, 1)}
@@ -257,9 +256,10 @@ class ForwardOutput:
     entropy: torch.Tensor | None = None
 
 
-def pad_extras(transitions: Sequence[Any], key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Stack one per-token scalar (`logp` or an `extras` key) right-padded with zeros to (batch, longest)."""
-    rows = [t.logp if key == "logp" else t.extras[key] for t in transitions]
+def pad_tokens(transitions: Sequence[Any], name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stack one per-token array of the transitions (`Transition.per_token(name)`) right-padded with zeros to
+    (batch, longest)."""
+    rows = [t.per_token(name) for t in transitions]
     out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.float32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
@@ -294,18 +294,16 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
     exceeds 1.5·target_kl, as Stable-Baselines3 does.
 
     Advantages are whitened over the whole batch (not per minibatch: small minibatches make that noisy).
-    Transitions must carry extras values/advantages/returns; π_old is `extras["old_logp"]` when every transition
-    has it (recomputed by the learner), else the sampling-time `logp`.
+    Transitions must carry `old_logp` (π_old), `values`, `advantages` and `returns`.
     """
     epochs, minibatch_size, clip = settings.epochs, settings.minibatch_size, settings.clip
     if epochs < 1 or minibatch_size < 1 or not transitions:
         raise ValueError("ppo_update needs epochs >= 1, minibatch_size >= 1 and at least one transition")
     if settings.normalize_advantages:
-        flat = np.concatenate([t.extras["advantages"] for t in transitions]).astype(np.float64)
+        flat = np.concatenate([t.per_token("advantages") for t in transitions]).astype(np.float64)
         mean, std = flat.mean(), flat.std()
     else:
         mean, std = 0.0, 1.0
-    old_key = "old_logp" if all("old_logp" in t.extras for t in transitions) else "logp"
     sums: dict[str, float] = {}
     n_steps, stopped_early = 0, False
     for _epoch in range(epochs):
@@ -313,12 +311,12 @@ def ppo_update(transitions: Sequence[Any], forward: Callable[[Sequence[Any]], Fo
         for start in range(0, len(order), minibatch_size):
             batch = [transitions[i] for i in order[start: start + minibatch_size]]
             mask = action_mask(batch, device)
-            old_logp = pad_extras(batch, old_key, device)
-            advantages = (pad_extras(batch, "advantages", device) - mean) / (std + 1e-8) * mask
+            old_logp = pad_tokens(batch, "old_logp", device)
+            advantages = (pad_tokens(batch, "advantages", device) - mean) / (std + 1e-8) * mask
             out = forward(batch)
             policy_loss, stats = clipped_policy_loss(out.logp, old_logp, advantages, mask, clip)
-            value_loss = clipped_value_loss(out.values, pad_extras(batch, "values", device),
-                                            pad_extras(batch, "returns", device), mask, settings.value_clip)
+            value_loss = clipped_value_loss(out.values, pad_tokens(batch, "values", device),
+                                            pad_tokens(batch, "returns", device), mask, settings.value_clip)
             entropy = masked_mean(out.entropy, mask) if out.entropy is not None else torch.zeros((), device=device)
             approx_kl = stats["approx_kl"].item()
             if settings.target_kl is not None and approx_kl > 1.5 * settings.target_kl:
@@ -511,11 +509,11 @@ class PPOAgent(Learner):
 
     @torch.no_grad()
     def annotate_values(self, transitions: Sequence[Any], batch_size: int = 8) -> dict[int, float]:
-        """Store, per action token, V(u_j) in extras["values"], log π_old in extras["old_logp"] and log ρ in
-        extras["ref_logp"] (both at the sampling temperature, by `_score`, the function the update uses); return
+        """Store, per action token, V(u_j) in `values`, log π_old in `old_logp` and log ρ in `ref_logp` (both at the
+        sampling temperature, by `_score`, the function the update uses); return
         bootstrap V(s') per unfinished chain.
 
-        With `exact_kl_diagnostic`, also stores the exact whole-vocabulary KL(π‖ρ) per token in extras["kl"].
+        With `exact_kl_diagnostic`, also stores the exact whole-vocabulary KL(π‖ρ) per token in `kl`.
         """
         for start in range(0, len(transitions), batch_size):
             batch = transitions[start: start + batch_size]
@@ -524,10 +522,10 @@ class PPOAgent(Learner):
             offsets = np.cumsum([0, *lengths])
             flat = {key: value.cpu().numpy() for key, value in extra.items()}
             for i, (t, n) in enumerate(zip(batch, lengths, strict=True)):
-                t.extras["values"] = out.values[i, :n].cpu().numpy().astype(np.float32)
-                t.extras["old_logp"] = out.logp[i, :n].cpu().numpy().astype(np.float32)
-                for key, value in flat.items():
-                    t.extras[key] = value[offsets[i]:offsets[i + 1]].astype(np.float32)
+                t.values = out.values[i, :n].cpu().numpy().astype(np.float32)
+                t.old_logp = out.logp[i, :n].cpu().numpy().astype(np.float32)
+                for key, value in flat.items():  # ref_logp, and kl with the exact diagnostic
+                    setattr(t, key, value[offsets[i]:offsets[i + 1]].astype(np.float32))
         unfinished = [i for i in (chain[-1] for chain in episode_chains(transitions))
                       if not transitions[i].terminated and transitions[i].next_obs_ids is not None]
         if not unfinished:
@@ -556,12 +554,12 @@ class PPOAgent(Learner):
         self.kl_controller.update(kl_estimate, n_tokens)
         # kl_to_reference: exact whole-vocabulary KL(π_old‖ρ) per token when enabled, else the reward's estimate.
         if cfg.exact_kl_diagnostic:
-            kl_to_reference = float(np.concatenate([t.extras["kl"] for t in transitions]).mean())
+            kl_to_reference = float(np.concatenate([t.per_token("kl") for t in transitions]).mean())
         else:
             kl_to_reference = kl_estimate
-        values = np.concatenate([t.extras["values"] for t in transitions])
-        returns = np.concatenate([t.extras["returns"] for t in transitions])
-        first, last = first_and_last_tenth(t.extras["advantages"] for t in transitions)
+        values = np.concatenate([t.per_token("values") for t in transitions])
+        returns = np.concatenate([t.per_token("returns") for t in transitions])
+        first, last = first_and_last_tenth(t.per_token("advantages") for t in transitions)
         return {  # reward_mean and reward_max: the collector's (agents/rollout.py), one computation for every learner
             "signal/advantage_first_tenth": first,  # raw |advantage| (before whitening) by token position
             "signal/advantage_last_tenth": last,
@@ -575,7 +573,7 @@ class PPOAgent(Learner):
             **update_stats,
             "time_advantages_s": time_advantages,
             "time_update_s": time_update,
-            # bytes held per action token once PPO's per-token extras (values, advantages, returns) are filled in
+            # bytes held per action token once PPO's per-token annotations (values, advantages, ...) are filled in
             "buffer_bytes_per_token": sum(t.nbytes() for t in transitions) / max(n_tokens, 1),
         }
 

@@ -4,8 +4,8 @@ buffer of token ids and per-token scalars. Every learner (ETPO, PPO, SFT's self-
 What a transition holds — ids and scalars only, never vocabulary-wide tensors (see `RolloutBuffer.bytes_per_token`):
 the observation ids the policy conditioned on, the sampled action ids, log π at sampling and log ρ (reference) per
 action token, the env reward (credited at the action's last token), episode boundaries (terminated / truncated,
-episode id, step index, the buffer index of the episode's next transition), and `extras` for learner-specific
-per-token arrays (values, targets, advantages).
+episode id, step index, the buffer index of the episode's next transition), and named per-token arrays a learner
+fills in before its update (log π_old, values, advantages, returns, ...).
 
 Observation ids are produced once, from the env's text, by `policy.encode_observation` (left-truncated to fit the
 context); action ids are the sampled ids themselves. Nothing inside a trajectory is re-tokenised from decoded text.
@@ -13,11 +13,12 @@ context); action ids are the sampled ids themselves. Nothing inside a trajectory
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,18 +38,38 @@ class Transition:
     t: int  # step index within the episode
     next_index: int | None = None  # buffer index of this episode's next transition
     next_obs_ids: np.ndarray | None = None  # int32: the next observation when the episode goes on outside the buffer
-    extras: dict[str, np.ndarray] = field(default_factory=dict)  # learner-specific per-token float32[n] arrays
     info: dict[str, Any] = field(default_factory=dict)  # small scalars from the env (status, score, attempt)
+    # Per action token, float32[n], filled in by a learner before its update (None until then):
+    old_logp: np.ndarray | None = None  # log π_old at the sampling temperature, recomputed (PPO, GRPO)
+    values: np.ndarray | None = None  # V(u_j), the value before each token (PPO)
+    token_rewards: np.ndarray | None = None  # r_j = −β·KL, plus the env reward on the last token (PPO)
+    advantages: np.ndarray | None = None  # the advantage each token is credited with (PPO, GRPO)
+    returns: np.ndarray | None = None  # the value targets G_j (PPO)
+    kl: np.ndarray | None = None  # exact whole-vocabulary KL(π_old‖ρ) (diagnostic)
+    entropy: np.ndarray | None = None  # entropy of π_old (diagnostic)
+
+    ANNOTATIONS: ClassVar[tuple[str, ...]] = ("old_logp", "values", "token_rewards", "advantages", "returns", "kl",
+                                               "entropy")
 
     @property
     def n_tokens(self) -> int:
         return int(len(self.action_ids))
 
+    def per_token(self, name: str) -> np.ndarray:
+        """The per-token array `name` (`logp`, `ref_logp` or an annotation), which must have been filled in."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"the transition has no {name!r}: the learner fills it in before its update")
+        return value
+
+    def without_annotations(self) -> Transition:
+        """A copy as the collector made it (every learner annotation cleared)."""
+        return dataclasses.replace(self, **dict.fromkeys(self.ANNOTATIONS))
+
     def nbytes(self) -> int:
-        arrays = [self.obs_ids, self.action_ids, self.logp, self.ref_logp, *self.extras.values()]
-        if self.next_obs_ids is not None:
-            arrays.append(self.next_obs_ids)
-        return int(sum(np.asarray(a).nbytes for a in arrays))
+        arrays = [self.obs_ids, self.action_ids, self.logp, self.ref_logp, self.next_obs_ids,
+                  *(getattr(self, name) for name in self.ANNOTATIONS)]
+        return int(sum(np.asarray(a).nbytes for a in arrays if a is not None))
 
 
 def episode_chains(transitions: Any) -> list[list[int]]:

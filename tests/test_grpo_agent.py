@@ -96,8 +96,8 @@ def test_score_reproduces_sampling_and_the_first_ratio_is_one(tiny_model_dir):
     assert stats["gradient_steps"] == 1
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6) and stats["clip_fraction"] == 0.0
     for t in transitions:
-        assert {"advantages", "old_logp", "ref_logp", "entropy"} <= set(t.extras)
-        assert len(t.extras["advantages"]) == len(t.extras["old_logp"]) == len(t.action_ids)
+        assert all(getattr(t, name) is not None for name in ("advantages", "old_logp", "entropy"))
+        assert len(t.advantages) == len(t.old_logp) == len(t.ref_logp) == len(t.action_ids)
 
 
 def test_score_is_the_tempered_distribution_actions_are_sampled_from(tiny_model_dir):
@@ -119,8 +119,10 @@ def test_kl_coef_zero_skips_the_reference_pass(tiny_model_dir):
     agent = GRPOAgent(model=tiny_model_dir, kl_coef=0.0, lr=1e-2, **SMALL)
     before = adapter_snapshot(agent)
     transitions = sampled_group(agent)
+    collected = [t.ref_logp.copy() for t in transitions]
     stats = agent.train(transitions)
-    assert all("ref_logp" not in t.extras for t in transitions) and "kl_to_reference" not in stats
+    assert all(np.array_equal(t.ref_logp, r) and t.kl is None for t, r in zip(transitions, collected, strict=True))
+    assert "kl_to_reference" not in stats
     assert stats["kl_loss"] == 0.0 and math.isfinite(stats["policy_loss"])
     assert any(not torch.equal(p, before[n]) for n, p in adapter_snapshot(agent).items())
 
@@ -176,7 +178,7 @@ def test_checkpoint_through_the_shell_restores_the_next_update_exactly(tiny_mode
     assert torch.equal(resumed.generator.get_state(), agent.generator.get_state())
 
     batch = sampled_group(agent, seed=2)
-    batch_copy = [Transition(**{**vars(t), "extras": {}}) for t in batch]
+    batch_copy = [t.without_annotations() for t in batch]
     agent.train(batch)
     resumed.train(batch_copy)  # same optimizer moments, same minibatch order from the restored generator
     for name, value in adapter_snapshot(agent).items():

@@ -1,7 +1,6 @@
 """GRPO / RLOO math checked against values computed by hand (see the comments for each derivation)."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from agents.grpo import (
     returns_to_go,
     token_weights,
 )
+from agents.rollout import Transition
 
 # One group of four rewards: mean 2, deviations [-2, -1, 0, 3], population variance (4+1+0+9)/4 = 3.5.
 REWARDS = [0.0, 1.0, 2.0, 5.0]
@@ -69,8 +69,9 @@ P, Q = [1, 2, 3], [4, 5]
 
 
 def step(obs, reward, n_tokens=2, next_index=None, terminated=False):
-    return SimpleNamespace(obs_ids=np.asarray(obs, np.int32), action_ids=np.arange(n_tokens, dtype=np.int32),
-                           reward=reward, next_index=next_index, terminated=terminated, truncated=False, extras={})
+    return Transition(obs_ids=np.asarray(obs, np.int32), action_ids=np.arange(n_tokens, dtype=np.int32),
+                      logp=np.zeros(n_tokens, np.float32), ref_logp=np.zeros(n_tokens, np.float32), reward=reward,
+                      terminated=terminated, truncated=False, episode_id=0, t=0, next_index=next_index)
 
 
 def buffer():
@@ -90,7 +91,7 @@ def test_prompt_groups_are_identical_observations():
     assert form_groups(transitions, "prompt") == [[0, 1, 2], [3], [4], [5], [6]]
     stats = compute_group_advantages(transitions, group_by="prompt", kind="grpo", scale_rewards=False)
     # group P: rewards [1, 0, 0.5], mean 0.5 -> [0.5, -0.5, 0]; every other group has one member -> 0
-    advantages = [t.extras["advantages"] for t in transitions]
+    advantages = [t.advantages for t in transitions]
     np.testing.assert_allclose([a[0] for a in advantages], [0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
     assert [len(a) for a in advantages] == [2, 2, 2, 2, 3, 2, 2]  # one value per token, all equal
     assert all((a == a[0]).all() for a in advantages)
@@ -114,13 +115,13 @@ def test_episode_groups_follow_chains_by_first_prompt_and_position():
     # (P, 1): the second attempts of A and B share their episodes' group despite their own feedback prompts:
     #         credits [2, 1], mean 1.5, std 0.5 -> [1, -1]
     # D and E: groups of one -> 0
-    got = [t.extras["advantages"][0] for t in transitions]
+    got = [t.advantages[0] for t in transitions]
     np.testing.assert_allclose(got, [1.4142136, -0.7071068, -0.7071068, 1.0, -1.0, 0.0, 0.0], rtol=1e-6)
     assert stats == pytest.approx({"groups": 4, "group_size_mean": 7 / 4, "zero_advantage_share": 2 / 7})
 
     compute_group_advantages(transitions, group_by="episode", kind="rloo", scale_rewards=True, gamma=0.5)
     # rloo (P, 0): [2 - (0.5+0.5)/2, 0.5 - (2+0.5)/2, 0.5 - 1.25] = [1.5, -0.75, -0.75]; (P, 1): [2 - 1, 1 - 2]
-    got = [t.extras["advantages"][0] for t in transitions]
+    got = [t.advantages[0] for t in transitions]
     np.testing.assert_allclose(got, [1.5, -0.75, -0.75, 1.0, -1.0, 0.0, 0.0], rtol=1e-6)
 
 
@@ -232,7 +233,7 @@ def group_of(rewards, table):
     with torch.no_grad():
         old = table.score(transitions)
     for i, t in enumerate(transitions):
-        t.extras["old_logp"] = old[i, : len(t.action_ids)].numpy()
+        t.old_logp = old[i, : len(t.action_ids)].numpy()
     return transitions
 
 
@@ -250,7 +251,7 @@ def run_update(rewards, kind="grpo"):
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
 def test_equal_rewards_leave_the_parameters_unchanged(kind):
     before, table, transitions, stats = run_update([1.0, 1.0, 1.0, 1.0], kind)
-    assert all((t.extras["advantages"] == 0).all() for t in transitions)
+    assert all((t.advantages == 0).all() for t in transitions)
     assert stats["grad_norm"] == 0.0  # the policy gradient is exactly zero with kl_coef = 0 ...
     assert torch.equal(table.logits.detach(), before)  # ... so AdamW (no weight decay) does not move
 

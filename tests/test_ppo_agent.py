@@ -27,7 +27,7 @@ def sampled_episode(agent: PPOAgent, seed: int = 0) -> list[Transition]:
         transitions.append(Transition(
             obs_ids=np.asarray(prompt, np.int32), action_ids=np.asarray(g.action_ids, np.int32),
             logp=np.asarray(g.logp, np.float32), ref_logp=ref.astype(np.float32), reward=0.5 * t, terminated=last,
-            truncated=False, episode_id=0, t=t, next_index=None if last else t + 1, extras={}))
+            truncated=False, episode_id=0, t=t, next_index=None if last else t + 1))
     return transitions
 
 
@@ -47,7 +47,7 @@ def test_forward_reproduces_sampling_logprobs_and_update_trains_both_parts(tiny_
     for i, t in enumerate(transitions):
         n = len(t.action_ids)
         np.testing.assert_allclose(out.logp[i, :n].numpy(), t.logp, atol=1e-4)  # ratio = 1 before any update
-        np.testing.assert_allclose(out.values[i, :n].numpy(), t.extras["values"], atol=1e-5)
+        np.testing.assert_allclose(out.values[i, :n].numpy(), t.values, atol=1e-5)
         assert (out.entropy[i, :n] > 0).all()
     assert ("value" in agent.policy.adapter_names) == (value_model == "adapter")
 
@@ -62,17 +62,17 @@ def test_forward_reproduces_sampling_logprobs_and_update_trains_both_parts(tiny_
     if value_model == "adapter":
         assert any(".value." in k for k in changed), "the value adapter did not move"
     for t in transitions:  # advantages and returns were written for every token
-        assert len(t.extras["advantages"]) == len(t.extras["returns"]) == len(t.action_ids)
+        assert len(t.advantages) == len(t.returns) == len(t.action_ids)
 
 
 def test_exact_kl_diagnostic_is_zero_at_the_start_and_grows_with_updates(tiny_model_dir):
     agent = PPOAgent(model=tiny_model_dir, **{**SMALL, "lr": 1e-2})
     transitions = sampled_episode(agent)
     agent.annotate_values(transitions)  # a fresh LoRA adapter is the identity: π = ρ
-    assert all(np.allclose(t.extras["kl"], 0.0, atol=1e-6) for t in transitions)
+    assert all(np.allclose(t.kl, 0.0, atol=1e-6) for t in transitions)
     agent.train(transitions)
     agent.annotate_values(transitions)
-    kl = np.concatenate([t.extras["kl"] for t in transitions])
+    kl = np.concatenate([t.kl for t in transitions])
     assert (kl >= -1e-6).all() and kl.mean() > 1e-6
 
 
@@ -91,7 +91,7 @@ def test_checkpoint_restores_the_next_update_exactly(tiny_model_dir, tmp_path):
         assert torch.equal(value, snapshot(resumed)[key]), key
 
     batch = sampled_episode(agent, seed=2)
-    batch_copy = [Transition(**{**vars(t), "extras": {}}) for t in batch]
+    batch_copy = [t.without_annotations() for t in batch]
     agent.train(batch)
     resumed.train(batch_copy)  # same optimizer moments, same minibatch order from the restored generator
     assert resumed.kl_controller.value == pytest.approx(agent.kl_controller.value, rel=1e-6)
@@ -116,13 +116,13 @@ def test_start_from_a_saved_adapter_makes_it_the_frozen_reference(tiny_model_dir
 
     agent = PPOAgent(model=tiny_model_dir, init_adapter=str(tmp_path / "sft"), **SMALL)
     assert agent.policy.reference == "adapter:reference"
-    fresh = [Transition(**{**vars(t), "extras": {}}) for t in transitions]
+    fresh = [t.without_annotations() for t in transitions]
     agent.annotate_values(fresh)
     with torch.no_grad():
         start_logp = agent.forward(fresh).logp
         trained_logp = trained.forward(fresh).logp
     torch.testing.assert_close(start_logp, trained_logp, rtol=0, atol=1e-5)  # π starts as the saved adapter
-    assert all(np.allclose(t.extras["kl"], 0.0, atol=1e-6) for t in fresh)  # ... and ρ is that same adapter
+    assert all(np.allclose(t.kl, 0.0, atol=1e-6) for t in fresh)  # ... and ρ is that same adapter
     reference_before = {n: p.detach().clone() for n, p in agent.policy.model.named_parameters() if ".reference." in n}
     assert reference_before and not any(p.requires_grad for n, p in agent.policy.model.named_parameters()
                                          if ".reference." in n)

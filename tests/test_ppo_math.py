@@ -166,7 +166,7 @@ def _transition(n, reward, terminated, next_index, values, kl_logp=0.0):
     return Transition(obs_ids=np.zeros(1, np.int32), action_ids=np.zeros(n, np.int32),
                       logp=np.full(n, kl_logp, np.float32), ref_logp=np.zeros(n, np.float32), reward=reward,
                       terminated=terminated, truncated=False, episode_id=0, t=0, next_index=next_index,
-                      extras={"values": np.asarray(values, np.float32)})
+                      old_logp=np.full(n, kl_logp, np.float32), values=np.asarray(values, np.float32))
 
 
 def test_buffer_advantages_follow_interleaved_episode_chains_and_bootstrap_cut_ones():
@@ -186,11 +186,11 @@ def test_buffer_advantages_follow_interleaved_episode_chains_and_bootstrap_cut_o
                                   gamma=GAMMA, lam=LAM, decomposed=True, terminated=True)
     _, adv_b, _ = episode_gae([1, 2], [0.0, 0.5], np.zeros(3), np.array([0.2, 0.1, 0.3]), kl_coef=BETA,
                               gamma=GAMMA, lam=LAM, decomposed=True, terminated=False, bootstrap_value=3.0)
-    np.testing.assert_allclose(np.concatenate([transitions[0].extras["advantages"],
-                                               transitions[2].extras["advantages"]]), adv_a, rtol=1e-6)
-    np.testing.assert_allclose(transitions[2].extras["returns"], ret_a[2:], rtol=1e-6)
-    np.testing.assert_allclose(np.concatenate([transitions[1].extras["advantages"],
-                                               transitions[3].extras["advantages"]]), adv_b, rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([transitions[0].advantages,
+                                               transitions[2].advantages]), adv_a, rtol=1e-6)
+    np.testing.assert_allclose(transitions[2].returns, ret_a[2:], rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([transitions[1].advantages,
+                                               transitions[3].advantages]), adv_b, rtol=1e-6)
     # the cut chain's last token: δ = 0.5 + 0.9·3 - 0.3
-    assert transitions[3].extras["advantages"][-1] == pytest.approx(0.5 + 0.9 * 3.0 - 0.3)
+    assert transitions[3].advantages[-1] == pytest.approx(0.5 + 0.9 * 3.0 - 0.3)
     assert stats["kl_estimate"] == pytest.approx(0.2 * 3 / 6)  # k1 = 0.2 on A's 3 tokens, 0 on B's 3

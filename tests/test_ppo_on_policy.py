@@ -24,7 +24,7 @@ def sampled_episode(agent: PPOAgent) -> list[Transition]:
     return [Transition(obs_ids=np.asarray(p, np.int32), action_ids=np.asarray(g.action_ids, np.int32),
                        logp=np.asarray(g.logp, np.float32), ref_logp=np.zeros(len(g.action_ids), np.float32),
                        reward=0.5 * t, terminated=t == 2, truncated=False, episode_id=0, t=t,
-                       next_index=None if t == 2 else t + 1, extras={})
+                       next_index=None if t == 2 else t + 1)
             for t, (p, g) in enumerate(zip(prompts, gens, strict=True))]
 
 
@@ -58,8 +58,8 @@ def test_ppo_trains_the_tempered_distribution_and_its_first_ratio_is_one(tiny_mo
         n = len(t.action_ids)
         policy_logp, reference_logp = _tempered_logp(agent, t, "policy"), _tempered_logp(agent, t, None)
         np.testing.assert_allclose(out.logp[i, :n].numpy(), policy_logp, atol=1e-5)  # the update's π_θ
-        np.testing.assert_allclose(t.extras["old_logp"], policy_logp, atol=1e-5)  # π_old: the same distribution
-        np.testing.assert_allclose(t.extras["ref_logp"], reference_logp, atol=1e-5)  # ρ at the same temperature
+        np.testing.assert_allclose(t.old_logp, policy_logp, atol=1e-5)  # π_old: the same distribution
+        np.testing.assert_allclose(t.ref_logp, reference_logp, atol=1e-5)  # ρ at the same temperature
         assert not np.allclose(policy_logp, reference_logp, atol=1e-3)
     stats = agent.train(transitions)  # one minibatch holding every action: its ratio is π_θ/π_old before the step
     assert stats["gradient_steps"] == 1
@@ -106,8 +106,8 @@ def test_bootstrap_value_is_read_at_the_last_observation_token(tiny_model_dir, v
     # ... and the same number the annotate pass gives the first token of an action taken in s'
     transitions = [Transition(obs_ids=np.asarray(o, np.int32), action_ids=np.asarray([5, 6], np.int32),
                               logp=np.zeros(2, np.float32), ref_logp=np.zeros(2, np.float32), reward=0.0,
-                              terminated=True, truncated=False, episode_id=i, t=0, next_index=None, extras={})
+                              terminated=True, truncated=False, episode_id=i, t=0, next_index=None)
                    for i, o in enumerate(observations)]
     agent.annotate_values(transitions)
     for t, value in zip(transitions, got, strict=True):
-        assert float(t.extras["values"][0]) == pytest.approx(value, abs=1e-5)
+        assert float(t.values[0]) == pytest.approx(value, abs=1e-5)

@@ -64,7 +64,7 @@ class TabularModel(torch.nn.Module):
         return [Transition(obs_ids=np.zeros(1, np.int32), action_ids=a, logp=lp.numpy().astype(np.float32),
                            ref_logp=np.full(2, -np.log(VOCAB), np.float32), reward=float(REWARD[a[0], a[1]]),
                            terminated=True, truncated=False, episode_id=i, t=0, next_index=None,
-                           extras={"values": v.numpy().astype(np.float32)})
+                           old_logp=lp.numpy().astype(np.float32), values=v.numpy().astype(np.float32))
                 for i, (a, lp, v) in enumerate(zip(actions, out.logp, out.values, strict=True))]
 
 
@@ -203,8 +203,8 @@ def test_advantages_are_whitened_over_the_whole_batch_not_per_minibatch():
                               logp=np.full(len(a), -np.log(VOCAB), np.float32),
                               ref_logp=np.full(len(a), -np.log(VOCAB), np.float32), reward=0.0, terminated=True,
                               truncated=False, episode_id=i, t=0, next_index=None,
-                              extras={"advantages": np.asarray(a, np.float32), "returns": np.zeros(len(a), np.float32),
-                                      "values": np.zeros(len(a), np.float32)})
+                              old_logp=np.full(len(a), -np.log(VOCAB), np.float32), advantages=np.asarray(a, np.float32),
+                              returns=np.zeros(len(a), np.float32), values=np.zeros(len(a), np.float32))
                    for i, a in enumerate(rows)]
 
     def forward(batch):  # π_θ = π_old for every token: a uniform policy and zero values
