@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from agents.benchmark.config import BenchConfig
+from agents.benchmark.run import load_task, run_cell_isolated, unrun_cell_record
 
 Cell = tuple[str, str, int]  # (agent_spec, task_name, seed)
 WAIT_SLICE_S = 5.0  # the driver wakes this often while cells run (so Ctrl-C is handled promptly)
@@ -42,8 +43,6 @@ def cell_resources(config: BenchConfig, agent_spec: str) -> dict[str, float]:
 
 
 def _run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
-    from agents.benchmark.run import run_cell_isolated
-
     return run_cell_isolated(config, agent_spec, task_name, seed)
 
 
@@ -54,28 +53,12 @@ def _remote_cell() -> Any:
     return ray.remote(max_retries=0)(_run_cell_isolated)  # retries are counted here, for every kind of failure
 
 
-class CellNeverReturned:
-    """Stands in for the agent of a cell that never returned a record: building it fails, so `run_cell` writes the
-    harness's own record of a cell in which nothing ran (every evaluation point at the chance level)."""
-
-    def __init__(self, **_: Any):
-        raise RuntimeError("the cell never returned a record")
-
-
-LOST_AGENT_SPEC = f"{__name__}:{CellNeverReturned.__name__}"
-
-
 def lost_cell_record(config: BenchConfig, cell: Cell, error: str, attempts: int) -> dict[str, Any]:
-    """The record of a cell that failed on the cluster every time: as `run_cell` records an agent that failed
-    before its first step, under the cell's own agent, with `error` saying why and `attempts` how often it ran."""
-    from agents.benchmark.config import agent_label
-    from agents.benchmark.run import load_task, run_cell
-
+    """The record of a cell that failed on the cluster every time (`unrun_cell_record`), with `attempts` saying how
+    often it ran."""
     agent_spec, task_name, seed = cell
-    record = run_cell(config, LOST_AGENT_SPEC, load_task(config, task_name), seed, config.sandbox,
-                      model=lambda: config.model)  # nothing is run: the stand-in fails to build
-    record.pop("traceback", None)
-    record.update(agent=agent_label(agent_spec), agent_spec=agent_spec, error=error, attempts=attempts)
+    record = unrun_cell_record(config, agent_spec, load_task(config, task_name), seed, error)
+    record["attempts"] = attempts
     return record
 
 

@@ -361,6 +361,21 @@ def _kept_runs(out: Path, config: BenchConfig) -> tuple[set[tuple[str, str, int]
     return kept, stale
 
 
+def unrun_cell_record(config: BenchConfig, agent_spec: str, task: Any, seed: int, error: str) -> dict[str, Any]:
+    """The record of a cell in which nothing ran (a cell lost on a cluster): the cell's own agent, `error` saying
+    why, no env steps, and every evaluation point at the chance level, as `run_cell` counts an agent that failed
+    before its first step."""
+    record = _new_record(config, agent_spec, task.name, seed)
+    with contextlib.suppress(Exception):  # as run_cell: the settings the cell would have run under, where known
+        record["agent_settings"] = agent_settings(agent_spec, seed, config.agent_options)
+    record.update({"error": error, "env_steps": 0, "episodes": 0, "rewards": [], "dev_scores": [], "statuses": [],
+                   "train_time_s": 0.0, "eval_time_s": 0.0})
+    record["search_result"] = {"dev_score": None, "program": None, **TestScorer(task, None, seed).score(None)}
+    record.update(run_metrics(record, missing=_chance_point(task, config.env)))
+    record["wall_time_s"] = 0.0
+    return record
+
+
 def _new_record(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
     return {"schema": SCHEMA, "agent": agent_label(agent_spec), "agent_spec": agent_spec, "task": task_name,
             "seed": seed, "budget": config.budget, "eval_every": config.eval_every,
