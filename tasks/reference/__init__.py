@@ -54,7 +54,7 @@ def recompute(task_list, sandbox, path=None, seed: int = 0, workers: int = 1, pr
     store.update(
         {
             "about": "baseline = majority class (chance); reference = best dev score of the GRID pipelines in "
-            "tasks/reference.py (hard suite: of the FLAML-searched TIDY pipelines, with the default forest's "
+            "tasks/reference/grid.py (hard suite: of the FLAML-searched TIDY pipelines, with the default forest's "
             "score as headroom evidence); test reference = test score of the dev-best pipeline.",
             "hard_command": HARD_COMMAND,
             "command": RECOMPUTE_COMMAND,
