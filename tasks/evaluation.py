@@ -15,7 +15,8 @@ import numpy as np
 from tasks.metrics import ScoringError
 
 if TYPE_CHECKING:
-    from sandbox.api import RunResult, Status
+    from sandbox.api import RunResult, Sandbox, Status
+    from tasks.task import Task
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Evaluation:
         return self.score is not None
 
 
-def evaluate(task, program: str, sandbox, part: str = "dev", seed: int = 0) -> Evaluation:
+def evaluate(task: Task, program: str, sandbox: Sandbox, part: str = "dev", seed: int = 0) -> Evaluation:
     """Run `program` on the task's dev splits (seeded) or its test split, in `sandbox`, and score it.
 
     Never raises for anything the program does: failures come back as a non-OK status with the sandbox's message.

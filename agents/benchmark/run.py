@@ -40,7 +40,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
@@ -63,6 +63,10 @@ from agents.registry import (
 from etpo_env.config import EnvConfig
 from etpo_env.info import status_name
 from etpo_env.wrappers import BudgetExceeded, EnvStepBudget
+
+if TYPE_CHECKING:
+    from sandbox.api import Sandbox
+    from tasks.task import Task
 
 MODEL_FREE_AGENTS = ("scripted", "random")  # built-in agents that need neither a model nor torch
 
@@ -144,7 +148,7 @@ class _Episode:
 class TestScorer:
     """Scores programs once on the task's held-out test part (`tasks.evaluate`), remembering each program's score."""
 
-    def __init__(self, task: Any, sandbox: Any, seed: int):
+    def __init__(self, task: Task, sandbox: Sandbox | None, seed: int):
         self.task, self.sandbox, self.seed = task, sandbox, seed
         self._seen: dict[str, dict[str, Any]] = {}
 
@@ -280,7 +284,7 @@ def point_summary(point: int, env_steps: int, episodes: list[dict[str, Any]]) ->
 # ----------------------------------------------------------------------------------------------------------------
 # One cell
 # ----------------------------------------------------------------------------------------------------------------
-def run_cell(config: BenchConfig, agent_spec: str, task: Any, seed: int, sandbox: Any, model: Callable[[], str],
+def run_cell(config: BenchConfig, agent_spec: str, task: Task, seed: int, sandbox: Sandbox, model: Callable[[], str],
              on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train in cumulative budget chunks, evaluate the policy at every point, score the search program on test."""
     seed_everything(seed, torch_too=agent_spec not in MODEL_FREE_AGENTS)
@@ -361,7 +365,7 @@ def _kept_runs(out: Path, config: BenchConfig) -> tuple[set[tuple[str, str, int]
     return kept, stale
 
 
-def unrun_cell_record(config: BenchConfig, agent_spec: str, task: Any, seed: int, error: str) -> dict[str, Any]:
+def unrun_cell_record(config: BenchConfig, agent_spec: str, task: Task, seed: int, error: str) -> dict[str, Any]:
     """The record of a cell in which nothing ran (a cell lost on a cluster): the cell's own agent, `error` saying
     why, no env steps, and every evaluation point at the chance level, as `run_cell` counts an agent that failed
     before its first step."""

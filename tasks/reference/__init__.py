@@ -15,7 +15,10 @@ reference); this package recomputes entries with the right one and reads what a 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import sklearn
 
@@ -45,8 +48,13 @@ from tasks.reference.store import (
 )
 from tasks.splits import PROTOCOLS
 
+if TYPE_CHECKING:
+    from sandbox.api import Sandbox
+    from tasks.task import Task
 
-def recompute(task_list, sandbox, path=None, seed: int = 0, workers: int = 1, progress=None) -> dict:
+
+def recompute(task_list: Sequence[Task], sandbox: Sandbox, path: str | os.PathLike | None = None, seed: int = 0,
+              workers: int = 1, progress: Callable[[Task, dict], None] | None = None) -> dict:
     """Compute and store the scores of `task_list` (other stored entries are kept). Every task must use one of the
     named protocols (`tasks.splits.PROTOCOLS`)."""
     store = dict(load_store(path))

@@ -5,9 +5,14 @@ scikit-learn pipelines on dev (its test score is the dev-best pipeline's).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from tasks.demos import Recipe, render
 from tasks.programs import wrap_body
+
+if TYPE_CHECKING:
+    from sandbox.api import Sandbox
+    from tasks.task import Task
 
 BASELINE_NAME = "majority"
 BASELINE_BODY = """\
@@ -84,7 +89,7 @@ def baseline_program() -> str:
 
 
 
-def compute(task, sandbox, seed: int = 0, workers: int = 1) -> dict:
+def compute(task: Task, sandbox: Sandbox, seed: int = 0, workers: int = 1) -> dict:
     """Scores of the baseline and every grid pipeline on the dev splits, then the test scores of the baseline and of
     the dev-best pipeline. All through `tasks.evaluate`. Raises if the baseline or every grid pipeline fails."""
     from tasks.evaluation import evaluate

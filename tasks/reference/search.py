@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,11 @@ from tasks.reference.grid import BASELINE_NAME, baseline_program
 # trial is a program scored through `tasks.evaluate`, as any other. The evidence of headroom stored beside it is the
 # score of `DEFAULT_FOREST`, the plainest demonstration-style program (median imputation, one-hot encoding, a
 # default random forest).
+
+
+if TYPE_CHECKING:
+    from sandbox.api import Sandbox
+    from tasks.task import Task
 
 SEARCH_SAMPLES = 8  # CFO trials per model family
 SEARCH_SEED = 20
@@ -240,7 +245,7 @@ def _import_tune():
     return tune
 
 
-def search_family(task, sandbox, family_name: str, samples: int = SEARCH_SAMPLES, seed: int = 0) -> dict:
+def search_family(task: Task, sandbox: Sandbox, family_name: str, samples: int = SEARCH_SAMPLES, seed: int = 0) -> dict:
     """CFO over one family: {"score": best dev score, "config": its hyperparameters, "trials": scores in order}."""
     tune = _import_tune()
     family = SEARCH_BY_NAME[family_name]
@@ -272,7 +277,7 @@ def search_family(task, sandbox, family_name: str, samples: int = SEARCH_SAMPLES
     }
 
 
-def compute_searched(task, sandbox, seed: int = 0, workers: int = 1, samples: int = SEARCH_SAMPLES) -> dict:
+def compute_searched(task: Task, sandbox: Sandbox, seed: int = 0, workers: int = 1, samples: int = SEARCH_SAMPLES) -> dict:
     """The hard-suite entry: baseline, default forest and the searched reference on dev, their test scores, and
     the headroom (the default forest's normalized dev score)."""
     from tasks.evaluation import evaluate
