@@ -92,7 +92,7 @@ from agents.learner import (
     first_and_last_tenth,
     reference_scores,
 )
-from agents.lm import GenerationSettings
+from agents.lm import GenerationSettings, entropy
 from agents.ppo import action_mask, clipped_policy_loss, pad_tokens
 from agents.rollout import episode_chains
 
@@ -361,7 +361,6 @@ class GRPOAgent(Learner):
 
         Also returns, flat over action tokens and without gradients: "entropy" of π_θ (`with_entropy`); "ref_logp"
         (log ρ) and, with `exact_kl_diagnostic`, the whole-vocabulary "kl" KL(π_θ‖ρ) (`reference`)."""
-        from agents.lm import entropy
 
         cfg, temperature = self.config, float(self.config.generation.temperature)
         scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)

@@ -41,7 +41,21 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from agents.lm import GenerationSettings, RuntimeSettings, kl_divergence, tempered, token_logprobs
+from agents.config import load_config, replace_directory, save_config, with_fields
+from agents.lm import (
+    GenerationSettings,
+    LMPolicy,
+    RuntimeSettings,
+    default_lora_config,
+    kl_divergence,
+    load_options,
+    overlaps_generation,
+    tempered,
+    token_logprobs,
+)
+from agents.logging import RunLogger
+from agents.rollout import RolloutCollector
+from agents.tiny import resolve_model
 
 # A callback receives each update's statistics; returning False stops training after that update.
 Callback = Callable[[dict[str, float]], Any]
@@ -203,8 +217,6 @@ class Learner:
         """The one constructor. `model`: `"tiny"` or any `from_pretrained` name or path (fresh adapters, seeded by
         the config's seed); `policy`: an existing `LMPolicy` that already carries the learner's adapters
         (`from_policy`); `saved_policy`: a policy folder `save` wrote, re-attached to `model` (`load`)."""
-        from agents.config import with_fields
-        from agents.tiny import resolve_model
 
         self.config = with_fields(config or self.config_class(), overrides)
         if policy is not None:
@@ -232,7 +244,6 @@ class Learner:
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
         """(adapters for `LMPolicy.from_pretrained`, reference spec): by default one fresh "policy" LoRA adapter,
         ρ = the base model."""
-        from agents.lm import default_lora_config
 
         cfg = self.config
         return {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, "base"
@@ -286,7 +297,6 @@ class Learner:
         return [g.text for g in self.policy.generate(prompts, gen, generator=generator)]
 
     def _load_policy(self, saved: Path | None) -> Any:
-        from agents.lm import LMPolicy, load_options
 
         options = {**load_options(self.config.runtime), "chunk_size": self.config.chunk_size}
         if saved is not None:
@@ -303,8 +313,6 @@ class Learner:
     def collector_for(self, env: Any) -> Any:
         """The shared collector, kept across `learn` calls on the same env (episodes carry over). A new env gets a
         new collector seeded by the env steps done, so a resumed run sees new episodes instead of replaying."""
-        from agents.lm import overlaps_generation
-        from agents.rollout import RolloutCollector
 
         if self._collector is None or self._collector.env is not env:
             if self._collector is not None:
@@ -394,7 +402,6 @@ class Learner:
     def save(self, directory: str | Path, keep_previous_as: Path | None = None) -> None:
         """Everything needed to resume, written atomically: a crash mid-save leaves the previous checkpoint (the new
         one is written beside it, then swapped in; with `keep_previous_as` the previous one is moved there)."""
-        from agents.config import replace_directory, save_config
 
         directory = Path(directory)
         staged = directory.with_name(directory.name + ".tmp")
@@ -417,7 +424,6 @@ class Learner:
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> Learner:
         """Rebuild a learner saved by `save` (config overrides allowed, e.g. device) and restore all its state."""
-        from agents.config import load_config
 
         directory = Path(directory)
         state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)  # our own file
@@ -486,6 +492,5 @@ def _make_logger(out_dir: str | Path | None, total: int):
     """The shared RunLogger (console lines, progress bar over env steps, TensorBoard, metrics.jsonl) in `out_dir`."""
     if out_dir is None:
         return None
-    from agents.logging import RunLogger
 
     return RunLogger(out_dir, total=max(total, 0) or None)

@@ -52,7 +52,8 @@ from agents.learner import (
     first_and_last_tenth,
     reference_scores,
 )
-from agents.lm import GenerationSettings
+from agents.lm import GenerationSettings, default_lora_config, entropy, pad_sequences
+from agents.rollout import RolloutBuffer
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -207,7 +208,6 @@ class AdaptiveKLController:
 
 def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
     """Buffer indices grouped into episode chains (following next_index), each in time order."""
-    from agents.rollout import RolloutBuffer
 
     return RolloutBuffer(transitions).episodes()
 
@@ -429,7 +429,6 @@ class PPOAgent(Learner):
     needs_reference_logprobs = False  # log ρ (at the sampling temperature) is recomputed in annotate_values
 
     def adapters(self) -> tuple[dict[str, Any], str]:
-        from agents.lm import default_lora_config
 
         cfg = self.config
         if cfg.init_adapter:
@@ -477,7 +476,6 @@ class PPOAgent(Learner):
 
         With `reference`, also returns flat (over action tokens) log ρ ("ref_logp") and, with
         `exact_kl_diagnostic`, the whole-vocabulary KL(π‖ρ) ("kl"), both at the sampling temperature."""
-        from agents.lm import entropy
 
         cfg, temperature = self.config, float(self.config.generation.temperature)
         scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)
@@ -499,7 +497,6 @@ class PPOAgent(Learner):
     @torch.no_grad()
     def state_values(self, obs_ids: Sequence[Sequence[int]]) -> list[float]:
         """V(s) of observations (the state before an action's first token): bootstrap values after truncation."""
-        from agents.lm import pad_sequences
 
         adapter = "value" if self.config.value_model == "adapter" else "policy"
         ids, mask = pad_sequences([list(o) for o in obs_ids], self.policy.pad_id, "right", self.policy.device)

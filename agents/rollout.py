@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from agents.lm import GenerationSettings
 from etpo_env.info import SUMMARY_KEYS, StepInfo
+from etpo_env.vector import SiblingVectorEnv, vectorize
 
 
 @dataclass
@@ -201,8 +203,6 @@ class RolloutCollector:
     def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
                  compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None,
                  num_envs: int = 1, overlap: bool = False):
-        from agents.lm import GenerationSettings
-        from etpo_env.vector import SiblingVectorEnv, vectorize
 
         self.policy = policy
         self.env = env  # as handed over (a learner keeps one collector per env)

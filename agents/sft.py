@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agents.learner import NUM_ENVS_HELP, Learner, LearnerConfig
-from agents.lm import GenerationSettings
+from agents.lm import GenerationSettings, default_lora_config
 
 
 @dataclass
@@ -152,7 +152,6 @@ class SFTAgent(Learner):
     config_class = SFTConfig
 
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
-        from agents.lm import default_lora_config
 
         cfg = self.config
         return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)} if cfg.lora else None), "base"

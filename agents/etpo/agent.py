@@ -34,7 +34,14 @@ from agents.learner import (
     LearnerConfig,
     check_sampled_generation,
 )
-from agents.lm import GenerationSettings, load_causal_lm, peft_wrapping, tempered
+from agents.lm import (
+    GenerationSettings,
+    LMPolicy,
+    default_lora_config,
+    load_causal_lm,
+    peft_wrapping,
+    tempered,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. The learner on a language model.
@@ -272,8 +279,6 @@ def lm_policy_from_config(hf_config: Any, lora_r: int = 8, lora_alpha: int = 16,
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from agents.lm import LMPolicy, default_lora_config
-
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in the target dtype: a 7B model never exists in fp32
@@ -303,7 +308,6 @@ class ETPOAgent(Learner):
     config_class = ETPOConfig
 
     def adapters(self) -> tuple[dict[str, Any], str]:
-        from agents.lm import default_lora_config
 
         cfg = self.config
         return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha),
