@@ -57,9 +57,7 @@ def lost_cell_record(config: BenchConfig, cell: Cell, error: str, attempts: int)
     """The record of a cell that failed on the cluster every time (`unrun_cell_record`), with `attempts` saying how
     often it ran."""
     agent_spec, task_name, seed = cell
-    record = unrun_cell_record(config, agent_spec, load_task(config, task_name), seed, error)
-    record["attempts"] = attempts
-    return record
+    return unrun_cell_record(config, agent_spec, load_task(config, task_name), seed, error, attempts)
 
 
 def describe_failure(exc: BaseException) -> str:

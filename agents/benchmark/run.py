@@ -48,6 +48,7 @@ import etpo_env  # noqa: F401  (registers DataSciCode-v0)
 import tasks as tasks_pkg
 from agents.base import as_agent
 from agents.benchmark.config import SCHEMA, BenchConfig, agent_label, run_file_name, split_options
+from agents.benchmark.record import CellRecord
 from agents.benchmark.report import json_default, make_console, write_json_atomic, write_outputs
 from agents.benchmark.statistics import CHANCE_SCORE, run_metrics
 from agents.registry import (
@@ -286,41 +287,33 @@ def point_summary(point: int, env_steps: int, episodes: list[dict[str, Any]]) ->
 # ----------------------------------------------------------------------------------------------------------------
 def run_cell(config: BenchConfig, agent_spec: str, task: Task, seed: int, sandbox: Sandbox, model: Callable[[], str],
              on_step: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Train in cumulative budget chunks, evaluate the policy at every point, score the search program on test."""
+    """Train in cumulative budget chunks, evaluate the policy at every point, score the search program on test.
+    Returns the cell's record (`CellRecord.to_json`)."""
     seed_everything(seed, torch_too=agent_spec not in MODEL_FREE_AGENTS)
     record = _new_record(config, agent_spec, task.name, seed)
-    with contextlib.suppress(Exception):  # an agent that cannot be configured fails below, with its traceback
-        record["agent_settings"] = agent_settings(agent_spec, seed, config.agent_options)
     started = time.perf_counter()
     env_config = config.env.replace(task=task, sandbox=sandbox)
     train_env = EnvStepBudget(gym.make("DataSciCode-v0", config=env_config), config.budget, on_step=on_step)
     eval_envs = [gym.make("DataSciCode-v0", config=env_config) for _ in range(config.eval_episodes)]
     scorer = TestScorer(task, sandbox, seed)
-    timing = {"train_time_s": 0.0, "eval_time_s": 0.0}
     try:
         with _quiet_model_loading(agent_spec):
             agent = build_agent(agent_spec, seed=seed, model=model,
                                 overrides=options_for(agent_spec, config.agent_options))
-        record["learner"] = learns(agent)
-        _train_and_evaluate(agent, config, record, train_env, eval_envs, scorer, seed, timing, on_step)
+        record.learner = learns(agent)
+        _train_and_evaluate(agent, config, record, train_env, eval_envs, scorer, seed, on_step)
     except Exception as exc:  # an agent that crashes is a failed cell with its traceback, not a crashed benchmark
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc(limit=20)
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.traceback = traceback.format_exc(limit=20)
     finally:
         for env in [train_env, *eval_envs]:
             env.close()
-    record.update({
-        "env_steps": train_env.steps,
-        "episodes": train_env.episodes,
-        "rewards": train_env.rewards,
-        "dev_scores": train_env.dev_scores,
-        "statuses": train_env.statuses,
-        **timing,
-    })
-    record["search_result"] = _search_result(record, train_env, scorer)
-    record.update(run_metrics(record, missing=_chance_point(task, config.env)))
-    record["wall_time_s"] = time.perf_counter() - started
-    return record
+    record.env_steps, record.episodes = train_env.steps, train_env.episodes
+    record.rewards, record.dev_scores, record.statuses = train_env.rewards, train_env.dev_scores, train_env.statuses
+    record.search_result = _search_result(record, train_env, scorer)
+    record.metrics = run_metrics(record.to_json(), missing=_chance_point(task, config.env))
+    record.wall_time_s = time.perf_counter() - started
+    return record.to_json()
 
 
 def _quiet_model_loading(agent_spec: str) -> contextlib.AbstractContextManager:
@@ -365,57 +358,54 @@ def _kept_runs(out: Path, config: BenchConfig) -> tuple[set[tuple[str, str, int]
     return kept, stale
 
 
-def unrun_cell_record(config: BenchConfig, agent_spec: str, task: Task, seed: int, error: str) -> dict[str, Any]:
-    """The record of a cell in which nothing ran (a cell lost on a cluster): the cell's own agent, `error` saying
-    why, no env steps, and every evaluation point at the chance level, as `run_cell` counts an agent that failed
-    before its first step."""
+def unrun_cell_record(config: BenchConfig, agent_spec: str, task: Task, seed: int, error: str,
+                      attempts: int | None = None) -> dict[str, Any]:
+    """The record of a cell in which nothing ran (a cell lost on a cluster, after `attempts` runs): the cell's own
+    agent, `error` saying why, no env steps, and every evaluation point at the chance level, as `run_cell` counts an
+    agent that failed before its first step."""
     record = _new_record(config, agent_spec, task.name, seed)
-    with contextlib.suppress(Exception):  # as run_cell: the settings the cell would have run under, where known
-        record["agent_settings"] = agent_settings(agent_spec, seed, config.agent_options)
-    record.update({"error": error, "env_steps": 0, "episodes": 0, "rewards": [], "dev_scores": [], "statuses": [],
-                   "train_time_s": 0.0, "eval_time_s": 0.0})
-    record["search_result"] = {"dev_score": None, "program": None, **TestScorer(task, None, seed).score(None)}
-    record.update(run_metrics(record, missing=_chance_point(task, config.env)))
-    record["wall_time_s"] = 0.0
+    record.error, record.attempts = error, attempts
+    record.search_result = {"dev_score": None, "program": None, **TestScorer(task, None, seed).score(None)}
+    record.metrics = run_metrics(record.to_json(), missing=_chance_point(task, config.env))
+    return record.to_json()
+
+
+def _new_record(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> CellRecord:
+    record = CellRecord(agent_spec, task_name, seed, config.budget, config.eval_every, config.eval_episodes)
+    with contextlib.suppress(Exception):  # an agent that cannot be configured fails in its cell, with its traceback
+        record.agent_settings = agent_settings(agent_spec, seed, config.agent_options)
     return record
 
 
-def _new_record(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
-    return {"schema": SCHEMA, "agent": agent_label(agent_spec), "agent_spec": agent_spec, "task": task_name,
-            "seed": seed, "budget": config.budget, "eval_every": config.eval_every,
-            "eval_episodes": config.eval_episodes, "learner": False, "error": None, "learn_budgets": [],
-            "evaluations": []}
-
-
-def _train_and_evaluate(agent: Any, config: BenchConfig, record: dict[str, Any], train_env: EnvStepBudget,
-                        eval_envs: list[Any], scorer: TestScorer, seed: int, timing: dict[str, float],
+def _train_and_evaluate(agent: Any, config: BenchConfig, record: CellRecord, train_env: EnvStepBudget,
+                        eval_envs: list[Any], scorer: TestScorer, seed: int,
                         on_step: Callable[[], None] | None) -> None:
     for index, point in enumerate(config.eval_points):
         if point > 0:
-            if not record["learner"]:
+            if not record.learner:
                 break  # it cannot change: its step-0 evaluation stands for every point
             clock = time.perf_counter()
             try:
-                record["learn_budgets"].append(point)
+                record.learn_budgets.append(point)
                 agent.learn(train_env, point)
             except BudgetExceeded as exc:  # evaluated once more as it is, then no further training
-                record["budget_note"] = f"learner asked for steps past its budget; training stopped there ({exc})"
+                record.budget_note = f"learner asked for steps past its budget; training stopped there ({exc})"
             finally:
-                timing["train_time_s"] += time.perf_counter() - clock
+                record.train_time_s += time.perf_counter() - clock
         clock = time.perf_counter()
-        episodes = evaluate_point(agent, eval_envs, scorer, config, record["task"], seed, index, on_step)
-        timing["eval_time_s"] += time.perf_counter() - clock
-        record["evaluations"].append(point_summary(point, train_env.steps, episodes))
-        if "budget_note" in record:
+        episodes = evaluate_point(agent, eval_envs, scorer, config, record.task, seed, index, on_step)
+        record.eval_time_s += time.perf_counter() - clock
+        record.evaluations.append(point_summary(point, train_env.steps, episodes))
+        if record.budget_note is not None:
             break
 
 
-def _search_result(record: dict[str, Any], train_env: EnvStepBudget, scorer: TestScorer) -> dict[str, Any]:
+def _search_result(record: CellRecord, train_env: EnvStepBudget, scorer: TestScorer) -> dict[str, Any]:
     """Best-on-dev program of the training steps (of the step-0 evaluation episodes for an agent without learn)."""
     if train_env.best_program is not None:
         program, dev_score = train_env.best_program, train_env.best_dev_score
     else:
-        ran = [e for point in record["evaluations"][:1] for e in point["episodes"] if e["dev_score"] is not None]
+        ran = [e for point in record.evaluations[:1] for e in point["episodes"] if e["dev_score"] is not None]
         best = max(ran, key=lambda e: e["dev_score"], default=None)
         program = None if best is None else best["program"]
         dev_score = None if best is None else best["dev_score"]
