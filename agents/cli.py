@@ -111,7 +111,8 @@ def _build_tiny_command(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from agents.tiny import ensure_tiny_model, evaluate_samples, summary_line
+    from agents.tiny import ensure_tiny_model
+    from agents.tiny_evaluation import evaluate_samples, summary_line
 
     console = Console()
 
@@ -139,7 +140,7 @@ def _print_sample_table(console: Any, rows: list[dict]) -> None:
     from rich import box
     from rich.table import Table
 
-    from agents.tiny import summary
+    from agents.tiny_evaluation import summary
 
     # short headers, explained in the caption, so the table fits 80 columns without cropping a name or a number
     table = Table(title="tiny model: five-attempt fix-mode episodes (paper prompt, temperature 1)", box=box.SIMPLE,

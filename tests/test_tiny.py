@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from agents import tiny
+from agents import tiny, tiny_evaluation
 from agents.lm import GenerationSettings, LMPolicy
 
 
@@ -95,7 +95,7 @@ def test_encode_pairs_masks_the_prompt_and_keeps_only_its_tail():
 
 @pytest.mark.slow
 def test_sample_report_runs_episodes_through_the_env(tiny_model_dir, local_sandbox):
-    rows = tiny.evaluate_samples(tiny_model_dir, ["iris"], n_samples=2, sandbox=local_sandbox, max_new_tokens=24,
+    rows = tiny_evaluation.evaluate_samples(tiny_model_dir, ["iris"], n_samples=2, sandbox=local_sandbox, max_new_tokens=24,
                                  max_attempts=2)
     (row,) = rows
     assert row["task"] == "iris" and row["samples"] == 2
@@ -117,7 +117,7 @@ def test_evaluation_is_deterministic_for_a_seed(tiny_model_dir, local_sandbox):
     task_list = [tasks.get(name, max_rows=tiny.EVAL_MAX_ROWS) for name in ("iris", "wine")]
 
     def programs(seed):
-        episodes = tiny.sample_episodes(policy, task_list, local_sandbox, n_samples=2, seed=seed, max_new_tokens=16,
+        episodes = tiny_evaluation.sample_episodes(policy, task_list, local_sandbox, n_samples=2, seed=seed, max_new_tokens=16,
                                         max_attempts=2)
         assert len(episodes) == 4 and all(1 <= len(ep) <= 2 for ep in episodes)
         return [[a["program"] for a in ep] for ep in episodes]
@@ -151,7 +151,7 @@ def test_summary_line_is_the_exact_last_line():
              "mean_normalized_all": 0.5},
             {"validity": 0.5, "fix_attempts": 4, "fixes": 1, "episode_success": 0.5, "distinct": 1.0,
              "mean_normalized_all": 0.25}]
-    assert tiny.summary_line(rows) == "mean: first-attempt validity 0.38, fix rate 0.40, episode success 0.62"
+    assert tiny_evaluation.summary_line(rows) == "mean: first-attempt validity 0.38, fix rate 0.40, episode success 0.62"
 
 
 def test_training_truncates_prompts_as_the_policy_does_at_inference():

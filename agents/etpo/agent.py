@@ -376,7 +376,7 @@ class ETPOAgent(Learner):
 
     def export_policy(self, directory: str | Path) -> Path:
         """Write π alone as a plain transformers model (policy adapter merged into the base) plus tokenizer, for
-        `etpo serve`, `agents.tiny.evaluate_samples` or any `from_pretrained` user. The agent is left untouched."""
+        `etpo serve`, `agents.tiny_evaluation.evaluate_samples` or any `from_pretrained` user. The agent is left untouched."""
         from peft import PeftModel
 
         directory = Path(directory)
