@@ -79,7 +79,7 @@ def env_metrics(agent: Any, task: str, sandbox: Any, samples: int, seed: int) ->
     import numpy as np
 
     import tasks as tasks_pkg
-    from agents.benchmark.run import TestScorer, isolated_rng, play_eval_episodes
+    from agents.benchmark.episodes import TestScorer, isolated_rng, play_eval_episodes
 
     task_obj = tasks_pkg.get(task)
     envs = [gym.wrappers.RecordEpisodeStatistics(gym.make("DataSciCode-v0", task=task_obj, sandbox=sandbox))
@@ -113,7 +113,7 @@ def diagnostics(stats: dict[str, float]) -> dict[str, float]:
 def run_one(agent_spec: str, probe: Probe, task: str, seed: int, budget: int, samples: int, sandbox: str,
             overrides: list[str], model: str, on_update: Any = None) -> dict[str, Any]:
     """Train one learner on one probe and task for `budget` env steps; measure before and after."""
-    from agents.benchmark.run import probe_rate
+    from agents.benchmark.episodes import probe_rate
     from agents.registry import build_agent
     from sandbox import make_sandbox
 

@@ -273,7 +273,7 @@ def test_learners_evaluate_in_one_batch_from_a_stream_of_the_evaluation(tiny_mod
     its own `act` (episodes one by one)."""
     import torch
 
-    from agents.benchmark.run import batch_actor
+    from agents.benchmark.episodes import batch_actor
     from agents.etpo import ETPOAgent
 
     agent = ETPOAgent(model=tiny_model_dir, seed=0, max_new_tokens=8, **{"generation.seed": 7})

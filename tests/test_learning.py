@@ -39,7 +39,7 @@ def learnable_model(tmp_path_factory):
 
 @pytest.mark.parametrize("agent_name", ["etpo", "ppo", "grpo"])
 def test_learner_learns_a_keyword_at_the_start_of_the_program(agent_name, learnable_model, local_sandbox):
-    from agents.benchmark.run import probe_rate
+    from agents.benchmark.episodes import probe_rate
     from agents.registry import build_agent
 
     env = KeywordReward(gym.make("DataSciCode-v0", task="titanic", sandbox=local_sandbox, max_attempts=1), KEYWORD)
