@@ -131,6 +131,10 @@ class ScoredEnv(gym.Env):
         reward = sum(c.isdigit() for c in action) / max(len(action), 1) - 0.1
         return "again:\n", float(reward), self.t >= 2, False, {"status": "ok"}
 
+    def spawn(self):
+        """A sibling for batched collection (`etpo_env.vector.vectorize`)."""
+        return ScoredEnv()
+
 
 def saved_tensors(directory) -> dict[str, torch.Tensor]:
     """Every tensor of a learner's checkpoint: each adapter's weights and the trainer state (heads, EMA target,
