@@ -10,6 +10,7 @@ import threading
 import time
 
 import gymnasium as gym
+import numpy as np
 import pytest
 from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode
@@ -299,3 +300,92 @@ def test_spawned_recorders_write_one_file_with_distinct_episode_numbers(tmp_path
     first.close()
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(line["episode"], line["action"]) for line in lines] == [(0, "p1"), (1, "p2"), (2, "p3"), (3, "p4")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SiblingVectorEnv: one wrapped env and its siblings as one vector env (the learners' one vectorisation path)
+# ----------------------------------------------------------------------------------------------------------------
+class PrefetchingProgramEnv(ProgramEnv):
+    """`ProgramEnv` that logs prefetch and step calls (shared by its siblings)."""
+
+    def __init__(self, calls: list | None = None, events: list | None = None):
+        super().__init__(calls)
+        self.events = [] if events is None else events
+        self.closed = False
+
+    def spawn(self):
+        return PrefetchingProgramEnv(self.calls, self.events)
+
+    def prefetch(self, action):
+        self.events.append(("prefetch", action))
+
+    def step(self, action):
+        self.events.append(("step", action))
+        return super().step(action)
+
+    def close(self):
+        self.closed = True
+
+
+def test_vectorize_makes_siblings_under_the_wrappers_when_sub_env_0_is_first_reset():
+    from etpo_env.vector import SiblingVectorEnv, vectorize
+    from etpo_env.wrappers import EnvStepBudget
+
+    env = EnvStepBudget(PrefetchingProgramEnv(), budget=10)
+    vec = vectorize(env, 3)
+    assert isinstance(vec, SiblingVectorEnv) and vec.num_envs == 3 and vec.envs == [env]  # no sibling before a reset
+    assert vec.metadata["autoreset_mode"] == AutoresetMode.DISABLED
+    with pytest.raises(ValueError, match="sub-env 0 first"):
+        vec.reset(options={"reset_mask": np.array([False, True, False])})
+    obs, _ = vec.reset(seed=5, options={"reset_mask": np.array([True, False, False])})
+    assert len(vec.envs) == 3 and all(isinstance(e, EnvStepBudget) and e.ledger is env.ledger for e in vec.envs[1:])
+    assert obs == ("prompt", None, None)  # only sub-env 0 was reset
+    assert vectorize(vec, 7) is vec  # a vector env is used as it is
+
+
+def test_none_actions_leave_sub_envs_out_and_infos_keep_their_values():
+    from etpo_env.vector import vectorize
+
+    vec = vectorize(PrefetchingProgramEnv(), 3)
+    vec.reset(seed=0)
+    obs, rewards, terminated, truncated, infos = vec.step(("p4", None, "bad"))
+    assert obs == ("feedback", "prompt", "feedback") and rewards.tolist() == [1.0, 0.0, 0.0]
+    assert infos["stepped"].tolist() == [True, False, True] and not terminated.any() and not truncated.any()
+    assert infos["score"][0] == 0.4 and infos["score"][2] is None  # a None score stays None (not NaN)
+    assert infos["_score"].tolist() == [True, False, True]
+    assert vec.envs[0].unwrapped.calls == ["p4", "bad"]  # one shared log: sub-env 1 took no step
+
+
+def test_started_steps_run_their_programs_first_and_finish_oldest_first_in_index_order():
+    from etpo_env.vector import vectorize
+
+    base = PrefetchingProgramEnv()
+    vec = vectorize(base, 4)
+    vec.reset(seed=0)
+    base.events.clear()
+    vec.step_async(("p1", "p2", None, None))
+    vec.step_async((None, None, "p3", "p4"))
+    with pytest.raises(RuntimeError, match="already have a step started"):
+        vec.step_async(("p5", None, None, None))
+    first = vec.step_wait()
+    second = vec.step_wait()
+    assert base.events == [("prefetch", "p1"), ("prefetch", "p2"), ("prefetch", "p3"), ("prefetch", "p4"),
+                           ("step", "p1"), ("step", "p2"), ("step", "p3"), ("step", "p4")]
+    assert first[4]["stepped"].tolist() == [True, True, False, False]
+    assert second[4]["stepped"].tolist() == [False, False, True, True]
+    with pytest.raises(RuntimeError, match="step_async first"):
+        vec.step_wait()
+    base.events.clear()
+    vec.step((None, None, None, "p6"))  # alone, a program runs in step itself: nothing prefetched
+    assert base.events == [("step", "p6")]
+
+
+def test_closing_the_vector_env_closes_the_siblings_not_the_env_handed_over():
+    from etpo_env.vector import vectorize
+
+    base = PrefetchingProgramEnv()
+    vec = vectorize(base, 3)
+    vec.reset(seed=0)
+    siblings = vec.envs[1:]
+    vec.close()
+    assert all(s.closed for s in siblings) and not base.closed
