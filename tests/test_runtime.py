@@ -76,7 +76,7 @@ class OneStepEnv(gym.Env):
 def test_a_bf16_base_trains_with_fp32_trainable_parameters(tiny_model_dir):
     torch.set_num_threads(1)
     agent = ETPOAgent(model=tiny_model_dir, device="cpu", dtype="bfloat16", attn_implementation="eager",
-                      max_new_tokens=6, lora_r=4, lora_alpha=8, rollout_steps=2, minibatch_size=2, epochs=1, seed=0)
+                      max_new_tokens=6, lora_r=4, lora_alpha=8, rollout_steps=2, num_envs=1, minibatch_size=2, epochs=1, seed=0)
     model = agent.policy.hf_model
     frozen = {p.dtype for n, p in agent.policy.model.named_parameters() if not p.requires_grad}
     trainable = {p.dtype for p in agent.models.policy_parameters() + agent.models.critic_parameters()}
