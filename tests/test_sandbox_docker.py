@@ -88,9 +88,9 @@ def test_container_is_hardened_and_started_only_on_first_run(docker_sandbox):
 def test_wedged_container_is_killed_and_replaced(docker_sandbox, monkeypatch):
     import docker
 
-    from sandbox import pool
+    from sandbox import workers
 
-    monkeypatch.setattr(pool, "RESPONSE_GRACE_S", 2.0)
+    monkeypatch.setattr(workers, "RESPONSE_GRACE_S", 2.0)
     assert docker_sandbox.run(Job(HONEST_PROGRAM, [tiny_fold()])).ok
     client = docker.from_env()
     try:
