@@ -392,8 +392,12 @@ class PPOConfig(LearnerConfig):
     target_kl: float | None = field(default=0.1, metadata={"help": "Stop an update's epochs once a minibatch's "
                                                                    "approx KL(π_old‖π_θ) > 1.5×this (None = off)."})
     # model
-    value_model: Literal["shared", "adapter"] = field(default="shared", metadata={"help": "shared: value head on the policy adapter's "
-                                                                 "features; adapter: its own LoRA adapter."})
+    value_model: Literal["shared", "adapter"] = field(default="adapter", metadata={
+        "help": "adapter: the value head on a LoRA adapter of its own; shared: on the policy adapter's features "
+                "(one forward pass, but the value loss then shapes the policy's features). adapter (was shared): on "
+                "the env's own reward (titanic, B = 512, 3 seeds) first-attempt validity +0.22 and episode return "
+                "+0.60 where shared lost 0.42 of return on both of 2 seeds; keyword probes +0.08 on average paired "
+                "by seed, entropy growth lower; about 1.5x the update time (bench/learnability.py; README)."})
     init_adapter: str | None = field(default=None, metadata={"help": "Start π from this saved LoRA adapter "
                                                                      "(e.g. an SFT run's checkpoint/policy/policy); "
                                                                      "ρ is then a frozen copy of it. None: a fresh "
