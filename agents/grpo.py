@@ -361,7 +361,6 @@ class GRPOAgent(Learner):
 
         Also returns, flat over action tokens and without gradients: "entropy" of π_θ (`with_entropy`); "ref_logp"
         (log ρ) and, with `exact_kl_diagnostic`, the whole-vocabulary "kl" KL(π_θ‖ρ) (`reference`)."""
-
         cfg, temperature = self.config, float(self.config.generation.temperature)
         scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)
         extra: dict[str, torch.Tensor] = {}

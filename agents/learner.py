@@ -217,7 +217,6 @@ class Learner:
         """The one constructor. `model`: `"tiny"` or any `from_pretrained` name or path (fresh adapters, seeded by
         the config's seed); `policy`: an existing `LMPolicy` that already carries the learner's adapters
         (`from_policy`); `saved_policy`: a policy folder `save` wrote, re-attached to `model` (`load`)."""
-
         self.config = with_fields(config or self.config_class(), overrides)
         if policy is not None:
             self.model_path = str(policy.name_or_path)
@@ -244,7 +243,6 @@ class Learner:
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
         """(adapters for `LMPolicy.from_pretrained`, reference spec): by default one fresh "policy" LoRA adapter,
         ρ = the base model."""
-
         cfg = self.config
         return {"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, "base"
 
@@ -297,7 +295,6 @@ class Learner:
         return [g.text for g in self.policy.generate(prompts, gen, generator=generator)]
 
     def _load_policy(self, saved: Path | None) -> Any:
-
         options = {**load_options(self.config.runtime), "chunk_size": self.config.chunk_size}
         if saved is not None:
             return LMPolicy.load(saved, base=self.model_path, **options)
@@ -313,7 +310,6 @@ class Learner:
     def collector_for(self, env: Any) -> Any:
         """The shared collector, kept across `learn` calls on the same env (episodes carry over). A new env gets a
         new collector seeded by the env steps done, so a resumed run sees new episodes instead of replaying."""
-
         if self._collector is None or self._collector.env is not env:
             if self._collector is not None:
                 self._collector.close()
@@ -402,7 +398,6 @@ class Learner:
     def save(self, directory: str | Path, keep_previous_as: Path | None = None) -> None:
         """Everything needed to resume, written atomically: a crash mid-save leaves the previous checkpoint (the new
         one is written beside it, then swapped in; with `keep_previous_as` the previous one is moved there)."""
-
         directory = Path(directory)
         staged = directory.with_name(directory.name + ".tmp")
         if staged.exists():
@@ -424,7 +419,6 @@ class Learner:
     @classmethod
     def load(cls, directory: str | Path, **overrides: Any) -> Learner:
         """Rebuild a learner saved by `save` (config overrides allowed, e.g. device) and restore all its state."""
-
         directory = Path(directory)
         state = torch.load(directory / "trainer.pt", map_location="cpu", weights_only=False)  # our own file
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -492,5 +486,4 @@ def _make_logger(out_dir: str | Path | None, total: int):
     """The shared RunLogger (console lines, progress bar over env steps, TensorBoard, metrics.jsonl) in `out_dir`."""
     if out_dir is None:
         return None
-
     return RunLogger(out_dir, total=max(total, 0) or None)

@@ -208,7 +208,6 @@ class AdaptiveKLController:
 
 def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
     """Buffer indices grouped into episode chains (following next_index), each in time order."""
-
     return RolloutBuffer(transitions).episodes()
 
 
@@ -433,7 +432,6 @@ class PPOAgent(Learner):
     needs_reference_logprobs = False  # log ρ (at the sampling temperature) is recomputed in annotate_values
 
     def adapters(self) -> tuple[dict[str, Any], str]:
-
         cfg = self.config
         if cfg.init_adapter:
             start = str(_adapter_dir(cfg.init_adapter))
@@ -480,7 +478,6 @@ class PPOAgent(Learner):
 
         With `reference`, also returns flat (over action tokens) log ρ ("ref_logp") and, with
         `exact_kl_diagnostic`, the whole-vocabulary KL(π‖ρ) ("kl"), both at the sampling temperature."""
-
         cfg, temperature = self.config, float(self.config.generation.temperature)
         scored = action_pass(self.policy, transitions, "policy", temperature, cfg.chunk_size)
         ent = None
@@ -501,7 +498,6 @@ class PPOAgent(Learner):
     @torch.no_grad()
     def state_values(self, obs_ids: Sequence[Sequence[int]]) -> list[float]:
         """V(s) of observations (the state before an action's first token): bootstrap values after truncation."""
-
         adapter = "value" if self.config.value_model == "adapter" else "policy"
         ids, mask = pad_sequences([list(o) for o in obs_ids], self.policy.pad_id, "right", self.policy.device)
         hidden = self.policy.hidden_states(ids, mask, adapter)

@@ -203,7 +203,6 @@ class RolloutCollector:
     def __init__(self, policy: Any, env: Any, gen: Any = None, adapter: str | None = "policy",
                  compute_ref_logp: bool = True, seed: int | None = None, use_chat_template: bool | None = None,
                  num_envs: int = 1, overlap: bool = False):
-
         self.policy = policy
         self.env = env  # as handed over (a learner keeps one collector per env)
         self.vec = vectorize(env, max(1, int(num_envs)))

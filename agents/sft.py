@@ -152,7 +152,6 @@ class SFTAgent(Learner):
     config_class = SFTConfig
 
     def adapters(self) -> tuple[dict[str, Any] | None, str]:
-
         cfg = self.config
         return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)} if cfg.lora else None), "base"
 

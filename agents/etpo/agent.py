@@ -308,7 +308,6 @@ class ETPOAgent(Learner):
     config_class = ETPOConfig
 
     def adapters(self) -> tuple[dict[str, Any], str]:
-
         cfg = self.config
         return ({"policy": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha),
                  "critic": default_lora_config(r=cfg.lora_r, alpha=cfg.lora_alpha)}, cfg.reference)
