@@ -53,7 +53,7 @@ from agents.learner import (
     reference_scores,
 )
 from agents.lm import GenerationSettings, default_lora_config, entropy, pad_sequences
-from agents.rollout import RolloutBuffer
+from agents.rollout import episode_chains
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -204,11 +204,6 @@ class AdaptiveKLController:
 # ---------------------------------------------------------------------------------------------------------------
 # From a rollout buffer to per-token advantages (episode chains follow Transition.next_index)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def episode_chains(transitions: Sequence[Any]) -> list[list[int]]:
-    """Buffer indices grouped into episode chains (following next_index), each in time order."""
-    return RolloutBuffer(transitions).episodes()
 
 
 def compute_advantages(transitions: Sequence[Any], bootstrap_values: dict[int, float], *, kl_coef: float,
