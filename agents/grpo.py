@@ -94,7 +94,7 @@ from agents.learner import (
 )
 from agents.lm import GenerationSettings, entropy
 from agents.ppo import action_mask, clipped_policy_loss, pad_tokens
-from agents.rollout import episode_chains
+from agents.rollout import episode_chains, fill_per_token
 
 GroupBy = Literal["prompt", "episode"]
 AdvantageKind = Literal["grpo", "rloo"]
@@ -378,14 +378,9 @@ class GRPOAgent(Learner):
         size = self.config.minibatch_size
         for start in range(0, len(transitions), size):
             batch = transitions[start: start + size]
-            logp, extra = self.score(batch, reference=self.uses_reference, with_entropy=True)
-            lengths = [len(t.action_ids) for t in batch]
-            offsets = np.cumsum([0, *lengths])
-            flat = {key: value.float().cpu().numpy() for key, value in extra.items()}
-            for i, (t, n) in enumerate(zip(batch, lengths, strict=True)):
-                t.old_logp = logp[i, :n].cpu().numpy().astype(np.float32)
-                for key, value in flat.items():  # entropy; ref_logp and kl when the reference is used
-                    setattr(t, key, value[offsets[i]:offsets[i + 1]].astype(np.float32))
+            logp, extra = self.score(batch, reference=self.uses_reference, with_entropy=True)  # entropy (ref_logp, kl)
+            fill_per_token(batch, old_logp=logp.cpu().numpy(),
+                           **{key: value.float().cpu().numpy() for key, value in extra.items()})
 
     # -- learning ---------------------------------------------------------------------------------------------------
     def train(self, transitions: Sequence[Any]) -> dict[str, float]:

@@ -53,7 +53,7 @@ from agents.learner import (
     reference_scores,
 )
 from agents.lm import GenerationSettings, default_lora_config, entropy, pad_sequences
-from agents.rollout import episode_chains
+from agents.rollout import episode_chains, fill_per_token
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -509,15 +509,9 @@ class PPOAgent(Learner):
         """
         for start in range(0, len(transitions), batch_size):
             batch = transitions[start: start + batch_size]
-            out, extra = self._score(batch, reference=True, with_entropy=False)
-            lengths = [len(t.action_ids) for t in batch]
-            offsets = np.cumsum([0, *lengths])
-            flat = {key: value.cpu().numpy() for key, value in extra.items()}
-            for i, (t, n) in enumerate(zip(batch, lengths, strict=True)):
-                t.values = out.values[i, :n].cpu().numpy().astype(np.float32)
-                t.old_logp = out.logp[i, :n].cpu().numpy().astype(np.float32)
-                for key, value in flat.items():  # ref_logp, and kl with the exact diagnostic
-                    setattr(t, key, value[offsets[i]:offsets[i + 1]].astype(np.float32))
+            out, extra = self._score(batch, reference=True, with_entropy=False)  # extra: ref_logp (and kl)
+            fill_per_token(batch, values=out.values.cpu().numpy(), old_logp=out.logp.cpu().numpy(),
+                           **{key: value.cpu().numpy() for key, value in extra.items()})
         unfinished = [i for i in (chain[-1] for chain in episode_chains(transitions))
                       if not transitions[i].terminated and transitions[i].next_obs_ids is not None]
         if not unfinished:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -72,6 +72,20 @@ class Transition:
         arrays = [self.obs_ids, self.action_ids, self.logp, self.ref_logp, self.next_obs_ids,
                   *(getattr(self, name) for name in self.ANNOTATIONS)]
         return int(sum(np.asarray(a).nbytes for a in arrays if a is not None))
+
+
+def fill_per_token(transitions: Sequence[Transition], **arrays: np.ndarray) -> None:
+    """Set per-token fields of `transitions` (an annotation or `ref_logp`) from one array per field that covers them
+    all: padded [len(transitions), longest action] (row i, its first n_i entries) or flat over their action tokens
+    in order. Each transition gets its own float32 copy."""
+    lengths = [t.n_tokens for t in transitions]
+    offsets = np.cumsum([0, *lengths])
+    for name, array in arrays.items():
+        if name not in (*Transition.ANNOTATIONS, "ref_logp"):
+            raise ValueError(f"{name!r} is not a per-token field a learner fills in")
+        for i, t in enumerate(transitions):
+            row = array[i, : lengths[i]] if array.ndim == 2 else array[offsets[i]: offsets[i + 1]]
+            setattr(t, name, row.astype(np.float32))
 
 
 def episode_chains(transitions: Any) -> list[list[int]]:

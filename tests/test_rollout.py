@@ -233,3 +233,21 @@ def test_overlap_follows_the_runtime_setting(tiny_policy):
     assert overlaps_generation(RuntimeSettings(overlap_generation="off"), torch.device("cuda")) is False
     with pytest.raises(ValueError, match="overlap_generation"):
         RuntimeSettings(overlap_generation="yes")
+
+
+def test_fill_per_token_splits_padded_and_flat_arrays_by_action_length():
+    from agents.rollout import Transition, fill_per_token
+
+    def bare(n):
+        return Transition(np.zeros(1, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32),
+                          np.zeros(n, np.float32), 0.0, True, False, 0, 0)
+
+    batch = [bare(2), bare(3)]
+    padded = np.array([[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])
+    flat = np.array([6.0, 7.0, 8.0, 9.0, 10.0])
+    fill_per_token(batch, values=padded, ref_logp=flat)
+    assert [t.values.tolist() for t in batch] == [[1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert [t.ref_logp.tolist() for t in batch] == [[6.0, 7.0], [8.0, 9.0, 10.0]]
+    assert all(t.values.dtype == np.float32 and not np.shares_memory(t.values, padded) for t in batch)
+    with pytest.raises(ValueError, match="not a per-token field"):
+        fill_per_token(batch, reward=flat)
