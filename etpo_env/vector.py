@@ -26,6 +26,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.vector.utils import concatenate, iterate
 
 from etpo_env.config import EnvConfig
+from etpo_env.wrappers import spawn_siblings
 from sandbox.pool import SandboxPool
 
 
@@ -158,12 +159,9 @@ class SiblingVectorEnv(gym.vector.VectorEnv):
     metadata = {"autoreset_mode": AutoresetMode.DISABLED}
 
     def __init__(self, env: gym.Env, num_envs: int):
-        from etpo_env.wrappers import spawn_siblings
-
         if num_envs < 1:
             raise ValueError(f"num_envs must be at least 1, got {num_envs}")
         self.num_envs = int(num_envs)
-        self._spawn = lambda: spawn_siblings(env, self.num_envs - 1)
         if self.num_envs > 1:  # raises now, saying what to do, if the env's wrappers cannot be replicated
             spawn_siblings(env, 0)
         self.envs: list[gym.Env] = [env]
@@ -192,7 +190,7 @@ class SiblingVectorEnv(gym.vector.VectorEnv):
             self._observations[i], info = self.envs[i].reset(seed=seeds[i], options=options or None)
             infos = self._add_info(infos, info, int(i))
             if i == 0 and len(self.envs) < self.num_envs:
-                self.envs += self._spawn()
+                self.envs += spawn_siblings(self.envs[0], self.num_envs - 1)
         return tuple(self._observations), infos
 
     def step(self, actions: Sequence[Any]) -> tuple[tuple, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
