@@ -63,6 +63,12 @@ class ETPOConfig(LearnerConfig):
                 "soft_lambda_returns). 0 = the paper's one-step backup yʲ = V(uʲ⁺¹), which moves an end-of-action "
                 "reward back one token per target refresh; 1 = the Monte-Carlo soft return, which credits every "
                 "token of an action at once."})
+    sampled_correction: float = field(default=0.0, metadata={
+        "help": "Weight c of the sampled correction in the policy loss: c·(yʲ − Q_φ(uʲ,wʲ))·(−log π_θ(wʲ|uʲ)) at "
+                "every sampled token (sampled_correction_per_state). 0 = the paper: the policy follows the critic "
+                "alone, and moves only as far as Q_φ has learned which tokens mattered. 1 = an unbiased estimate of "
+                "the soft objective's gradient, with Q_φ as control variate (its error at the sampled token is "
+                "credited to that token directly)."})
     # critic
     critic: Literal["dueling", "head", "lm_head"] = field(default="dueling", metadata={
         "help": "Critic Q(u,·) ∈ R^|V| on the critic adapter's features h. dueling = V(u) + A(u,·): a scalar value "
@@ -110,7 +116,8 @@ class ETPOConfig(LearnerConfig):
                              "max_new_tokens must be >= 1")
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
-        return UpdateSettings(beta=self.beta, gamma=self.gamma, lam=self.lam, epochs=self.epochs, minibatch_size=self.minibatch_size,
+        return UpdateSettings(beta=self.beta, gamma=self.gamma, lam=self.lam, sampled_correction=self.sampled_correction,
+                              epochs=self.epochs, minibatch_size=self.minibatch_size,
                               inference_batch_size=self.inference_batch_size,
                               chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,
                               ema_rate=self.ema_rate, max_grad_norm=self.max_grad_norm, pad_id=pad_id)

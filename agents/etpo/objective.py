@@ -49,6 +49,21 @@ def policy_loss_per_state(policy_logits: torch.Tensor, ref_logits: torch.Tensor,
     return (log_pi.exp() * (beta * (log_pi - log_rho) - q_values.detach().float())).sum(-1)
 
 
+def sampled_correction_per_state(policy_logits: torch.Tensor, tokens: torch.Tensor,
+                                 residuals: torch.Tensor) -> torch.Tensor:
+    """−(yʲ − Q_φ(uʲ, wʲ))·log π_θ(wʲ|uʲ) per row: the critic's error at the sampled token, as a score-function term.
+
+    `policy_loss_per_state` follows Q_φ alone, so where Q_φ is wrong (or has not yet learned which tokens of a long
+    program mattered) the policy cannot move. Added to it, this term makes the gradient an unbiased estimate of the
+    soft objective's gradient under the true Q^π, with Q_φ as control variate: for w ~ π(·|u),
+    E_w[(Q^π(u,w) − Q_φ(u,w))·∇log π(w|u)] = Σ_w ∇π(w|u)·(Q^π − Q_φ)(u,w), exactly what using Q_φ for Q^π left out,
+    and 0 when Q_φ = Q^π (both tested on an enumerable toy). yʲ (the λ-return target) is the sampled estimate of
+    Q^π(uʲ, wʲ); the residuals are detached here.
+    """
+    log_pi = F.log_softmax(policy_logits.float(), dim=-1)
+    return -residuals.detach().float() * log_pi.gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def critic_loss_per_token(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",
                           huber_delta: float = 1.0) -> torch.Tensor:
     """Regression of Q_φ(uʲ, wʲ) on the detached target yʲ, per token ("huber" or "mse", both with a ½ factor)."""

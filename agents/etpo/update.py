@@ -20,6 +20,7 @@ from agents.etpo.objective import (
     discounted_returns,
     dueling_critic_loss_per_token,
     policy_loss_per_state,
+    sampled_correction_per_state,
     soft_bellman_targets,
     soft_value,
     token_entropy,
@@ -184,15 +185,19 @@ def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return rows.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _policy_chunk(models: TokenModels, beta: float, h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor,
-                  tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus detached per-row
-    diagnostics [5, n]."""
+def _policy_chunk(models: TokenModels, beta: float, correction: float, h_pi: torch.Tensor, h_rho: torch.Tensor,
+                  h_q: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus `correction` times the
+    sampled correction of the critic's error (`sampled_correction_per_state`), plus detached per-row diagnostics
+    [5, n]."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
     with torch.no_grad():
         q = models.critic.q_rows(h_q)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
+    if correction:
+        residuals = targets.float() - _taken(q, tokens)
+        policy_sum = policy_sum + correction * sampled_correction_per_state(pi_logits, tokens, residuals).sum()
     with torch.no_grad():
         diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), _taken(q, tokens),
                             (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
@@ -228,16 +233,21 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
 
 
 def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: float, chunk_size: int,
-                h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                h_rho: torch.Tensor | None = None, targets: torch.Tensor | None = None, correction: float = 0.0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
     `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
-    mean Q over the vocabulary)."""
+    mean Q over the vocabulary). `correction` > 0 adds the sampled correction towards the `targets`."""
     h_pi = models.rows("policy", packed)
     if h_rho is None:
         with torch.no_grad():
             h_rho = models.rows("reference", packed)
-    fn = lambda hp, hr, hq, t: _policy_chunk(models, beta, hp, hr, hq, t)  # noqa: E731
-    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, vocab_size=models.vocab_size)
+    if correction and targets is None:
+        raise ValueError("the sampled correction needs the targets")
+    targets = torch.zeros(h_pi.shape[0]) if targets is None else targets
+    fn = lambda hp, hr, hq, t, y: _policy_chunk(models, beta, correction, hp, hr, hq, t, y)  # noqa: E731
+    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, targets.to(h_q.device),
+                        vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
     info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
     losses = [loss for loss, _ in outs]
@@ -245,27 +255,28 @@ def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: fl
 
 
 def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
-                critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                critic_kind: str = "huber", huber_delta: float = 1.0, correction: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Mean policy loss and mean critic loss over the rows of `packed` (both with graphs), plus diagnostics.
 
     Each chunk runs under activation checkpointing, so backward recomputes the chunk's [chunk, V] rows instead of
     keeping all of them alive: peak memory is O(chunk × V), not O(tokens × V).
     """
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
-    pol, info = policy_pass(models, packed, h_q, beta, chunk_size)
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, targets=targets, correction=correction)
     return pol, crit, info
 
 
 def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
-                  critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None
-                  ) -> tuple[float, float, dict]:
+                  critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None,
+                  correction: float = 0.0) -> tuple[float, float, dict]:
     """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
     forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
     larger one instead of their sum. Returns the two mean losses and the diagnostics."""
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
     crit.backward()
     crit = float(crit.detach())  # drops the last reference to the critic's graph
-    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, h_rho)
+    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, h_rho, targets, correction)
     pol.backward()
     return float(pol.detach()), crit, info
 
@@ -325,6 +336,7 @@ class UpdateSettings:
     beta: float
     gamma: float
     lam: float = 0.0
+    sampled_correction: float = 0.0
     epochs: int = 1
     minibatch_size: int = 8
     inference_batch_size: int = 8
@@ -380,7 +392,7 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             critic_opt.zero_grad(set_to_none=True)
             pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
                                                       settings.critic_loss, settings.huber_delta,
-                                                      torch.cat([ref_rows[i] for i in idx]))
+                                                      torch.cat([ref_rows[i] for i in idx]), settings.sampled_correction)
             record("grad_norm/policy", grad_norm(policy_params))
             record("grad_norm/critic", grad_norm(critic_params))
             if settings.max_grad_norm > 0:
