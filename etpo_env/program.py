@@ -108,11 +108,14 @@ def _wrap_first_parsing(bodies: list[str]) -> str:
 
 
 def _parses(code: str) -> bool:
+    """Whether the host's parser accepts `code`. Any failure of the parser means no: deep nesting raises
+    RecursionError or MemoryError, and CPython 3.11 can raise SystemError ("AST constructor recursion depth
+    mismatch") on a program a learner sampled. The program then goes to the sandbox as is, which reports its error."""
     try:
         with warnings.catch_warnings():  # agent code's own SyntaxWarnings ("invalid decimal literal") are not ours
             warnings.simplefilter("ignore")
             ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError, SystemError):
         return False
     return True
 

@@ -86,6 +86,23 @@ def test_unparseable_code_is_passed_through_for_the_sandbox_to_report():
     assert program.startswith(f"def {ENTRY_POINT}(X, y):") and "return (((" in program
 
 
+@pytest.mark.parametrize("error", [SystemError("AST constructor recursion depth mismatch (before=54, after=50)"),
+                                   RecursionError("maximum recursion depth exceeded during ast construction"),
+                                   MemoryError()])
+def test_a_parser_that_fails_on_agent_code_leaves_it_for_the_sandbox(monkeypatch, error):
+    """CPython 3.11's parser raised SystemError on a program a learner sampled (learnability run, ETPO on titanic):
+    the env step crashed and the run was lost. Any failure of the host's parser means "does not parse here": the
+    program goes to the sandbox as is, which reports the error as a failed step."""
+
+    def failing_parse(*args, **kwargs):
+        raise error
+
+    with monkeypatch.context() as patched:  # only around the call: pytest itself parses with ast
+        patched.setattr(ast, "parse", failing_parse)
+        program = extract_program("x = 1\nreturn x")
+    assert program.startswith(f"def {ENTRY_POINT}(X, y):") and "return x" in program
+
+
 def test_extracting_agent_code_prints_no_python_warnings():
     """Agent code such as `x = 1if y else 2` or `"\\d"` makes the host's parser warn (SyntaxWarning): the console of
     a learner that samples thousands of programs stays clean, and the warning cannot escalate under `-W error`."""
