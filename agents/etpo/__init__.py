@@ -26,7 +26,7 @@ tokens of an action and across actions (`soft_lambda_returns`),
     yʲ = rʲ + dʲ·[(1 − λ)·V(uʲ⁺¹) + λ·(yʲ⁺¹ − β·KL(π‖ρ)(uʲ⁺¹))]
 
 (rʲ, dʲ: the reward and discount after token j, as above). λ = 0 is the one-step backup above, bit for bit
-(`--set lam=0` reproduces the paper). Why: the env reward sits on the last of ~200 tokens, and a one-step backup
+(`--set lam=0 --set sampled_correction=0` reproduces the paper). Why: the env reward sits on the last of ~200 tokens, and a one-step backup
 moves it back one token per target refresh, so the tokens that decide a program (its first lines) never see it
 within any budget a user can run; at λ = 1 every token regresses on the action's soft return in the first update.
 On-policy every λ has the same fixed point (tested on an enumerable toy).
