@@ -198,7 +198,7 @@ def test_update_pipeline_matches_hand_computation(chunk_size):
     assert crit.item() == pytest.approx(0.1029178, abs=1e-6)
     assert diag["kl"].tolist() == pytest.approx([0.0588915, 0.1732868, 0.0], abs=1e-6)
     # the sampled correction: −(y − Q_φ)·log π(taken) per token = (−0.0600566, 0.4158883, 0.5493061), mean 0.3017126
-    corrected, _, _ = etpo_losses(m, packed, torch.cat(targets), BETA, chunk_size, correction=1.0)
+    corrected, _, _ = etpo_losses(m, packed, torch.cat(targets), BETA, chunk_size, sampled_correction=1.0)
     assert corrected.item() == pytest.approx(-0.4613036 + 0.3017126, abs=1e-6)
 
 

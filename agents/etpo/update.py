@@ -185,21 +185,23 @@ def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return rows.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _policy_chunk(models: TokenModels, beta: float, correction: float, h_pi: torch.Tensor, h_rho: torch.Tensor,
-                  h_q: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus `correction` times the
-    sampled correction of the critic's error (`sampled_correction_per_state`), plus detached per-row diagnostics
-    [5, n]."""
+def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, h_pi: torch.Tensor,
+                  h_rho: torch.Tensor, h_q: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus `sampled_correction`
+    times the sampled correction of the critic's error towards `targets` (`sampled_correction_per_state`), plus
+    detached per-row diagnostics [5, n]."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
     with torch.no_grad():
         q = models.critic.q_rows(h_q)
+        q_taken = _taken(q, tokens)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
-    if correction:
-        residuals = targets.float() - _taken(q, tokens)
-        policy_sum = policy_sum + correction * sampled_correction_per_state(pi_logits, tokens, residuals).sum()
+    if sampled_correction:
+        residuals = targets.float() - q_taken
+        policy_sum = policy_sum + sampled_correction * sampled_correction_per_state(pi_logits, tokens, residuals).sum()
     with torch.no_grad():
-        diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), _taken(q, tokens),
+        diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), q_taken,
                             (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
     return policy_sum, diag
 
@@ -232,20 +234,17 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
 
-def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: float, chunk_size: int,
-                h_rho: torch.Tensor | None = None, targets: torch.Tensor | None = None, correction: float = 0.0
+def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, targets: torch.Tensor, beta: float,
+                chunk_size: int, h_rho: torch.Tensor | None = None, sampled_correction: float = 0.0
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
     `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
-    mean Q over the vocabulary). `correction` > 0 adds the sampled correction towards the `targets`."""
+    mean Q over the vocabulary). `sampled_correction` > 0 adds the sampled correction towards the `targets`."""
     h_pi = models.rows("policy", packed)
     if h_rho is None:
         with torch.no_grad():
             h_rho = models.rows("reference", packed)
-    if correction and targets is None:
-        raise ValueError("the sampled correction needs the targets")
-    targets = torch.zeros(h_pi.shape[0]) if targets is None else targets
-    fn = lambda hp, hr, hq, t, y: _policy_chunk(models, beta, correction, hp, hr, hq, t, y)  # noqa: E731
+    fn = lambda hp, hr, hq, t, y: _policy_chunk(models, beta, sampled_correction, hp, hr, hq, t, y)  # noqa: E731
     outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, targets.to(h_q.device),
                         vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
@@ -255,7 +254,7 @@ def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, beta: fl
 
 
 def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
-                critic_kind: str = "huber", huber_delta: float = 1.0, correction: float = 0.0
+                critic_kind: str = "huber", huber_delta: float = 1.0, sampled_correction: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Mean policy loss and mean critic loss over the rows of `packed` (both with graphs), plus diagnostics.
 
@@ -263,20 +262,20 @@ def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta
     keeping all of them alive: peak memory is O(chunk × V), not O(tokens × V).
     """
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
-    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, targets=targets, correction=correction)
+    pol, info = policy_pass(models, packed, h_q, targets, beta, chunk_size, sampled_correction=sampled_correction)
     return pol, crit, info
 
 
 def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
                   critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None,
-                  correction: float = 0.0) -> tuple[float, float, dict]:
+                  sampled_correction: float = 0.0) -> tuple[float, float, dict]:
     """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
     forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
     larger one instead of their sum. Returns the two mean losses and the diagnostics."""
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
     crit.backward()
     crit = float(crit.detach())  # drops the last reference to the critic's graph
-    pol, info = policy_pass(models, packed, h_q, beta, chunk_size, h_rho, targets, correction)
+    pol, info = policy_pass(models, packed, h_q, targets, beta, chunk_size, h_rho, sampled_correction)
     pol.backward()
     return float(pol.detach()), crit, info
 
