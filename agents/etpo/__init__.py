@@ -125,6 +125,6 @@ __all__ = [
     "critic_loss_per_token", "critic_pass", "critic_state_bytes", "discounted_returns", "dueling_critic_loss_per_token",
     "ema_update", "etpo_backward", "etpo_losses", "etpo_update", "gathered_rows", "lm_policy_from_config",
     "make_optimizer", "pack", "pearson", "policy_loss_per_state", "policy_pass", "realised_returns", "reference_rows",
-    "sampled_correction_per_state", "soft_bellman_targets", "soft_lambda_returns", "soft_optimal_policy", "soft_value", "state_values",
-    "token_entropy", "token_kl",
+    "sampled_correction_per_state", "soft_bellman_targets", "soft_lambda_returns", "soft_optimal_policy",
+    "soft_value", "state_values", "token_entropy", "token_kl",
 ]
