@@ -63,13 +63,14 @@ class ETPOConfig(LearnerConfig):
                 "soft_lambda_returns). 0 = the paper's one-step backup yʲ = V(uʲ⁺¹), which moves an end-of-action "
                 "reward back one token per target refresh; 1 = the Monte-Carlo soft return, which credits every "
                 "token of an action at once."})
-    sampled_correction: float = field(default=1.0, metadata={
+    sampled_correction: float = field(default=0.0, metadata={
         "help": "Weight c of the sampled correction in the policy loss: c·(yʲ − Q_φ(uʲ,wʲ))·(−log π_θ(wʲ|uʲ)) at "
                 "every sampled token (sampled_correction_per_state). 0 = the paper: the policy follows the critic "
                 "alone, and moves only as far as Q_φ has learned which tokens mattered. 1 = an unbiased estimate of "
                 "the soft objective's gradient, with Q_φ as control variate (its error at the sampled token is "
-                "credited to that token directly). 1 (was 0): ahead or level on 8 of 9 keyword-probe seeds, every "
-                "seed of the start probe at 0.94 (bench/learnability.py; README)."})
+                "credited to that token directly). Default 0: at 1 the keyword probes rise (ahead or level on 8 of 9 "
+                "seeds), but on the env's own reward one seed of credit_scoring collapsed (KL to ρ 0.38, entropy "
+                "2.3× its start, validity 0.42 → 0) (bench/learnability.py; README)."})
     # critic
     critic: Literal["dueling", "head", "lm_head"] = field(default="dueling", metadata={
         "help": "Critic Q(u,·) ∈ R^|V| on the critic adapter's features h. dueling = V(u) + A(u,·): a scalar value "
