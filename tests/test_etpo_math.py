@@ -269,6 +269,43 @@ def test_sampled_correction_by_hand():
     assert logits.grad[0].tolist() == pytest.approx([-1.5, 1.5], abs=1e-6)
 
 
+@pytest.mark.parametrize("old_p, residual, value, grad", [
+    (0.25, 2.0, -2.0, [-1.5, 1.5]),  # r = 1: −δ·r, the gradient of the unclipped term (above)
+    (0.2, 2.0, -2.4, [0.0, 0.0]),  # r = 1.25 > 1 + ε with δ > 0: clipped, no push further up
+    (0.2, -2.0, 2.5, [1.875, -1.875]),  # r = 1.25 with δ < 0: unclipped, −δ·r·∇log π = 2·1.25·(0.75, −0.75)
+    (0.5, -2.0, 1.6, [0.0, 0.0]),  # r = 0.5 < 1 − ε with δ < 0: clipped at 0.8, no push further down
+])
+def test_clipped_sampled_correction_by_hand(old_p, residual, value, grad):
+    """PPO's surrogate with the critic's residual as advantage: π = (0.25, 0.75), token 0, ε = 0.2,
+    −min(r·δ, clip(r, 0.8, 1.2)·δ) with r = 0.25 / π_old(0)."""
+    logits = torch.log(torch.tensor([[0.25, 0.75]])).requires_grad_(True)
+    loss = sampled_correction_per_state(logits, torch.tensor([0]), torch.tensor([residual]),
+                                        old_logp=torch.log(torch.tensor([old_p])), clip=0.2)
+    assert float(loss.detach()) == pytest.approx(value, abs=1e-6)
+    loss.sum().backward()
+    assert logits.grad[0].tolist() == pytest.approx(grad, abs=1e-6)
+
+
+def test_the_clipped_correction_keeps_the_policy_near_the_one_that_sampled():
+    """One sampled token paid 1, a critic that stays at 0 (its learning rate is 0), 40 epochs of plain SGD in one
+    update: unclipped, the correction pushes the token's probability far past π_old's; with ε = 0.2 it stops once
+    the ratio leaves 1.2 (an SGD step can overshoot a little), and the update logs how far the policy moved."""
+    ratios = {}
+    for clip in (0.0, 0.2):
+        m = TabularModels(vocab=3)
+        m.set_row([5], policy=logs(1 / 3, 1 / 3, 1 / 3), reference=logs(1 / 3, 1 / 3, 1 / 3), critic=[0.0] * 3,
+                  target=[0.0] * 3)
+        settings = UpdateSettings(beta=0.05, gamma=GAMMA, sampled_correction=1.0, correction_clip=clip, epochs=40,
+                                  minibatch_size=1, critic_loss="mse", max_grad_norm=0.0)
+        stats = etpo_update(m, [transition([5], [1], 1.0, True)], settings,
+                            torch.optim.SGD(m.policy_parameters(), lr=0.5), torch.optim.SGD(m.critic_parameters(), lr=0.0),
+                            random.Random(0))
+        ratios[clip] = float(m.probs("policy", [5])[1]) * 3
+        assert ("correction/clip_fraction" in stats) == (clip > 0)
+    assert ratios[0.0] > 2.0, ratios
+    assert 1.2 <= ratios[0.2] < 1.3, ratios
+
+
 def test_sampled_correction_makes_the_policy_gradient_unbiased():
     """With a wrong critic Q_φ, the expected gradient of the policy loss plus the sampled correction (residual: the
     true Q^π minus Q_φ at the sampled token) equals the gradient of the policy loss under the true Q^π; without the
@@ -509,7 +546,7 @@ def test_the_learner_config_hands_every_update_setting_to_the_update():
 
     from agents.etpo import ETPOConfig
 
-    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, sampled_correction=0.5, epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
+    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, sampled_correction=0.5, correction_clip=0.1, epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
                   critic_loss="mse", huber_delta=2.5, ema_rate=0.2, max_grad_norm=0.4)
     settings = ETPOConfig(**chosen).update_settings(pad_id=9)
     assert {f.name for f in fields(UpdateSettings)} == set(chosen) | {"pad_id"}  # nothing left at its default

@@ -49,7 +49,11 @@ token, the critic's error there as a score-function term,
 With c = 1 the policy gradient is an unbiased estimate of the soft objective's gradient under the true Q^π, with Q_φ as
 control variate (`sampled_correction_per_state`, tested on an enumerable toy); with Q_φ exact the term averages to 0.
 Why: a critic over a 50k-token vocabulary learns slowly which of ~200 tokens decided a program's fate, and without
-the term the policy cannot move further than the critic has learned.
+the term the policy cannot move further than the critic has learned. The term is clipped as PPO clips its surrogate
+(ETPOConfig.correction_clip, ε): with r = π_θ(wʲ|uʲ)/π_old(wʲ|uʲ) against the policy at the start of the update,
+−min(r·δ, clip(r, 1 − ε, 1 + ε)·δ) with δ = yʲ − Q_φ(uʲ, wʲ), the same gradient as above at r = 1, and none once a
+token's ratio has left the region in the direction δ pushes it: the epochs of one update cannot push the same
+sampled tokens without limit.
 
 At a sampling temperature T ≠ 1, π and ρ above are the tempered distributions softmax(logits/T), π being what is
 sampled (as PPO's policy); top-k/top-p filters are refused, since every sum here runs over the whole vocabulary.

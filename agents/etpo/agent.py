@@ -71,6 +71,12 @@ class ETPOConfig(LearnerConfig):
                 "credited to that token directly). Default 0: at 1 the keyword probes rise (ahead or level on 8 of 9 "
                 "seeds), but on the env's own reward one seed of credit_scoring collapsed (KL to ρ 0.38, entropy "
                 "2.3× its start, validity 0.42 → 0) (bench/learnability.py; README)."})
+    correction_clip: float = field(default=0.2, metadata={
+        "help": "ε of the sampled correction's trust region: the term becomes PPO's clipped surrogate with the critic's "
+                "residual as advantage, −min(r·δ, clip(r, 1 − ε, 1 + ε)·δ), r = π_θ/π_old per sampled token, π_old "
+                "the policy at the start of the update (same gradient as the unclipped term at r = 1; it stops "
+                "pushing a token once its ratio leaves the region). 0 = unclipped: every epoch pushes the same "
+                "sampled tokens again. Used only when sampled_correction > 0."})
     # critic
     critic: Literal["dueling", "head", "lm_head"] = field(default="dueling", metadata={
         "help": "Critic Q(u,·) ∈ R^|V| on the critic adapter's features h. dueling = V(u) + A(u,·): a scalar value "
@@ -111,6 +117,8 @@ class ETPOConfig(LearnerConfig):
             raise ValueError("beta must be > 0 (it is the temperature of the soft-optimal policy)")
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0 or not 0.0 < self.ema_rate <= 1.0:
             raise ValueError("gamma and lam must lie in [0, 1] and ema_rate in (0, 1]")
+        if self.sampled_correction < 0 or not 0.0 <= self.correction_clip < 1.0:
+            raise ValueError("sampled_correction must be >= 0 and correction_clip in [0, 1)")
         check_sampled_generation(self.generation, "ETPO")
         if min(self.epochs, self.minibatch_size, self.inference_batch_size, self.rollout_steps, self.num_envs, self.chunk_size,
                self.critic_rank, self.generation.max_new_tokens) < 1:
@@ -119,6 +127,7 @@ class ETPOConfig(LearnerConfig):
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
         return UpdateSettings(beta=self.beta, gamma=self.gamma, lam=self.lam, sampled_correction=self.sampled_correction,
+                              correction_clip=self.correction_clip,
                               epochs=self.epochs, minibatch_size=self.minibatch_size,
                               inference_batch_size=self.inference_batch_size,
                               chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,

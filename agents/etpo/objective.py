@@ -49,8 +49,8 @@ def policy_loss_per_state(policy_logits: torch.Tensor, ref_logits: torch.Tensor,
     return (log_pi.exp() * (beta * (log_pi - log_rho) - q_values.detach().float())).sum(-1)
 
 
-def sampled_correction_per_state(policy_logits: torch.Tensor, tokens: torch.Tensor,
-                                 residuals: torch.Tensor) -> torch.Tensor:
+def sampled_correction_per_state(policy_logits: torch.Tensor, tokens: torch.Tensor, residuals: torch.Tensor,
+                                 old_logp: torch.Tensor | None = None, clip: float = 0.0) -> torch.Tensor:
     """−(yʲ − Q_φ(uʲ, wʲ))·log π_θ(wʲ|uʲ) per row: the critic's error at the sampled token, as a score-function term.
 
     `policy_loss_per_state` follows Q_φ alone, so where Q_φ is wrong (or has not yet learned which tokens of a long
@@ -59,9 +59,20 @@ def sampled_correction_per_state(policy_logits: torch.Tensor, tokens: torch.Tens
     E_w[(Q^π(u,w) − Q_φ(u,w))·∇log π(w|u)] = Σ_w ∇π(w|u)·(Q^π − Q_φ)(u,w), exactly what using Q_φ for Q^π left out,
     and 0 when Q_φ = Q^π (both tested on an enumerable toy). yʲ (the λ-return target) is the sampled estimate of
     Q^π(uʲ, wʲ); the residuals are detached here.
+
+    With `old_logp` (log π_old(wʲ|uʲ), the policy the tokens were sampled from) and `clip` = ε > 0, the term is
+    PPO's clipped surrogate with the residual as advantage, −min(r·δ, clip(r, 1 − ε, 1 + ε)·δ), r = π_θ/π_old: at
+    r = 1 (the first step on fresh samples) its gradient is the unclipped term's, −δ·∇log π; once a token's ratio has
+    left [1 − ε, 1 + ε] in the direction δ pushes it, the term stops pushing. Without it, the epochs of an update
+    push the same sampled tokens again and again (a failed program's tokens down, with no limit).
     """
     log_pi = F.log_softmax(policy_logits.float(), dim=-1)
-    return -residuals.detach().float() * log_pi.gather(-1, tokens[:, None]).squeeze(-1)
+    logp_taken = log_pi.gather(-1, tokens[:, None]).squeeze(-1)
+    residuals = residuals.detach().float()
+    if old_logp is None or clip <= 0:
+        return -residuals * logp_taken
+    ratio = torch.exp(logp_taken - old_logp.detach().float())
+    return -torch.minimum(ratio * residuals, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * residuals)
 
 
 def critic_loss_per_token(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",

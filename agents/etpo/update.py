@@ -164,6 +164,21 @@ def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: 
 
 
 @torch.no_grad()
+def taken_logprobs(models: TokenModels, transitions: Sequence[Any], batch_size: int, pad_id: int, chunk_size: int,
+                   device: Any) -> list[torch.Tensor]:
+    """log π(wʲ|uʲ) of every action token of `transitions` under the current policy ([n_i] each): π_old of the
+    clipped sampled correction, taken by the very head the update differentiates, so the first step's ratio is 1."""
+    out: list[torch.Tensor] = []
+    for s in range(0, len(transitions), batch_size):
+        packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
+        h_pi = models.rows("policy", packed)
+        logp = [_taken(F.log_softmax(models.head("policy", h_pi[c: c + chunk_size]).float(), -1),
+                       packed.tokens[c: c + chunk_size]) for c in range(0, h_pi.shape[0], chunk_size)]
+        out += list(torch.split(torch.cat(logp).cpu(), packed.lengths))
+    return out
+
+
+@torch.no_grad()
 def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int,
                  h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """V(u) and KL(π‖ρ)(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V
@@ -185,12 +200,12 @@ def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return rows.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, h_pi: torch.Tensor,
-                  h_rho: torch.Tensor, h_q: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, correction_clip: float,
+                  h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor, tokens: torch.Tensor,
+                  targets: torch.Tensor, old_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus `sampled_correction`
-    times the sampled correction of the critic's error towards `targets` (`sampled_correction_per_state`), plus
-    detached per-row diagnostics [5, n]."""
+    times the sampled correction of the critic's error towards `targets` (`sampled_correction_per_state`, clipped at
+    `correction_clip` against `old_logp` when given), plus detached per-row diagnostics [6, n]."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
     with torch.no_grad():
@@ -199,10 +214,12 @@ def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, h
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
     if sampled_correction:
         residuals = targets.float() - q_taken
-        policy_sum = policy_sum + sampled_correction * sampled_correction_per_state(pi_logits, tokens, residuals).sum()
+        correction = sampled_correction_per_state(pi_logits, tokens, residuals, old_logp, correction_clip)
+        policy_sum = policy_sum + sampled_correction * correction.sum()
     with torch.no_grad():
         diag = torch.stack([token_kl(pi_logits, rho_logits), token_entropy(pi_logits), q_taken,
-                            (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1)])
+                            (q * F.softmax(pi_logits.float(), -1)).sum(-1), q.mean(-1),
+                            _taken(F.log_softmax(pi_logits.float(), -1), tokens)])
     return policy_sum, diag
 
 
@@ -235,20 +252,24 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
 
 
 def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, targets: torch.Tensor, beta: float,
-                chunk_size: int, h_rho: torch.Tensor | None = None, sampled_correction: float = 0.0
+                chunk_size: int, h_rho: torch.Tensor | None = None, sampled_correction: float = 0.0,
+                correction_clip: float = 0.0, old_logp: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
     `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
-    mean Q over the vocabulary). `sampled_correction` > 0 adds the sampled correction towards the `targets`."""
+    mean Q over the vocabulary, log π of the taken token). `sampled_correction` > 0 adds the sampled correction
+    towards the `targets`, clipped at `correction_clip` against `old_logp` (log π_old of the taken tokens) when given."""
     h_pi = models.rows("policy", packed)
     if h_rho is None:
         with torch.no_grad():
             h_rho = models.rows("reference", packed)
-    fn = lambda hp, hr, hq, t, y: _policy_chunk(models, beta, sampled_correction, hp, hr, hq, t, y)  # noqa: E731
-    outs = _over_chunks(fn, chunk_size, h_pi, h_rho, h_q, packed.tokens, targets.to(h_q.device),
-                        vocab_size=models.vocab_size)
+    rows = [h_pi, h_rho, h_q, packed.tokens, targets.to(h_q.device)]
+    if old_logp is not None:
+        rows.append(old_logp.to(h_q.device))
+    fn = lambda *chunk: _policy_chunk(models, beta, sampled_correction, correction_clip, *chunk)  # noqa: E731
+    outs = _over_chunks(fn, chunk_size, *rows, vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
-    info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4]}
+    info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4], "logp_taken": d[5]}
     losses = [loss for loss, _ in outs]
     return sum(losses[1:], losses[0]) / h_pi.shape[0], info
 
@@ -268,14 +289,16 @@ def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta
 
 def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
                   critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None,
-                  sampled_correction: float = 0.0) -> tuple[float, float, dict]:
+                  sampled_correction: float = 0.0, correction_clip: float = 0.0,
+                  old_logp: torch.Tensor | None = None) -> tuple[float, float, dict]:
     """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
     forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
     larger one instead of their sum. Returns the two mean losses and the diagnostics."""
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
     crit.backward()
     crit = float(crit.detach())  # drops the last reference to the critic's graph
-    pol, info = policy_pass(models, packed, h_q, targets, beta, chunk_size, h_rho, sampled_correction)
+    pol, info = policy_pass(models, packed, h_q, targets, beta, chunk_size, h_rho, sampled_correction,
+                            correction_clip, old_logp)
     pol.backward()
     return float(pol.detach()), crit, info
 
@@ -336,6 +359,7 @@ class UpdateSettings:
     gamma: float
     lam: float = 0.0
     sampled_correction: float = 0.0
+    correction_clip: float = 0.0
     epochs: int = 1
     minibatch_size: int = 8
     inference_batch_size: int = 8
@@ -373,6 +397,9 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
     t0 = time.perf_counter()
     ref_rows = reference_rows(models, transitions, settings.inference_batch_size, settings.pad_id, device)
     record("time/reference_s", time.perf_counter() - t0)
+    clipped = settings.sampled_correction > 0 and settings.correction_clip > 0
+    old_logp = (taken_logprobs(models, transitions, settings.inference_batch_size, settings.pad_id,
+                               settings.chunk_size, device) if clipped else None)
     for _ in range(settings.epochs):
         t0 = time.perf_counter()
         _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
@@ -387,11 +414,13 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             t0 = time.perf_counter()
             packed = pack([(transitions[i].obs_ids, transitions[i].action_ids) for i in idx], settings.pad_id, device)
             y = torch.cat([targets[i] for i in idx])
+            old = torch.cat([old_logp[i] for i in idx]) if old_logp is not None else None
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
                                                       settings.critic_loss, settings.huber_delta,
-                                                      torch.cat([ref_rows[i] for i in idx]), settings.sampled_correction)
+                                                      torch.cat([ref_rows[i] for i in idx]), settings.sampled_correction,
+                                                      settings.correction_clip, old)
             record("grad_norm/policy", grad_norm(policy_params))
             record("grad_norm/critic", grad_norm(critic_params))
             if settings.max_grad_norm > 0:
@@ -412,6 +441,10 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             record("q/taken_std", diag["q_taken"].std() if diag["q_taken"].numel() > 1 else 0.0)
             record("q/expected_mean", diag["q_expected"].mean())
             record("q/vocab_mean", diag["q_vocab_mean"].mean())
+            if old is not None:  # how far the policy has moved from the one that sampled (PPO's diagnostics)
+                log_ratio = diag["logp_taken"] - old
+                record("correction/approx_kl", ((log_ratio.exp() - 1) - log_ratio).mean())
+                record("correction/clip_fraction", ((log_ratio.exp() - 1).abs() > settings.correction_clip).float().mean())
             record("targets/mean", y.mean())
             record("targets/std", y.std() if y.numel() > 1 else 0.0)
             record("q/abs_td_error", (diag["q_taken"] - y.cpu()).abs().mean())
