@@ -107,7 +107,9 @@ def diagnostics(stats: dict[str, float]) -> dict[str, float]:
     return {"kl": stats.get("kl_to_reference", stats.get("kl", nan)), "entropy": stats.get("entropy", nan),
             "signal_first": stats.get("signal/advantage_first_tenth", nan),
             "signal_last": stats.get("signal/advantage_last_tenth", nan),
-            "reward_mean": stats.get("reward_mean", nan), "env_steps": stats.get("env_steps", nan)}
+            "reward_mean": stats.get("reward_mean", nan), "env_steps": stats.get("env_steps", nan),
+            # how far an update moved the policy from the one that sampled (PPO, GRPO; ETPO's clipped correction)
+            "approx_kl": stats.get("approx_kl", nan), "clip_fraction": stats.get("clip_fraction", nan)}
 
 
 def run_one(agent_spec: str, probe: Probe, task: str, seed: int, budget: int, samples: int, sandbox: str,

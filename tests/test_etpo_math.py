@@ -301,7 +301,7 @@ def test_the_clipped_correction_keeps_the_policy_near_the_one_that_sampled():
                             torch.optim.SGD(m.policy_parameters(), lr=0.5), torch.optim.SGD(m.critic_parameters(), lr=0.0),
                             random.Random(0))
         ratios[clip] = float(m.probs("policy", [5])[1]) * 3
-        assert ("correction/clip_fraction" in stats) == (clip > 0)
+        assert ("clip_fraction" in stats) == (clip > 0)
     assert ratios[0.0] > 2.0, ratios
     assert 1.2 <= ratios[0.2] < 1.3, ratios
 

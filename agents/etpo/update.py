@@ -443,8 +443,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             record("q/vocab_mean", diag["q_vocab_mean"].mean())
             if old is not None:  # how far the policy has moved from the one that sampled (PPO's diagnostics)
                 log_ratio = diag["logp_taken"] - old
-                record("correction/approx_kl", ((log_ratio.exp() - 1) - log_ratio).mean())
-                record("correction/clip_fraction", ((log_ratio.exp() - 1).abs() > settings.correction_clip).float().mean())
+                record("approx_kl", ((log_ratio.exp() - 1) - log_ratio).mean())
+                record("clip_fraction", ((log_ratio.exp() - 1).abs() > settings.correction_clip).float().mean())
             record("targets/mean", y.mean())
             record("targets/std", y.std() if y.numel() > 1 else 0.0)
             record("q/abs_td_error", (diag["q_taken"] - y.cpu()).abs().mean())
