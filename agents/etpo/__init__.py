@@ -41,8 +41,8 @@ whose minimiser at every state is π(w|u) ∝ ρ(w|u)·exp(Q_φ(u,w)/β). At the
 sequence-level soft-optimal policy π*(a|s) ∝ ρ(a|s)·exp(Q*(s,a)/β), because per-token KLs add up to the sequence KL
 (the chain rule; tested).
 
-Second deviation (ETPOConfig.sampled_correction, c; 0 reproduces the paper): the policy loss adds, at every sampled
-token, the critic's error there as a score-function term,
+Second deviation (ETPOConfig.sampled_correction, c; default 1, 0 reproduces the paper): the policy loss adds, at
+every sampled token, the critic's error there as a score-function term,
 
     L_π += c · mean_j −(yʲ − Q_φ(uʲ, wʲ)) · log π_θ(wʲ|uʲ)
 
