@@ -148,6 +148,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip: float) -> torch.Tensor:
+    """min(r·Â, clip(r, 1-ε, 1+ε)·Â) per token (to maximise), r = exp(log_ratio) = π_θ/π_old."""
+    ratio = torch.exp(log_ratio)
+    return torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages)
+
+
+@torch.no_grad()
+def ratio_diagnostics(log_ratio: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: k3 of KL(π_old‖π_θ), (r - 1) - log r, and 1.0 where the ratio left [1-ε, 1+ε] (else 0.0)."""
+    ratio = torch.exp(log_ratio)
+    return (ratio - 1.0) - log_ratio, ((ratio - 1.0).abs() > clip).float()
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (to minimise) plus the diagnostics computed from the same ratios.
@@ -156,14 +169,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     [1-ε, 1+ε].
     """
     log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
-    with torch.no_grad():
-        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
-        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
-    return loss, {"approx_kl": approx_kl, "clip_fraction": clip_fraction}
+    loss = -masked_mean(clipped_surrogate(log_ratio, advantages, clip), mask)
+    approx_kl, clipped = ratio_diagnostics(log_ratio, clip)
+    return loss, {"approx_kl": masked_mean(approx_kl, mask), "clip_fraction": masked_mean(clipped, mask)}
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agents.ppo import clipped_surrogate
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -71,8 +72,7 @@ def sampled_correction_per_state(policy_logits: torch.Tensor, tokens: torch.Tens
     residuals = residuals.detach().float()
     if old_logp is None or clip <= 0:
         return -residuals * logp_taken
-    ratio = torch.exp(logp_taken - old_logp.detach().float())
-    return -torch.minimum(ratio * residuals, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * residuals)
+    return -clipped_surrogate(logp_taken - old_logp.detach().float(), residuals, clip)
 
 
 def critic_loss_per_token(q_taken: torch.Tensor, targets: torch.Tensor, kind: str = "huber",

@@ -29,6 +29,7 @@ from agents.etpo.objective import (
 from agents.learner import (
     first_and_last_tenth,
 )
+from agents.ppo import ratio_diagnostics
 from agents.rollout import episode_chains
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,9 +443,9 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             record("q/expected_mean", diag["q_expected"].mean())
             record("q/vocab_mean", diag["q_vocab_mean"].mean())
             if old is not None:  # how far the policy has moved from the one that sampled (PPO's diagnostics)
-                log_ratio = diag["logp_taken"] - old
-                record("approx_kl", ((log_ratio.exp() - 1) - log_ratio).mean())
-                record("clip_fraction", ((log_ratio.exp() - 1).abs() > settings.correction_clip).float().mean())
+                approx_kl, outside = ratio_diagnostics(diag["logp_taken"] - old, settings.correction_clip)
+                record("approx_kl", approx_kl.mean())
+                record("clip_fraction", outside.mean())
             record("targets/mean", y.mean())
             record("targets/std", y.std() if y.numel() > 1 else 0.0)
             record("q/abs_td_error", (diag["q_taken"] - y.cpu()).abs().mean())
