@@ -190,6 +190,20 @@ def test_results_files_carry_the_schema(protocol_run):
     assert "primary metric" in summary and "first-attempt validity" in summary.lower()
 
 
+def test_the_gain_plot_shows_the_learner_rise_and_the_fixed_agents_flat(protocol_run):
+    from agents.benchmark.report import gain_band
+
+    result, _ = protocol_run
+    scale = result["summary"]["scale"]
+    for key in (scale, "first_attempt_validity", "episode_return"):
+        steps, mean, half, n = gain_band(result["runs"], "LearningAgent", [TASK], key)
+        assert steps == [0, EVERY, BUDGET] and n == 3 and mean[0] == 0.0
+        assert mean[-1] - half[-1] > 0, key  # paired by seed: the rise is clear of zero
+        steps, mean, half, n = gain_band(result["runs"], "GoodAgent", [TASK], key)
+        assert list(mean) == [0.0, 0.0, 0.0] and list(half) == [0.0, 0.0, 0.0], key
+    assert gain_band(result["runs"], "NoSuchAgent", [TASK], scale) is None
+
+
 def test_a_folder_of_the_old_protocol_is_refused(tmp_path, local_sandbox):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / f"scripted__{TASK}__seed0.json").write_text(json.dumps({"agent": "scripted", "score": 0.9}))

@@ -31,7 +31,8 @@ validity, episode return and attempts to the first program that ran (new in vers
   `aggregates` (each key of `statistics.AGGREGATED` -> agent -> {"iqm", "mean": [value, low, high], "n_runs",
   "n_tasks"}), `probability_of_improvement` (agent -> [P(etpo beats it on final), low, high]),
   `probability_of_improvement_by_metric` (the other aggregated keys, the same form) and `aggregate_tasks`.
-- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `eval_curves.png` (primary),
+- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `learning_gains.png` (each
+  agent's gain over its step 0 on the primary score, validity and return, paired by seed), `eval_curves.png` (primary),
   `eval_curves_validity.png`, `eval_curves_return.png`, `final_scores.png`, `aggregates.png`,
   `performance_profiles.png`.
 """
@@ -45,6 +46,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -67,8 +69,8 @@ from agents.benchmark.statistics import (
 )
 
 PLOT_COLUMNS = 4  # panels per row of the evaluation-curve figure
-PLOTS = ("eval_curves.png", "eval_curves_validity.png", "eval_curves_return.png", "final_scores.png", "aggregates.png",
-         "performance_profiles.png")
+PLOTS = ("learning_gains.png", "eval_curves.png", "eval_curves_validity.png", "eval_curves_return.png",
+         "final_scores.png", "aggregates.png", "performance_profiles.png")
 LEARNING_CURVES = {"eval_curves_validity.png": "validity", "eval_curves_return.png": "return"}
 
 TABLE_HEADER = ["task", "agent", "n", "final", "final − step 0", "AUC", "search", "success", "attempts",
@@ -280,6 +282,7 @@ def write_plots(out: Path, runs: list[dict], agents: Sequence[str], task_names: 
     tasks_with_runs = [t for t in task_names if any(r["task"] == t for r in runs)]
     scale = summary["scale"]
     figures = {
+        "learning_gains.png": _gain_curves(plt, runs, agents, tasks_with_runs, scale),
         "eval_curves.png": _eval_curves(plt, runs, agents, tasks_with_runs, scale),
         **{name: _eval_curves(plt, runs, agents, tasks_with_runs, LEARNING_METRICS[prefix], LEARNING_LABELS[prefix])
            for name, prefix in LEARNING_CURVES.items()},
@@ -327,9 +330,50 @@ def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Seque
         ax.set_ylabel(label or SCALE_LABELS[key])
         ax.grid(alpha=0.3)
     _legend(axes.flat[0])
-    fig.suptitle(f"evaluation of the policy: {label or SCALE_LABELS[key]} (mean ± 95% CI over seeds)", fontsize=10)
+    title = f"evaluation of the policy: {label or SCALE_LABELS[key]} (mean ± 95% CI over seeds)"
+    fig.suptitle(textwrap.fill(title, width=int(40 * columns)), fontsize=10)  # one panel is narrow: wrap, not cut
     fig.tight_layout()
     return fig
+
+
+def _gain_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Sequence[str], scale: str) -> Any:
+    """What training changed, the figure for a talk: per metric (the primary score, first-attempt validity, episode
+    return) each agent's gain over its own step-0 evaluation at every point, paired by seed (per seed the mean over
+    tasks), mean and 95% t-band over seeds; a band clear of the zero line is learning the seeds agree on."""
+    metrics = [(scale, SCALE_LABELS[scale]),
+               *((LEARNING_METRICS[p], LEARNING_LABELS[p]) for p in ("validity", "return"))]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.9), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, metrics):
+        ax.axhline(0.0, color="black", linewidth=1.0)
+        for agent in agents:
+            band = gain_band(runs, agent, tasks, key)
+            if band is None:
+                continue
+            steps, mean, half, n = band
+            (line,) = ax.plot(steps, mean, marker="o", markersize=4, linewidth=2, label=f"{agent} (n={n})")
+            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.set_title(f"{label}: gain over step 0", fontsize=11)
+        ax.set_xlabel("training env steps")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    where = f"{len(tasks)} tasks" if len(tasks) > 1 else tasks[0]
+    fig.suptitle(f"what training changed, {where}: mean over seeds of (point − step 0), 95% CI bands", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def gain_band(runs: list[dict], agent: str, tasks: Sequence[str], key: str
+              ) -> tuple[list[int], np.ndarray, np.ndarray, int] | None:
+    """An agent's gain on evaluation-point `key` at every point over its own step 0, paired by seed (per seed the
+    mean over `tasks`): (points, mean, 95% t half-width, seeds), or None where it has no complete curve."""
+    curves = _panel_curves(runs, agent, "all tasks" if len(tasks) > 1 else tasks[0], tasks, key)
+    if not curves:
+        return None
+    steps = [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
+    mean, half = _curve_band([[value - curve[0] for value in curve] for curve in curves])
+    return steps, mean, half, len(curves)
 
 
 def _legend(ax: Any) -> None:

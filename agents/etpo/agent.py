@@ -93,7 +93,9 @@ class ETPOConfig(LearnerConfig):
     ema_rate: float = field(default=0.05, metadata={"help": "τ: target critic φ̄ ← (1−τ)·φ̄ + τ·φ after each step."})
     # optimisation
     optimizer: Literal["adamw", "lion"] = field(default="adamw", metadata={"help": "adamw or lion."})
-    policy_lr: float = field(default=2e-4, metadata={"help": "Learning rate of the policy adapter."})
+    policy_lr: float = field(default=5e-4, metadata={
+        "help": "Learning rate of the policy adapter. 5e-4 (was 2e-4): on the env's own reward first-attempt validity "
+                "rose +0.10 [0.03, 0.18] more, paired over 6 task-seeds, entropy < 2× its start (README)."})
     critic_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the critic adapter and Q head."})
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (both optimisers)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per optimiser (0 = off)."})
