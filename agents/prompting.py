@@ -100,11 +100,15 @@ class LocalBackend:
                                       top_p=cfg.top_p, seed=cfg.seed)
 
     def complete(self, prompt: str) -> str:
-        gen = self.gen
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
-        ids = self.policy.encode_observation(prompt, {"messages": messages},
-                                             max_length=self.policy.max_prompt_tokens(gen))
-        return self.policy.generate([ids], gen)[0].text
+        return self.complete_batch([prompt])[0]
+
+    def complete_batch(self, prompts: list[str]) -> list[str]:
+        """One completion per prompt, generated in one batched call."""
+        limit = self.policy.max_prompt_tokens(self.gen)
+        ids = [self.policy.encode_observation(prompt, {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                                                    {"role": "user", "content": prompt}]},
+                                              max_length=limit) for prompt in prompts]
+        return [g.text for g in self.policy.generate(ids, self.gen)]
 
 
 class OpenAIBackend:
@@ -189,6 +193,26 @@ class PromptingAgent:
             action = ""
         self._last_action = action
         return action
+
+    @property
+    def act_batch(self) -> Callable[[list[str], list[dict]], list[str]] | None:
+        """Act on several episodes at once (the benchmark's lock-step evaluation), one batched generation where the
+        backend has `complete_batch`; None with the reflection strategy, whose history belongs to one episode, so
+        its episodes run one by one."""
+        return None if self.config.strategy == "reflection" else self._act_batch
+
+    def _act_batch(self, observations: list[str], infos: list[dict]) -> list[str]:
+        prompts = [build_prompt(obs, self._shots(), []) for obs in observations]
+        complete_batch = getattr(self.backend, "complete_batch", None)
+        try:
+            actions = (complete_batch(prompts) if complete_batch is not None
+                       else [self.backend.complete(prompt) for prompt in prompts])
+        except Exception as exc:  # as in `act`: a failing endpoint fails these attempts, not the run
+            self.api_errors += len(prompts)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            actions = [""] * len(prompts)
+        self.last_prompt, self._last_action = prompts[-1], actions[-1]
+        return actions
 
     def learn(self, env: Any, budget: int, callbacks: Callable[[dict], Any] | Iterable[Callable] | None = None,
               out_dir: str | Path | None = None) -> dict:

@@ -171,3 +171,32 @@ def test_learn_budget_counts_env_steps_over_the_agents_life():
     assert agent.learn(env, budget=5)["env_steps"] == 3
     assert agent.learn(env, budget=5)["env_steps"] == 0
     assert len(backend.prompts) == 5 and agent.env_steps == 5
+
+
+class BatchBackend(RecordingBackend):
+    def __init__(self):
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    def complete_batch(self, prompts: list[str]) -> list[str]:
+        self.batches.append(list(prompts))
+        return [f"\n    return {i}" for i in range(len(prompts))]
+
+
+def test_prompting_acts_on_several_episodes_in_one_batched_call_except_with_reflection():
+    from agents.benchmark.episodes import batch_actor
+    from agents.prompting import PromptingAgent, ZeroShotPromptingAgent
+
+    backend = BatchBackend()
+    agent = ZeroShotPromptingAgent(backend=backend)
+    assert batch_actor(agent) is not None
+    assert agent.act_batch(["obs a", "obs b", "obs c"], [{}, {}, {}]) == [f"\n    return {i}" for i in range(3)]
+    assert backend.batches == [["obs a", "obs b", "obs c"]] and backend.prompts == []  # one call, the prompts as is
+    few = PromptingAgent(backend=backend, strategy="few-shot", k_shots=1)
+    few.act_batch(["obs d"], [{}])
+    assert backend.batches[-1][0].endswith("obs d") and backend.batches[-1][0] != "obs d"  # a shot before it
+    plain = RecordingBackend()  # a backend with `complete` only is called once per prompt
+    assert ZeroShotPromptingAgent(backend=plain).act_batch(["x", "y"], [{}, {}]) == [plain.answer] * 2
+    assert plain.prompts == ["x", "y"]
+    reflective = PromptingAgent(backend=backend, strategy="reflection")
+    assert reflective.act_batch is None and batch_actor(reflective) is None  # its history is one episode's
