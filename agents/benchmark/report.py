@@ -31,8 +31,8 @@ validity, episode return and attempts to the first program that ran (new in vers
   `aggregates` (each key of `statistics.AGGREGATED` -> agent -> {"iqm", "mean": [value, low, high], "n_runs",
   "n_tasks"}), `probability_of_improvement` (agent -> [P(etpo beats it on final), low, high]),
   `probability_of_improvement_by_metric` (the other aggregated keys, the same form) and `aggregate_tasks`.
-- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `learning_gains.png` (each
-  agent's gain over its step 0 on the primary score, validity and return, paired by seed), `eval_curves.png` (primary),
+- `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `learning_gains.png` (the
+  primary score, validity and return at every point, and each agent's gain over its step 0, paired by seed), `eval_curves.png` (primary),
   `eval_curves_validity.png`, `eval_curves_return.png`, `final_scores.png`, `aggregates.png`,
   `performance_profiles.png`.
 """
@@ -337,38 +337,52 @@ def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Seque
 
 
 def _gain_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Sequence[str], scale: str) -> Any:
-    """What training changed, the figure for a talk: per metric (the primary score, first-attempt validity, episode
-    return) each agent's gain over its own step-0 evaluation at every point, paired by seed (per seed the mean over
-    tasks), mean and 95% t-band over seeds; a band clear of the zero line is learning the seeds agree on."""
+    """The figure for a talk: per metric (the primary score, first-attempt validity, episode return) a column; top,
+    where each agent stands at every point (mean and 95% t-band over seeds, per seed the mean over tasks); bottom,
+    what training changed: its gain over its own step-0 evaluation, paired by seed. A bottom band clear of the zero
+    line is learning the seeds agree on."""
     metrics = [(scale, SCALE_LABELS[scale]),
                *((LEARNING_METRICS[p], LEARNING_LABELS[p]) for p in ("validity", "return"))]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.9), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, metrics):
-        ax.axhline(0.0, color="black", linewidth=1.0)
+    fig, axes = plt.subplots(2, len(metrics), figsize=(4.6 * len(metrics), 7.0), squeeze=False, sharex=True)
+    for column, (key, label) in enumerate(metrics):
+        level_ax, gain_ax = axes[0, column], axes[1, column]
+        gain_ax.axhline(0.0, color="black", linewidth=1.0)
         for agent in agents:
             band = gain_band(runs, agent, tasks, key)
             if band is None:
                 continue
-            steps, mean, half, n = band
-            (line,) = ax.plot(steps, mean, marker="o", markersize=4, linewidth=2, label=f"{agent} (n={n})")
-            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.18, linewidth=0)
-        ax.set_title(f"{label}: gain over step 0", fontsize=11)
-        ax.set_xlabel("training env steps")
-        ax.grid(alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+            steps, gain, gain_half, n = band
+            level, level_half = _curve_band(_panel_curves(runs, agent, _panel(tasks), tasks, key))
+            (line,) = level_ax.plot(steps, level, marker="o", markersize=4, linewidth=2, label=f"{agent} (n={n})")
+            level_ax.fill_between(steps, level - level_half, level + level_half, color=line.get_color(), alpha=0.15,
+                                  linewidth=0)
+            gain_ax.plot(steps, gain, marker="o", markersize=4, linewidth=2, color=line.get_color())
+            gain_ax.fill_between(steps, gain - gain_half, gain + gain_half, color=line.get_color(), alpha=0.18,
+                                 linewidth=0)
+        level_ax.set_title(label, fontsize=11)
+        gain_ax.set_title(f"{label}: gain over step 0", fontsize=11)
+        gain_ax.set_xlabel("training env steps")
+        for ax in (level_ax, gain_ax):
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    where = f"{len(tasks)} tasks" if len(tasks) > 1 else tasks[0]
-    fig.suptitle(f"what training changed, {where}: mean over seeds of (point − step 0), 95% CI bands", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, frameon=False)
+    where = f"mean over {len(tasks)} tasks" if len(tasks) > 1 else tasks[0]
+    fig.suptitle(f"evaluation of the policy on fresh episodes, {where}: mean and 95% CI over seeds; "
+                 "gains paired by seed", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
+
+
+def _panel(tasks: Sequence[str]) -> str:
+    return "all tasks" if len(tasks) > 1 else tasks[0]
 
 
 def gain_band(runs: list[dict], agent: str, tasks: Sequence[str], key: str
               ) -> tuple[list[int], np.ndarray, np.ndarray, int] | None:
     """An agent's gain on evaluation-point `key` at every point over its own step 0, paired by seed (per seed the
     mean over `tasks`): (points, mean, 95% t half-width, seeds), or None where it has no complete curve."""
-    curves = _panel_curves(runs, agent, "all tasks" if len(tasks) > 1 else tasks[0], tasks, key)
+    curves = _panel_curves(runs, agent, _panel(tasks), tasks, key)
     if not curves:
         return None
     steps = [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
