@@ -546,7 +546,7 @@ def test_the_learner_config_hands_every_update_setting_to_the_update():
 
     from agents.etpo import ETPOConfig
 
-    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, sampled_correction=0.5, correction_clip=0.1, epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
+    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, sampled_correction=0.5, correction_clip=0.1, target_refresh="update", epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
                   critic_loss="mse", huber_delta=2.5, ema_rate=0.2, max_grad_norm=0.4)
     settings = ETPOConfig(**chosen).update_settings(pad_id=9)
     assert {f.name for f in fields(UpdateSettings)} == set(chosen) | {"pad_id"}  # nothing left at its default
@@ -577,6 +577,30 @@ def test_targets_are_recomputed_every_epoch():
     for name in ("policy_delta", "q", "q_target"):
         torch.testing.assert_close(getattr(epochs2, name).detach(), getattr(twice, name).detach(), rtol=0,
                                    atol=1e-6, msg=name)
+
+
+def test_targets_once_per_update_serve_every_epoch():
+    """target_refresh="update": one target pass before the first epoch, whose targets every later epoch regresses on
+    (the target critic is evaluated once per transition, not once per epoch), so two epochs differ from two one-epoch
+    updates; with one epoch both schedules are the same update, bit for bit."""
+    once, buffer = hand_example()
+    calls = []
+    hidden = once.hidden
+    once.hidden = lambda role, ids, mask: calls.append(role) or hidden(role, ids, mask)
+    stats = sgd_update(once, buffer, epochs=2, target_refresh="update", inference_batch_size=1)
+    assert calls.count("target") == len(buffer)
+    twice, _ = hand_example()
+    sgd_update(twice, buffer)
+    sgd_update(twice, buffer)
+    assert not torch.allclose(once.q.detach(), twice.q.detach(), atol=1e-6)
+    assert stats["targets/mean"] == pytest.approx(sgd_update(hand_example()[0], buffer)["targets/mean"], abs=1e-7)
+    per_epoch, _ = hand_example()
+    per_update, _ = hand_example()
+    sgd_update(per_epoch, buffer, target_refresh="epoch")
+    sgd_update(per_update, buffer, target_refresh="update")
+    for name in ("policy_delta", "q", "q_target"):
+        torch.testing.assert_close(getattr(per_update, name).detach(), getattr(per_epoch, name).detach(), rtol=0,
+                                   atol=0, msg=name)
 
 
 def test_reference_features_are_computed_once_per_update():

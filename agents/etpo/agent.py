@@ -100,8 +100,12 @@ class ETPOConfig(LearnerConfig):
     weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay (both optimisers)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip per optimiser (0 = off)."})
     epochs: int = field(default=4, metadata={
-        "help": "Passes over each rollout batch; targets are recomputed per pass. 4 (was 2): the start-of-program "
-                "keyword probe reached 0.8 in 107 env steps instead of 176 (3 seeds; bench/learnability.py; README)."})
+        "help": "Passes over each rollout batch. 4 (was 2): the start-of-program keyword probe reached 0.8 in 107 env "
+                "steps instead of 176 (3 seeds; bench/learnability.py; README)."})
+    target_refresh: Literal["epoch", "update"] = field(default="epoch", metadata={
+        "help": "When the targets yʲ are computed: every epoch, from the policy and target critic as the previous "
+                "epoch left them, or once per update, from those that collected the batch (PPO's schedule for its "
+                "returns; one target pass instead of `epochs`)."})
     minibatch_size: int = field(default=4, metadata={"help": "Transitions (actions) per optimiser step."})
     inference_batch_size: int = field(default=16, metadata={
         "help": "Transitions per no-gradient pass (ρ's features, the target pass): larger than a minibatch, since "
@@ -130,7 +134,7 @@ class ETPOConfig(LearnerConfig):
 
     def update_settings(self, pad_id: int) -> UpdateSettings:
         return UpdateSettings(beta=self.beta, gamma=self.gamma, lam=self.lam, sampled_correction=self.sampled_correction,
-                              correction_clip=self.correction_clip,
+                              correction_clip=self.correction_clip, target_refresh=self.target_refresh,
                               epochs=self.epochs, minibatch_size=self.minibatch_size,
                               inference_batch_size=self.inference_batch_size,
                               chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,

@@ -361,6 +361,7 @@ class UpdateSettings:
     lam: float = 0.0
     sampled_correction: float = 0.0
     correction_clip: float = 0.0
+    target_refresh: str = "epoch"  # "epoch" or "update" (ETPOConfig.target_refresh)
     epochs: int = 1
     minibatch_size: int = 8
     inference_batch_size: int = 8
@@ -381,8 +382,9 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                 policy_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
                 rng: random.Random, device: Any = "cpu", first_q_out: dict[int, float] | None = None
                 ) -> dict[str, float]:
-    """One ETPO update on a rollout buffer: ρ's features once (`reference_rows`), then `epochs` passes; each
-    recomputes targets, then steps per minibatch.
+    """One ETPO update on a rollout buffer: ρ's features once (`reference_rows`), then `epochs` passes, each
+    stepping per minibatch; the targets are computed before the first pass and, with `target_refresh="epoch"`,
+    again before every later one.
 
     Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target;
     their gradients are taken one network at a time (`etpo_backward`), so only one graph is alive at once.
@@ -401,13 +403,14 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
     clipped = settings.sampled_correction > 0 and settings.correction_clip > 0
     old_logp = (taken_logprobs(models, transitions, settings.inference_batch_size, settings.pad_id,
                                settings.chunk_size, device) if clipped else None)
-    for _ in range(settings.epochs):
-        t0 = time.perf_counter()
-        _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma, settings.chunk_size,
-                                              settings.inference_batch_size, settings.pad_id, device, ref_rows,
-                                              settings.lam)
-        record("time/targets_s", time.perf_counter() - t0)
-        record("targets/unbootstrapped", missing)
+    for epoch in range(settings.epochs):
+        if epoch == 0 or settings.target_refresh == "epoch":
+            t0 = time.perf_counter()
+            _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma,
+                                                  settings.chunk_size, settings.inference_batch_size, settings.pad_id,
+                                                  device, ref_rows, settings.lam)
+            record("time/targets_s", time.perf_counter() - t0)
+            record("targets/unbootstrapped", missing)
         order = list(range(len(transitions)))
         rng.shuffle(order)
         for s in range(0, len(order), settings.minibatch_size):
