@@ -191,17 +191,17 @@ def test_results_files_carry_the_schema(protocol_run):
 
 
 def test_the_gain_plot_shows_the_learner_rise_and_the_fixed_agents_flat(protocol_run):
-    from agents.benchmark.report import gain_band
+    from agents.benchmark.report import curve_bands
 
     result, _ = protocol_run
     scale = result["summary"]["scale"]
     for key in (scale, "first_attempt_validity", "episode_return"):
-        steps, mean, half, n = gain_band(result["runs"], "LearningAgent", [TASK], key)
-        assert steps == [0, EVERY, BUDGET] and n == 3 and mean[0] == 0.0
-        assert mean[-1] - half[-1] > 0, key  # paired by seed: the rise is clear of zero
-        steps, mean, half, n = gain_band(result["runs"], "GoodAgent", [TASK], key)
-        assert list(mean) == [0.0, 0.0, 0.0] and list(half) == [0.0, 0.0, 0.0], key
-    assert gain_band(result["runs"], "NoSuchAgent", [TASK], scale) is None
+        band = curve_bands(result["runs"], "LearningAgent", [TASK], key)
+        assert band.points == [0, EVERY, BUDGET] and band.seeds == 3 and band.gain[0] == 0.0
+        assert band.gain[-1] - band.gain_half[-1] > 0, key  # paired by seed: the rise is clear of zero
+        band = curve_bands(result["runs"], "GoodAgent", [TASK], key)
+        assert list(band.gain) == [0.0, 0.0, 0.0] and list(band.gain_half) == [0.0, 0.0, 0.0], key
+    assert curve_bands(result["runs"], "NoSuchAgent", [TASK], scale) is None
 
 
 def test_a_folder_of_the_old_protocol_is_refused(tmp_path, local_sandbox):

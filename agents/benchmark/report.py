@@ -50,7 +50,7 @@ import textwrap
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -321,7 +321,7 @@ def _eval_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Seque
             curves = _panel_curves(runs, agent, panel, tasks, key)
             if not curves:
                 continue
-            steps = [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
+            steps = _points(runs, agent)
             mean, half = _curve_band(curves)
             (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=f"{agent} (n={len(curves)})")
             ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -348,17 +348,16 @@ def _gain_curves(plt: Any, runs: list[dict], agents: Sequence[str], tasks: Seque
         level_ax, gain_ax = axes[0, column], axes[1, column]
         gain_ax.axhline(0.0, color="black", linewidth=1.0)
         for agent in agents:
-            band = gain_band(runs, agent, tasks, key)
+            band = curve_bands(runs, agent, tasks, key)
             if band is None:
                 continue
-            steps, gain, gain_half, n = band
-            level, level_half = _curve_band(_panel_curves(runs, agent, _panel(tasks), tasks, key))
-            (line,) = level_ax.plot(steps, level, marker="o", markersize=4, linewidth=2, label=f"{agent} (n={n})")
-            level_ax.fill_between(steps, level - level_half, level + level_half, color=line.get_color(), alpha=0.15,
-                                  linewidth=0)
-            gain_ax.plot(steps, gain, marker="o", markersize=4, linewidth=2, color=line.get_color())
-            gain_ax.fill_between(steps, gain - gain_half, gain + gain_half, color=line.get_color(), alpha=0.18,
-                                 linewidth=0)
+            (line,) = level_ax.plot(band.points, band.level, marker="o", markersize=4, linewidth=2,
+                                    label=f"{agent} (n={band.seeds})")
+            level_ax.fill_between(band.points, band.level - band.level_half, band.level + band.level_half,
+                                  color=line.get_color(), alpha=0.15, linewidth=0)
+            gain_ax.plot(band.points, band.gain, marker="o", markersize=4, linewidth=2, color=line.get_color())
+            gain_ax.fill_between(band.points, band.gain - band.gain_half, band.gain + band.gain_half,
+                                 color=line.get_color(), alpha=0.18, linewidth=0)
         level_ax.set_title(label, fontsize=11)
         gain_ax.set_title(f"{label}: gain over step 0", fontsize=11)
         gain_ax.set_xlabel("training env steps")
@@ -378,16 +377,32 @@ def _panel(tasks: Sequence[str]) -> str:
     return "all tasks" if len(tasks) > 1 else tasks[0]
 
 
-def gain_band(runs: list[dict], agent: str, tasks: Sequence[str], key: str
-              ) -> tuple[list[int], np.ndarray, np.ndarray, int] | None:
-    """An agent's gain on evaluation-point `key` at every point over its own step 0, paired by seed (per seed the
-    mean over `tasks`): (points, mean, 95% t half-width, seeds), or None where it has no complete curve."""
+class CurveBands(NamedTuple):
+    """One agent's evaluation-point metric over seeds: the level (mean, 95% t half-width) and its gain over the
+    agent's own step 0, paired by seed."""
+
+    points: list[int]
+    level: np.ndarray
+    level_half: np.ndarray
+    gain: np.ndarray
+    gain_half: np.ndarray
+    seeds: int
+
+
+def curve_bands(runs: list[dict], agent: str, tasks: Sequence[str], key: str) -> CurveBands | None:
+    """An agent's `key` at every evaluation point (per seed the mean over `tasks`), level and gain over step 0 paired
+    by seed, or None where it has no complete curve."""
     curves = _panel_curves(runs, agent, _panel(tasks), tasks, key)
     if not curves:
         return None
-    steps = [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
-    mean, half = _curve_band([[value - curve[0] for value in curve] for curve in curves])
-    return steps, mean, half, len(curves)
+    level, level_half = _curve_band(curves)
+    gain, gain_half = _curve_band([[value - curve[0] for value in curve] for curve in curves])
+    return CurveBands(_points(runs, agent), level, level_half, gain, gain_half, len(curves))
+
+
+def _points(runs: list[dict], agent: str) -> list[int]:
+    """The evaluation points of an agent's runs (every run of a benchmark shares the schedule)."""
+    return [p["point"] for p in next(r for r in runs if r["agent"] == agent)["curve"]]
 
 
 def _legend(ax: Any) -> None:
