@@ -184,15 +184,7 @@ class PromptingAgent:
             self.history.append({k: info.get(k) for k in (*SUMMARY_KEYS, "message")})
             self.history = self.history[-self.config.max_reflections:]
         history = self.history if self.config.strategy == "reflection" else []
-        self.last_prompt = build_prompt(obs, self._shots(), history)
-        try:
-            action = self.backend.complete(self.last_prompt)
-        except Exception as exc:  # an unreachable or failing endpoint is a failed attempt, not a crashed run
-            self.api_errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            action = ""
-        self._last_action = action
-        return action
+        return self._answer([build_prompt(obs, self._shots(), history)])[0]
 
     @property
     def act_batch(self) -> Callable[[list[str], list[dict]], list[str]] | None:
@@ -202,12 +194,16 @@ class PromptingAgent:
         return None if self.config.strategy == "reflection" else self._act_batch
 
     def _act_batch(self, observations: list[str], infos: list[dict]) -> list[str]:
-        prompts = [build_prompt(obs, self._shots(), []) for obs in observations]
+        return self._answer([build_prompt(obs, self._shots(), []) for obs in observations])
+
+    def _answer(self, prompts: list[str]) -> list[str]:
+        """The backend's completions: one `complete_batch` call for several prompts where the backend has it, else
+        `complete` per prompt. An unreachable or failing endpoint fails these attempts (empty programs), not the run."""
         complete_batch = getattr(self.backend, "complete_batch", None)
         try:
             actions = (complete_batch(prompts) if complete_batch is not None
                        else [self.backend.complete(prompt) for prompt in prompts])
-        except Exception as exc:  # as in `act`: a failing endpoint fails these attempts, not the run
+        except Exception as exc:
             self.api_errors += len(prompts)
             self.last_error = f"{type(exc).__name__}: {exc}"
             actions = [""] * len(prompts)

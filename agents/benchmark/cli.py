@@ -28,7 +28,8 @@ DEMO_AGENTS = ["etpo", "sft", "zero-shot"]
 DEMO_TASKS = ["titanic"]
 # The demo's schedule, set by what ten minutes on two cores hold (README "make demo"): ETPO's update is most of it,
 # so 192 env steps (12 updates of the learners' default 16 steps), evaluated at the start, after 96 steps and at the
-# end on 32 episodes each: ETPO's gain on titanic separated from 0 there, not at 176 steps or on 24 episodes.
+# end on 32 episodes each: where ETPO's gain on titanic separated from 0 in one run (not in every run; never at 176
+# steps or on 24 episodes).
 DEMO_SEEDS = 3
 DEMO_BUDGET = 192
 DEMO_EVAL_EVERY = 96
