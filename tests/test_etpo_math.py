@@ -31,6 +31,7 @@ from agents.etpo import (
     soft_lambda_returns,
     soft_optimal_policy,
     soft_value,
+    state_values,
     token_kl,
 )
 
@@ -689,6 +690,30 @@ def test_lambda_returns_match_hand_computation(lam, expected):
                                           lam=lam)
     assert missing == 0
     assert torch.cat(targets).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_lambda_one_target_pass_skips_the_target_critic_on_the_path_and_gives_the_same_targets(truncated):
+    """At λ = 1 the path's V(uʲ) have weight 0: the target critic runs only for a bootstrap (a chain cut by a time
+    limit), never over the buffer's token states, and the targets equal those of the full pass (`state_values`' V and
+    KL of every state into the same λ-returns) bit for bit."""
+    m, buffer = hand_example_two_token_next()
+    if truncated:  # the chain now ends in a time-limit cut after step 1: V(u¹) of next_obs_ids [10] bootstraps it
+        buffer[1] = transition([11], [0, 2], 1.0, False, next_obs_ids=np.array([10], np.int32), truncated=True)
+    calls = []
+    hidden = m.hidden
+    m.hidden = lambda role, ids, mask: calls.append((role, ids.shape[1])) or hidden(role, ids, mask)
+    values, targets, missing = compute_targets(m, buffer, BETA, GAMMA, 256, batch_size=2, pad_id=0, device="cpu",
+                                               lam=1.0)
+    assert values is None and missing == 0
+    assert [width for role, width in calls if role == "target"] == ([1] if truncated else [])  # the bootstrap only
+    packed = pack([(t.obs_ids, t.action_ids) for t in buffer], pad_id=0, device="cpu")
+    all_values, all_kls = state_values(m, packed, BETA, 256)
+    bootstrap = float(state_values(m, pack([([10], [])], 0, "cpu"), BETA, 256)[0][0]) if truncated else 0.0
+    expected = soft_bellman_targets(list(torch.split(all_values, packed.lengths)), [0.2, 1.0],
+                                    [float(all_values[2]), bootstrap], [False, not truncated], GAMMA, lam=1.0,
+                                    beta=BETA, state_kls=list(torch.split(all_kls, packed.lengths)), next_index=[1, None])
+    assert torch.equal(torch.cat(targets), torch.cat(expected))
 
 
 def test_lambda_one_is_the_monte_carlo_soft_return_of_a_chain():

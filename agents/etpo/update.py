@@ -196,6 +196,18 @@ def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: i
     return torch.cat(values).float(), torch.cat(kls).float()
 
 
+@torch.no_grad()
+def state_kls(models: TokenModels, packed: Packed, chunk_size: int, h_rho: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """KL(π‖ρ)(u) for every row, without the target critic: all a λ = 1 target pass reads along the path (V(uʲ)
+    has weight 1 − λ = 0 there; only the bootstrap after a chain's last step reads V, see `next_state_values`)."""
+    h_pi = models.rows("policy", packed)
+    h_rho = models.rows("reference", packed) if h_rho is None else h_rho
+    kls = [token_kl(models.head("policy", h_pi[s: s + chunk_size]), models.head("reference", h_rho[s: s + chunk_size]))
+           for s in range(0, h_pi.shape[0], chunk_size)]
+    return torch.cat(kls).float()
+
+
 def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The sampled token's entry of each [n, V] row."""
     return rows.gather(-1, tokens[:, None]).squeeze(-1)
@@ -304,12 +316,13 @@ def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, be
     return float(pol.detach()), crit, info
 
 
-def next_state_values(models: TokenModels, transitions: Sequence[Any], values: list[torch.Tensor], beta: float,
-                      chunk_size: int, pad_id: int, device: Any) -> tuple[list[float], list[bool], int]:
+def next_state_values(models: TokenModels, transitions: Sequence[Any], values: list[torch.Tensor] | None,
+                      beta: float, chunk_size: int, pad_id: int, device: Any) -> tuple[list[float], list[bool], int]:
     """V(u¹_{t+1}) per transition and its `done` flag for the targets.
 
-    The next env step's first token state is already in `values` when that step is in the buffer (`next_index`); after
-    a time-limit truncation it is evaluated from `next_obs_ids` (truncation is not termination: we bootstrap).
+    The next env step's first token state is already in `values` when that step is in the buffer (`next_index`; with
+    `values` None, as at λ = 1, where the chain goes on through that step and never reads its V, it is left at 0);
+    after a time-limit truncation it is evaluated from `next_obs_ids` (truncation is not termination: we bootstrap).
     A transition with neither (the collector stopped mid-episode without a next observation) is treated as terminal
     and counted in the returned number so the caller can report it.
     """
@@ -318,7 +331,7 @@ def next_state_values(models: TokenModels, transitions: Sequence[Any], values: l
         if tr.terminated:
             continue
         if tr.next_index is not None:
-            next_values[i], dones[i] = float(values[tr.next_index][0]), False
+            next_values[i], dones[i] = (0.0 if values is None else float(values[tr.next_index][0])), False
         elif getattr(tr, "next_obs_ids", None) is not None:
             bootstrap.append(i)
         else:
@@ -333,23 +346,33 @@ def next_state_values(models: TokenModels, transitions: Sequence[Any], values: l
 
 def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float, gamma: float, chunk_size: int,
                     batch_size: int, pad_id: int, device: Any, ref_rows: Sequence[torch.Tensor] | None = None,
-                    lam: float = 0.0) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+                    lam: float = 0.0) -> tuple[list[torch.Tensor] | None, list[torch.Tensor], int]:
     """The target pass over a whole rollout buffer: V(uʲ) and KL(uʲ) of every token state, then the soft
-    λ-return targets (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known)."""
+    λ-return targets (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known).
+
+    At λ = 1 the path's V(uʲ) have weight 1 − λ = 0, so the target critic is not run over the buffer (about half of
+    the pass): only the KLs are computed, V only where a chain is bootstrapped, and the values returned are None.
+    The targets are the same numbers, bit for bit (0·V = 0)."""
+    needs_values = lam < 1.0
     values: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []
     for s in range(0, len(transitions), batch_size):
         chunk = transitions[s: s + batch_size]
         packed = pack([(t.obs_ids, t.action_ids) for t in chunk], pad_id, device)
         h_rho = None if ref_rows is None else torch.cat(list(ref_rows[s: s + batch_size]))
-        value, kl = state_values(models, packed, beta, chunk_size, h_rho)
-        values += list(torch.split(value.cpu(), packed.lengths))
+        if needs_values:
+            value, kl = state_values(models, packed, beta, chunk_size, h_rho)
+            values += list(torch.split(value.cpu(), packed.lengths))
+        else:
+            kl = state_kls(models, packed, chunk_size, h_rho)
         kls += list(torch.split(kl.cpu(), packed.lengths))
-    next_values, dones, missing = next_state_values(models, transitions, values, beta, chunk_size, pad_id, device)
-    targets = soft_bellman_targets(values, [float(t.reward) for t in transitions], next_values, dones, gamma,
+    next_values, dones, missing = next_state_values(models, transitions, values if needs_values else None, beta,
+                                                    chunk_size, pad_id, device)
+    path_values = values if needs_values else [torch.zeros_like(kl) for kl in kls]  # never read at λ = 1
+    targets = soft_bellman_targets(path_values, [float(t.reward) for t in transitions], next_values, dones, gamma,
                                    lam=lam, beta=beta, state_kls=kls,
                                    next_index=[t.next_index for t in transitions])
-    return values, targets, missing
+    return (values if needs_values else None), targets, missing
 
 
 @dataclass
