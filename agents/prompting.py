@@ -260,3 +260,18 @@ class ZeroShotPromptingAgent(PromptingAgent):
     few-shot and reflection prompts are new to such a model."""
 
     config_class = ZeroShotConfig
+
+
+@dataclass
+class FewShotConfig(PromptingConfig):
+    """`PromptingConfig` whose strategy defaults to few-shot."""
+
+    strategy: Literal["zero-shot", "few-shot", "reflection"] = field(default="few-shot", metadata={
+        "help": PromptingConfig.__dataclass_fields__["strategy"].metadata["help"]})
+
+
+class FewShotPromptingAgent(PromptingAgent):
+    """`PromptingAgent` with strategy "few-shot" unless told otherwise: `k_shots` corpus demonstrations, then the
+    env's prompt (the registry's `prompting` adds the reflections on earlier attempts)."""
+
+    config_class = FewShotConfig

@@ -31,6 +31,7 @@ AGENTS: dict[str, str] = {
     "sft": "agents.sft:SFTAgent",
     "prompting": "agents.prompting:PromptingAgent",
     "zero-shot": "agents.prompting:ZeroShotPromptingAgent",
+    "few-shot": "agents.prompting:FewShotPromptingAgent",
     "random": "agents.base:RandomProgramAgent",
     "scripted": "agents.base:ScriptedAgent",
 }

@@ -161,6 +161,20 @@ def test_zero_shot_agent_is_registered_and_sends_the_env_prompt_unchanged():
     assert cls(backend=backend, strategy="few-shot").config.strategy == "few-shot"  # still configurable
 
 
+def test_few_shot_agent_is_registered_and_shows_demonstrations_before_the_env_prompt():
+    from agents import resolve_agent_class
+
+    cls = resolve_agent_class("few-shot")
+    backend = RecordingBackend()
+    agent = cls(backend=backend, seed=3)
+    assert agent.config.strategy == "few-shot" and agent.config.seed == 3
+    env = ScriptedTextEnv(length=2)
+    agent.learn(env, budget=2)
+    assert len(backend.prompts) == 2
+    for prompt, emitted in zip(backend.prompts, env.emitted):
+        assert prompt.endswith(emitted) and len(prompt) > len(emitted)  # demonstrations first, then the env's prompt
+
+
 def test_learn_budget_counts_env_steps_over_the_agents_life():
     """`learn(env, budget)` means `budget` env steps in total, as for every learner: cumulative calls with budgets
     2 then 5 play 5 steps, and a repeated budget plays none."""

@@ -55,7 +55,7 @@ def register(subparsers: Any) -> None:
                                               "× seeds under one env-step training budget, the policy evaluated "
                                               "on fresh episodes at fixed points and scored on held-out test data.")
     bench.add_argument("--agents", required=True,
-                       help="comma list: etpo, ppo, grpo, sft, prompting, zero-shot, scripted, random, or pkg.module:Class")
+                       help="comma list: etpo, ppo, grpo, sft, prompting, zero-shot, few-shot, scripted, random, or pkg.module:Class")
     bench.add_argument("--tasks", default="bundled", help="comma list of task names or suites (bundled, paper, hard, all)")
     bench.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     bench.add_argument("--budget", type=int, required=True, help="training env steps per (agent, task, seed)")
