@@ -148,31 +148,23 @@ def test_etpo_serve_command_serves_on_loopback(tiny_model_dir):
         proc.stderr.close()
 
 
-def test_zero_shot_agent_is_registered_and_sends_the_env_prompt_unchanged():
+@pytest.mark.parametrize("name", ["zero-shot", "few-shot"])
+def test_strategy_agents_are_registered_with_their_strategy_and_prompts(name):
+    """zero-shot sends the env's prompt unchanged; few-shot puts demonstrations before it. Both stay configurable."""
     from agents import resolve_agent_class
 
-    cls = resolve_agent_class("zero-shot")
+    cls = resolve_agent_class(name)
     backend = RecordingBackend()
     agent = cls(backend=backend, seed=3)
-    assert agent.config.strategy == "zero-shot" and agent.config.seed == 3
+    assert agent.config.strategy == name and agent.config.seed == 3
     env = ScriptedTextEnv(length=2)
     agent.learn(env, budget=2)
-    assert backend.prompts == env.emitted[:2]  # no demonstrations, no reflections
-    assert cls(backend=backend, strategy="few-shot").config.strategy == "few-shot"  # still configurable
-
-
-def test_few_shot_agent_is_registered_and_shows_demonstrations_before_the_env_prompt():
-    from agents import resolve_agent_class
-
-    cls = resolve_agent_class("few-shot")
-    backend = RecordingBackend()
-    agent = cls(backend=backend, seed=3)
-    assert agent.config.strategy == "few-shot" and agent.config.seed == 3
-    env = ScriptedTextEnv(length=2)
-    agent.learn(env, budget=2)
-    assert len(backend.prompts) == 2
-    for prompt, emitted in zip(backend.prompts, env.emitted):
-        assert prompt.endswith(emitted) and len(prompt) > len(emitted)  # demonstrations first, then the env's prompt
+    if name == "zero-shot":
+        assert backend.prompts == env.emitted[:2]  # no demonstrations, no reflections
+    else:
+        assert len(backend.prompts) == 2
+        assert all(p.endswith(e) and len(p) > len(e) for p, e in zip(backend.prompts, env.emitted))
+    assert cls(backend=backend, strategy="reflection").config.strategy == "reflection"  # still configurable
 
 
 def test_learn_budget_counts_env_steps_over_the_agents_life():
