@@ -233,6 +233,33 @@ def test_cli_runs_module_class_agents_end_to_end(tmp_path):
     assert {r["agent"] for r in data["runs"]} == {"GoodAgent", "WeakAgent"}
 
 
+def test_demo_sets_an_earlier_demo_of_other_settings_aside_and_runs_afresh(tmp_path):
+    """`make demo` after an upgrade that changed the demo's schedule: the old folder is kept under a new name (never
+    mixed, never deleted) and the demo runs; `etpo bench` still refuses such a folder (test above)."""
+    out = tmp_path / "demo"
+
+    def demo(budget):
+        return subprocess.run(
+            [sys.executable, "-m", "agents.cli", "demo", "--agents", AGENTS[0], "--tasks", TASK, "--seeds", "1",
+             "--budget", str(budget), "--eval-every", "1", "--eval-episodes", "1", "--sandbox", "local",
+             "--model", "unused", "--max-rows", str(ROWS), "--max-attempts", "2", "--out", str(out), "--no-progress"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+    first = demo(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = demo(2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"moved to {tmp_path / 'demo.1'}" in second.stdout and second.stdout.splitlines()[-1].startswith("demo: ")
+    assert json.loads((tmp_path / "demo.1" / "config.json").read_text())["comparable"]["budget"] == 1
+    assert json.loads((out / "config.json").read_text())["comparable"]["budget"] == 2
+    refused = subprocess.run(  # `etpo bench` on the same folder with other settings: a usage error, no traceback
+        [sys.executable, "-m", "agents.cli", "bench", "--agents", AGENTS[0], "--tasks", TASK, "--budget", "3",
+         "--sandbox", "local", "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "use another --out folder" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "demo.2").exists()
+
+
 def test_ray_hook_runs_the_remaining_cells_through_run_cell_isolated(tmp_path, monkeypatch):
     import agents.benchmark.ray_exec as ray_exec
 

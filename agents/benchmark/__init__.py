@@ -27,7 +27,7 @@ _EXPORTS = {
     "episodes": ["TestScorer", "batch_actor", "eval_seed", "evaluate_point", "isolated_rng", "learns",
                  "play_eval_episodes", "point_summary", "probe_rate"],
     "record": ["CellRecord"],
-    "run": ["check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell", "run_cell_isolated",
+    "run": ["IncomparableResults", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell", "run_cell_isolated",
             "seed_everything", "unrun_cell_record"],
     "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "mean_ci", "performance_profile",
                    "probability_of_improvement_estimates", "run_metrics", "score_matrices", "stratified_bootstrap",

@@ -124,9 +124,12 @@ def _run_and_report(args: argparse.Namespace, task_items: list[str], console: An
 
 def _bench_command(args: argparse.Namespace) -> int:
     from agents.benchmark.report import make_console
+    from agents.benchmark.run import IncomparableResults
 
     try:
         return _run_and_report(args, _split(args.tasks), make_console())[0]
+    except IncomparableResults as exc:  # the user's folder choice, not a crash: the message, no traceback
+        args.command_parser.error(str(exc))
     except KeyboardInterrupt:
         return 130
 
@@ -134,6 +137,7 @@ def _bench_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     import tasks as tasks_pkg
     from agents.benchmark.report import make_console
+    from agents.benchmark.run import IncomparableResults
     from agents.tiny import ensure_tiny_model
 
     console = make_console()
@@ -147,12 +151,25 @@ def _demo_command(args: argparse.Namespace) -> int:
         task_items = [t for t in DEMO_TASKS if t in bundled]
         task_items += [t for t in bundled if t not in task_items][: len(DEMO_TASKS) - len(task_items)]
     try:
-        code, result = _run_and_report(args, task_items, console)
+        try:
+            code, result = _run_and_report(args, task_items, console)
+        except IncomparableResults as exc:  # an earlier demo under other defaults (an upgrade): kept, not mixed
+            aside = _set_aside(Path(args.out))
+            console.print(f"{exc.out} held {exc.reason}: moved to {aside}; running afresh", soft_wrap=True)
+            code, result = _run_and_report(args, task_items, console)
     except KeyboardInterrupt:
         return 130
     print_gains(result, console)
     console.print(demo_line(result, args.metric), soft_wrap=True)
     return code
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename `folder` to the first free `<folder>.<n>` (n = 1, 2, ...) and return the new path; nothing is deleted."""
+    n = 1
+    while (aside := folder.with_name(f"{folder.name}.{n}")).exists():
+        n += 1
+    return folder.rename(aside)
 
 
 def demo_line(result: dict[str, Any], metric: str) -> str:

@@ -254,6 +254,15 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     return runs
 
 
+class IncomparableResults(ValueError):
+    """The --out folder holds results a run with these settings must not mix with: another results schema, or
+    cells run under other settings (`reason` says which)."""
+
+    def __init__(self, out: Path, reason: str):
+        self.out, self.reason = out, reason
+        super().__init__(f"{out} holds {reason}; use another --out folder")
+
+
 def check_resumable(out: Path, config: BenchConfig) -> None:
     """Refuse a folder of another results schema, or of cells run under different settings (budget, evaluation
     schedule, model, env options)."""
@@ -266,7 +275,7 @@ def check_resumable(out: Path, config: BenchConfig) -> None:
     differing = {key for key in current if key in previous and previous[key] != current[key]}
     if differing:
         details = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in sorted(differing))
-        raise ValueError(f"{out} holds results from different settings ({details}); use another --out folder")
+        raise IncomparableResults(out, f"results from different settings ({details})")
 
 
 def _check_schema(out: Path) -> None:
@@ -279,10 +288,10 @@ def _check_schema(out: Path) -> None:
     for name, schema in found:
         if schema != SCHEMA:
             version = "no schema field (version 1)" if schema is None else f"schema {schema}"
-            raise ValueError(
-                f"{out} holds results of another benchmark protocol ({name}: {version}; this version writes schema "
-                f"{SCHEMA}, which evaluates the policy at fixed points instead of scoring the best program found); "
-                "they are not comparable: use another --out folder")
+            raise IncomparableResults(out, (
+                f"results of another benchmark protocol ({name}: {version}; this version writes schema {SCHEMA}, "
+                "which evaluates the policy at fixed points instead of scoring the best program found), "
+                "not comparable"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
