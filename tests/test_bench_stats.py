@@ -213,6 +213,39 @@ def test_probability_of_improvement_by_hand():
     assert bench.probability_of_improvement_estimates(matrices, "absent") == {}
 
 
+def test_task_shares_by_hand():
+    """Three tasks, two seeds. etpo's mean finals per task (0.6, 0.2, 0.5) against y's (0.4, 0.3, 0.5): above on
+    task 0, below on task 1, a tie (½) on task 2 → 1.5 / 3 = 0.5. etpo's mean gains (0.2, 0.0, −0.1): above 0 on
+    one task, a tie on one → 0.5. Runs that agree within each task leave no room for the interval."""
+    import numpy as np
+
+    finals = {"etpo": np.array([[0.5, 0.2, 0.5], [0.7, 0.2, 0.5]]), "y": np.array([[0.4, 0.3, 0.5], [0.4, 0.3, 0.5]]),
+              "worse": np.zeros((2, 3))}
+    gains = {"etpo": np.array([[0.1, 0.0, -0.1], [0.3, 0.0, -0.1]])}
+    found = bench.task_share_estimates(finals, gains, "etpo", reps=300, seed=0)
+    assert set(found) == {"step 0", "y", "worse"}
+    assert found["y"][0] == pytest.approx(0.5) and found["step 0"][0] == pytest.approx(0.5)
+    assert found["worse"] == pytest.approx((1.0, 1.0, 1.0))
+    assert found["step 0"][1:] == pytest.approx((0.5, 0.5))  # gains 0.1 or 0.3 on task 0: above 0 in every resample
+    assert found["y"][1] <= 0.5 <= found["y"][2]
+    assert bench.task_share_estimates(finals, gains, "absent") == {}
+
+
+def test_summary_reports_the_task_shares_beside_the_aggregates():
+    from agents.benchmark.config import BenchConfig
+    from agents.benchmark.report import summary_markdown
+
+    # etpo above its step 0 and above zero-shot on task t, below both on task u: ½ each
+    runs = [_run("etpo", task, s, final, step0=0.3) for task, final in (("t", 0.5), ("u", 0.1)) for s in range(2)]
+    runs += [_run("zero-shot", task, s, 0.3, step0=0.3) for task in ("t", "u") for s in range(2)]
+    summary = bench.summarize(runs, ["etpo", "zero-shot"], ["t", "u"], reps=100)
+    assert summary["task_shares"] == {"step 0": pytest.approx((0.5, 0.5, 0.5)),
+                                      "zero-shot": pytest.approx((0.5, 0.5, 0.5))}
+    config = BenchConfig(agents=["etpo", "zero-shot"], tasks=["t", "u"], seeds=[0, 1], budget=4)
+    text = summary_markdown(config, summary, [])
+    assert "Share of tasks where etpo's final" in text and "its step 0 0.50 [0.50, 0.50]; zero-shot 0.50" in text
+
+
 def test_performance_profile_is_the_share_of_scores_above_tau():
     import numpy as np
 

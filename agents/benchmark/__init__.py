@@ -31,6 +31,7 @@ _EXPORTS = {
             "seed_everything", "unrun_cell_record"],
     "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "mean_ci", "performance_profile",
                    "probability_of_improvement_estimates", "run_metrics", "score_matrices", "stratified_bootstrap",
+                   "task_share_estimates",
                    "summarize"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -30,7 +30,8 @@ validity, episode return and attempts to the first program that ran (new in vers
   mean and its 95% t-interval half-width `<metric>_ci` over seeds; `overall` averages the tasks per seed first),
   `aggregates` (each key of `statistics.AGGREGATED` -> agent -> {"iqm", "mean": [value, low, high], "n_runs",
   "n_tasks"}), `probability_of_improvement` (agent -> [P(etpo beats it on final), low, high]),
-  `probability_of_improvement_by_metric` (the other aggregated keys, the same form) and `aggregate_tasks`.
+  `probability_of_improvement_by_metric` (the other aggregated keys, the same form), `task_shares` ("step 0" or
+  agent -> [share of tasks where etpo's final is above it, low, high]) and `aggregate_tasks`.
 - `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `learning_gains.png` (the
   primary score, validity and return at every point, and each agent's gain over its step 0, paired by seed), `eval_curves.png` (primary),
   `eval_curves_validity.png`, `eval_curves_return.png`, `final_scores.png`, `aggregates.png`,
@@ -249,6 +250,12 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
             markdown_table(aggregate_header(summary), aggregate_rows(summary, digits=3)),
             "",
         ]
+        if shares := summary.get("task_shares"):
+            lines += [f"Share of tasks where {REFERENCE_AGENT}'s final (mean over seeds) is above its own step 0 and "
+                      "above each agent's final (the paper's \"improved on 70% of tasks\" form), with 95% intervals "
+                      "from resampling the seeds of each task: " + "; ".join(
+                          f"{'its step 0' if name == 'step 0' else name} {_interval(found, 2)}"
+                          for name, found in shares.items()) + ".", ""]
         for key in ("validity_final", "validity_gain", "return_final", "return_gain"):
             if summary["aggregates"].get(key):
                 prefix, part = key.split("_")
