@@ -53,7 +53,8 @@ def test_build_agent_by_name_and_by_module_class(tmp_path, monkeypatch):
     assert isinstance(user, base.Agent) and user.act("o", {}).startswith("def build_model")
     assert agents.build_agent("scripted").act("o", {}) == base.SCRIPTED_PROGRAM
     assert agents.build_agent("random", seed=5).seed == 5
-    assert set(agents.AGENTS) == {"etpo", "ppo", "grpo", "sft", "prompting", "zero-shot", "random", "scripted"}
+    assert set(agents.AGENTS) == {"etpo", "ppo", "grpo", "sft", "prompting", "zero-shot", "few-shot", "random",
+                                  "scripted"}
     with pytest.raises(ValueError, match="unknown agent"):
         agents.build_agent("no-such-agent")
     with pytest.raises(ValueError, match="no attribute"):
