@@ -27,12 +27,11 @@ _EXPORTS = {
     "episodes": ["TestScorer", "batch_actor", "eval_seed", "evaluate_point", "isolated_rng", "learns",
                  "play_eval_episodes", "point_summary", "probe_rate"],
     "record": ["CellRecord"],
-    "run": ["IncomparableResults", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell", "run_cell_isolated",
-            "seed_everything", "unrun_cell_record"],
+    "run": ["IncomparableResults", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
+            "run_cell_isolated", "seed_everything", "unrun_cell_record"],
     "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "mean_ci", "performance_profile",
                    "probability_of_improvement_estimates", "run_metrics", "score_matrices", "stratified_bootstrap",
-                   "task_share_estimates",
-                   "summarize"],
+                   "summarize", "task_share_estimates"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
