@@ -152,3 +152,31 @@ def test_env_options_come_from_env_config():
                                        "--reward", "improvement", "--set", "epochs=2"])
     train.prepare(train)
     assert (train.env_config.task, train.env_config.reward, train.config.epochs) == ("iris", "improvement", 2)
+
+
+def test_demo_runs_the_tiny_models_cells_side_by_side_on_ray(monkeypatch):
+    """`etpo demo` on the tiny model puts its cells on Ray, one per CPU (two single-thread cells use two cores better
+    than one cell on both); a hub model, one CPU, no Ray installed or `--in-process` keep them in this process, and
+    an explicit `--ray ADDRESS` is used as given."""
+    import importlib.util
+    import os
+
+    from agents.benchmark.cli import demo_cells_address
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert demo_cells_address(None, False, "tiny") == "auto"
+    assert demo_cells_address(None, True, "tiny") is None
+    assert demo_cells_address(None, False, "Qwen/Qwen2.5-Coder-0.5B") is None
+    assert demo_cells_address("10.0.0.5:6379", False, "Qwen/Qwen2.5-Coder-0.5B") == "10.0.0.5:6379"
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert demo_cells_address(None, False, "tiny") is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "ray" else real_find_spec(name))
+    assert demo_cells_address(None, False, "tiny") is None
+
+
+def test_demo_refuses_ray_and_in_process_together(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--ray", "--in-process", "--no-progress"])
+    assert exit_info.value.code == 2 and "--ray and --in-process" in capsys.readouterr().err

@@ -12,6 +12,7 @@ are `EnvConfig`'s fields. Module-level imports stay light so `etpo --version` is
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -49,6 +50,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_env_arguments(parser)
 
 
+def _add_ray(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="run the cells on a Ray cluster (no ADDRESS: 'auto', the cluster this host belongs to, "
+                             "else a local runtime with one cell per CPU)")
+
+
 def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmark agents × tasks × seeds under one env-step budget",
                                   description="Benchmark any agent against ETPO and the baselines: agents × tasks "
@@ -60,8 +67,7 @@ def register(subparsers: Any) -> None:
     bench.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     bench.add_argument("--budget", type=int, required=True, help="training env steps per (agent, task, seed)")
     bench.add_argument("--out", default="results", help="output folder; rerunning with it resumes")
-    bench.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                       help="run the cells on a Ray cluster (no ADDRESS: 'auto', the cluster this host belongs to)")
+    _add_ray(bench)
     _add_common(bench)
     bench.set_defaults(func=_bench_command, prepare=_prepare, command_parser=bench)
 
@@ -74,6 +80,10 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seeds", type=int, default=DEMO_SEEDS)
     demo.add_argument("--budget", type=int, default=DEMO_BUDGET)
     demo.add_argument("--out", default="results/demo")
+    _add_ray(demo)
+    demo.add_argument("--in-process", action="store_true",
+                      help="run the cells one after another in this process (the default with a model other than "
+                           "tiny, which fills its device, or where Ray is not installed or there is one CPU)")
     demo.add_argument("--metric", default="test_score", choices=list(DEMO_METRICS),
                       help="the metric of the last line's gains: test_score (the primary: the final program's "
                            "normalized test score), validity (first-attempt validity) or return (episode return)")
@@ -140,10 +150,15 @@ def _demo_command(args: argparse.Namespace) -> int:
     from agents.benchmark.run import IncomparableResults
     from agents.tiny import ensure_tiny_model
 
+    if args.ray is not None and args.in_process:
+        args.command_parser.error("--ray and --in-process: choose one")
+    args.ray = demo_cells_address(args.ray, args.in_process, args.model)
     console = make_console()
     if args.model == "tiny":
         console.print("tiny model: ensuring it is built (first time: about 5 minutes on 2 cores) ...")
         console.print(f"tiny model: {ensure_tiny_model()}")
+    if args.ray is not None:
+        console.print("cells: side by side on Ray, one per CPU (--in-process: one at a time)")
     if args.tasks:
         task_items = _split(args.tasks)
     else:
@@ -162,6 +177,21 @@ def _demo_command(args: argparse.Namespace) -> int:
     print_gains(result, console)
     console.print(demo_line(result, args.metric), soft_wrap=True)
     return code
+
+
+def demo_cells_address(ray: str | None, in_process: bool, model: str) -> str | None:
+    """Where the demo's cells run: a Ray address (`run_benchmark`'s `ray`), or None for one after another here.
+
+    The tiny model's cells run side by side on Ray ("auto": this host's cluster, else a local runtime with one cell
+    per CPU): a cell then is a process on one torch thread, and two such cells get more from two cores than one
+    cell on both (the demo took 8.0 minutes instead of 9.1 on two cores: README "make demo"). A hub model's cells
+    run here, one after another: each fills its device, and Ray hides a GPU from a cell that did not ask for one.
+    """
+    if ray is not None:
+        return ray
+    if in_process or model != "tiny" or (os.cpu_count() or 1) < 2 or importlib.util.find_spec("ray") is None:
+        return None
+    return "auto"
 
 
 def _set_aside(folder: Path) -> Path:
