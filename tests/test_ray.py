@@ -189,3 +189,35 @@ def test_lost_cell_is_retried_then_reported(ray_runtime):
     assert lost["final_score"] == CHANCE_SCORE and lost["env_steps"] == 0 and lost["evaluations"] == []
     assert set(lost) - set(fine) == {"attempts"} and set(fine) <= set(lost)
     assert fine["error"] is None and len(fine["evaluations"]) == 1  # it does not learn: evaluated once
+
+
+def test_cells_on_ray_report_their_env_steps_as_they_run(ray_runtime):
+    """The progress feed of a benchmark on Ray: every env step a cell takes reaches the driver's `on_steps`, the
+    same count as the local loop's `on_step` for the same cell, and before the cell's record."""
+    from agents.benchmark.config import BenchConfig
+    from agents.benchmark.ray_exec import run_cells
+    from agents.benchmark.run import run_cell_isolated
+    from etpo_env.config import EnvConfig
+
+    config = BenchConfig(agents=["scripted", "random"], tasks=["iris"], seeds=[0], budget=3, sandbox="local",
+                         env=EnvConfig(sandbox="local"), eval_every=2, eval_episodes=2)
+    cells = [("scripted", "iris", 0), ("random", "iris", 0)]
+    local = {}
+    for cell in cells:
+        local[cell] = 0
+
+        def count(cell=cell):
+            local[cell] += 1
+
+        run_cell_isolated(config, *cell, on_step=count)
+    heard, order = {}, []
+
+    def on_steps(cell, steps):
+        heard[cell] = heard.get(cell, 0) + steps
+        order.append(("steps", cell))
+
+    run_cells("auto", config, cells, lambda r: order.append(("record", (r["agent_spec"], r["task"], r["seed"]))),
+              on_steps=on_steps)
+    assert heard == local and all(n > 0 for n in local.values())
+    for cell in cells:
+        assert order.index(("steps", cell)) < order.index(("record", cell))

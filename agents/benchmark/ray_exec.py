@@ -19,6 +19,7 @@ for the Docker backend, bubblewrap for the local one.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,7 +27,8 @@ from agents.benchmark.config import BenchConfig
 from agents.benchmark.run import load_task, run_cell_isolated, unrun_cell_record
 
 Cell = tuple[str, str, int]  # (agent_spec, task_name, seed)
-WAIT_SLICE_S = 5.0  # the driver wakes this often while cells run (so Ctrl-C is handled promptly)
+WAIT_SLICE_S = 2.0  # the driver wakes this often while cells run (so Ctrl-C and progress are handled promptly)
+REPORT_EVERY_S = 1.0  # a cell hands its env-step count to the driver at most this often (one remote call each)
 
 
 def cell_resources(config: BenchConfig, agent_spec: str) -> dict[str, float]:
@@ -42,8 +44,33 @@ def cell_resources(config: BenchConfig, agent_spec: str) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": 1 if on_cuda else 0}
 
 
-def _run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
-    return run_cell_isolated(config, agent_spec, task_name, seed)
+class StepReporter:
+    """A cell's `on_step` on the cluster: counts its env steps and puts `(cell, steps)` on the driver's queue at most
+    every REPORT_EVERY_S seconds (a remote call per env step would cost more than some steps), and at `flush`."""
+
+    def __init__(self, queue: Any, cell: Cell):
+        self.queue, self.cell = queue, cell
+        self.pending, self.last = 0, time.monotonic()
+
+    def __call__(self) -> None:
+        self.pending += 1
+        if time.monotonic() - self.last >= REPORT_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.queue.put_nowait((self.cell, self.pending))
+        self.pending, self.last = 0, time.monotonic()
+
+
+def _run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int,
+                       steps_queue: Any = None) -> dict[str, Any]:
+    reporter = None if steps_queue is None else StepReporter(steps_queue, (agent_spec, task_name, seed))
+    try:
+        return run_cell_isolated(config, agent_spec, task_name, seed, on_step=reporter)
+    finally:
+        if reporter is not None:
+            reporter.flush()
 
 
 @functools.cache
@@ -71,11 +98,14 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def run_cells(address: str | None, config: BenchConfig, cells: Iterable[Cell],
-              on_record: Callable[[dict[str, Any]], None], max_retries: int = 2) -> list[dict[str, Any]]:
+              on_record: Callable[[dict[str, Any]], None], max_retries: int = 2,
+              on_steps: Callable[[Cell, int], None] | None = None) -> list[dict[str, Any]]:
     """Run every cell as a Ray task; `on_record(record)` in this process as each one finishes; the records.
 
     `address`: "auto" (or None) connects to the cluster this host belongs to, or starts a local one; any other
     value connects to that cluster. A runtime started here is shut down at the end; a cluster is never stopped.
+    `on_steps(cell, n)`, when given, hears of the env steps the cells take as they run (a progress bar's feed,
+    through a Ray queue; a retried cell's steps are heard again).
     """
     import ray
 
@@ -83,24 +113,31 @@ def run_cells(address: str | None, config: BenchConfig, cells: Iterable[Cell],
 
     owns_ray = connect_ray(address)
     try:
-        return _run_all(config, list(cells), on_record, max_retries)
+        return _run_all(config, list(cells), on_record, max_retries, on_steps)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
 def _run_all(config: BenchConfig, cells: Sequence[Cell], on_record: Callable[[dict[str, Any]], None],
-             max_retries: int) -> list[dict[str, Any]]:
+             max_retries: int, on_steps: Callable[[Cell, int], None] | None) -> list[dict[str, Any]]:
     import ray
+    from ray.util.queue import Queue
 
     config_ref = ray.put(config)  # one copy in the object store, shared by every cell
+    steps_queue = Queue(actor_options={"num_cpus": 0}) if on_steps is not None else None  # holds no lane
     attempts = {cell: 0 for cell in cells}
     pending: dict[Any, Cell] = {}
 
     def submit(cell: Cell) -> None:
         attempts[cell] += 1
         options = cell_resources(config, cell[0])
-        pending[_remote_cell().options(**options).remote(config_ref, *cell)] = cell
+        pending[_remote_cell().options(**options).remote(config_ref, *cell, steps_queue)] = cell
+
+    def hear_steps() -> None:
+        if steps_queue is not None and (waiting := steps_queue.qsize()):
+            for cell, steps in steps_queue.get_nowait_batch(waiting):
+                on_steps(tuple(cell), steps)
 
     for cell in cells:
         submit(cell)
@@ -108,6 +145,7 @@ def _run_all(config: BenchConfig, cells: Sequence[Cell], on_record: Callable[[di
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SLICE_S)
+            hear_steps()
             for ref in done:
                 cell = pending.pop(ref)
                 try:
@@ -124,6 +162,9 @@ def _run_all(config: BenchConfig, cells: Sequence[Cell], on_record: Callable[[di
         for ref in pending:  # interrupted: nothing keeps running on the cluster for us
             ray.cancel(ref, force=True)
         raise
+    finally:
+        if steps_queue is not None:
+            steps_queue.shutdown()
     return records
 
 

@@ -219,17 +219,19 @@ def _chance_point(task: Any, env: EnvConfig) -> dict[str, Any]:
             "attempts_to_first_run": None, "episode_return": env.failure_reward * env.max_attempts}
 
 
-def run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int) -> dict[str, Any]:
+def run_cell_isolated(config: BenchConfig, agent_spec: str, task_name: str, seed: int,
+                      on_step: Callable[[], None] | None = None) -> dict[str, Any]:
     """One cell in a process of its own (a Ray worker): its own task, sandbox (`config.sandbox`) and model path.
 
-    Runs the cell exactly as the local loop does and returns the cell record (plain data, picklable).
+    Runs the cell exactly as the local loop does (`on_step` after each env step, as there) and returns the cell
+    record (plain data, picklable).
     """
     from sandbox import make_sandbox
 
     task = load_task(config, task_name)
     sandbox = make_sandbox(config.sandbox)
     try:
-        return run_cell(config, agent_spec, task, seed, sandbox, _model_thunk(config.model))
+        return run_cell(config, agent_spec, task, seed, sandbox, _model_thunk(config.model), on_step=on_step)
     finally:
         sandbox.close()
 
@@ -425,18 +427,25 @@ def _run_cells_on_ray(address: str, config: BenchConfig, cells: list, out: Path,
                       console: Any) -> None:
     from agents.benchmark.ray_exec import run_cells
 
-    with _progress(console, progress, "cells") as bar:
-        total = bar.add_task("benchmark on Ray", total=len(cells))
+    work = {spec: cell_work(config, spec) for spec in config.agents}
+    counted: dict[tuple, int] = {}  # progress units shown per cell, at most its work (a retried cell counts once)
+    with _progress(console, progress, "steps") as bar:
+        total = bar.add_task("benchmark on Ray", total=sum(work[agent] for agent, _, _ in cells))
+
+        def show(cell: tuple, units: int) -> None:
+            units = min(units, work[cell[0]] - counted.get(cell, 0))
+            counted[cell] = counted.get(cell, 0) + units
+            bar.advance(total, units)
 
         def on_record(record: dict[str, Any]) -> None:
             write_json_atomic(out / "runs" / run_file_name(record["agent_spec"], record["task"], record["seed"]),
                               record)
-            bar.advance(total)
+            show((record["agent_spec"], record["task"], record["seed"]), work[record["agent_spec"]])
             if record["error"]:
                 console.print(f"[red]{record['agent']} on {record['task']} (seed {record['seed']}) failed:[/] "
                               f"{record['error']}")
 
-        run_cells(address, config, cells, on_record)
+        run_cells(address, config, cells, on_record, on_steps=show)
 
 
 def _model_thunk(model: str) -> Callable[[], str]:
