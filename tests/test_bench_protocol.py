@@ -265,10 +265,10 @@ def test_ray_hook_runs_the_remaining_cells_through_run_cell_isolated(tmp_path, m
 
     calls = []
 
-    def fake_run_cells(address, config, cells, on_record):  # a cluster of one: this process
+    def fake_run_cells(address, config, cells, on_record, on_steps):  # a cluster of one: this process
         calls.append((address, list(cells)))
         for cell in cells:
-            on_record(bench.run_cell_isolated(config, *cell))
+            on_record(bench.run_cell_isolated(config, *cell, on_step=lambda cell=cell: on_steps(cell, 1)))
 
     monkeypatch.setattr(ray_exec, "run_cells", fake_run_cells)
     kwargs = dict(seeds=2, budget=1, eval_episodes=1, sandbox="local", out=tmp_path, progress=False, max_rows=ROWS)
