@@ -179,4 +179,4 @@ def test_demo_runs_the_tiny_models_cells_side_by_side_on_ray(monkeypatch):
 def test_demo_refuses_ray_and_in_process_together(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--ray", "--in-process", "--no-progress"])
-    assert exit_info.value.code == 2 and "--ray and --in-process" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--in-process: not allowed with argument --ray" in capsys.readouterr().err

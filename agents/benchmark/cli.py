@@ -50,7 +50,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add_env_arguments(parser)
 
 
-def _add_ray(parser: argparse.ArgumentParser) -> None:
+def _add_ray(parser: Any) -> None:
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
                         help="run the cells on a Ray cluster (no ADDRESS: 'auto', the cluster this host belongs to, "
                              "else a local runtime with one cell per CPU)")
@@ -80,8 +80,9 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seeds", type=int, default=DEMO_SEEDS)
     demo.add_argument("--budget", type=int, default=DEMO_BUDGET)
     demo.add_argument("--out", default="results/demo")
-    _add_ray(demo)
-    demo.add_argument("--in-process", action="store_true",
+    where = demo.add_mutually_exclusive_group()
+    _add_ray(where)
+    where.add_argument("--in-process", action="store_true",
                       help="run the cells one after another in this process (the default with a model other than "
                            "tiny, which fills its device, or where Ray is not installed or there is one CPU)")
     demo.add_argument("--metric", default="test_score", choices=list(DEMO_METRICS),
@@ -150,8 +151,6 @@ def _demo_command(args: argparse.Namespace) -> int:
     from agents.benchmark.run import IncomparableResults
     from agents.tiny import ensure_tiny_model
 
-    if args.ray is not None and args.in_process:
-        args.command_parser.error("--ray and --in-process: choose one")
     args.ray = demo_cells_address(args.ray, args.in_process, args.model)
     console = make_console()
     if args.model == "tiny":
@@ -184,7 +183,7 @@ def demo_cells_address(ray: str | None, in_process: bool, model: str) -> str | N
 
     The tiny model's cells run side by side on Ray ("auto": this host's cluster, else a local runtime with one cell
     per CPU): a cell then is a process on one torch thread, and two such cells get more from two cores than one
-    cell on both (the demo took 8.0 minutes instead of 9.1 on two cores: README "make demo"). A hub model's cells
+    cell on both (the demo took 8.2 minutes instead of 9.1 on two cores: README "make demo"). A hub model's cells
     run here, one after another: each fills its device, and Ray hides a GPU from a cell that did not ask for one.
     """
     if ray is not None:
