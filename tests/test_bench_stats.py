@@ -379,3 +379,41 @@ def test_the_demos_last_line_gives_every_agents_gain_with_its_interval():
                     "ppo gain test_score -0.05 [n/a, n/a]")
     parsed = re.findall(r"(\S+) gain (\S+) ([+-]\d+\.\d+) \[([-\d.]+), ([-\d.]+)\]", demo_line(result, "validity"))
     assert parsed[0] == ("etpo", "validity", "+0.25", "0.15", "0.35")
+
+
+def test_the_summary_compares_the_agents_within_each_suite():
+    from agents.benchmark.config import BenchConfig
+    from agents.benchmark.report import summary_markdown, task_suites
+
+    # Suite A: etpo 0.9 against zero-shot 0.5 on both tasks; suite B: 0.1 against 0.5. Pooled, P(etpo > zero-shot)
+    # is ½; within A it is 1 and within B 0, and so are the shares of tasks where etpo's final is above.
+    finals = {"a1": 0.9, "a2": 0.9, "b1": 0.1, "b2": 0.1}
+    runs = [_run("etpo", task, s, final, step0=0.3) for task, final in finals.items() for s in range(2)]
+    runs += [_run("zero-shot", task, s, 0.5, step0=0.5) for task in finals for s in range(2)]
+    groups = {"A": ["a1", "a2"], "B": ["b1", "b2"], "empty": ["c"]}
+    summary = bench.summarize(runs, ["etpo", "zero-shot"], list(finals), reps=100, groups=groups)
+    assert summary["probability_of_improvement"]["zero-shot"][0] == pytest.approx(0.5)
+    assert set(summary["by_group"]) == {"A", "B"}  # a group without runs has nothing to compare
+    a, b = summary["by_group"]["A"], summary["by_group"]["B"]
+    assert a["tasks"] == ["a1", "a2"] and b["tasks"] == ["b1", "b2"]
+    assert a["final"]["etpo"]["mean"] == pytest.approx((0.9, 0.9, 0.9))
+    assert a["gain"]["etpo"]["mean"] == pytest.approx((0.6, 0.6, 0.6))  # 0.9 − 0.3 on every run
+    assert b["gain"]["etpo"]["mean"] == pytest.approx((-0.2, -0.2, -0.2))
+    assert a["probability_of_improvement"]["zero-shot"] == pytest.approx((1.0, 1.0, 1.0))
+    assert b["probability_of_improvement"]["zero-shot"] == pytest.approx((0.0, 0.0, 0.0))
+    assert a["task_shares"] == {"step 0": pytest.approx((1.0, 1.0, 1.0)), "zero-shot": pytest.approx((1.0, 1.0, 1.0))}
+    assert b["task_shares"] == {"step 0": pytest.approx((0.0, 0.0, 0.0)), "zero-shot": pytest.approx((0.0, 0.0, 0.0))}
+
+    config = BenchConfig(agents=["etpo", "zero-shot"], tasks=list(finals), seeds=[0, 1], budget=4)
+    text = summary_markdown(config, summary, [])
+    assert "Suite `A` (2 task(s): a1, a2)" in text and "Suite `B` (2 task(s): b1, b2)" in text
+    assert "| etpo | 0.90 [0.90, 0.90] | 0.90 [0.90, 0.90] | 0.60 [0.60, 0.60] | — | 1.00 [1.00, 1.00] |" in text
+    assert "| zero-shot | 0.50 [0.50, 0.50] | 0.50 [0.50, 0.50] | 0.00 [0.00, 0.00] | 0.00 [0.00, 0.00] | " \
+           "0.00 [0.00, 0.00] |" in text
+
+    # One suite is the whole table: no per-suite section.
+    alone = bench.summarize(runs, ["etpo", "zero-shot"], list(finals), reps=100, groups={"A": list(finals)})
+    assert alone["by_group"] == {} and "Suite `" not in summary_markdown(config, alone, [])
+    # The benchmark groups its tasks by the suite they are registered in.
+    assert task_suites(["iris", "lending_default", "titanic", "my_csv"]) == {
+        "bundled": ["iris", "titanic"], "hard": ["lending_default"], "other": ["my_csv"]}

@@ -31,7 +31,9 @@ validity, episode return and attempts to the first program that ran (new in vers
   `aggregates` (each key of `statistics.AGGREGATED` -> agent -> {"iqm", "mean": [value, low, high], "n_runs",
   "n_tasks"}), `probability_of_improvement` (agent -> [P(etpo beats it on final), low, high]),
   `probability_of_improvement_by_metric` (the other aggregated keys, the same form), `task_shares` ("step 0" or
-  agent -> [share of tasks where etpo's final is above it, low, high]) and `aggregate_tasks`.
+  agent -> [share of tasks where etpo's final is above it, low, high]), `aggregate_tasks`, and `by_group` (suite ->
+  {"tasks", "final" and "gain" (agent -> {"iqm", "mean", ...}), "probability_of_improvement", "task_shares"}, the
+  same comparison within each suite; empty unless the tasks span two suites).
 - `results.csv`: one row per cell (`CSV_COLUMNS`); `summary.md`: the tables and plots; `learning_gains.png` (the
   primary score, validity and return at every point, and each agent's gain over its step 0, paired by seed), `eval_curves.png` (primary),
   `eval_curves_validity.png`, `eval_curves_return.png`, `final_scores.png`, `aggregates.png`,
@@ -80,6 +82,8 @@ CONSOLE_HEADER = ["task", "agent", "final", "gain", "AUC", "search", "ok"]
 LEARNING_HEADER = ["task", "agent", "n", "first-attempt validity", "validity gain", "episode return", "return gain",
                    "attempts to first run", "attempts gain"]
 AGGREGATE_HEADER = ["agent", "IQM [95% CI]", "mean [95% CI]", f"P({REFERENCE_AGENT} > agent)"]
+GROUP_HEADER = ["agent", "final IQM [95% CI]", "final mean [95% CI]", "gain mean [95% CI]",
+                f"P({REFERENCE_AGENT} > agent)", f"share of tasks {REFERENCE_AGENT} above"]
 
 
 def table_rows(summary: dict[str, Any], digits: int = 3) -> list[list[str]]:
@@ -196,7 +200,7 @@ def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) ->
     labels = list(dict.fromkeys([agent_label(a) for a in config.agents] + [r["agent"] for r in runs]))
     task_names = list(dict.fromkeys(list(config.tasks) + [r["task"] for r in runs]))
     runs = sorted(runs, key=lambda r: (task_names.index(r["task"]), labels.index(r["agent"]), r["seed"]))
-    summary = summarize(runs, labels, task_names)
+    summary = summarize(runs, labels, task_names, groups=task_suites(task_names))
     write_json_atomic(out / "results.json", {"schema": SCHEMA, "config": config.to_dict(), "versions": versions(),
                                               "chance_score": CHANCE_SCORE, "summary": summary, "runs": runs})
     pd.DataFrame([{c: r.get(c) for c in CSV_COLUMNS} for r in runs], columns=CSV_COLUMNS).to_csv(
@@ -204,6 +208,41 @@ def write_outputs(out: Path, config: BenchConfig, runs: list[dict[str, Any]]) ->
     plots = write_plots(out, runs, labels, task_names, summary)
     (out / "summary.md").write_text(summary_markdown(config, summary, plots))
     return summary
+
+
+def task_suites(task_names: Sequence[str]) -> dict[str, list[str]]:
+    """suite -> the tasks of `task_names` registered in it ("bundled", "hard", "paper"; "other" for the rest)."""
+    from tasks.registry import SPECS
+
+    suites: dict[str, list[str]] = {}
+    for name in task_names:
+        suites.setdefault(SPECS[name].suite if name in SPECS else "other", []).append(name)
+    return suites
+
+
+def group_rows(group: dict[str, Any], digits: int = 2) -> list[list[str]]:
+    """One suite's comparison: per agent the final's IQM and mean, the mean gain over step 0, P(reference > agent)
+    and the share of tasks where the reference's final is above the agent's (for the reference: above its step 0)."""
+    improvement, shares = group["probability_of_improvement"], group["task_shares"]
+    return [[agent, _interval(found["iqm"], digits), _interval(found["mean"], digits),
+             _interval(group["gain"][agent]["mean"], digits) if agent in group["gain"] else "—",
+             _interval(improvement[agent], digits) if agent in improvement else "—",
+             _interval(shares["step 0" if agent == REFERENCE_AGENT else agent], digits)
+             if ("step 0" if agent == REFERENCE_AGENT else agent) in shares else "—"]
+            for agent, found in group["final"].items()]
+
+
+def group_markdown(summary: dict[str, Any]) -> list[str]:
+    """summary.md's per-suite section: the aggregates of `final` within each suite the tasks come from."""
+    if not summary.get("by_group"):
+        return []
+    lines = [f"Per suite: `final` and its gain over step 0 within each suite's tasks (the same estimators); the last "
+             f"column is the share of the suite's tasks where {REFERENCE_AGENT}'s final is above the agent's "
+             f"({REFERENCE_AGENT}'s row: above its own step 0).", ""]
+    for name, group in summary["by_group"].items():
+        lines += [f"Suite `{name}` ({len(group['tasks'])} task(s): {', '.join(group['tasks'])}):", "",
+                  markdown_table(GROUP_HEADER, group_rows(group)), ""]
+    return lines
 
 
 def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequence[str]) -> str:
@@ -256,6 +295,7 @@ def summary_markdown(config: BenchConfig, summary: dict[str, Any], plots: Sequen
                       "from resampling the seeds of each task: " + "; ".join(
                           f"{'its step 0' if name == 'step 0' else name} {_interval(found, 2)}"
                           for name, found in shares.items()) + ".", ""]
+        lines += group_markdown(summary)
         for key in ("validity_final", "validity_gain", "return_final", "return_gain"):
             if summary["aggregates"].get(key):
                 prefix, part = key.split("_")

@@ -137,9 +137,11 @@ def _learning_summary(prefix: str, values: list[float | None]) -> dict[str, floa
 # ----------------------------------------------------------------------------------------------------------------
 def summarize(runs: Iterable[dict[str, Any]], agents: Sequence[str], tasks: Sequence[str],
               reference: str = REFERENCE_AGENT, reps: int = BOOTSTRAP_REPS,
-              seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+              seed: int = BOOTSTRAP_SEED, groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Rows per (task, agent); overall per agent (per seed the mean over tasks, then the CI over seeds); the
-    bootstrap aggregates over tasks and seeds; the probability that `reference` beats each other agent."""
+    bootstrap aggregates over tasks and seeds; the probability that `reference` beats each other agent. With
+    `groups` (name -> tasks, e.g. the suites the tasks come from) of which at least two have runs, also
+    `by_group`: the same comparison of `final` within each group (`group_summary`)."""
     runs = list(runs)
     scale = scale_of(runs)
     per_task = [_row(cell, scale, task=task, agent=agent) for task in tasks for agent in agents
@@ -161,7 +163,34 @@ def summarize(runs: Iterable[dict[str, Any]], agents: Sequence[str], tasks: Sequ
         "task_shares": task_share_estimates(matrices, score_matrices(runs, agents, tasks, "gain", scale), reference,
                                             reps=reps, seed=seed),
         "aggregate_tasks": _matrix_tasks(runs, agents, tasks),
+        "by_group": _by_group(runs, agents, groups or {}, scale, reference, reps, seed),
     }
+
+
+def group_summary(runs: list[dict], agents: Sequence[str], tasks: Sequence[str], scale: str = "normalized",
+                  reference: str = REFERENCE_AGENT, reps: int = BOOTSTRAP_REPS,
+                  seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Who beats whom on `final` within a set of tasks (one suite): the aggregates of the final score and of its
+    gain over step 0, the probability that `reference` beats each agent, and the task shares. Suites differ in
+    headroom (the bundled tasks are near their reference at step 0, the hard ones are not), so a ranking pooled over
+    both can hide one that holds in each, or the reverse."""
+    finals = score_matrices(runs, agents, tasks, "final", scale)
+    gains = score_matrices(runs, agents, tasks, "gain", scale)
+    return {
+        "tasks": _matrix_tasks(runs, agents, tasks),
+        "final": aggregate_estimates(finals, reps=reps, seed=seed),
+        "gain": aggregate_estimates(gains, reps=reps, seed=seed),
+        "probability_of_improvement": probability_of_improvement_estimates(finals, reference, reps=reps, seed=seed),
+        "task_shares": task_share_estimates(finals, gains, reference, reps=reps, seed=seed),
+    }
+
+
+def _by_group(runs: list[dict], agents: Sequence[str], groups: Mapping[str, Sequence[str]], scale: str,
+              reference: str, reps: int, seed: int) -> dict[str, dict[str, Any]]:
+    """`group_summary` of each group with aggregates, when at least two have them (one group is the whole table)."""
+    found = {name: group for name, tasks in groups.items()
+             if (group := group_summary(runs, agents, tasks, scale, reference, reps, seed))["final"]}
+    return found if len(found) >= 2 else {}
 
 
 # Run metrics aggregated over tasks and seeds (IQM, mean, probability of improvement): the primary final score and
