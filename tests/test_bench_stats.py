@@ -213,6 +213,22 @@ def test_probability_of_improvement_by_hand():
     assert bench.probability_of_improvement_estimates(matrices, "absent") == {}
 
 
+def test_the_bootstraps_probability_of_improvement_is_rliables():
+    import numpy as np
+    from rliable import metrics
+
+    from agents.benchmark.statistics import pairwise_improvement
+
+    rng = np.random.default_rng(0)
+    for runs_x, runs_y, tasks in ((3, 3, 5), (2, 4, 1), (5, 3, 7)):
+        x = rng.integers(0, 4, size=(runs_x, tasks)) / 4  # few distinct values: many ties, some equal columns
+        y = rng.integers(0, 4, size=(runs_y, tasks)) / 4
+        assert pairwise_improvement(x, y) == pytest.approx(metrics.probability_of_improvement(x, y), abs=1e-12)
+        assert pairwise_improvement(x, x) == pytest.approx(0.5)
+    # One task, x = (1, 2), y = (0, 3): 1 > 0, 1 < 3, 2 > 0, 2 < 3 → 2 of 4.
+    assert pairwise_improvement(np.array([[1.0], [2.0]]), np.array([[0.0], [3.0]])) == 0.5
+
+
 def test_task_shares_by_hand():
     """Three tasks, two seeds. etpo's mean finals per task (0.6, 0.2, 0.5) against y's (0.4, 0.3, 0.5): above on
     task 0, below on task 1, a tie (½) on task 2 → 1.5 / 3 = 0.5. etpo's mean gains (0.2, 0.0, −0.1): above 0 on

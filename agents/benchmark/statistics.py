@@ -289,7 +289,8 @@ def probability_of_improvement_estimates(matrices: Mapping[str, np.ndarray], ref
                                          reps: int = BOOTSTRAP_REPS,
                                          seed: int = BOOTSTRAP_SEED) -> dict[str, tuple[float, float, float]]:
     """other agent -> P(reference > other) (rliable: Mann-Whitney per task, averaged over tasks) with a 95% interval
-    from resampling both agents' runs independently within each task."""
+    from resampling both agents' runs independently within each task (each resample scored by `pairwise_improvement`,
+    the same statistic)."""
     from rliable import metrics
 
     if reference not in matrices:
@@ -300,11 +301,22 @@ def probability_of_improvement_estimates(matrices: Mapping[str, np.ndarray], ref
         if other == reference:
             continue
         rng = np.random.default_rng(seed)
-        samples = [metrics.probability_of_improvement(_resample(mine, rng), _resample(theirs, rng))
-                   for _ in range(reps)]
+        samples = [pairwise_improvement(_resample(mine, rng), _resample(theirs, rng)) for _ in range(reps)]
         found[other] = (float(metrics.probability_of_improvement(mine, theirs)),
                         *percentile_interval(np.array(samples)))
     return found
+
+
+def pairwise_improvement(x: np.ndarray, y: np.ndarray) -> float:
+    """rliable's probability of improvement of X over Y, P(X > Y): per task (column) the share of (run of x, run of
+    y) pairs where x is higher, a tie counting ½ (the Mann-Whitney U over n·m), averaged over tasks.
+
+    Written out because the bootstrap needs it thousands of times: `rliable.metrics.probability_of_improvement` calls
+    `scipy.stats.mannwhitneyu` once per task (about 1.5 ms each, mostly argument checking), which made
+    P(etpo > agent) for every metric take most of a 20-task report's ten minutes. The point estimate still comes
+    from rliable; a test checks that the two agree, ties included."""
+    diff = x[:, None, :] - y[None, :, :]  # [runs of x, runs of y, tasks]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean(axis=(0, 1)).mean())
 
 
 def task_share_estimates(finals: Mapping[str, np.ndarray], gains: Mapping[str, np.ndarray], reference: str,
