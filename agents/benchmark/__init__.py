@@ -30,8 +30,8 @@ _EXPORTS = {
     "run": ["IncomparableResults", "check_resumable", "load_runs", "resolve_tasks", "run_benchmark", "run_cell",
             "run_cell_isolated", "seed_everything", "unrun_cell_record"],
     "statistics": ["CHANCE_SCORE", "aggregate_estimates", "format_ci", "group_summary", "mean_ci",
-                   "pairwise_improvement", "performance_profile", "probability_of_improvement_estimates", "run_metrics", "score_matrices",
-                   "stratified_bootstrap", "summarize", "task_share_estimates"],
+                   "pairwise_improvement", "performance_profile", "probability_of_improvement_estimates",
+                   "run_metrics", "score_matrices", "stratified_bootstrap", "summarize", "task_share_estimates"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -223,12 +223,13 @@ def task_suites(task_names: Sequence[str]) -> dict[str, list[str]]:
 def group_rows(group: dict[str, Any], digits: int = 2) -> list[list[str]]:
     """One suite's comparison: per agent the final's IQM and mean, the mean gain over step 0, P(reference > agent)
     and the share of tasks where the reference's final is above the agent's (for the reference: above its step 0)."""
-    improvement, shares = group["probability_of_improvement"], group["task_shares"]
-    return [[agent, _interval(found["iqm"], digits), _interval(found["mean"], digits),
-             _interval(group["gain"][agent]["mean"], digits) if agent in group["gain"] else "—",
-             _interval(improvement[agent], digits) if agent in improvement else "—",
-             _interval(shares["step 0" if agent == REFERENCE_AGENT else agent], digits)
-             if ("step 0" if agent == REFERENCE_AGENT else agent) in shares else "—"]
+    def cell(estimates: dict[str, Any], key: str) -> str:
+        return _interval(estimates[key], digits) if key in estimates else "—"
+
+    gain_means = {agent: found["mean"] for agent, found in group["gain"].items()}
+    return [[agent, _interval(found["iqm"], digits), _interval(found["mean"], digits), cell(gain_means, agent),
+             cell(group["probability_of_improvement"], agent),
+             cell(group["task_shares"], "step 0" if agent == REFERENCE_AGENT else agent)]
             for agent, found in group["final"].items()]
 
 

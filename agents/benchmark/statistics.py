@@ -187,8 +187,12 @@ def group_summary(runs: list[dict], agents: Sequence[str], tasks: Sequence[str],
 
 def _by_group(runs: list[dict], agents: Sequence[str], groups: Mapping[str, Sequence[str]], scale: str,
               reference: str, reps: int, seed: int) -> dict[str, dict[str, Any]]:
-    """`group_summary` of each group with aggregates, when at least two have them (one group is the whole table)."""
-    found = {name: group for name, tasks in groups.items()
+    """`group_summary` of each group with aggregates, when at least two have them (one group is the whole table:
+    a benchmark on one suite bootstraps nothing here)."""
+    candidates = {name: tasks for name, tasks in groups.items() if _matrix_tasks(runs, agents, tasks)}
+    if len(candidates) < 2:
+        return {}
+    found = {name: group for name, tasks in candidates.items()
              if (group := group_summary(runs, agents, tasks, scale, reference, reps, seed))["final"]}
     return found if len(found) >= 2 else {}
 
