@@ -221,3 +221,35 @@ def test_cells_on_ray_report_their_env_steps_as_they_run(ray_runtime):
     assert heard == local and all(n > 0 for n in local.values())
     for cell in cells:
         assert order.index(("steps", cell)) < order.index(("record", cell))
+
+
+def test_reporting_steps_does_not_start_more_cells_than_cpus(ray_runtime):
+    """A cell that blocks on a remote call gives its CPU back to Ray, which then starts another cell: on the two-CPU
+    runtime the step reports must not let three cells run at once (they did, while each report waited for the
+    queue's answer: every `etpo bench --ray` and `etpo demo` ran a third cell on two cores)."""
+    from ray.util.queue import Queue
+
+    @ray_runtime.remote(num_cpus=1)
+    def cell(queue, index):
+        import agents.benchmark.ray_exec as rx
+
+        rx.REPORT_EVERY_S = 0.0  # report at every step, the worst case
+        reporter = rx.StepReporter(queue, ("scripted", "iris", index))
+        start, steps = time.time(), 0
+        while time.time() < start + 2.0:
+            time.sleep(0.02)
+            reporter()
+            steps += 1
+        end = time.time()
+        reporter.flush()
+        return start, end, steps
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    try:
+        spans = ray_runtime.get([cell.remote(queue, i) for i in range(5)])
+        heard = sum(n for _, n in queue.get_nowait_batch(queue.qsize()))
+    finally:
+        queue.shutdown()
+    assert heard == sum(steps for _, _, steps in spans)  # every step reported, the last ones by `flush`
+    most_at_once = max(sum(1 for s, e, _ in spans if s <= t < e) for t, _, _ in spans)
+    assert most_at_once <= 2
