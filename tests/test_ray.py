@@ -231,10 +231,9 @@ def test_reporting_steps_does_not_start_more_cells_than_cpus(ray_runtime):
 
     @ray_runtime.remote(num_cpus=1)
     def cell(queue, index):
-        import agents.benchmark.ray_exec as rx
+        from agents.benchmark.ray_exec import StepReporter
 
-        rx.REPORT_EVERY_S = 0.0  # report at every step, the worst case
-        reporter = rx.StepReporter(queue, ("scripted", "iris", index))
+        reporter = StepReporter(queue, ("scripted", "iris", index), every_s=0.0)  # a report every step: the worst case
         start, steps = time.time(), 0
         while time.time() < start + 2.0:
             time.sleep(0.02)

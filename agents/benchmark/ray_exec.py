@@ -52,14 +52,14 @@ class StepReporter:
     call hands its CPU back, and Ray starts another cell on it (three cells on two cores, for the rest of the run).
     `flush`, the cell's last call, waits for every report it sent, so all are on the queue before the cell's record."""
 
-    def __init__(self, queue: Any, cell: Cell):
-        self.queue, self.cell = queue, cell
+    def __init__(self, queue: Any, cell: Cell, every_s: float = REPORT_EVERY_S):
+        self.queue, self.cell, self.every_s = queue, cell, every_s
         self.pending, self.last = 0, time.monotonic()
         self.sent: list[Any] = []  # the reports' ObjectRefs, awaited by `flush`
 
     def __call__(self) -> None:
         self.pending += 1
-        if time.monotonic() - self.last >= REPORT_EVERY_S:
+        if time.monotonic() - self.last >= self.every_s:
             self._send()
 
     def flush(self) -> None:
