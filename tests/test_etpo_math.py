@@ -547,7 +547,7 @@ def test_the_learner_config_hands_every_update_setting_to_the_update():
 
     from agents.etpo import ETPOConfig
 
-    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, sampled_correction=0.5, correction_clip=0.1, target_refresh="update", epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
+    chosen = dict(beta=0.3, gamma=0.7, lam=0.6, sampled_correction=0.5, correction_clip=0.1, target_refresh="update", correction_residual="update", epochs=3, minibatch_size=5, inference_batch_size=6, chunk_size=11,
                   critic_loss="mse", huber_delta=2.5, ema_rate=0.2, max_grad_norm=0.4)
     settings = ETPOConfig(**chosen).update_settings(pad_id=9)
     assert {f.name for f in fields(UpdateSettings)} == set(chosen) | {"pad_id"}  # nothing left at its default
@@ -602,6 +602,32 @@ def test_targets_once_per_update_serve_every_epoch():
     for name in ("policy_delta", "q", "q_target"):
         torch.testing.assert_close(getattr(per_update, name).detach(), getattr(per_epoch, name).detach(), rtol=0,
                                    atol=0, msg=name)
+
+
+def test_correction_residuals_fixed_for_the_update_read_the_critic_before_its_first_step():
+    """correction_residual="update", by hand on the one-state toy (y = r = 1, Q_φ(u, 1) = ½, SGD lr ½, MSE, no clip):
+    the first step is the same as "step" (δ₀ = 1 − ½); the critic then steps to Q₁(u, 1) = ¾, so "step"'s second
+    correction reads δ₁ = ¼ while "update" still reads δ₀ = ½. The correction −δ·log π(w) moves the logits by
+    lr·δ·(e_w − π), so after two epochs the two policies differ by exactly lr·(δ₀ − δ₁)·(e_w − π₁), π₁ the policy
+    after the (shared) first step; the critics are the same."""
+    lr, common = 0.5, dict(sampled_correction=1.0, correction_clip=0.0, minibatch_size=1)
+    runs = {}
+    for residual, epochs in (("step", 1), ("update", 1), ("step", 2), ("update", 2)):
+        m, buffer = one_state_toy()
+        sgd_update(m, buffer, lr=lr, epochs=epochs, correction_residual=residual, **common)
+        runs[residual, epochs] = m
+    s = runs["step", 1].state([5])
+    for name in ("policy_delta", "q", "q_target"):
+        torch.testing.assert_close(getattr(runs["update", 1], name).detach(), getattr(runs["step", 1], name).detach(),
+                                   rtol=0, atol=0, msg=name)
+        if name != "policy_delta":
+            torch.testing.assert_close(getattr(runs["update", 2], name).detach(),
+                                       getattr(runs["step", 2], name).detach(), rtol=0, atol=0, msg=name)
+    assert runs["step", 1].q[s, 1].item() == pytest.approx(0.75)
+    pi_1 = torch.softmax(runs["step", 1].ref[s] + runs["step", 1].policy_delta[s].detach(), -1)
+    expected = lr * (0.5 - 0.25) * (torch.tensor([0.0, 1.0, 0.0]) - pi_1)
+    difference = runs["update", 2].policy_delta[s].detach() - runs["step", 2].policy_delta[s].detach()
+    torch.testing.assert_close(difference, expected, rtol=0, atol=1e-6)
 
 
 def test_reference_features_are_computed_once_per_update():

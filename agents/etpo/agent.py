@@ -78,6 +78,13 @@ class ETPOConfig(LearnerConfig):
                 "the policy at the start of the update (same gradient as the unclipped term at r = 1; it stops "
                 "pushing a token once its ratio leaves the region). 0 = unclipped: every epoch pushes the same "
                 "sampled tokens again. Used only when sampled_correction > 0."})
+    correction_residual: Literal["step", "update"] = field(default="step", metadata={
+        "help": "Which critic the sampled correction's residual δ = yʲ − Q_φ(uʲ,wʲ) reads. step = the online critic at "
+                "each optimiser step, which regresses on these very samples during the update's epochs, so δ shrinks "
+                "as it fits them and the signal of a rare sample moves into the soft term, weighted by its small "
+                "π(w). update = the critic that enters the update, before any step on this batch (PPO fixes its "
+                "advantages the same way); the soft term still reads the online critic. Used only when "
+                "sampled_correction > 0."})
     # critic
     critic: Literal["dueling", "head", "lm_head"] = field(default="dueling", metadata={
         "help": "Critic Q(u,·) ∈ R^|V| on the critic adapter's features h. dueling = V(u) + A(u,·): a scalar value "
@@ -138,6 +145,7 @@ class ETPOConfig(LearnerConfig):
     def update_settings(self, pad_id: int) -> UpdateSettings:
         return UpdateSettings(beta=self.beta, gamma=self.gamma, lam=self.lam, sampled_correction=self.sampled_correction,
                               correction_clip=self.correction_clip, target_refresh=self.target_refresh,
+                              correction_residual=self.correction_residual,
                               epochs=self.epochs, minibatch_size=self.minibatch_size,
                               inference_batch_size=self.inference_batch_size,
                               chunk_size=self.chunk_size, critic_loss=self.critic_loss, huber_delta=self.huber_delta,

@@ -164,19 +164,39 @@ def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: 
     return rows
 
 
+def _per_token_over_buffer(transitions: Sequence[Any], batch_size: int, pad_id: int, device: Any,
+                           fn: Callable[[Packed], torch.Tensor]) -> list[torch.Tensor]:
+    """`fn`'s per-row values ([N] for a packed batch) for every action token of `transitions` ([n_i] each, on the
+    CPU), `batch_size` transitions per pass."""
+    out: list[torch.Tensor] = []
+    for s in range(0, len(transitions), batch_size):
+        packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
+        out += list(torch.split(fn(packed).cpu(), packed.lengths))
+    return out
+
+
 @torch.no_grad()
 def taken_logprobs(models: TokenModels, transitions: Sequence[Any], batch_size: int, pad_id: int, chunk_size: int,
                    device: Any) -> list[torch.Tensor]:
     """log π(wʲ|uʲ) of every action token of `transitions` under the current policy ([n_i] each): π_old of the
     clipped sampled correction, taken by the very head the update differentiates, so the first step's ratio is 1."""
-    out: list[torch.Tensor] = []
-    for s in range(0, len(transitions), batch_size):
-        packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
+    def logp(packed: Packed) -> torch.Tensor:
         h_pi = models.rows("policy", packed)
-        logp = [_taken(F.log_softmax(models.head("policy", h_pi[c: c + chunk_size]).float(), -1),
-                       packed.tokens[c: c + chunk_size]) for c in range(0, h_pi.shape[0], chunk_size)]
-        out += list(torch.split(torch.cat(logp).cpu(), packed.lengths))
-    return out
+        return torch.cat([_taken(F.log_softmax(models.head("policy", h_pi[c: c + chunk_size]).float(), -1),
+                                 packed.tokens[c: c + chunk_size]) for c in range(0, h_pi.shape[0], chunk_size)])
+    return _per_token_over_buffer(transitions, batch_size, pad_id, device, logp)
+
+
+@torch.no_grad()
+def taken_q_values(models: TokenModels, transitions: Sequence[Any], batch_size: int, pad_id: int, chunk_size: int,
+                   device: Any) -> list[torch.Tensor]:
+    """Q_φ(uʲ, wʲ) of every action token of `transitions` under the online critic as it is now ([n_i] each): the
+    baseline of the sampled correction's residuals when they are fixed for the update (correction_residual="update")."""
+    def q_taken(packed: Packed) -> torch.Tensor:
+        h_q = models.rows("critic", packed)
+        return torch.cat([_taken(models.critic.q_rows(h_q[c: c + chunk_size]), packed.tokens[c: c + chunk_size])
+                          for c in range(0, h_q.shape[0], chunk_size)])
+    return _per_token_over_buffer(transitions, batch_size, pad_id, device, q_taken)
 
 
 @torch.no_grad()
@@ -214,11 +234,13 @@ def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, correction_clip: float,
-                  h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor, tokens: torch.Tensor,
-                  targets: torch.Tensor, old_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  residuals_given: bool, h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor,
+                  tokens: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus `sampled_correction`
     times the sampled correction of the critic's error towards `targets` (`sampled_correction_per_state`, clipped at
-    `correction_clip` against `old_logp` when given), plus detached per-row diagnostics [6, n]."""
+    `correction_clip` against `old_logp` when given), plus detached per-row diagnostics [6, n]. With
+    `residuals_given`, `targets` are the correction's residuals themselves (fixed for the update)."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
     with torch.no_grad():
@@ -226,7 +248,7 @@ def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, c
         q_taken = _taken(q, tokens)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
     if sampled_correction:
-        residuals = targets.float() - q_taken
+        residuals = targets.float() if residuals_given else targets.float() - q_taken
         correction = sampled_correction_per_state(pi_logits, tokens, residuals, old_logp, correction_clip)
         policy_sum = policy_sum + sampled_correction * correction.sum()
     with torch.no_grad():
@@ -266,20 +288,23 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
 
 def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, targets: torch.Tensor, beta: float,
                 chunk_size: int, h_rho: torch.Tensor | None = None, sampled_correction: float = 0.0,
-                correction_clip: float = 0.0, old_logp: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                correction_clip: float = 0.0, old_logp: torch.Tensor | None = None,
+                residuals: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
     `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
     mean Q over the vocabulary, log π of the taken token). `sampled_correction` > 0 adds the sampled correction
-    towards the `targets`, clipped at `correction_clip` against `old_logp` (log π_old of the taken tokens) when given."""
+    towards the `targets`, clipped at `correction_clip` against `old_logp` (log π_old of the taken tokens) when given;
+    `residuals` (y − Q_φ at the taken tokens, fixed for the update) replace its y − Q_φ under the current critic."""
     h_pi = models.rows("policy", packed)
     if h_rho is None:
         with torch.no_grad():
             h_rho = models.rows("reference", packed)
-    rows = [h_pi, h_rho, h_q, packed.tokens, targets.to(h_q.device)]
+    correction_rows = targets if residuals is None else residuals
+    rows = [h_pi, h_rho, h_q, packed.tokens, correction_rows.to(h_q.device)]
     if old_logp is not None:
         rows.append(old_logp.to(h_q.device))
-    fn = lambda *chunk: _policy_chunk(models, beta, sampled_correction, correction_clip, *chunk)  # noqa: E731
+    given = residuals is not None
+    fn = lambda *chunk: _policy_chunk(models, beta, sampled_correction, correction_clip, given, *chunk)  # noqa: E731
     outs = _over_chunks(fn, chunk_size, *rows, vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
     info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4], "logp_taken": d[5]}
@@ -303,15 +328,17 @@ def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta
 def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
                   critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None,
                   sampled_correction: float = 0.0, correction_clip: float = 0.0,
-                  old_logp: torch.Tensor | None = None) -> tuple[float, float, dict]:
+                  old_logp: torch.Tensor | None = None, residuals: torch.Tensor | None = None
+                  ) -> tuple[float, float, dict]:
     """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
     forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
-    larger one instead of their sum. Returns the two mean losses and the diagnostics."""
+    larger one instead of their sum. Returns the two mean losses and the diagnostics (`residuals`: see
+    `policy_pass`)."""
     crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
     crit.backward()
     crit = float(crit.detach())  # drops the last reference to the critic's graph
     pol, info = policy_pass(models, packed, h_q, targets, beta, chunk_size, h_rho, sampled_correction,
-                            correction_clip, old_logp)
+                            correction_clip, old_logp, residuals)
     pol.backward()
     return float(pol.detach()), crit, info
 
@@ -385,6 +412,7 @@ class UpdateSettings:
     sampled_correction: float = 0.0
     correction_clip: float = 0.0
     target_refresh: str = "epoch"  # "epoch" or "update" (ETPOConfig.target_refresh)
+    correction_residual: str = "step"  # "step" or "update" (ETPOConfig.correction_residual)
     epochs: int = 1
     minibatch_size: int = 8
     inference_batch_size: int = 8
@@ -407,7 +435,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                 ) -> dict[str, float]:
     """One ETPO update on a rollout buffer: ρ's features once (`reference_rows`), then `epochs` passes, each
     stepping per minibatch; the targets are computed before the first pass and, with `target_refresh="epoch"`,
-    again before every later one.
+    again before every later one. With `correction_residual="update"` the sampled correction's residuals
+    y − Q_φ(u, w) are taken once, before the first step, and serve every epoch.
 
     Every optimiser step moves the policy (policy loss) and the critic (critic loss) together, then the EMA target;
     their gradients are taken one network at a time (`etpo_backward`), so only one graph is alive at once.
@@ -426,6 +455,8 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
     clipped = settings.sampled_correction > 0 and settings.correction_clip > 0
     old_logp = (taken_logprobs(models, transitions, settings.inference_batch_size, settings.pad_id,
                                settings.chunk_size, device) if clipped else None)
+    frozen = settings.sampled_correction > 0 and settings.correction_residual == "update"
+    residuals: list[torch.Tensor] = []
     for epoch in range(settings.epochs):
         if epoch == 0 or settings.target_refresh == "epoch":
             t0 = time.perf_counter()
@@ -434,6 +465,12 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                                                   device, ref_rows, settings.lam)
             record("time/targets_s", time.perf_counter() - t0)
             record("targets/unbootstrapped", missing)
+        if epoch == 0 and frozen:
+            # the residuals of the critic that enters the update, before it regresses on this batch (PPO fixes its
+            # advantages the same way): a baseline fitted to the very samples it corrects absorbs their signal
+            q_before = taken_q_values(models, transitions, settings.inference_batch_size, settings.pad_id,
+                                      settings.chunk_size, device)
+            residuals = [y_i - q_i for y_i, q_i in zip(targets, q_before, strict=True)]
         order = list(range(len(transitions)))
         rng.shuffle(order)
         for s in range(0, len(order), settings.minibatch_size):
@@ -442,12 +479,13 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             packed = pack([(transitions[i].obs_ids, transitions[i].action_ids) for i in idx], settings.pad_id, device)
             y = torch.cat([targets[i] for i in idx])
             old = torch.cat([old_logp[i] for i in idx]) if old_logp is not None else None
+            fixed = torch.cat([residuals[i] for i in idx]) if frozen else None
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
                                                       settings.critic_loss, settings.huber_delta,
                                                       torch.cat([ref_rows[i] for i in idx]), settings.sampled_correction,
-                                                      settings.correction_clip, old)
+                                                      settings.correction_clip, old, fixed)
             record("grad_norm/policy", grad_norm(policy_params))
             record("grad_norm/critic", grad_norm(critic_params))
             if settings.max_grad_norm > 0:
