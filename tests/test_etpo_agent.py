@@ -536,3 +536,26 @@ def test_the_update_on_pairs_sharing_a_prompt_equals_the_whole_sequence_update(t
     assert len(grads_a) == len(grads_b) > 0
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_fixed_correction_residuals_read_the_critic_the_first_step_reads(tiny_model_dir):
+    """correction_residual="update": the baseline Q_φ(u, w) taken once before an update (`taken_q_values`, in
+    inference batches) is, token for token, the Q at the taken tokens the first optimiser step's policy pass reads."""
+    from types import SimpleNamespace
+
+    from agents.etpo.update import policy_pass, taken_q_values
+
+    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a critic that is not zero everywhere, as it is at the start
+        for p in agent.models.critic_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sequences = sample_sequences(agent)
+    transitions = [SimpleNamespace(obs_ids=obs, action_ids=action) for obs, action in sequences]
+    fixed = torch.cat(taken_q_values(agent.models, transitions, 2, agent.policy.pad_id, 5, "cpu"))
+    packed = pack(sequences, agent.policy.pad_id, "cpu")
+    with torch.no_grad():
+        h_q = agent.models.rows("critic", packed)
+        _, info = policy_pass(agent.models, packed, h_q, torch.zeros(len(packed.tokens)), 0.1, 7)
+    assert fixed.abs().max() > 1e-3
+    torch.testing.assert_close(fixed, info["q_taken"], atol=1e-5, rtol=1e-5)
