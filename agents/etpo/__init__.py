@@ -53,7 +53,8 @@ the term the policy cannot move further than the critic has learned. The term is
 (ETPOConfig.correction_clip, ε): with r = π_θ(wʲ|uʲ)/π_old(wʲ|uʲ) against the policy at the start of the update,
 −min(r·δ, clip(r, 1 − ε, 1 + ε)·δ) with δ = yʲ − Q_φ(uʲ, wʲ), the same gradient as above at r = 1, and none once a
 token's ratio has left the region in the direction δ pushes it: the epochs of one update cannot push the same
-sampled tokens without limit.
+sampled tokens without limit. Q_φ in δ is the online critic at each step (ETPOConfig.correction_residual="step");
+"update" reads it once, before the update's first step, as PPO fixes its advantages (measured level; README).
 
 At a sampling temperature T ≠ 1, π and ρ above are the tempered distributions softmax(logits/T), π being what is
 sampled (as PPO's policy); top-k/top-p filters are refused, since every sum here runs over the whole vocabulary.
