@@ -559,3 +559,41 @@ def test_fixed_correction_residuals_read_the_critic_the_first_step_reads(tiny_mo
         _, info = policy_pass(agent.models, packed, h_q, torch.zeros(len(packed.tokens)), 0.1, 7)
     assert fixed.abs().max() > 1e-3
     torch.testing.assert_close(fixed, info["q_taken"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_target_pass_hands_the_centred_critic_pis_mean_embedding_and_every_pass_reads_it(tiny_model_dir):
+    """advantage_centring="policy": the target pass returns, per transition and token state, π's mean output
+    embedding Σ_w π(w|u)·E_w (in inference batches); with it the policy pass's E_π Q equals the critic's V at every
+    state (π has not moved yet), and the fixed baseline `taken_q_values` reads the same Q as the policy pass."""
+    from types import SimpleNamespace
+
+    from agents.etpo import compute_targets
+    from agents.etpo.update import policy_pass, taken_q_values
+
+    agent = ETPOAgent(model=tiny_model_dir, advantage_centring="policy", **SMALL)
+    assert agent.models.critic.centred
+    torch.manual_seed(0)
+    with torch.no_grad():  # a critic that is not zero everywhere, as it is at the start
+        for p in agent.models.critic_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sequences = sample_sequences(agent)
+    transitions = [SimpleNamespace(obs_ids=obs, action_ids=action, reward=1.0, terminated=True, next_index=None)
+                   for obs, action in sequences]
+    summaries: list[torch.Tensor] = []
+    compute_targets(agent.models, transitions, 0.1, 0.9, 5, 2, agent.policy.pad_id, "cpu", lam=1.0,
+                    summaries_out=summaries)
+    assert [len(s) for s in summaries] == [len(a) for _, a in sequences]
+    packed = pack(sequences, agent.policy.pad_id, "cpu")
+    summary = torch.cat(summaries)
+    with torch.no_grad():
+        pi = F.softmax(agent.models.head("policy", agent.models.rows("policy", packed)).float(), -1)
+        (embedding,) = agent.models.critic._readout
+        torch.testing.assert_close(summary, pi @ embedding.float(), atol=1e-5, rtol=1e-4)
+        h_q = agent.models.rows("critic", packed)
+        value, _ = agent.models.critic.split(h_q, summary)
+        _, info = policy_pass(agent.models, packed, h_q, torch.zeros(len(packed.tokens)), 0.1, 7, summary=summary)
+        _, plain = policy_pass(agent.models, packed, h_q, torch.zeros(len(packed.tokens)), 0.1, 7)
+    torch.testing.assert_close(info["q_expected"], value, atol=1e-5, rtol=1e-4)
+    assert (plain["q_expected"] - value).abs().max() > 1e-3  # without the summary Q is not centred
+    fixed = torch.cat(taken_q_values(agent.models, transitions, 2, agent.policy.pad_id, 5, "cpu", summaries))
+    torch.testing.assert_close(fixed, info["q_taken"], atol=1e-5, rtol=1e-5)

@@ -40,7 +40,7 @@ class TableDueling(ValueAdvantageCritic):
         super().__init__()
         self.value, self.advantage = value, advantage
 
-    def split(self, hidden):
+    def split(self, hidden, summary=None):
         rows = hidden[..., 0].long()
         return self.value[rows], self.advantage[rows]
 
@@ -52,11 +52,14 @@ class FeatureDueling(ValueAdvantageCritic):
         super().__init__()
         self.module, self.features = module, features
 
-    def split(self, hidden):
-        return self.module.split(self.features[hidden[..., 0].long()])
+    def policy_summary(self, policy_logits):
+        return self.module.policy_summary(policy_logits)
 
-    def split_taken(self, hidden, tokens):
-        return self.module.split_taken(self.features[hidden[..., 0].long()], tokens)
+    def split(self, hidden, summary=None):
+        return self.module.split(self.features[hidden[..., 0].long()], summary)
+
+    def split_taken(self, hidden, tokens, summary=None):
+        return self.module.split_taken(self.features[hidden[..., 0].long()], tokens, summary)
 
 
 class DuelingTabular(TabularModels):
@@ -68,7 +71,7 @@ class DuelingTabular(TabularModels):
         self.value_target = torch.zeros(self.capacity)
         self.critic = TableDueling(self.value, self.q)
 
-    def head(self, role, hidden):
+    def head(self, role, hidden, summary=None):
         if role in ("critic", "target"):
             rows = hidden[..., 0].long()
             value, advantage = ((self.value, self.q) if role == "critic" else (self.value_target, self.q_target))
@@ -87,13 +90,13 @@ class DuelingModuleTabular(TabularModels):
     the "output embedding" is a fixed random V×H matrix, so A is low-rank and shared across tokens as in the LM (a
     change made for the tried tokens moves the untried ones' A too); the target is an EMA copy of its parameters."""
 
-    def __init__(self, hidden: int = 16, rank: int = 4, seed: int = 0, **kwargs):
+    def __init__(self, hidden: int = 16, rank: int = 4, seed: int = 0, centred: bool = False, **kwargs):
         super().__init__(**kwargs)
         generator = torch.Generator().manual_seed(seed + 1)
         self.features = torch.randn(self.capacity, hidden, generator=generator)
         embedding = torch.randn(self.vocab, hidden, generator=generator) / hidden ** 0.5
         torch.manual_seed(seed)
-        self.module = DuelingCritic(hidden, rank, embedding)
+        self.module = DuelingCritic(hidden, rank, embedding, centred)
         self.critic = FeatureDueling(self.module, self.features)
         self.names = [name for name, _ in self.module.named_parameters()]
         self.target = [p.detach().clone() for p in self.module.parameters()]
@@ -101,11 +104,12 @@ class DuelingModuleTabular(TabularModels):
     def _features(self, hidden):
         return self.features[hidden[..., 0].long()]
 
-    def head(self, role, hidden):
+    def head(self, role, hidden, summary=None):
         if role in ("critic", "target"):
             weights = None if role == "critic" else dict(zip(self.names, self.target, strict=True))
             features = self._features(hidden)
-            return self.module(features) if weights is None else functional_call(self.module, weights, (features,))
+            return (self.module(features, summary) if weights is None
+                    else functional_call(self.module, weights, (features, summary)))
         return super().head(role, hidden)
 
     def critic_parameters(self):
@@ -213,3 +217,69 @@ def test_the_critic_loss_reads_the_taken_tokens_without_vocabulary_rows():
     for taken_grad, full_grad in zip(taken_grads, full_grads, strict=True):
         torch.testing.assert_close(taken_grad, full_grad)
     assert any(float(g.abs().sum()) > 0 for g in taken_grads)
+
+
+def test_the_centred_dueling_critic_has_e_pi_q_equal_to_v_and_reads_taken_tokens_as_its_rows():
+    """Centred under π, Q = V + A − E_π A: Σ_w π(w|u)·Q(u, w) = V(u) at every state for any parameters and any π,
+    the uncentred Q differs from it by E_π A only (a per-state constant), and `split_taken` gives `split`'s entries."""
+    torch.manual_seed(0)
+    hidden, rank, vocab, n = 16, 4, 23, 7
+    embedding = torch.randn(vocab, hidden)
+    centred = DuelingCritic(hidden, rank, embedding, centred=True)
+    plain = DuelingCritic(hidden, rank, embedding)
+    with torch.no_grad():
+        for p in centred.parameters():
+            p.normal_(0, 0.5)
+    plain.load_state_dict(centred.state_dict())
+    with torch.no_grad():  # values, not gradients, are compared
+        features, logits = torch.randn(n, hidden), 2 * torch.randn(n, vocab)
+        pi = torch.softmax(logits, -1)
+        summary = centred.policy_summary(logits)
+        assert plain.policy_summary(logits) is None
+        torch.testing.assert_close(summary, pi @ embedding)
+        value, _ = centred.split(features, summary)
+        q = centred.q_rows(features, summary)
+        torch.testing.assert_close((pi * q).sum(-1), value, atol=1e-5, rtol=1e-5)
+        q_plain = plain.q_rows(features)
+        shift = (pi * (q_plain - value[:, None])).sum(-1)  # E_π A
+        assert float(shift.abs().min()) > 1e-3  # the parameters are away from A = 0, so centring changes Q
+        torch.testing.assert_close(q, q_plain - shift[:, None], atol=1e-5, rtol=1e-5)
+        tokens = torch.randint(0, vocab, (n,))
+        taken_value, taken_advantage = centred.split_taken(features, tokens, summary)
+        full_value, full_advantage = centred.split(features, summary)
+        torch.testing.assert_close(taken_value, full_value)
+        torch.testing.assert_close(taken_advantage, full_advantage.gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def on_policy_bandit(centred: bool, seed: int, updates: int = 60, batch: int = 16) -> list[float]:
+    """π(rewarded token) after each on-policy update of the soft term alone (no sampled correction): one state,
+    ρ flat over 12 tokens but for the rewarded one (ρ ≈ 0.2), reward 1 for it and 0 for every other; 16 tokens
+    drawn from π per update, so most of the other tokens go unsampled for many updates."""
+    models = DuelingModuleTabular(vocab=VOCAB, seed=seed, centred=centred)
+    logits = torch.zeros(VOCAB)
+    logits[1] = 1.0
+    models.set_row(OBS, reference=logits.tolist(), policy=logits.tolist())
+    settings = UpdateSettings(beta=BETA, gamma=0.9, lam=1.0, epochs=4, minibatch_size=4, chunk_size=64)
+    pol_opt = make_optimizer(models.policy_parameters(), "adamw", 0.05, 0.0)
+    crit_opt = make_optimizer(models.critic_parameters(), "adamw", 0.05, 0.0)
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    trajectory = []
+    for _ in range(updates):
+        sampled = torch.multinomial(models.probs("policy", OBS), batch, replacement=True, generator=generator)
+        etpo_update(models, [transition(OBS, [w], float(w == 1), True) for w in sampled.tolist()], settings,
+                    pol_opt, crit_opt, rng)
+        trajectory.append(float(models.probs("policy", OBS)[1]))
+    return trajectory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_centred_under_pi_the_rewarded_token_reaches_the_soft_optimum_where_the_plain_dueling_critic_stalls(seed):
+    """The soft optimum ρ·exp(Q/β)/Z puts 1 − 4e−8 on the rewarded token (Q = 1 against 0, β = 0.05). The plain
+    dueling critic values the tokens it has not sampled lately at V ≈ π(rewarded), so its target's tilt towards the
+    rewarded token shrinks as it is learned and π wanders below the optimum; centred under π, the mass π keeps off the
+    rewarded token is valued at what it earns (0), and π settles at the optimum."""
+    centred = on_policy_bandit(True, seed)[30:]
+    plain = on_policy_bandit(False, seed)[30:]
+    assert min(centred) > 0.99, centred
+    assert sum(plain) / len(plain) < min(centred) - 0.01, plain

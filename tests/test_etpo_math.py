@@ -51,7 +51,7 @@ class TableCritic(Critic):
         super().__init__()
         self.table = table
 
-    def q_rows(self, hidden):
+    def q_rows(self, hidden, summary=None):
         return self.table[hidden[..., 0].long()].float()
 
 
@@ -92,7 +92,7 @@ class TabularModels:
     def rows(self, role, packed):
         return gathered_rows(lambda ids, mask: self.hidden(role, ids, mask), packed)
 
-    def head(self, role, hidden):
+    def head(self, role, hidden, summary=None):
         rows = hidden[..., 0].long()
         if role == "policy":
             return self.ref[rows] + self.policy_delta[rows]

@@ -95,6 +95,13 @@ class ETPOConfig(LearnerConfig):
                 "V×H linear head (large at big vocabularies; untried tokens stay at Q = 0). lm_head = the LM's output "
                 "layer under the critic adapter, times critic_scale (the paper's choice)."})
     critic_rank: int = field(default=64, metadata={"help": "Rank of the dueling critic's advantage map."})
+    advantage_centring: Literal["none", "policy"] = field(default="none", metadata={
+        "help": "Dueling critic only. none = Q = V + A, so a token never sampled sits at Q = V(u), the value of what "
+                "π does now; as π's probability p of a rewarded token rises, V → p and the soft target's tilt "
+                "exp((Q − V)/β) towards it over the untried tokens shrinks to exp((1 − p)/β), a fixed point below "
+                "1 (README, Learnability). policy = Q = V + A − E_π A, so E_π Q = V exactly: the token that earned "
+                "more than V pulls the rest of π's mass down with it, and the tokens π samples but rarely sees sit "
+                "at what the rest of π earns, not at V (π: the policy at the last target pass)."})
     critic_scale: float = field(default=0.1, metadata={"help": "Scale of the LM-head logits used as Q (critic=lm_head)."})
     critic_loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "Critic regression loss."})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold δ."})
@@ -162,8 +169,9 @@ class DuelingCritic(ValueAdvantageCritic):
     at zero: Q = 0 and A = 0 at the start.
     """
 
-    def __init__(self, hidden_size: int, rank: int, output_weight: torch.Tensor):
+    def __init__(self, hidden_size: int, rank: int, output_weight: torch.Tensor, centred: bool = False):
         super().__init__()
+        self.centred = centred
         self.value = torch.nn.Linear(hidden_size, 1)
         self.down = torch.nn.Linear(hidden_size, rank, bias=False)
         self.up = torch.nn.Linear(rank, hidden_size, bias=False)
@@ -173,20 +181,33 @@ class DuelingCritic(ValueAdvantageCritic):
 
     row_width = 1  # the loss reads V and A at the taken tokens only (`split_taken`)
 
-    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_summary(self, policy_logits: torch.Tensor) -> torch.Tensor | None:
+        """Centred: π's mean output embedding ē(u) = Σ_w π(w|u)·E_w ([n, H]), so that E_π A = dᵀē for the row's
+        direction d, whatever d becomes as the critic trains (one [n, V] × [V, H] product per target pass)."""
+        if not self.centred:
+            return None
+        (embedding,) = self._readout
+        return (F.softmax(policy_logits.float(), -1).to(embedding.dtype) @ embedding).float()
+
+    def split(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = hidden.float()
         (embedding,) = self._readout
         direction = self.up(self.down(hidden))
-        return self.value(hidden).squeeze(-1), F.linear(direction.to(embedding.dtype), embedding).float()
+        advantage = F.linear(direction.to(embedding.dtype), embedding).float()
+        if summary is not None:  # A − E_π A
+            advantage = advantage - (direction.float() * summary.float()).sum(-1, keepdim=True)
+        return self.value(hidden).squeeze(-1), advantage
 
-    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor, summary: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """V(u) and A(u, w) at the taken tokens only ([N] each): each row's direction dotted with its token's
-        output embedding, the entry `split` would give, without forming [N, V] rows (the critic loss reads
-        nothing else, so its cost no longer grows with the vocabulary)."""
+        output embedding (less π's mean embedding when centred), the entry `split` would give, without forming
+        [N, V] rows (the critic loss reads nothing else, so its cost does not grow with the vocabulary)."""
         hidden = hidden.float()
         (embedding,) = self._readout
         direction = self.up(self.down(hidden)).to(embedding.dtype).float()
-        return self.value(hidden).squeeze(-1), (direction * embedding[tokens].float()).sum(-1)
+        readout = embedding[tokens].float() if summary is None else embedding[tokens].float() - summary.float()
+        return self.value(hidden).squeeze(-1), (direction * readout).sum(-1)
 
 
 class HeadCritic(Critic):
@@ -198,7 +219,7 @@ class HeadCritic(Critic):
         self.weight = torch.nn.Parameter(torch.zeros(vocab_size, hidden_size, device=device))
         self.bias = torch.nn.Parameter(torch.zeros(vocab_size, device=device))
 
-    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+    def q_rows(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(hidden.float(), self.weight, self.bias)
 
 
@@ -211,7 +232,7 @@ class LMHeadCritic(Critic):
         self._output = [output]  # a list keeps the LM's layer out of this module's parameters and state_dict
         self.scale = scale
 
-    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+    def q_rows(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         (output,) = self._output
         return self.scale * output(hidden).float()
 
@@ -256,7 +277,7 @@ class LMTokenModels:
                      critic_output: Callable[[torch.Tensor], torch.Tensor]) -> Critic:
         """The one place the kind of critic is read (ETPOConfig.critic)."""
         if cfg.critic == "dueling":
-            return DuelingCritic(hidden_size, cfg.critic_rank, output_weight)
+            return DuelingCritic(hidden_size, cfg.critic_rank, output_weight, cfg.advantage_centring == "policy")
         if cfg.critic == "head":
             return HeadCritic(hidden_size, self.vocab_size, self.policy.device)
         return LMHeadCritic(critic_output, cfg.critic_scale)
@@ -295,10 +316,10 @@ class LMTokenModels:
         run = lambda: self.policy.action_states(prompts, actions, _ADAPTER_OF[role])  # noqa: E731
         return self._with_target(run) if role == "target" else run()
 
-    def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, role: Role, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
         if role in ("policy", "reference"):
             return self._lm_heads[role](hidden)
-        run = lambda: self.critic.q_rows(hidden)  # noqa: E731
+        run = lambda: self.critic.q_rows(hidden, summary)  # noqa: E731
         return self._with_target(run) if role == "target" else run()
 
 

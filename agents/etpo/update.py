@@ -43,44 +43,54 @@ class Critic(torch.nn.Module):
     """Q_φ(u, ·) ∈ ℝ^|V| from the critic's features h, and how Q_φ is regressed on the targets y.
 
     One class per kind of critic (`ETPOConfig.critic`: `DuelingCritic`, `HeadCritic`, `LMHeadCritic`); the update
-    calls only `q_rows` and `loss_sum`, so a new kind is a new class, never a branch in the update. A module: its own
-    parameters (if any; the critic adapter's are the model's) train with the critic and travel in checkpoints.
+    calls only `policy_summary`, `q_rows` and `loss_sum`, so a new kind is a new class, never a branch in the update.
+    A module: its own parameters (if any; the critic adapter's are the model's) train with the critic and travel in
+    checkpoints.
+
+    A critic whose Q depends on π at the state (a dueling critic centred under π) says so through `policy_summary`:
+    what it reads of π there, computed once per target pass from π's logits and handed back to `q_rows` and
+    `loss_sum` with the same rows (None, the default: Q does not read π).
     """
 
     row_width: int | None = None  # width of the rows `loss_sum` forms per token state (None: the vocabulary's)
 
-    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, H] features → Q_φ(u, ·) [n, V], float32."""
+    def policy_summary(self, policy_logits: torch.Tensor) -> torch.Tensor | None:
+        """[n, V] logits of π → what Q reads of π at these states ([n, ·]), or None when it reads nothing."""
+        return None
+
+    def q_rows(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, H] features (and π's `policy_summary` of the same states) → Q_φ(u, ·) [n, V], float32."""
         raise NotImplementedError
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.q_rows(hidden)
+    def forward(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        return self.q_rows(hidden, summary)
 
     def loss_sum(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, kind: str,
-                 delta: float) -> torch.Tensor:
+                 delta: float, summary: torch.Tensor | None = None) -> torch.Tensor:
         """Summed regression loss over n token states: Q_φ(uʲ, wʲ) on yʲ (`critic_loss_per_token`)."""
-        return critic_loss_per_token(_taken(self.q_rows(hidden), tokens), targets, kind, delta).sum()
+        return critic_loss_per_token(_taken(self.q_rows(hidden, summary), tokens), targets, kind, delta).sum()
 
 
 class ValueAdvantageCritic(Critic):
     """A critic Q(u, w) = V(u) + A(u, w) whose two parts are regressed as `dueling_critic_loss_per_token` says."""
 
-    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[n, H] → V [n] and A [n, V]."""
         raise NotImplementedError
 
-    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_taken(self, hidden: torch.Tensor, tokens: torch.Tensor, summary: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """V [n] and A [n] at the taken tokens (all the loss reads); a subclass that can skip the [n, V] rows does."""
-        value, advantage = self.split(hidden)
+        value, advantage = self.split(hidden, summary)
         return value, _taken(advantage, tokens)
 
-    def q_rows(self, hidden: torch.Tensor) -> torch.Tensor:
-        value, advantage = self.split(hidden)
+    def q_rows(self, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        value, advantage = self.split(hidden, summary)
         return value.float()[:, None] + advantage.float()
 
     def loss_sum(self, hidden: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor, kind: str,
-                 delta: float) -> torch.Tensor:
-        value, advantage = self.split_taken(hidden, tokens)
+                 delta: float, summary: torch.Tensor | None = None) -> torch.Tensor:
+        value, advantage = self.split_taken(hidden, tokens, summary)
         return dueling_critic_loss_per_token(value, advantage, targets, kind, delta).sum()
 
 
@@ -98,8 +108,9 @@ class TokenModels(Protocol):
     def rows(self, role: Role, packed: Packed) -> torch.Tensor:
         """The features [N, H] of `packed`'s token states (`gathered_rows` where nothing is shared)."""
 
-    def head(self, role: Role, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] → [N, V] (logits for policy/reference, Q values for critic/target)."""
+    def head(self, role: Role, hidden: torch.Tensor, summary: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, H] → [N, V] (logits for policy/reference, Q values for critic/target; `summary`: π's
+        `Critic.policy_summary` of these rows, for a critic that reads π)."""
 
     def policy_parameters(self) -> list[torch.nn.Parameter]: ...
 
@@ -165,13 +176,13 @@ def reference_rows(models: TokenModels, transitions: Sequence[Any], batch_size: 
 
 
 def _per_token_over_buffer(transitions: Sequence[Any], batch_size: int, pad_id: int, device: Any,
-                           fn: Callable[[Packed], torch.Tensor]) -> list[torch.Tensor]:
-    """`fn`'s per-row values ([N] for a packed batch) for every action token of `transitions` ([n_i] each, on the
-    CPU), `batch_size` transitions per pass."""
+                           fn: Callable[[Packed, slice], torch.Tensor]) -> list[torch.Tensor]:
+    """`fn`'s per-row values ([N] for a packed batch and the slice of `transitions` it packs) for every action token
+    of `transitions` ([n_i] each, on the CPU), `batch_size` transitions per pass."""
     out: list[torch.Tensor] = []
     for s in range(0, len(transitions), batch_size):
         packed = pack([(t.obs_ids, t.action_ids) for t in transitions[s: s + batch_size]], pad_id, device)
-        out += list(torch.split(fn(packed).cpu(), packed.lengths))
+        out += list(torch.split(fn(packed, slice(s, s + batch_size)).cpu(), packed.lengths))
     return out
 
 
@@ -180,7 +191,7 @@ def taken_logprobs(models: TokenModels, transitions: Sequence[Any], batch_size: 
                    device: Any) -> list[torch.Tensor]:
     """log π(wʲ|uʲ) of every action token of `transitions` under the current policy ([n_i] each): π_old of the
     clipped sampled correction, taken by the very head the update differentiates, so the first step's ratio is 1."""
-    def logp(packed: Packed) -> torch.Tensor:
+    def logp(packed: Packed, _: slice) -> torch.Tensor:
         h_pi = models.rows("policy", packed)
         return torch.cat([_taken(F.log_softmax(models.head("policy", h_pi[c: c + chunk_size]).float(), -1),
                                  packed.tokens[c: c + chunk_size]) for c in range(0, h_pi.shape[0], chunk_size)])
@@ -189,43 +200,65 @@ def taken_logprobs(models: TokenModels, transitions: Sequence[Any], batch_size: 
 
 @torch.no_grad()
 def taken_q_values(models: TokenModels, transitions: Sequence[Any], batch_size: int, pad_id: int, chunk_size: int,
-                   device: Any) -> list[torch.Tensor]:
+                   device: Any, summaries: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Q_φ(uʲ, wʲ) of every action token of `transitions` under the online critic as it is now ([n_i] each): the
-    baseline of the sampled correction's residuals when they are fixed for the update (correction_residual="update")."""
-    def q_taken(packed: Packed) -> torch.Tensor:
+    baseline of the sampled correction's residuals when they are fixed for the update (correction_residual="update").
+    `summaries`: π's `Critic.policy_summary` per transition, for a critic that reads π."""
+    def q_taken(packed: Packed, part: slice) -> torch.Tensor:
         h_q = models.rows("critic", packed)
-        return torch.cat([_taken(models.critic.q_rows(h_q[c: c + chunk_size]), packed.tokens[c: c + chunk_size])
-                          for c in range(0, h_q.shape[0], chunk_size)])
+        summary = None if summaries is None else torch.cat(list(summaries[part]))
+        return torch.cat([_taken(models.critic.q_rows(h_q[c: c + chunk_size], _rows_of(summary, c, chunk_size)),
+                                 packed.tokens[c: c + chunk_size]) for c in range(0, h_q.shape[0], chunk_size)])
     return _per_token_over_buffer(transitions, batch_size, pad_id, device, q_taken)
+
+
+def _rows_of(rows: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
+    """rows[start: start + count], or None for None (an absent policy summary)."""
+    return None if rows is None else rows[start: start + count]
 
 
 @torch.no_grad()
 def state_values(models: TokenModels, packed: Packed, beta: float, chunk_size: int,
-                 h_rho: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 h_rho: torch.Tensor | None = None, summaries_out: list[torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """V(u) and KL(π‖ρ)(u) for every row, with the current π, ρ and the target critic Q_φ̄, `chunk_size` rows of V
     at a time (`h_rho`: ρ's features of these rows when already known, see `reference_rows`). The KL is what the
-    λ-returns subtract along the sampled path."""
+    λ-returns subtract along the sampled path. `summaries_out` (if given) receives π's `Critic.policy_summary` of
+    the rows, a chunk at a time, when the critic reads π."""
     h_pi, h_tgt = (models.rows(role, packed) for role in ("policy", "target"))
     h_rho = models.rows("reference", packed) if h_rho is None else h_rho
     values, kls = [], []
     for s in range(0, h_pi.shape[0], chunk_size):
         sl = slice(s, s + chunk_size)
         pi_logits, rho_logits = models.head("policy", h_pi[sl]), models.head("reference", h_rho[sl])
-        values.append(soft_value(pi_logits, rho_logits, models.head("target", h_tgt[sl]), beta))
+        summary = _summarise(models, pi_logits, summaries_out)
+        values.append(soft_value(pi_logits, rho_logits, models.head("target", h_tgt[sl], summary), beta))
         kls.append(token_kl(pi_logits, rho_logits))
     return torch.cat(values).float(), torch.cat(kls).float()
 
 
 @torch.no_grad()
-def state_kls(models: TokenModels, packed: Packed, chunk_size: int, h_rho: torch.Tensor | None = None
-              ) -> torch.Tensor:
+def state_kls(models: TokenModels, packed: Packed, chunk_size: int, h_rho: torch.Tensor | None = None,
+              summaries_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """KL(π‖ρ)(u) for every row, without the target critic: all a λ = 1 target pass reads along the path (V(uʲ)
-    has weight 1 − λ = 0 there; only the bootstrap after a chain's last step reads V, see `next_state_values`)."""
+    has weight 1 − λ = 0 there; only the bootstrap after a chain's last step reads V, see `next_state_values`).
+    `summaries_out`: as in `state_values`."""
     h_pi = models.rows("policy", packed)
     h_rho = models.rows("reference", packed) if h_rho is None else h_rho
-    kls = [token_kl(models.head("policy", h_pi[s: s + chunk_size]), models.head("reference", h_rho[s: s + chunk_size]))
-           for s in range(0, h_pi.shape[0], chunk_size)]
+    kls = []
+    for s in range(0, h_pi.shape[0], chunk_size):
+        pi_logits = models.head("policy", h_pi[s: s + chunk_size])
+        _summarise(models, pi_logits, summaries_out)
+        kls.append(token_kl(pi_logits, models.head("reference", h_rho[s: s + chunk_size])))
     return torch.cat(kls).float()
+
+
+def _summarise(models: TokenModels, pi_logits: torch.Tensor, out: list[torch.Tensor] | None) -> torch.Tensor | None:
+    """The critic's `policy_summary` of these rows (None when it reads nothing of π), appended to `out` if given."""
+    summary = models.critic.policy_summary(pi_logits)
+    if summary is not None and out is not None:
+        out.append(summary)
+    return summary
 
 
 def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -235,16 +268,17 @@ def _taken(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, correction_clip: float,
                   residuals_given: bool, h_pi: torch.Tensor, h_rho: torch.Tensor, h_q: torch.Tensor,
-                  tokens: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  tokens: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor | None = None,
+                  summary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed policy loss of one chunk of rows (Q held fixed: no graph into the critic), plus `sampled_correction`
     times the sampled correction of the critic's error towards `targets` (`sampled_correction_per_state`, clipped at
     `correction_clip` against `old_logp` when given), plus detached per-row diagnostics [6, n]. With
-    `residuals_given`, `targets` are the correction's residuals themselves (fixed for the update)."""
+    `residuals_given`, `targets` are the correction's residuals themselves (fixed for the update); `summary`: π's
+    `Critic.policy_summary` of these rows from the target pass, for a critic that reads π."""
     pi_logits = models.head("policy", h_pi)
     rho_logits = models.head("reference", h_rho)
     with torch.no_grad():
-        q = models.critic.q_rows(h_q)
+        q = models.critic.q_rows(h_q, summary)
         q_taken = _taken(q, tokens)
     policy_sum = policy_loss_per_state(pi_logits, rho_logits, q, beta).sum()
     if sampled_correction:
@@ -277,34 +311,43 @@ def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor, v
 
 
 def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chunk_size: int,
-                critic_kind: str = "huber", huber_delta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached."""
+                critic_kind: str = "huber", huber_delta: float = 1.0, summary: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached
+    (`summary`: π's `Critic.policy_summary` of the rows, for a critic that reads π)."""
     h_q = models.rows("critic", packed)
-    fn = lambda h, t, y: models.critic.loss_sum(h, t, y, critic_kind, huber_delta)  # noqa: E731
+    fn = lambda h, t, y, *s: models.critic.loss_sum(h, t, y, critic_kind, huber_delta, *s)  # noqa: E731
     width = models.critic.row_width or models.vocab_size
-    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device), vocab_size=width)
+    rows = [h_q, packed.tokens, targets.to(h_q.device)] + ([] if summary is None else [summary.to(h_q.device)])
+    sums = _over_chunks(fn, chunk_size, *rows, vocab_size=width)
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
 
 def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, targets: torch.Tensor, beta: float,
                 chunk_size: int, h_rho: torch.Tensor | None = None, sampled_correction: float = 0.0,
                 correction_clip: float = 0.0, old_logp: torch.Tensor | None = None,
-                residuals: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                residuals: torch.Tensor | None = None, summary: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy loss over the rows of `packed` (with its graph) given the critic's features `h_q` (and ρ's,
     `h_rho`, when already known), plus the per-row diagnostics (KL to ρ, entropy, Q of the taken token, E_π Q,
     mean Q over the vocabulary, log π of the taken token). `sampled_correction` > 0 adds the sampled correction
     towards the `targets`, clipped at `correction_clip` against `old_logp` (log π_old of the taken tokens) when given;
-    `residuals` (y − Q_φ at the taken tokens, fixed for the update) replace its y − Q_φ under the current critic."""
+    `residuals` (y − Q_φ at the taken tokens, fixed for the update) replace its y − Q_φ under the current critic;
+    `summary`: as in `critic_pass`."""
     h_pi = models.rows("policy", packed)
     if h_rho is None:
         with torch.no_grad():
             h_rho = models.rows("reference", packed)
     correction_rows = targets if residuals is None else residuals
     rows = [h_pi, h_rho, h_q, packed.tokens, correction_rows.to(h_q.device)]
-    if old_logp is not None:
-        rows.append(old_logp.to(h_q.device))
+    optional = {name: row.to(h_q.device) for name, row in (("old_logp", old_logp), ("summary", summary))
+                if row is not None}
+    rows += optional.values()
     given = residuals is not None
-    fn = lambda *chunk: _policy_chunk(models, beta, sampled_correction, correction_clip, given, *chunk)  # noqa: E731
+
+    def fn(*chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _policy_chunk(models, beta, sampled_correction, correction_clip, given, *chunk[:5],
+                             **dict(zip(optional, chunk[5:], strict=True)))
     outs = _over_chunks(fn, chunk_size, *rows, vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
     info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4], "logp_taken": d[5]}
@@ -328,17 +371,17 @@ def etpo_losses(models: TokenModels, packed: Packed, targets: torch.Tensor, beta
 def etpo_backward(models: TokenModels, packed: Packed, targets: torch.Tensor, beta: float, chunk_size: int,
                   critic_kind: str = "huber", huber_delta: float = 1.0, h_rho: torch.Tensor | None = None,
                   sampled_correction: float = 0.0, correction_clip: float = 0.0,
-                  old_logp: torch.Tensor | None = None, residuals: torch.Tensor | None = None
-                  ) -> tuple[float, float, dict]:
+                  old_logp: torch.Tensor | None = None, residuals: torch.Tensor | None = None,
+                  summary: torch.Tensor | None = None) -> tuple[float, float, dict]:
     """The gradients of both losses of `etpo_losses` (the same gradients), one network at a time: the critic's
     forward and backward, its graph freed, then the policy's. The two graphs never coexist, so the peak is the
-    larger one instead of their sum. Returns the two mean losses and the diagnostics (`residuals`: see
+    larger one instead of their sum. Returns the two mean losses and the diagnostics (`residuals`, `summary`: see
     `policy_pass`)."""
-    crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta)
+    crit, h_q = critic_pass(models, packed, targets, chunk_size, critic_kind, huber_delta, summary)
     crit.backward()
     crit = float(crit.detach())  # drops the last reference to the critic's graph
     pol, info = policy_pass(models, packed, h_q, targets, beta, chunk_size, h_rho, sampled_correction,
-                            correction_clip, old_logp, residuals)
+                            correction_clip, old_logp, residuals, summary)
     pol.backward()
     return float(pol.detach()), crit, info
 
@@ -373,13 +416,16 @@ def next_state_values(models: TokenModels, transitions: Sequence[Any], values: l
 
 def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float, gamma: float, chunk_size: int,
                     batch_size: int, pad_id: int, device: Any, ref_rows: Sequence[torch.Tensor] | None = None,
-                    lam: float = 0.0) -> tuple[list[torch.Tensor] | None, list[torch.Tensor], int]:
+                    lam: float = 0.0, summaries_out: list[torch.Tensor] | None = None
+                    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor], int]:
     """The target pass over a whole rollout buffer: V(uʲ) and KL(uʲ) of every token state, then the soft
     λ-return targets (`ref_rows`: ρ's features per transition, from `reference_rows`, when already known).
 
     At λ = 1 the path's V(uʲ) have weight 1 − λ = 0, so the target critic is not run over the buffer (0.69 → 0.50 s
     a pass on titanic's 16-step updates): only the KLs are computed, V only where a chain is bootstrapped, and the values returned are None.
-    The targets are the same numbers, bit for bit (0·V = 0)."""
+    The targets are the same numbers, bit for bit (0·V = 0). `summaries_out` (if given) receives π's
+    `Critic.policy_summary` per transition ([n_i, ·] each) when the critic reads π: the π its Q is centred under
+    until the next target pass."""
     needs_values = lam < 1.0
     values: list[torch.Tensor] = []
     kls: list[torch.Tensor] = []
@@ -387,12 +433,15 @@ def compute_targets(models: TokenModels, transitions: Sequence[Any], beta: float
         chunk = transitions[s: s + batch_size]
         packed = pack([(t.obs_ids, t.action_ids) for t in chunk], pad_id, device)
         h_rho = None if ref_rows is None else torch.cat(list(ref_rows[s: s + batch_size]))
+        summaries: list[torch.Tensor] = []
         if needs_values:
-            value, kl = state_values(models, packed, beta, chunk_size, h_rho)
+            value, kl = state_values(models, packed, beta, chunk_size, h_rho, summaries)
             values += list(torch.split(value.cpu(), packed.lengths))
         else:
-            kl = state_kls(models, packed, chunk_size, h_rho)
+            kl = state_kls(models, packed, chunk_size, h_rho, summaries)
         kls += list(torch.split(kl.cpu(), packed.lengths))
+        if summaries and summaries_out is not None:
+            summaries_out += list(torch.split(torch.cat(summaries), packed.lengths))
     next_values, dones, missing = next_state_values(models, transitions, values if needs_values else None, beta,
                                                     chunk_size, pad_id, device)
     path_values = values if needs_values else [torch.zeros_like(kl) for kl in kls]  # never read at λ = 1
@@ -457,19 +506,21 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
                                settings.chunk_size, device) if clipped else None)
     frozen = settings.sampled_correction > 0 and settings.correction_residual == "update"
     residuals: list[torch.Tensor] = []
+    summaries: list[torch.Tensor] = []  # π's policy_summary per transition, for a critic that reads π
     for epoch in range(settings.epochs):
         if epoch == 0 or settings.target_refresh == "epoch":
             t0 = time.perf_counter()
+            summaries = []
             _, targets, missing = compute_targets(models, transitions, settings.beta, settings.gamma,
                                                   settings.chunk_size, settings.inference_batch_size, settings.pad_id,
-                                                  device, ref_rows, settings.lam)
+                                                  device, ref_rows, settings.lam, summaries)
             record("time/targets_s", time.perf_counter() - t0)
             record("targets/unbootstrapped", missing)
         if epoch == 0 and frozen:
             # the residuals of the critic that enters the update, before it regresses on this batch (PPO fixes its
             # advantages the same way): a baseline fitted to the very samples it corrects absorbs their signal
             q_before = taken_q_values(models, transitions, settings.inference_batch_size, settings.pad_id,
-                                      settings.chunk_size, device)
+                                      settings.chunk_size, device, summaries or None)
             residuals = [y_i - q_i for y_i, q_i in zip(targets, q_before, strict=True)]
         order = list(range(len(transitions)))
         rng.shuffle(order)
@@ -480,12 +531,13 @@ def etpo_update(models: TokenModels, transitions: Sequence[Any], settings: Updat
             y = torch.cat([targets[i] for i in idx])
             old = torch.cat([old_logp[i] for i in idx]) if old_logp is not None else None
             fixed = torch.cat([residuals[i] for i in idx]) if frozen else None
+            summary = torch.cat([summaries[i] for i in idx]) if summaries else None
             policy_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             pol_loss, crit_loss, diag = etpo_backward(models, packed, y, settings.beta, settings.chunk_size,
                                                       settings.critic_loss, settings.huber_delta,
                                                       torch.cat([ref_rows[i] for i in idx]), settings.sampled_correction,
-                                                      settings.correction_clip, old, fixed)
+                                                      settings.correction_clip, old, fixed, summary)
             record("grad_norm/policy", grad_norm(policy_params))
             record("grad_norm/critic", grad_norm(critic_params))
             if settings.max_grad_norm > 0:
