@@ -55,6 +55,8 @@ the term the policy cannot move further than the critic has learned. The term is
 token's ratio has left the region in the direction δ pushes it: the epochs of one update cannot push the same
 sampled tokens without limit. Q_φ in δ is the online critic at each step (ETPOConfig.correction_residual="step");
 "update" reads it once, before the update's first step, as PPO fixes its advantages (measured level; README).
+The dueling critic Q = V + A can be centred under π (ETPOConfig.advantage_centring="policy": Q = V + A − E_π A, so
+E_π Q = V; measured faster and less stable, not the default; README).
 
 At a sampling temperature T ≠ 1, π and ρ above are the tempered distributions softmax(logits/T), π being what is
 sampled (as PPO's policy); top-k/top-p filters are refused, since every sum here runs over the whole vocabulary.

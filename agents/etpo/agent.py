@@ -101,7 +101,9 @@ class ETPOConfig(LearnerConfig):
                 "exp((Q − V)/β) towards it over the untried tokens shrinks to exp((1 − p)/β), a fixed point below "
                 "1 (README, Learnability). policy = Q = V + A − E_π A, so E_π Q = V exactly: the token that earned "
                 "more than V pulls the rest of π's mass down with it, and the tokens π samples but rarely sees sit "
-                "at what the rest of π earns, not at V (π: the policy at the last target pass)."})
+                "at what the rest of π earns, not at V (π: the policy at the last target pass). Measured against none "
+                "(3 seeds; README): 0.8 in half the env steps on the start probe, level on start and middle, behind "
+                "on avoid, and unstable (entropy up to 3.71× its start, KL to ρ 0.244 at one update), so none stays."})
     critic_scale: float = field(default=0.1, metadata={"help": "Scale of the LM-head logits used as Q (critic=lm_head)."})
     critic_loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "Critic regression loss."})
     huber_delta: float = field(default=1.0, metadata={"help": "Huber threshold δ."})
