@@ -213,8 +213,13 @@ def taken_q_values(models: TokenModels, transitions: Sequence[Any], batch_size: 
 
 
 def _rows_of(rows: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
-    """rows[start: start + count], or None for None (an absent policy summary)."""
+    """rows[start: start + count], or None for an absent row (e.g. no policy summary)."""
     return None if rows is None else rows[start: start + count]
+
+
+def _to(rows: torch.Tensor | None, device: Any) -> torch.Tensor | None:
+    """rows on `device`, or None for an absent row."""
+    return None if rows is None else rows.to(device)
 
 
 @torch.no_grad()
@@ -295,17 +300,18 @@ def _policy_chunk(models: TokenModels, beta: float, sampled_correction: float, c
 KEPT_HEAD_ELEMENTS = 1 << 24  # rows × V up to which a head's graph is kept for backward (64 MB per [rows, V] fp32)
 
 
-def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor, vocab_size: int | None = None
+def _over_chunks(fn: Callable[..., Any], chunk_size: int, *rows: torch.Tensor | None, vocab_size: int | None = None
                  ) -> list[Any]:
-    """`fn` on `chunk_size` rows of every tensor at a time. When a graph is being built over a large vocabulary,
-    each chunk runs under activation checkpointing (backward recomputes its [chunk, V] rows instead of keeping them
-    all alive); when all rows × `vocab_size` fit in KEPT_HEAD_ELEMENTS the graphs are kept, since recomputing them
-    would cost as much again as the heads' forward (an unknown vocabulary is always checkpointed)."""
-    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    """`fn` on `chunk_size` rows of every tensor at a time (an absent row, None, stays None; the first is a
+    tensor). When a graph is being built over a large vocabulary, each chunk runs under activation checkpointing
+    (backward recomputes its [chunk, V] rows instead of keeping them all alive); when all rows × `vocab_size` fit in
+    KEPT_HEAD_ELEMENTS the graphs are kept, since recomputing them would cost as much again as the heads' forward (an
+    unknown vocabulary is always checkpointed)."""
+    grad = torch.is_grad_enabled() and any(r is not None and r.requires_grad for r in rows)
     recompute = grad and (vocab_size is None or rows[0].shape[0] * vocab_size > KEPT_HEAD_ELEMENTS)
     out = []
     for s in range(0, rows[0].shape[0], chunk_size):
-        parts = [r[s: s + chunk_size] for r in rows]
+        parts = [_rows_of(r, s, chunk_size) for r in rows]
         out.append(checkpoint(fn, *parts, use_reentrant=False) if recompute else fn(*parts))
     return out
 
@@ -316,10 +322,10 @@ def critic_pass(models: TokenModels, packed: Packed, targets: torch.Tensor, chun
     """Mean critic loss over the rows of `packed` (with its graph) and the critic's features, detached
     (`summary`: π's `Critic.policy_summary` of the rows, for a critic that reads π)."""
     h_q = models.rows("critic", packed)
-    fn = lambda h, t, y, *s: models.critic.loss_sum(h, t, y, critic_kind, huber_delta, *s)  # noqa: E731
+    fn = lambda h, t, y, s: models.critic.loss_sum(h, t, y, critic_kind, huber_delta, s)  # noqa: E731
     width = models.critic.row_width or models.vocab_size
-    rows = [h_q, packed.tokens, targets.to(h_q.device)] + ([] if summary is None else [summary.to(h_q.device)])
-    sums = _over_chunks(fn, chunk_size, *rows, vocab_size=width)
+    sums = _over_chunks(fn, chunk_size, h_q, packed.tokens, targets.to(h_q.device), _to(summary, h_q.device),
+                        vocab_size=width)
     return sum(sums[1:], sums[0]) / h_q.shape[0], h_q.detach()
 
 
@@ -339,15 +345,10 @@ def policy_pass(models: TokenModels, packed: Packed, h_q: torch.Tensor, targets:
         with torch.no_grad():
             h_rho = models.rows("reference", packed)
     correction_rows = targets if residuals is None else residuals
-    rows = [h_pi, h_rho, h_q, packed.tokens, correction_rows.to(h_q.device)]
-    optional = {name: row.to(h_q.device) for name, row in (("old_logp", old_logp), ("summary", summary))
-                if row is not None}
-    rows += optional.values()
+    rows = [h_pi, h_rho, h_q, packed.tokens, correction_rows.to(h_q.device), _to(old_logp, h_q.device),
+            _to(summary, h_q.device)]
     given = residuals is not None
-
-    def fn(*chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _policy_chunk(models, beta, sampled_correction, correction_clip, given, *chunk[:5],
-                             **dict(zip(optional, chunk[5:], strict=True)))
+    fn = lambda *chunk: _policy_chunk(models, beta, sampled_correction, correction_clip, given, *chunk)  # noqa: E731
     outs = _over_chunks(fn, chunk_size, *rows, vocab_size=models.vocab_size)
     d = torch.cat([diag for _, diag in outs], dim=1).cpu()
     info = {"kl": d[0], "entropy": d[1], "q_taken": d[2], "q_expected": d[3], "q_vocab_mean": d[4], "logp_taken": d[5]}
