@@ -538,6 +538,16 @@ def test_the_update_on_pairs_sharing_a_prompt_equals_the_whole_sequence_update(t
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
+def agent_with_a_moved_critic(model_dir, **config) -> ETPOAgent:
+    """An ETPO agent whose critic is not zero everywhere, as it is at the start (so Q differs between tokens)."""
+    agent = ETPOAgent(model=model_dir, **config, **SMALL)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in agent.models.critic_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return agent
+
+
 def test_fixed_correction_residuals_read_the_critic_the_first_step_reads(tiny_model_dir):
     """correction_residual="update": the baseline Q_φ(u, w) taken once before an update (`taken_q_values`, in
     inference batches) is, token for token, the Q at the taken tokens the first optimiser step's policy pass reads."""
@@ -545,11 +555,7 @@ def test_fixed_correction_residuals_read_the_critic_the_first_step_reads(tiny_mo
 
     from agents.etpo.update import policy_pass, taken_q_values
 
-    agent = ETPOAgent(model=tiny_model_dir, **SMALL)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a critic that is not zero everywhere, as it is at the start
-        for p in agent.models.critic_parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    agent = agent_with_a_moved_critic(tiny_model_dir)
     sequences = sample_sequences(agent)
     transitions = [SimpleNamespace(obs_ids=obs, action_ids=action) for obs, action in sequences]
     fixed = torch.cat(taken_q_values(agent.models, transitions, 2, agent.policy.pad_id, 5, "cpu"))
@@ -570,12 +576,8 @@ def test_the_target_pass_hands_the_centred_critic_pis_mean_embedding_and_every_p
     from agents.etpo import compute_targets
     from agents.etpo.update import policy_pass, taken_q_values
 
-    agent = ETPOAgent(model=tiny_model_dir, advantage_centring="policy", **SMALL)
+    agent = agent_with_a_moved_critic(tiny_model_dir, advantage_centring="policy")
     assert agent.models.critic.centred
-    torch.manual_seed(0)
-    with torch.no_grad():  # a critic that is not zero everywhere, as it is at the start
-        for p in agent.models.critic_parameters():
-            p.add_(0.05 * torch.randn_like(p))
     sequences = sample_sequences(agent)
     transitions = [SimpleNamespace(obs_ids=obs, action_ids=action, reward=1.0, terminated=True, next_index=None)
                    for obs, action in sequences]

@@ -275,7 +275,7 @@ def on_policy_bandit(centred: bool, seed: int, updates: int = 60, batch: int = 1
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_centred_under_pi_the_rewarded_token_reaches_the_soft_optimum_where_the_plain_dueling_critic_stalls(seed):
-    """The soft optimum ρ·exp(Q/β)/Z puts 1 − 4e−8 on the rewarded token (Q = 1 against 0, β = 0.05). The plain
+    """The soft optimum ρ·exp(Q/β)/Z puts 1 − 8e−9 on the rewarded token (Q = 1 against 0, β = 0.05). The plain
     dueling critic values the tokens it has not sampled lately at V ≈ π(rewarded), so its target's tilt towards the
     rewarded token shrinks as it is learned and π wanders below the optimum; centred under π, the mass π keeps off the
     rewarded token is valued at what it earns (0), and π settles at the optimum."""
